@@ -1,0 +1,1 @@
+"""Orchestration Studio backend: HTTP API, models and the workflow domain."""

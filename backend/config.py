@@ -1,0 +1,173 @@
+"""Settings: the one configuration root, read from the environment only.
+
+Top-level `DATABASE_URL` and `REDIS_URL` keep the names every platform sets; everything
+else lives in nested groups addressed with a double underscore, e.g.
+`CELERY__TASK_TIME_LIMIT_S=3900` or `FLOWER__PASSWORD=...`.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Environment = Literal["development", "test", "staging", "production"]
+
+# Secrets that ship in the code so `make run` works offline. A deployment that still
+# uses one of them is refused outside development and test (see Settings._no_defaults).
+DEV_SECRET_KEY = "dev-insecure-secret-key-change-me"
+DEV_ENCRYPTION_KEY = "dev-insecure-encryption-key-change-me"
+DEV_FLOWER_PASSWORD = "flower"
+
+
+class LogSettings(BaseModel):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # None: JSON everywhere except development, where people read the console.
+    json_output: bool | None = None
+
+
+class DatabaseSettings(BaseModel):
+    pool_size: int = Field(default=10, ge=1, le=200)
+    max_overflow: int = Field(default=10, ge=0, le=200)
+    pool_timeout_s: float = Field(default=10.0, gt=0)
+    # Statements that run longer than this are cancelled by PostgreSQL itself.
+    statement_timeout_ms: int = Field(default=30_000, ge=0)
+    echo: bool = False
+
+
+class RedisSettings(BaseModel):
+    socket_timeout_s: float = Field(default=5.0, gt=0)
+    socket_connect_timeout_s: float = Field(default=2.0, gt=0)
+
+
+class CelerySettings(BaseModel):
+    # Defaults to REDIS_URL: one Redis carries the broker, results and events.
+    broker_url: str | None = None
+    result_backend: str | None = None
+    # Hard limit: the worker kills a task that runs longer. An execution has its own
+    # timeout (default 3600 s), enforced well inside this.
+    task_time_limit_s: int = Field(default=3900, ge=10)
+    task_soft_time_limit_s: int = Field(default=3840, ge=5)
+    # Redis redelivers a message not acked within this many seconds. It must outlast
+    # the longest task (and any countdown), or a slow task runs twice (celery#2599).
+    visibility_timeout_s: int = Field(default=7200, ge=60)
+    worker_concurrency: int | None = Field(default=None, ge=1)
+    result_expires_s: int = Field(default=86_400, ge=60)
+
+    @model_validator(mode="after")
+    def _limits_are_consistent(self) -> CelerySettings:
+        if self.task_soft_time_limit_s >= self.task_time_limit_s:
+            raise ValueError("task_soft_time_limit_s must be below task_time_limit_s")
+        if self.visibility_timeout_s <= self.task_time_limit_s:
+            raise ValueError(
+                "visibility_timeout_s must be longer than task_time_limit_s, "
+                "or Redis redelivers tasks that are still running"
+            )
+        return self
+
+    @property
+    def max_countdown_s(self) -> int:
+        """The longest ETA/countdown a task may be given without risking redelivery."""
+        return self.visibility_timeout_s - self.task_time_limit_s
+
+
+class FlowerSettings(BaseModel):
+    port: int = Field(default=5555, ge=1, le=65535)
+    address: str = "127.0.0.1"
+    user: str = "admin"
+    password: SecretStr = SecretStr(DEV_FLOWER_PASSWORD)
+
+
+class SecuritySettings(BaseModel):
+    # Signs tokens (JWT) and anything else that must not be forged.
+    secret_key: SecretStr = SecretStr(DEV_SECRET_KEY)
+    # Encrypts secrets at rest (credentials, provider keys); rotatable.
+    encryption_key: SecretStr = SecretStr(DEV_ENCRYPTION_KEY)
+    cors_origins: list[str] = Field(default_factory=list)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_nested_delimiter="__",
+        case_sensitive=False,
+        extra="ignore",
+    )
+
+    environment: Environment = "development"
+    app_name: str = "Orchestration Studio"
+    # Placeholders for the development launcher to replace; never used unset in earnest
+    # because scripts/devstack.py exports real URLs before anything starts.
+    database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # How long /health/ready waits for each dependency before calling it down.
+    health_timeout_s: float = Field(default=2.0, gt=0, le=30)
+
+    log: LogSettings = LogSettings()
+    db: DatabaseSettings = DatabaseSettings()
+    redis: RedisSettings = RedisSettings()
+    celery: CelerySettings = CelerySettings()
+    flower: FlowerSettings = FlowerSettings()
+    security: SecuritySettings = SecuritySettings()
+
+    @field_validator("database_url")
+    @classmethod
+    def _psycopg_driver(cls, url: str) -> str:
+        """Accept the URL forms platforms hand out and pin the psycopg 3 driver."""
+        for prefix in ("postgres://", "postgresql://", "postgresql+psycopg2://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url[len(prefix) :]
+        if not url.startswith("postgresql+psycopg://"):
+            raise ValueError("DATABASE_URL must be a PostgreSQL URL (postgresql://...)")
+        return url
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, url: str) -> str:
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("REDIS_URL must start with redis://, rediss:// or unix://")
+        return url
+
+    @model_validator(mode="after")
+    def _no_defaults(self) -> Settings:
+        if self.environment in ("development", "test"):
+            return self
+        defaults = {
+            "SECURITY__SECRET_KEY": (self.security.secret_key, DEV_SECRET_KEY),
+            "SECURITY__ENCRYPTION_KEY": (self.security.encryption_key, DEV_ENCRYPTION_KEY),
+            "FLOWER__PASSWORD": (self.flower.password, DEV_FLOWER_PASSWORD),
+        }
+        unsafe = [name for name, (value, dev) in defaults.items() if value.get_secret_value() == dev]
+        short = [
+            name
+            for name, (value, _) in defaults.items()
+            if name.startswith("SECURITY__") and len(value.get_secret_value()) < 32
+        ]
+        if unsafe:
+            raise ValueError(
+                f"{', '.join(unsafe)} still hold the development default; "
+                f"set real secrets when ENVIRONMENT={self.environment}"
+            )
+        if short:
+            raise ValueError(f"{', '.join(short)} must be at least 32 characters")
+        return self
+
+    @property
+    def broker_url(self) -> str:
+        return self.celery.broker_url or self.redis_url
+
+    @property
+    def result_backend(self) -> str:
+        return self.celery.result_backend or self.redis_url
+
+    @property
+    def log_json(self) -> bool:
+        if self.log.json_output is not None:
+            return self.log.json_output
+        return self.environment != "development"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

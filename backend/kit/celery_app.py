@@ -1,0 +1,110 @@
+"""The one Celery app object.
+
+The API imports it to enqueue tasks by name (it never imports `workers`); the worker,
+beat and Flower load it through `workers`, which registers the tasks. Every setting
+that keeps runs from being lost or doubled is here and pinned by a test.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from celery import Celery, signals
+from kombu import Queue
+
+from backend.config import Settings, get_settings
+from backend.kit.logging import REQUEST_ID_KEY, current_request_id
+
+QUEUES = ("high_priority", "default", "low_priority")
+
+# Task names are dotted by area; routes go by the area so a new task lands on the
+# right queue without touching this table.
+ROUTES: dict[str, dict[str, str]] = {
+    "workflow.*": {"queue": "high_priority"},
+    "system.*": {"queue": "default"},
+    "notifications.*": {"queue": "default"},
+    "analytics.*": {"queue": "default"},
+    "triggers.*": {"queue": "default"},
+    "maintenance.*": {"queue": "low_priority"},
+}
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    c = settings.celery
+    transport = {
+        "visibility_timeout": c.visibility_timeout_s,
+        "socket_connect_timeout": settings.redis.socket_connect_timeout_s,
+        "socket_timeout": settings.redis.socket_timeout_s,
+    }
+    return {
+        "broker_url": settings.broker_url,
+        "result_backend": settings.result_backend,
+        # The same visibility timeout everywhere kombu reads one (celery#4400).
+        "broker_transport_options": transport,
+        "result_backend_transport_options": dict(transport),
+        "broker_connection_retry_on_startup": True,
+        # JSON only: pickle from a broker is remote code execution.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # Durability: ack after the task finished, give the message back when the
+        # worker process dies (SIGKILL, OOM) instead of acking it (celery#1628), and
+        # let each process reserve one message at a time so a crash strands nothing.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        # If the broker connection drops, a late-ack task will be redelivered; stop
+        # the running copy rather than let both run (LESSONS: runs that double).
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "task_time_limit": c.task_time_limit_s,
+        "task_soft_time_limit": c.task_soft_time_limit_s,
+        "result_expires": c.result_expires_s,
+        "task_queues": [Queue(name, routing_key=name) for name in QUEUES],
+        "task_default_queue": "default",
+        "task_default_routing_key": "default",
+        "task_routes": ROUTES,
+        "task_create_missing_queues": False,
+        # Events for Flower: started/succeeded/failed from workers, sent from clients.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_track_started": True,
+        "worker_concurrency": c.worker_concurrency,
+        # Our logging config (structlog) stays in charge inside the worker.
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+        "timezone": "UTC",
+        "enable_utc": True,
+    }
+
+
+def create_celery_app(settings: Settings) -> Celery:
+    app = Celery("orchestration_studio")
+    app.conf.update(celery_config(settings))
+    return app
+
+
+celery_app = create_celery_app(get_settings())
+
+
+@signals.before_task_publish.connect
+def _propagate_request_id(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    """Carry the publishing request's id to the task, so its log lines can be joined."""
+    request_id = current_request_id()
+    if headers is not None and request_id and REQUEST_ID_KEY not in headers:
+        headers[REQUEST_ID_KEY] = request_id
+
+
+@signals.task_prerun.connect
+def _bind_task_context(task: Any = None, task_id: str | None = None, **_: Any) -> None:
+    structlog.contextvars.clear_contextvars()
+    request_id = getattr(task.request, REQUEST_ID_KEY, None) if task is not None else None
+    structlog.contextvars.bind_contextvars(
+        task_id=task_id, task_name=getattr(task, "name", None), request_id=request_id or task_id
+    )
+
+
+@signals.task_postrun.connect
+def _clear_task_context(**_: Any) -> None:
+    structlog.contextvars.clear_contextvars()

@@ -1,0 +1,172 @@
+"""The FastAPI application: routers, middleware, and the one exception-to-status table."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from celery import Celery
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from redis.asyncio import Redis
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from backend.config import Settings, get_settings
+from backend.health.router import router as health_router
+from backend.kit import errors
+from backend.kit.celery_app import celery_app
+from backend.kit.db import create_engine, create_sessionmaker
+from backend.kit.logging import REQUEST_ID_KEY, configure_logging, current_request_id, get_logger
+from backend.kit.middleware import RequestContextMiddleware
+
+log = get_logger(__name__)
+
+API_PREFIX = "/api/v1"
+
+# Every domain error a client can see, and its status. Order matters: the first
+# matching class wins, so subclasses come before their bases. Anything else is a bug:
+# RequestContextMiddleware answers it with 500 "internal_error" and logs the trace.
+EXCEPTION_STATUS: list[tuple[type[errors.DomainError], int]] = [
+    (errors.InvalidTransition, 409),
+    (errors.Conflict, 409),
+    (errors.NotFound, 404),
+    (errors.Unauthenticated, 401),
+    (errors.PermissionDenied, 403),
+    (errors.ValidationFailed, 422),
+    (errors.QuotaExceeded, 402),
+    (errors.RateLimited, 429),
+    (errors.DependencyUnavailable, 503),
+    (errors.DomainError, 400),
+]
+
+# Codes for errors raised as plain HTTP statuses (routing, method, framework checks).
+HTTP_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthenticated",
+    403: "permission_denied",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    429: "rate_limited",
+}
+
+
+def status_for(exc: errors.DomainError) -> int:
+    for cls, status in EXCEPTION_STATUS:
+        if isinstance(exc, cls):
+            return status
+    return 400
+
+
+def _body(error: str, detail: str, **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"error": error, "detail": detail, **extra}
+    request_id = current_request_id()
+    if request_id:
+        body[REQUEST_ID_KEY] = request_id
+    return body
+
+
+def _field_path(loc: tuple[Any, ...] | list[Any]) -> str:
+    # ("body", "nodes", 2, "id") -> "nodes[2].id"; where it came from stays in "in".
+    parts = list(loc[1:]) if loc and loc[0] in ("body", "query", "path", "header", "cookie") else list(loc)
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or str(loc[0] if loc else "")
+
+
+async def _domain_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, errors.DomainError)
+    extra: dict[str, Any] = dict(exc.extra)
+    if exc.field:
+        extra["field"] = exc.field
+    headers = None
+    if isinstance(exc, errors.RateLimited):
+        headers = {"Retry-After": str(exc.retry_after_s)}
+    return JSONResponse(
+        status_code=status_for(exc), content=_body(exc.code, exc.detail, **extra), headers=headers
+    )
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    fields = [
+        {
+            "field": _field_path(err.get("loc", ())),
+            "in": err["loc"][0] if err.get("loc") else None,
+            "message": err.get("msg", "invalid"),
+            "type": err.get("type"),
+        }
+        for err in exc.errors()
+    ]
+    first = fields[0] if fields else {"field": "", "message": "invalid request"}
+    return JSONResponse(
+        status_code=422,
+        content=_body("validation_error", f"{first['field']}: {first['message']}", fields=fields),
+    )
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = HTTP_STATUS_CODES.get(exc.status_code, "error" if exc.status_code < 500 else "internal_error")
+    return JSONResponse(
+        status_code=exc.status_code,
+        content=_body(code, str(exc.detail)),
+        headers=getattr(exc, "headers", None),
+    )
+
+
+def create_app(settings: Settings | None = None, *, celery: Celery | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    configure_logging(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_engine(settings)
+        redis = Redis.from_url(
+            settings.redis_url,
+            socket_timeout=settings.redis.socket_timeout_s,
+            socket_connect_timeout=settings.redis.socket_connect_timeout_s,
+        )
+        app.state.settings = settings
+        app.state.engine = engine
+        app.state.sessionmaker = create_sessionmaker(engine)
+        app.state.redis = redis
+        app.state.celery = celery or celery_app
+        try:
+            yield
+        finally:
+            await redis.aclose()
+            await engine.dispose()
+
+    app = FastAPI(
+        title=settings.app_name,
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url="/docs",
+        openapi_url="/openapi.json",
+    )
+    app.add_middleware(RequestContextMiddleware)
+    if settings.security.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.security.cors_origins,
+            allow_credentials=True,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["X-Request-ID"],
+        )
+    app.add_exception_handler(errors.DomainError, _domain_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+
+    app.include_router(health_router)
+    return app
+
+
+app = create_app()

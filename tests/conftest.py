@@ -1,0 +1,113 @@
+"""Test wiring: every xdist worker gets its own database (built by running the
+migrations) and its own Redis database number, on the servers `make test` started
+(or the ones DATABASE_URL / REDIS_URL name). Each DB test runs inside a transaction
+that is rolled back; cross-process tests use the worker's database for real."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+if not os.environ.get("DATABASE_URL") or not os.environ.get("REDIS_URL"):
+    raise pytest.UsageError(
+        "Tests need PostgreSQL and Redis: run `make test`, which starts throwaway ones, "
+        "or set DATABASE_URL and REDIS_URL."
+    )
+
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+WORKER_NUMBER = int(WORKER.removeprefix("gw") or 0)
+ADMIN_DATABASE_URL = os.environ["DATABASE_URL"]
+BASE_REDIS_URL = os.environ["REDIS_URL"]
+TEST_DATABASE = f"orch_test_{WORKER}"
+
+# Must happen before anything imports backend: the Celery app and settings read the
+# environment once.
+from tests.support.databases import with_database  # noqa: E402
+
+os.environ["DATABASE_URL"] = with_database(ADMIN_DATABASE_URL, TEST_DATABASE)
+os.environ["REDIS_URL"] = BASE_REDIS_URL.rsplit("/", 1)[0] + f"/{WORKER_NUMBER + 1}"
+os.environ["ENVIRONMENT"] = "test"
+os.environ.setdefault("LOG__LEVEL", "INFO")
+
+import httpx  # noqa: E402
+from fastapi import FastAPI  # noqa: E402
+from sqlalchemy.ext.asyncio import (  # noqa: E402
+    AsyncConnection,
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+)
+
+from backend.config import Settings, get_settings  # noqa: E402
+from backend.kit.db import create_engine  # noqa: E402
+from tests.support.asgi import client_for  # noqa: E402
+from tests.support.databases import drop_database, migrate, recreate_database  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def database() -> Iterator[str]:
+    """This worker's database, freshly built by the migrations."""
+    recreate_database(ADMIN_DATABASE_URL, TEST_DATABASE)
+    migrate(os.environ["DATABASE_URL"])
+    yield os.environ["DATABASE_URL"]
+    drop_database(ADMIN_DATABASE_URL, TEST_DATABASE)
+
+
+@pytest.fixture(scope="session")
+def admin_database_url() -> str:
+    return ADMIN_DATABASE_URL
+
+
+@pytest.fixture(scope="session")
+def settings() -> Settings:
+    return get_settings()
+
+
+@pytest.fixture(scope="session")
+async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(settings)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+async def connection(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A connection inside a transaction that is rolled back after the test."""
+    async with engine.connect() as conn:
+        outer = await conn.begin()
+        yield conn
+        await outer.rollback()
+
+
+@pytest.fixture
+def sessionmaker(connection: AsyncConnection) -> async_sessionmaker[AsyncSession]:
+    # Commits inside the code under test become savepoint releases on the outer
+    # transaction, so the test sees them and the rollback still discards them.
+    return async_sessionmaker(
+        bind=connection,
+        expire_on_commit=False,
+        autoflush=False,
+        join_transaction_mode="create_savepoint",
+    )
+
+
+@pytest.fixture
+async def session(sessionmaker: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    async with sessionmaker() as s:
+        yield s
+
+
+@pytest.fixture
+def app(settings: Settings) -> FastAPI:
+    from backend.main import create_app
+
+    return create_app(settings)
+
+
+@pytest.fixture
+async def client(app: FastAPI, sessionmaker: async_sessionmaker[AsyncSession]) -> AsyncIterator[httpx.AsyncClient]:
+    """An in-process client whose requests share the test's rolled-back transaction."""
+    async for c in client_for(app, sessionmaker):
+        yield c

@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: throwaway databases and real subprocesses."""

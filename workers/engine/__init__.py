@@ -1,0 +1,1 @@
+"""The execution engine: DAG building and scheduling (pure) and the runner (I/O)."""

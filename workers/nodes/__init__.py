@@ -1,0 +1,1 @@
+"""Node handlers, one module per node type (trigger, agent, action, logic, integration)."""
