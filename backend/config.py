@@ -17,9 +17,9 @@ Environment = Literal["development", "test", "staging", "production"]
 
 # Secrets that ship in the code so `make run` works offline. A deployment that still
 # uses one of them is refused outside development and test (see Settings._no_defaults).
-DEV_SECRET_KEY = "dev-insecure-secret-key-change-me"
+DEV_SECRET_KEY = "dev-insecure-secret-key-change-me"  # noqa: S105 - refused in production
 DEV_ENCRYPTION_KEY = "dev-insecure-encryption-key-change-me"
-DEV_FLOWER_PASSWORD = "flower"
+DEV_FLOWER_PASSWORD = "flower"  # noqa: S105 - refused in production
 
 
 class LogSettings(BaseModel):
@@ -138,7 +138,9 @@ class Settings(BaseSettings):
             "SECURITY__ENCRYPTION_KEY": (self.security.encryption_key, DEV_ENCRYPTION_KEY),
             "FLOWER__PASSWORD": (self.flower.password, DEV_FLOWER_PASSWORD),
         }
-        unsafe = [name for name, (value, dev) in defaults.items() if value.get_secret_value() == dev]
+        unsafe = [
+            name for name, (value, dev) in defaults.items() if value.get_secret_value() == dev
+        ]
         short = [
             name
             for name, (value, _) in defaults.items()

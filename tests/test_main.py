@@ -61,7 +61,9 @@ def build_app(settings: Settings) -> FastAPI:
 
 
 @pytest.fixture
-async def tclient(settings: Settings, sessionmaker: async_sessionmaker[AsyncSession]) -> AsyncIterator[httpx.AsyncClient]:
+async def tclient(
+    settings: Settings, sessionmaker: async_sessionmaker[AsyncSession]
+) -> AsyncIterator[httpx.AsyncClient]:
     async for c in client_for(build_app(settings), sessionmaker):
         yield c
 
@@ -79,7 +81,11 @@ async def test_domain_errors_map_to_status_and_code(tclient: httpx.AsyncClient) 
     assert (r.status_code, r.json()["error"]) == (409, "invalid_transition")
 
     r = await tclient.get("/t/rate-limited")
-    assert (r.status_code, r.json()["error"], r.headers["retry-after"]) == (429, "rate_limited", "7")
+    assert (r.status_code, r.json()["error"], r.headers["retry-after"]) == (
+        429,
+        "rate_limited",
+        "7",
+    )
 
 
 async def test_validation_errors_name_each_field(tclient: httpx.AsyncClient) -> None:
@@ -94,7 +100,9 @@ async def test_validation_errors_name_each_field(tclient: httpx.AsyncClient) -> 
 
 
 async def test_malformed_json_is_a_validation_error_not_a_crash(tclient: httpx.AsyncClient) -> None:
-    r = await tclient.post("/t/items", content=b"{not json", headers={"content-type": "application/json"})
+    r = await tclient.post(
+        "/t/items", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert r.status_code == 422
     assert r.json()["error"] == "validation_error"
 
@@ -108,24 +116,40 @@ async def test_framework_errors_use_the_same_body(tclient: httpx.AsyncClient) ->
     assert r.json()["error"] == "method_not_allowed"
 
 
-async def test_unhandled_errors_answer_500_without_leaking(tclient: httpx.AsyncClient, caplog: pytest.LogCaptureFixture) -> None:
+async def test_unhandled_errors_answer_500_without_leaking(
+    tclient: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.ERROR):
         r = await tclient.get("/t/boom", headers={"X-Request-ID": "trace-me-1"})
     assert r.status_code == 500
-    assert r.json() == {"error": "internal_error", "detail": "internal server error", "request_id": "trace-me-1"}
+    assert r.json() == {
+        "error": "internal_error",
+        "detail": "internal server error",
+        "request_id": "trace-me-1",
+    }
     assert "hunter2" not in r.text
     assert r.headers["x-request-id"] == "trace-me-1"
     # The trace is in the log, with the request id to find it.
-    logged = [rec for rec in caplog.records if isinstance(rec.msg, dict) and rec.msg.get("event") == "unhandled_error"]
+    logged = [
+        rec
+        for rec in caplog.records
+        if isinstance(rec.msg, dict) and rec.msg.get("event") == "unhandled_error"
+    ]
     assert logged
     assert logged[0].msg["request_id"] == "trace-me-1"
 
 
-async def test_request_id_is_echoed_or_generated(tclient: httpx.AsyncClient, caplog: pytest.LogCaptureFixture) -> None:
+async def test_request_id_is_echoed_or_generated(
+    tclient: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.INFO):
         r = await tclient.get("/t/not-found", headers={"X-Request-ID": "abc-123"})
     assert r.headers["x-request-id"] == "abc-123"
-    access = [rec.msg for rec in caplog.records if isinstance(rec.msg, dict) and rec.msg.get("event") == "request"]
+    access = [
+        rec.msg
+        for rec in caplog.records
+        if isinstance(rec.msg, dict) and rec.msg.get("event") == "request"
+    ]
     assert access
     assert access[-1]["request_id"] == "abc-123"
     assert access[-1]["status"] == 404
@@ -137,7 +161,9 @@ async def test_request_id_is_echoed_or_generated(tclient: httpx.AsyncClient, cap
     assert r.headers["x-request-id"] != "bad id\twith spaces"
 
 
-async def test_unit_of_work_commits_on_success_and_rolls_back_on_error(tclient: httpx.AsyncClient, session: AsyncSession) -> None:
+async def test_unit_of_work_commits_on_success_and_rolls_back_on_error(
+    tclient: httpx.AsyncClient, session: AsyncSession
+) -> None:
     async def stored(slug: str) -> int:
         return int(await session.scalar(select(func.count()).where(Workspace.slug == slug)) or 0)
 

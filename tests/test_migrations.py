@@ -47,7 +47,9 @@ def test_models_and_migrations_agree(database: str) -> None:
     engine = create_engine(database)
     try:
         with engine.connect() as conn:
-            ctx = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": True})
+            ctx = MigrationContext.configure(
+                conn, opts={"compare_type": True, "compare_server_default": True}
+            )
             diff = compare_metadata(ctx, Base.metadata)
     finally:
         engine.dispose()

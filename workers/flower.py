@@ -23,7 +23,7 @@ def main() -> None:
     env.setdefault("FLOWER_MAX_TASKS", "10000")
     # Flower stores nothing by itself; the run history lives in PostgreSQL.
     args = [sys.executable, "-m", "celery", "-A", "workers", "flower", *sys.argv[1:]]
-    os.execve(sys.executable, args, env)
+    os.execve(sys.executable, args, env)  # noqa: S606 - exec, no shell, on purpose
 
 
 if __name__ == "__main__":

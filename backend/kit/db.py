@@ -12,7 +12,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Self
 
 from fastapi import Depends, Request
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 
 from backend.config import Settings
 from backend.kit.logging import get_logger
@@ -86,7 +91,9 @@ async def _unit_of_work(request: Request) -> AsyncIterator[UnitOfWork]:
         yield uow
 
 
-async def _session(uow: Annotated[UnitOfWork, Depends(_unit_of_work, scope="function")]) -> AsyncSession:
+async def _session(
+    uow: Annotated[UnitOfWork, Depends(_unit_of_work, scope="function")],
+) -> AsyncSession:
     return uow.session
 
 

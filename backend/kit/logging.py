@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import logging.config
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
@@ -20,7 +21,7 @@ _REDACTED_KEYS = frozenset(
 )
 
 
-def _redact(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key in event_dict.keys() & _REDACTED_KEYS:
         event_dict[key] = "[redacted]"
     return event_dict
@@ -54,9 +55,7 @@ def configure_logging(settings: Settings) -> None:
                     ],
                 }
             },
-            "handlers": {
-                "default": {"class": "logging.StreamHandler", "formatter": "structlog"}
-            },
+            "handlers": {"default": {"class": "logging.StreamHandler", "formatter": "structlog"}},
             "root": {"handlers": ["default"], "level": settings.log.level},
             "loggers": {
                 # uvicorn installs its own handlers; send its lines through ours instead.

@@ -21,7 +21,7 @@ class Repository(Generic[M]):
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
-    def select(self) -> Select[tuple[M]]:
+    def select(self) -> Select[M]:
         return select(self.model)
 
     async def get(self, id_: uuid.UUID) -> M | None:
@@ -33,11 +33,11 @@ class Repository(Generic[M]):
             raise NotFound(f"{self.model.__name__} not found")
         return obj
 
-    async def one_or_none(self, stmt: Select[tuple[M]]) -> M | None:
+    async def one_or_none(self, stmt: Select[M]) -> M | None:
         return (await self.session.execute(stmt)).scalar_one_or_none()
 
     async def paginate(
-        self, stmt: Select[tuple[M]], *, limit: int, offset: int
+        self, stmt: Select[M], *, limit: int, offset: int
     ) -> tuple[Sequence[M], int]:
         total = await self.session.scalar(
             select(func.count()).select_from(stmt.order_by(None).subquery())

@@ -14,7 +14,13 @@ import yaml
 from tests.support.paths import ROOT
 
 # Procfile process -> compose service / k8s component.
-COUNTERPART = {"web": "api", "worker": "worker", "beat": "beat", "flower": "flower", "release": "migrate"}
+COUNTERPART = {
+    "web": "api",
+    "worker": "worker",
+    "beat": "beat",
+    "flower": "flower",
+    "release": "migrate",
+}
 
 
 def procfile() -> dict[str, str]:
@@ -79,7 +85,13 @@ def test_dockerfile_is_multistage_nonroot_with_healthcheck() -> None:
     assert re.search(r"^HEALTHCHECK ", text, re.M)
 
 
-@pytest.mark.parametrize(("path", "doc"), k8s_documents(), ids=lambda v: v.name if isinstance(v, Path) else v.get("kind", "?") if isinstance(v, dict) else "?")
+@pytest.mark.parametrize(
+    ("path", "doc"),
+    k8s_documents(),
+    ids=lambda v: (
+        v.name if isinstance(v, Path) else v.get("kind", "?") if isinstance(v, dict) else "?"
+    ),
+)
 def test_k8s_manifest_matches_the_schema(path: Path, doc: dict[str, Any]) -> None:
     kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
 
@@ -90,7 +102,11 @@ def test_k8s_has_every_piece() -> None:
         component = doc["metadata"].get("labels", {}).get("app.kubernetes.io/component", "")
         kinds.setdefault(doc["kind"], set()).add(component)
     assert {"api", "worker", "beat", "flower"} <= kinds["Deployment"]
-    assert "api" in kinds["Service"] and "api" in kinds["Ingress"] and "api" in kinds["HorizontalPodAutoscaler"]
+    assert (
+        "api" in kinds["Service"]
+        and "api" in kinds["Ingress"]
+        and "api" in kinds["HorizontalPodAutoscaler"]
+    )
     assert "migrate" in kinds["Job"]
     assert "ConfigMap" in kinds and "Secret" in kinds
     for process, component in COUNTERPART.items():
@@ -99,7 +115,12 @@ def test_k8s_has_every_piece() -> None:
 
 
 def test_beat_runs_once_and_is_recreated_not_rolled() -> None:
-    beat = next(d for _, d in k8s_documents() if d["kind"] == "Deployment" and d["metadata"]["labels"]["app.kubernetes.io/component"] == "beat")
+    beat = next(
+        d
+        for _, d in k8s_documents()
+        if d["kind"] == "Deployment"
+        and d["metadata"]["labels"]["app.kubernetes.io/component"] == "beat"
+    )
     assert beat["spec"]["replicas"] == 1
     assert beat["spec"]["strategy"]["type"] == "Recreate"
 

@@ -36,7 +36,11 @@ async def test_not_ready_names_the_dependency_that_is_down(settings: Settings, d
         changes["database_url"] = f"postgresql+psycopg://postgres@{dead}/postgres"
     broken = settings.model_copy(update=changes)
     if down == "broker":
-        broken = broken.model_copy(update={"celery": settings.celery.model_copy(update={"broker_url": f"redis://{dead}/0"})})
+        broken = broken.model_copy(
+            update={
+                "celery": settings.celery.model_copy(update={"broker_url": f"redis://{dead}/0"})
+            }
+        )
     app = create_app(broken, celery=create_celery_app(broken))
     async for c in client_for(app, None):
         r = await c.get("/health/ready")

@@ -33,7 +33,11 @@ def test_only_json_is_accepted() -> None:
 
 def test_three_queues_with_routes_by_task_area() -> None:
     conf = celery_app.conf
-    assert {q.name for q in conf.task_queues} == set(QUEUES) == {"high_priority", "default", "low_priority"}
+    assert (
+        {q.name for q in conf.task_queues}
+        == set(QUEUES)
+        == {"high_priority", "default", "low_priority"}
+    )
     assert conf.task_default_queue == "default"
     router = celery_app.amqp.router
 

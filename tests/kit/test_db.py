@@ -20,7 +20,9 @@ async def count(session: AsyncSession, slug: str) -> int:
     return int(await session.scalar(select(func.count()).where(Workspace.slug == slug)) or 0)
 
 
-async def test_commits_and_then_runs_after_commit_callbacks(sessionmaker: async_sessionmaker[AsyncSession], session: AsyncSession) -> None:
+async def test_commits_and_then_runs_after_commit_callbacks(
+    sessionmaker: async_sessionmaker[AsyncSession], session: AsyncSession
+) -> None:
     seen: list[int] = []
     async with UnitOfWork(sessionmaker) as uow:
         uow.session.add(Workspace(name="A", slug="uow-a"))
@@ -35,7 +37,9 @@ async def test_commits_and_then_runs_after_commit_callbacks(sessionmaker: async_
     assert await count(session, "uow-a") == 1
 
 
-async def test_rolls_back_and_drops_side_effects_on_error(sessionmaker: async_sessionmaker[AsyncSession], session: AsyncSession) -> None:
+async def test_rolls_back_and_drops_side_effects_on_error(
+    sessionmaker: async_sessionmaker[AsyncSession], session: AsyncSession
+) -> None:
     seen: list[str] = []
     with pytest.raises(RuntimeError):
         async with UnitOfWork(sessionmaker) as uow:
@@ -47,7 +51,9 @@ async def test_rolls_back_and_drops_side_effects_on_error(sessionmaker: async_se
     assert await count(session, "uow-b") == 0
 
 
-async def test_a_failing_side_effect_does_not_undo_the_commit(sessionmaker: async_sessionmaker[AsyncSession], session: AsyncSession) -> None:
+async def test_a_failing_side_effect_does_not_undo_the_commit(
+    sessionmaker: async_sessionmaker[AsyncSession], session: AsyncSession
+) -> None:
     seen: list[str] = []
 
     def broken() -> None:

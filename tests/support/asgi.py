@@ -9,7 +9,9 @@ from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 
-async def client_for(app: FastAPI, sessionmaker: async_sessionmaker[AsyncSession] | None = None) -> AsyncIterator[httpx.AsyncClient]:
+async def client_for(
+    app: FastAPI, sessionmaker: async_sessionmaker[AsyncSession] | None = None
+) -> AsyncIterator[httpx.AsyncClient]:
     """Run the app's lifespan and yield a client; with a sessionmaker, requests use it
     (the tests' rolled-back transaction) instead of the app's own engine."""
     async with app.router.lifespan_context(app):

@@ -15,14 +15,18 @@ def with_database(url: str, name: str) -> str:
 
 
 def recreate_database(admin_url: str, name: str) -> None:
-    conninfo = make_url(admin_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    conninfo = (
+        make_url(admin_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    )
     with psycopg.connect(conninfo, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{name}"')
 
 
 def drop_database(admin_url: str, name: str) -> None:
-    conninfo = make_url(admin_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    conninfo = (
+        make_url(admin_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    )
     with psycopg.connect(conninfo, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

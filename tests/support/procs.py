@@ -25,7 +25,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for(check: Callable[[], bool], *, timeout_s: float, what: str, proc: subprocess.Popen[bytes] | None = None, log: Path | None = None) -> None:
+def wait_for(
+    check: Callable[[], bool],
+    *,
+    timeout_s: float,
+    what: str,
+    proc: subprocess.Popen[bytes] | None = None,
+    log: Path | None = None,
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -64,11 +71,20 @@ def alive(procs: Sequence[psutil.Process]) -> list[psutil.Process]:
 
 
 @contextlib.contextmanager
-def running(argv: Sequence[str], *, env: dict[str, str], log: Path, stop_signal: int = signal.SIGTERM, grace_s: float = 15) -> Iterator[subprocess.Popen[bytes]]:
+def running(
+    argv: Sequence[str],
+    *,
+    env: dict[str, str],
+    log: Path,
+    stop_signal: int = signal.SIGTERM,
+    grace_s: float = 15,
+) -> Iterator[subprocess.Popen[bytes]]:
     """Run argv in its own process group with output in `log`; stop it and its whole
     tree afterwards, and fail the test if anything is left running."""
     with open(log, "ab") as out:
-        proc = subprocess.Popen(list(argv), env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, process_group=0)
+        proc = subprocess.Popen(
+            list(argv), env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, process_group=0
+        )
     seen: dict[int, psutil.Process] = {}
     try:
         yield proc

@@ -42,7 +42,17 @@ def worker_name(database: str, logs: Path) -> Iterator[str]:
 def api(database: str, logs: Path) -> Iterator[tuple[str, Path]]:
     port = free_port()
     log = logs / "uvicorn.log"
-    argv = [PYTHON, "-m", "uvicorn", "backend.main:app", "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
+    argv = [
+        PYTHON,
+        "-m",
+        "uvicorn",
+        "backend.main:app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--no-access-log",
+    ]
     with running(argv, env=python_env(LOG__JSON_OUTPUT="true"), log=log) as proc:
         base = f"http://127.0.0.1:{port}"
         wait_for(http_ok(f"{base}/health"), timeout_s=60, what="uvicorn", proc=proc, log=log)
@@ -59,7 +69,12 @@ def test_ready_over_real_http(api: tuple[str, Path]) -> None:
 def test_request_id_is_on_every_log_line_of_a_request(api: tuple[str, Path]) -> None:
     base, log = api
     request_id = f"it-{uuid.uuid4().hex}"
-    assert httpx.get(f"{base}/health/ready", headers={"X-Request-ID": request_id}, timeout=10).status_code == 200
+    assert (
+        httpx.get(
+            f"{base}/health/ready", headers={"X-Request-ID": request_id}, timeout=10
+        ).status_code
+        == 200
+    )
     httpx.get(f"{base}/missing", headers={"X-Request-ID": request_id}, timeout=10)
     lines = [json.loads(line) for line in log.read_text().splitlines() if request_id in line]
     # One access line per request, JSON, each carrying the id as a field.
@@ -86,12 +101,23 @@ def test_flower_lists_the_worker_behind_basic_auth(worker_name: str, logs: Path)
     env = python_env(FLOWER__PORT=str(port), FLOWER__USER="ops", FLOWER__PASSWORD="s3cret-for-test")
     with running([PYTHON, "-m", "workers.flower"], env=env, log=log) as proc:
         base = f"http://127.0.0.1:{port}"
-        wait_for(lambda: httpx.get(f"{base}/healthcheck", timeout=2).status_code == 200, timeout_s=60, what="flower", proc=proc, log=log)
+        wait_for(
+            lambda: httpx.get(f"{base}/healthcheck", timeout=2).status_code == 200,
+            timeout_s=60,
+            what="flower",
+            proc=proc,
+            log=log,
+        )
         assert httpx.get(f"{base}/api/workers", timeout=5).status_code == 401
         assert httpx.get(f"{base}/api/workers", auth=("ops", "wrong"), timeout=5).status_code == 401
 
         def listed() -> bool:
-            r = httpx.get(f"{base}/api/workers", params={"refresh": "1"}, auth=("ops", "s3cret-for-test"), timeout=10)
+            r = httpx.get(
+                f"{base}/api/workers",
+                params={"refresh": "1"},
+                auth=("ops", "s3cret-for-test"),
+                timeout=10,
+            )
             return r.status_code == 200 and worker_name in r.json()
 
         wait_for(listed, timeout_s=60, what="worker in flower", proc=proc, log=log)
