@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -38,6 +39,8 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 # Persistent development data; a test points this elsewhere to stay out of the way.
 DATA = Path(os.environ.get("DEVSTACK_DATA_DIR") or ROOT / ".data")
+# Written while a launcher serves DATA: its pid and URLs, for other commands to attach.
+STATE_FILE = DATA / "devstack.json"
 PG_SYSTEM_USER = "embedded_postgres"  # PostgreSQL refuses to run as root
 APP_GRACE_S = 20.0  # how long the app processes get to stop before they are killed
 SERVER_GRACE_S = 15.0
@@ -241,10 +244,32 @@ class Valkey:
             self.proc = None
 
 
+def _running_stack() -> dict[str, str] | None:
+    """The URLs of a launcher already serving DATA, if one is alive.
+
+    `make migrate` or `make bench`-style commands run while `make run` is up attach to
+    its servers instead of starting a second PostgreSQL on the same data directory.
+    """
+    with contextlib.suppress(OSError, ValueError, KeyError, psutil.Error):
+        info = json.loads(STATE_FILE.read_text())
+        if psutil.pid_exists(int(info["pid"])) and "devstack" in " ".join(
+            psutil.Process(int(info["pid"])).cmdline()
+        ):
+            return {"DATABASE_URL": info["DATABASE_URL"], "REDIS_URL": info["REDIS_URL"]}
+    return None
+
+
 @contextlib.contextmanager
 def services(*, ephemeral: bool) -> Iterator[dict[str, str]]:
     """Yield the environment for the app: given URLs, or embedded servers' URLs."""
     env = dict(os.environ)
+    given = {key for key in ("DATABASE_URL", "REDIS_URL") if env.get(key)}
+    for key in sorted(given):
+        say(f"using {key} from the environment")
+    if not ephemeral and len(given) < 2 and (attached := _running_stack()):
+        say(f"attaching to the servers of the running launcher ({STATE_FILE})")
+        yield {**env, **{k: v for k, v in attached.items() if k not in given}}
+        return
     tmp: Path | None = None
     base = DATA
     if ephemeral:
@@ -252,22 +277,27 @@ def services(*, ephemeral: bool) -> Iterator[dict[str, str]]:
         base = tmp
     started: list[Postgres | Valkey] = []
     try:
-        if not env.get("DATABASE_URL"):
+        if "DATABASE_URL" not in given:
             pg = Postgres(base / "pg", ephemeral=ephemeral)
             started.append(pg)
             pg.start()
             env["DATABASE_URL"] = pg.url
-        else:
-            say("using DATABASE_URL from the environment")
-        if not env.get("REDIS_URL"):
+        if "REDIS_URL" not in given:
             vk = Valkey(base / "valkey", ephemeral=ephemeral)
             started.append(vk)
             vk.start()
             env["REDIS_URL"] = vk.url
-        else:
-            say("using REDIS_URL from the environment")
+        if started and not ephemeral:
+            STATE_FILE.write_text(
+                json.dumps(
+                    {"pid": os.getpid(), "DATABASE_URL": env["DATABASE_URL"],
+                     "REDIS_URL": env["REDIS_URL"]}
+                )
+            )  # fmt: skip
         yield env
     finally:
+        if started and not ephemeral:
+            STATE_FILE.unlink(missing_ok=True)
         for server in reversed(started):
             server.stop()
         if tmp is not None:

@@ -145,6 +145,16 @@ def test_make_run_serves_ready_and_flower_then_stops_cleanly(tmp_path: Path) -> 
         assert f"http://127.0.0.1:{port}/docs" in text
         assert f"http://127.0.0.1:{flower_port}" in text
         assert "beat" in text
+        # A second command (`make migrate` while `make run` is up) attaches to the
+        # running servers instead of starting a second PostgreSQL on the same data.
+        show_url = "import os; print(os.environ['DATABASE_URL'])"
+        attached = subprocess.run(
+            [PYTHON, DEVSTACK, "exec", "--", PYTHON, "-c", show_url],
+            env=env, capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        state = json.loads((tmp_path / "data" / "devstack.json").read_text())
+        assert attached.stdout.strip() == state["DATABASE_URL"]
+        assert "attaching" in attached.stderr
         time.sleep(1)
         remember_and(lambda: True)()
     finally:
@@ -152,3 +162,4 @@ def test_make_run_serves_ready_and_flower_then_stops_cleanly(tmp_path: Path) -> 
     assert code == 130, code
     text = log.read_text()
     assert "PostgreSQL stopped" in text and "Valkey stopped" in text
+    assert not (tmp_path / "data" / "devstack.json").exists()

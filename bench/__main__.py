@@ -1,0 +1,215 @@
+"""Foundation benchmarks: what one API request, one broker hop and one checkpoint cost,
+each next to its floor measured in the same run on the same servers.
+
+    make bench            # on throwaway embedded servers
+    python -m bench       # against DATABASE_URL / REDIS_URL (uses a scratch database)
+
+Figures are medians and 95th percentiles in milliseconds; ratios are ours / floor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import psycopg
+import redis
+from sqlalchemy.engine import make_url
+
+ROOT = Path(__file__).resolve().parent.parent
+N = int(os.environ.get("BENCH_N", "300"))
+BENCH_DB = "orch_bench"
+
+
+def timed(fn: Callable[[], object], n: int = N, warmup: int = 20) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - start) * 1000)
+    return out
+
+
+def row(
+    name: str, ours: list[float], floor: list[float] | None = None, floor_name: str = ""
+) -> None:
+    med = statistics.median(ours)
+    p95 = statistics.quantiles(ours, n=20)[-1]
+    line = f"{name:<44} median {med:7.3f} ms   p95 {p95:7.3f} ms"
+    if floor is not None:
+        fmed = statistics.median(floor)
+        line += f"   | floor ({floor_name}) {fmed:7.3f} ms   ratio {med / fmed:5.1f}x"
+    print(line, flush=True)
+
+
+@contextmanager
+def process(argv: list[str], env: dict[str, str], ready: Callable[[], bool]) -> Iterator[None]:
+    proc = subprocess.Popen(
+        argv,
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        process_group=0,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _safe(ready):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{argv[:4]} did not start")
+            time.sleep(0.2)
+        yield
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _safe(check: Callable[[], bool]) -> bool:
+    try:
+        return check()
+    except Exception:
+        return False
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def main() -> int:
+    admin = os.environ["DATABASE_URL"]
+    plain = make_url(admin).set(drivername="postgresql")
+    with psycopg.connect(plain.render_as_string(hide_password=False), autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {BENCH_DB}")
+    db_url = plain.set(database=BENCH_DB).render_as_string(hide_password=False)
+    env = dict(
+        os.environ,
+        DATABASE_URL=db_url,
+        ENVIRONMENT="test",
+        LOG__LEVEL="WARNING",
+        PYTHONUNBUFFERED="1",
+    )
+    os.environ.update(env)
+    subprocess.run(
+        [sys.executable, "-m", "alembic", "upgrade", "head"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    from backend.kit.celery_app import celery_app
+
+    print(
+        f"Orchestration Studio foundation benchmark, n={N} per figure, {os.cpu_count()} cores\n",
+        flush=True,
+    )
+
+    # 1. A broker hop: system.ping through Celery and back, against a bare Redis
+    #    LPUSH + BRPOP round trip on the same server (the floor any queue pays).
+    r = redis.Redis.from_url(os.environ["REDIS_URL"])
+    key = f"bench:{uuid.uuid4().hex}"
+
+    def raw_hop() -> None:
+        r.lpush(key, b"x")
+        r.brpop([key], timeout=5)
+
+    worker = [
+        *(sys.executable, "-m", "celery", "-A", "workers", "worker", "--loglevel=WARNING"),
+        *("--queues=default", "--concurrency=1", "--pool=solo", "--without-mingle"),
+        *("--without-gossip", "--hostname=bench@127.0.0.1"),
+    ]
+    with process(
+        worker,
+        env,
+        lambda: bool(celery_app.control.ping(destination=["bench@127.0.0.1"], timeout=0.5)),
+    ):
+        ping = timed(lambda: celery_app.send_task("system.ping").get(timeout=10), n=min(N, 200))
+    row("celery round trip (system.ping, result)", ping, timed(raw_hop), "redis lpush+brpop")
+
+    # 2. One API request over real HTTP: /health (no I/O) and /health/ready (PostgreSQL,
+    #    Redis and the broker), against a bare TCP connect+request to the same server.
+    port = free_port()
+    web = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "backend.main:app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+    base = f"http://127.0.0.1:{port}"
+    with (
+        process(web, env, lambda: httpx.get(f"{base}/health").status_code == 200),
+        httpx.Client(base_url=base) as client,
+    ):
+        openapi = timed(lambda: client.get("/openapi.json"))
+        health = timed(lambda: client.get("/health"))
+        ready = timed(lambda: client.get("/health/ready"), n=min(N, 200))
+    row("GET /health (middleware + routing)", health, openapi, "cached /openapi.json")
+    row("GET /health/ready (3 dependency checks)", ready, health, "/health")
+
+    # 3. One checkpoint-sized write: an ORM insert in our unit of work against a raw
+    #    psycopg INSERT + COMMIT of the same row.
+    from backend.config import Settings
+    from backend.kit.db import UnitOfWork, create_engine, create_sessionmaker
+    from backend.models import Workspace
+
+    async def orm_writes() -> list[float]:
+        engine = create_engine(Settings())
+        maker = create_sessionmaker(engine)
+        out = []
+        for i in range(N + 20):
+            start = time.perf_counter()
+            async with UnitOfWork(maker) as uow:
+                uow.session.add(Workspace(name="b", slug=f"orm-{i}-{uuid.uuid4().hex[:6]}"))
+            out.append((time.perf_counter() - start) * 1000)
+        await engine.dispose()
+        return out[20:]
+
+    orm = asyncio.run(orm_writes())
+    with psycopg.connect(db_url) as conn:
+
+        def raw_insert() -> None:
+            conn.execute(
+                "INSERT INTO workspaces (id, name, slug) VALUES (%s, 'b', %s)",
+                (uuid.uuid4(), uuid.uuid4().hex),
+            )
+            conn.commit()
+
+        raw = timed(raw_insert)
+    row("checkpoint write (UnitOfWork, ORM insert)", orm, raw, "psycopg insert+commit")
+
+    with psycopg.connect(plain.render_as_string(hide_password=False), autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
