@@ -83,9 +83,41 @@ class FlowerSettings(BaseModel):
 class SecuritySettings(BaseModel):
     # Signs tokens (JWT) and anything else that must not be forged.
     secret_key: SecretStr = SecretStr(DEV_SECRET_KEY)
-    # Encrypts secrets at rest (credentials, provider keys); rotatable.
+    # Encrypts secrets at rest (credentials, provider keys). Rotate by moving the old
+    # key into previous_encryption_keys: it still decrypts, the new one encrypts.
     encryption_key: SecretStr = SecretStr(DEV_ENCRYPTION_KEY)
+    previous_encryption_keys: list[SecretStr] = Field(default_factory=list)
     cors_origins: list[str] = Field(default_factory=list)
+    max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+
+
+class AuthSettings(BaseModel):
+    # Pinned here and passed to PyJWT as the only accepted algorithm: the token's own
+    # header never chooses (no `alg: none`, no RS/HS confusion).
+    jwt_algorithm: Literal["HS256", "HS384", "HS512"] = "HS256"
+    jwt_issuer: str = "orchestration-studio"
+    jwt_audience: str = "orchestration-studio-api"
+    access_token_ttl_s: int = Field(default=900, ge=60)
+    refresh_token_ttl_s: int = Field(default=7 * 86_400, ge=300)
+    otp_ttl_s: int = Field(default=300, ge=30)
+    otp_max_attempts: int = Field(default=5, ge=1)
+    # Rate limits in the `limits` notation: "N per <amount> <unit>".
+    otp_request_limit: str = "5 per 15 minutes"
+    otp_verify_limit: str = "10 per 15 minutes"
+    api_rate_limit: str = "1000 per hour"
+    invitation_ttl_s: int = Field(default=7 * 86_400, ge=300)
+
+
+class SmtpSettings(BaseModel):
+    # Unset host: mail is written to the log instead (development and tests only).
+    host: str | None = None
+    port: int = Field(default=587, ge=1, le=65535)
+    username: str | None = None
+    password: SecretStr | None = None
+    starttls: bool = True
+    use_tls: bool = False
+    sender: str = "Orchestration Studio <no-reply@localhost>"
+    timeout_s: float = Field(default=15.0, gt=0)
 
 
 class Settings(BaseSettings):
@@ -110,6 +142,8 @@ class Settings(BaseSettings):
     celery: CelerySettings = CelerySettings()
     flower: FlowerSettings = FlowerSettings()
     security: SecuritySettings = SecuritySettings()
+    auth: AuthSettings = AuthSettings()
+    smtp: SmtpSettings = SmtpSettings()
 
     @field_validator("database_url")
     @classmethod
@@ -153,6 +187,13 @@ class Settings(BaseSettings):
             )
         if short:
             raise ValueError(f"{', '.join(short)} must be at least 32 characters")
+        if not self.smtp.host:
+            raise ValueError(
+                f"SMTP__HOST must be set when ENVIRONMENT={self.environment}: "
+                "sign-in codes would only reach the log"
+            )
+        if "*" in self.security.cors_origins:
+            raise ValueError("SECURITY__CORS_ORIGINS may not contain '*' outside development")
         return self
 
     @property

@@ -14,6 +14,8 @@ from fastapi.responses import JSONResponse
 from redis.asyncio import Redis
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from backend.auth.router import api_keys as api_keys_router
+from backend.auth.router import router as auth_router
 from backend.config import Settings, get_settings
 from backend.health.router import router as health_router
 from backend.kit import errors
@@ -21,6 +23,9 @@ from backend.kit.celery_app import celery_app
 from backend.kit.db import create_engine, create_sessionmaker
 from backend.kit.logging import REQUEST_ID_KEY, configure_logging, current_request_id, get_logger
 from backend.kit.middleware import RequestContextMiddleware
+from backend.kit.ratelimit import RateLimiter
+from backend.workspaces.router import invitations as invitations_router
+from backend.workspaces.router import router as workspaces_router
 
 log = get_logger(__name__)
 
@@ -144,6 +149,7 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
         app.state.sessionmaker = create_sessionmaker(engine)
         app.state.redis = redis
         app.state.celery = celery or celery_app
+        app.state.limiter = RateLimiter(settings.redis_url)
         try:
             yield
         finally:
@@ -157,21 +163,30 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
         docs_url="/docs",
         openapi_url="/openapi.json",
     )
-    app.add_middleware(RequestContextMiddleware)
     if settings.security.cors_origins:
+        origins = settings.security.cors_origins
         app.add_middleware(
             CORSMiddleware,
-            allow_origins=settings.security.cors_origins,
-            allow_credentials=True,
+            allow_origins=origins,
+            # Credentials are never combined with a wildcard origin.
+            allow_credentials="*" not in origins,
             allow_methods=["*"],
             allow_headers=["*"],
             expose_headers=["X-Request-ID"],
         )
+    # Added last so it is the outermost layer: CORS answers carry its headers too.
+    app.add_middleware(
+        RequestContextMiddleware,
+        max_body_bytes=settings.security.max_body_bytes,
+        hsts=settings.environment == "production",
+    )
     app.add_exception_handler(errors.DomainError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
 
     app.include_router(health_router)
+    for router in (auth_router, workspaces_router, api_keys_router, invitations_router):
+        app.include_router(router, prefix=API_PREFIX)
     return app
 
 

@@ -48,6 +48,18 @@ def test_production_refuses_short_secrets(monkeypatch: pytest.MonkeyPatch) -> No
             SECURITY__SECRET_KEY="short",
             SECURITY__ENCRYPTION_KEY=STRONG,
             FLOWER__PASSWORD="a-real-password",
+            SMTP__HOST="smtp.example.com",
+        )
+
+
+def test_production_requires_smtp(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValidationError, match="SMTP__HOST"):
+        make(
+            monkeypatch,
+            ENVIRONMENT="production",
+            SECURITY__SECRET_KEY=STRONG,
+            SECURITY__ENCRYPTION_KEY=STRONG + "y",
+            FLOWER__PASSWORD="a-real-password",
         )
 
 
@@ -60,6 +72,7 @@ def test_production_accepts_real_secrets_and_keeps_them_secret(
         SECURITY__SECRET_KEY=STRONG,
         SECURITY__ENCRYPTION_KEY=STRONG + "y",
         FLOWER__PASSWORD="a-real-password",
+        SMTP__HOST="smtp.example.com",
     )
     assert s.security.secret_key.get_secret_value() == STRONG
     # Secrets never show in a repr or a dump, so they cannot reach a log by accident.

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from backend.config import Settings
+from backend.kit.errors import DomainError
 from backend.kit.logging import get_logger
 
 log = get_logger(__name__)
@@ -64,9 +65,11 @@ class UnitOfWork:
         self.session = self._sessionmaker()
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, _: object
+    ) -> None:
         try:
-            if exc_type is None:
+            if exc_type is None or (isinstance(exc, DomainError) and exc.keep_changes):
                 await self.session.commit()
             else:
                 await self.session.rollback()

@@ -10,10 +10,15 @@ class DomainError(Exception):
 
     code = "error"
 
-    def __init__(self, detail: str, *, field: str | None = None, **extra: Any) -> None:
+    def __init__(
+        self, detail: str, *, field: str | None = None, keep_changes: bool = False, **extra: Any
+    ) -> None:
         super().__init__(detail)
         self.detail = detail
         self.field = field
+        # The unit of work commits instead of rolling back: the refusal itself is state
+        # (a wrong sign-in code counts an attempt, a reused refresh token revokes).
+        self.keep_changes = keep_changes
         self.extra = extra
 
 

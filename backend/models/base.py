@@ -32,6 +32,9 @@ class RecordModel(Base):
     """A row with a UUID key and creation/update times kept by the database clock."""
 
     __abstract__ = True
+    # Server-side defaults (timestamps) come back with the INSERT/UPDATE via RETURNING,
+    # so reading them after a flush never needs a lazy load (which async forbids).
+    __mapper_args__ = {"eager_defaults": True}  # noqa: RUF012
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())

@@ -1,5 +1,5 @@
 """Celery tasks: thin adapters that take ids and JSON primitives and call services."""
 
-from workers.tasks import system
+from workers.tasks import notifications, system
 
-__all__ = ["system"]
+__all__ = ["notifications", "system"]

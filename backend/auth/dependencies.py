@@ -1,0 +1,188 @@
+"""Who is calling, and may they do this here? Every API route declares its access with
+exactly one of these dependencies, and the route-table test fails a route that does not:
+
+- `PublicRoute`: no credentials (sign-in, webhooks);
+- `CurrentUser`: a signed-in person (session token), in no particular workspace;
+- `require(Permission.X)`: a person or an API key that holds X in the path's
+  `{workspace_id}`. A caller outside the workspace gets 404, never the resource.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+from fastapi import Depends, Header, Path, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import select
+
+from backend.auth import tokens
+from backend.auth.permissions import API_KEY_PERMISSIONS, Permission, Role, allows
+from backend.config import Settings
+from backend.kit.crypto import hash_token
+from backend.kit.db import SessionDep
+from backend.kit.errors import NotFound, PermissionDenied, Unauthenticated
+from backend.kit.ratelimit import RateLimiter
+from backend.models import ApiKey, AuthSession, User, Workspace, WorkspaceMember
+
+API_KEY_PREFIX = "osk_"
+# Touching last_activity_at on every request would be a write per request.
+ACTIVITY_RESOLUTION = timedelta(seconds=60)
+
+_bearer = HTTPBearer(auto_error=False, description="Access token or API key")
+
+
+@dataclass(slots=True)
+class Principal:
+    user: User
+    session_id: uuid.UUID | None = None
+    api_key: ApiKey | None = None
+
+
+@dataclass(slots=True)
+class WorkspaceAccess:
+    principal: Principal
+    workspace: Workspace
+    role: Role
+
+    @property
+    def user(self) -> User:
+        return self.principal.user
+
+
+def get_settings_dep(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_limiter(request: Request) -> RateLimiter:
+    limiter: RateLimiter = request.app.state.limiter
+    return limiter
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+LimiterDep = Annotated[RateLimiter, Depends(get_limiter)]
+
+
+async def _from_api_key(session: SessionDep, key: str) -> Principal:
+    api_key = await session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_token(key)))
+    now = datetime.now(UTC)
+    if (
+        api_key is None
+        or api_key.revoked_at is not None
+        or (api_key.expires_at is not None and api_key.expires_at <= now)
+    ):
+        raise Unauthenticated("invalid API key")
+    user = await session.get(User, api_key.created_by)
+    if user is None or not user.is_active:
+        raise Unauthenticated("invalid API key")
+    if api_key.last_used_at is None or now - api_key.last_used_at > ACTIVITY_RESOLUTION:
+        api_key.last_used_at = now
+    return Principal(user=user, api_key=api_key)
+
+
+async def _from_access_token(session: SessionDep, settings: Settings, token: str) -> Principal:
+    claims = tokens.decode(settings, token, expected="access")
+    auth_session = await session.get(AuthSession, claims.session_id)
+    now = datetime.now(UTC)
+    if (
+        auth_session is None
+        or auth_session.user_id != claims.user_id
+        or auth_session.revoked_at is not None
+        or auth_session.expires_at <= now
+    ):
+        raise Unauthenticated("session revoked or expired")
+    user = await session.get(User, claims.user_id)
+    if user is None or not user.is_active:
+        raise Unauthenticated("invalid token")
+    if now - auth_session.last_activity_at > ACTIVITY_RESOLUTION:
+        auth_session.last_activity_at = now
+    return Principal(user=user, session_id=auth_session.id)
+
+
+async def get_principal(
+    session: SessionDep,
+    settings: SettingsDep,
+    limiter: LimiterDep,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    x_api_key: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> Principal:
+    credential = x_api_key or (bearer.credentials if bearer else None)
+    if not credential:
+        raise Unauthenticated("missing credentials: send Authorization: Bearer <token>")
+    if credential.startswith(API_KEY_PREFIX):
+        principal = await _from_api_key(session, credential)
+        bucket = f"key:{principal.api_key.id}" if principal.api_key else ""
+    else:
+        principal = await _from_access_token(session, settings, credential)
+        bucket = f"user:{principal.user.id}"
+    await limiter.hit(settings.auth.api_rate_limit, "api", bucket)
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+async def current_user(principal: PrincipalDep) -> Principal:
+    if principal.api_key is not None:
+        raise PermissionDenied("this needs a signed-in person; API keys cannot use it")
+    return principal
+
+
+async def public_route() -> None:
+    """Marks a route as open to anyone (it still gets rate limits of its own)."""
+
+
+current_user.__access__ = "authenticated"  # type: ignore[attr-defined]
+public_route.__access__ = "public"  # type: ignore[attr-defined]
+
+CurrentUser = Annotated[Principal, Depends(current_user)]
+PublicRoute = Depends(public_route)
+
+
+async def _membership_role(
+    session: SessionDep, workspace_id: uuid.UUID, user_id: uuid.UUID
+) -> Role | None:
+    role = await session.scalar(
+        select(WorkspaceMember.role).where(
+            WorkspaceMember.workspace_id == workspace_id, WorkspaceMember.user_id == user_id
+        )
+    )
+    return Role(role) if role else None
+
+
+def require(permission: Permission) -> Any:
+    """A dependency granting `permission` in the path's workspace, or refusing."""
+
+    async def dependency(
+        workspace_id: Annotated[uuid.UUID, Path()],
+        principal: PrincipalDep,
+        session: SessionDep,
+    ) -> WorkspaceAccess:
+        member_role = await _membership_role(session, workspace_id, principal.user.id)
+        key = principal.api_key
+        if key is not None:
+            # A key is bound to one workspace, and can never do more than the person
+            # who made it can do today.
+            if key.workspace_id != workspace_id or member_role is None:
+                raise NotFound("workspace not found")
+            if permission not in API_KEY_PERMISSIONS:
+                raise PermissionDenied(f"API keys cannot use {permission.value}")
+            key_role = Role(key.role)
+            role = key_role if member_role.at_least(key_role) else member_role
+        else:
+            if member_role is None:
+                raise NotFound("workspace not found")
+            role = member_role
+        if not allows(role, permission):
+            raise PermissionDenied(f"role {role.value} lacks {permission.value}")
+        workspace = await session.get(Workspace, workspace_id)
+        if workspace is None:
+            raise NotFound("workspace not found")
+        return WorkspaceAccess(principal=principal, workspace=workspace, role=role)
+
+    dependency.__access__ = permission  # type: ignore[attr-defined]
+    dependency.__name__ = f"require_{permission.value.replace('.', '_')}"
+    return Depends(dependency)

@@ -1,0 +1,277 @@
+"""Sign-in with one-time codes, sessions with rotating refresh tokens, and API keys."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import select, update
+
+from backend.activity.service import record
+from backend.auth import tokens
+from backend.auth.dependencies import API_KEY_PREFIX, Principal, WorkspaceAccess
+from backend.auth.permissions import Role
+from backend.auth.schemas import ApiKeyCreate, TokenPair, UserRead, UserUpdate
+from backend.config import Settings
+from backend.kit.crypto import equal, hash_token, keyed_hash, new_code, new_token
+from backend.kit.db import UnitOfWork
+from backend.kit.errors import NotFound, PermissionDenied, Unauthenticated
+from backend.kit.mail import send_mail
+from backend.kit.middleware import request_meta
+from backend.kit.ratelimit import RateLimiter
+from backend.models import ApiKey, AuthSession, OtpCode, User
+from backend.workspaces.service import create_personal_workspace
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _code_hash(settings: Settings, email: str, code: str) -> str:
+    return keyed_hash(settings.security.secret_key.get_secret_value(), "otp", email, code)
+
+
+async def request_otp(
+    uow: UnitOfWork, settings: Settings, limiter: RateLimiter, *, email: str, purpose: str
+) -> int:
+    """Send a fresh code. The answer is the same whether or not the address is known."""
+    email = email.lower()
+    limit = settings.auth.otp_request_limit
+    await limiter.hit(limit, "otp-request-email", email, what="code requests")
+    await limiter.hit(limit, "otp-request-ip", request_meta.get().ip or "-", what="code requests")
+    session = uow.session
+    now = _now()
+    # A new code makes every older one dead.
+    await session.execute(
+        update(OtpCode)
+        .where(OtpCode.email == email, OtpCode.consumed_at.is_(None))
+        .values(consumed_at=now)
+    )
+    code = new_code()
+    ttl = settings.auth.otp_ttl_s
+    session.add(
+        OtpCode(
+            email=email,
+            purpose=purpose,
+            code_hash=_code_hash(settings, email, code),
+            expires_at=now + timedelta(seconds=ttl),
+        )
+    )
+    await session.flush()
+    send_mail(
+        uow,
+        settings,
+        to=email,
+        subject=f"Your Orchestration Studio code: {code}",
+        body=(
+            f"Your sign-in code is {code}.\n\n"
+            f"It works once and expires in {ttl // 60} minutes. "
+            "If you did not ask for it, ignore this message."
+        ),
+    )
+    return ttl
+
+
+async def verify_otp(
+    uow: UnitOfWork, settings: Settings, limiter: RateLimiter, *, email: str, code: str
+) -> TokenPair:
+    email = email.lower()
+    await limiter.hit(
+        settings.auth.otp_verify_limit, "otp-verify-ip", request_meta.get().ip or "-",
+        what="sign-in attempts",
+    )  # fmt: skip
+    session = uow.session
+    now = _now()
+    otp = await session.scalar(
+        select(OtpCode)
+        .where(OtpCode.email == email, OtpCode.consumed_at.is_(None), OtpCode.expires_at > now)
+        .order_by(OtpCode.created_at.desc())
+        .limit(1)
+        .with_for_update()
+    )
+    if otp is None:
+        raise Unauthenticated("invalid or expired code")
+    if not equal(otp.code_hash, _code_hash(settings, email, code)):
+        otp.attempts += 1
+        if otp.attempts >= settings.auth.otp_max_attempts:
+            otp.consumed_at = now
+        # keep_changes: the failed attempt is counted even though the request fails.
+        raise Unauthenticated("invalid or expired code", keep_changes=True)
+    otp.consumed_at = now
+
+    user = await session.scalar(select(User).where(User.email == email))
+    if user is None:
+        user = User(email=email)
+        session.add(user)
+        await session.flush()
+        await create_personal_workspace(session, user)
+        record(
+            session,
+            None,
+            user_id=user.id,
+            action="auth.signup",
+            resource_type="user",
+            resource_id=user.id,
+        )
+    elif not user.is_active:
+        raise Unauthenticated("account disabled")
+    user.last_login_at = now
+    pair = await _open_session(uow, settings, user)
+    record(session, None, user_id=user.id, action="auth.login", resource_type="session")
+    return pair
+
+
+async def _open_session(uow: UnitOfWork, settings: Settings, user: User) -> TokenPair:
+    meta = request_meta.get()
+    auth_session = AuthSession(
+        id=uuid.uuid4(),
+        user_id=user.id,
+        refresh_token_hash="",
+        ip=meta.ip,
+        user_agent=meta.user_agent,
+        expires_at=_now() + timedelta(seconds=settings.auth.refresh_token_ttl_s),
+    )
+    refresh = tokens.issue(settings, user_id=user.id, session_id=auth_session.id, type_="refresh")
+    auth_session.refresh_token_hash = hash_token(refresh)
+    uow.session.add(auth_session)
+    await uow.session.flush()
+    return _pair(settings, user, auth_session.id, refresh)
+
+
+def _pair(settings: Settings, user: User, session_id: uuid.UUID, refresh: str) -> TokenPair:
+    return TokenPair(
+        access_token=tokens.issue(settings, user_id=user.id, session_id=session_id, type_="access"),
+        refresh_token=refresh,
+        expires_in=settings.auth.access_token_ttl_s,
+        user=UserRead.model_validate(user),
+    )
+
+
+async def refresh(uow: UnitOfWork, settings: Settings, refresh_token: str) -> TokenPair:
+    claims = tokens.decode(settings, refresh_token, expected="refresh")
+    session = uow.session
+    auth_session = await session.get(AuthSession, claims.session_id, with_for_update=True)
+    now = _now()
+    if (
+        auth_session is None
+        or auth_session.user_id != claims.user_id
+        or auth_session.revoked_at is not None
+        or auth_session.expires_at <= now
+    ):
+        raise Unauthenticated("session revoked or expired")
+    if not equal(auth_session.refresh_token_hash, hash_token(refresh_token)):
+        # A valid token that was already rotated: someone else holds a copy. End the
+        # whole session so the thief's tokens die with the owner's.
+        auth_session.revoked_at = now
+        auth_session.revoked_reason = "refresh_token_reuse"
+        record(
+            session, None, user_id=auth_session.user_id, action="auth.refresh_reuse",
+            resource_type="session", resource_id=auth_session.id,
+        )  # fmt: skip
+        raise Unauthenticated("refresh token already used; session revoked", keep_changes=True)
+    user = await session.get(User, claims.user_id)
+    if user is None or not user.is_active:
+        raise Unauthenticated("account disabled")
+    new_refresh = tokens.issue(
+        settings, user_id=user.id, session_id=auth_session.id, type_="refresh"
+    )
+    auth_session.refresh_token_hash = hash_token(new_refresh)
+    auth_session.last_activity_at = now
+    return _pair(settings, user, auth_session.id, new_refresh)
+
+
+async def logout(uow: UnitOfWork, principal: Principal) -> None:
+    if principal.session_id is None:
+        return
+    auth_session = await uow.session.get(AuthSession, principal.session_id)
+    if auth_session is not None and auth_session.revoked_at is None:
+        auth_session.revoked_at = _now()
+        auth_session.revoked_reason = "logout"
+    record(
+        uow.session,
+        principal,
+        action="auth.logout",
+        resource_type="session",
+        resource_id=principal.session_id,
+    )
+
+
+async def update_me(uow: UnitOfWork, principal: Principal, changes: UserUpdate) -> User:
+    user = principal.user
+    values = changes.model_dump(exclude_unset=True, mode="json")
+    for key, value in values.items():
+        setattr(user, key, value)
+    await uow.session.flush()
+    record(
+        uow.session,
+        principal,
+        action="user.update",
+        resource_type="user",
+        resource_id=user.id,
+        details={"fields": sorted(values)},
+    )
+    return user
+
+
+# API keys ------------------------------------------------------------------------------
+
+
+async def create_api_key(
+    uow: UnitOfWork, access: WorkspaceAccess, data: ApiKeyCreate
+) -> tuple[ApiKey, str]:
+    if not access.role.at_least(data.role):
+        raise PermissionDenied(
+            f"a {access.role.value} cannot create a key with role {data.role.value}", field="role"
+        )
+    key = new_token(API_KEY_PREFIX)
+    api_key = ApiKey(
+        workspace_id=access.workspace.id,
+        created_by=access.user.id,
+        name=data.name,
+        prefix=key[:12],
+        key_hash=hash_token(key),
+        role=data.role.value,
+        expires_at=_now() + timedelta(days=data.expires_in_days) if data.expires_in_days else None,
+    )
+    uow.session.add(api_key)
+    await uow.session.flush()
+    record(
+        uow.session,
+        access.principal,
+        workspace_id=access.workspace.id,
+        action="api_key.create",
+        resource_type="api_key",
+        resource_id=api_key.id,
+        details={"name": data.name, "role": data.role.value},
+    )
+    return api_key, key
+
+
+async def list_api_keys(uow: UnitOfWork, access: WorkspaceAccess) -> Sequence[ApiKey]:
+    rows = await uow.session.scalars(
+        select(ApiKey)
+        .where(ApiKey.workspace_id == access.workspace.id)
+        .order_by(ApiKey.created_at.desc())
+    )
+    return rows.all()
+
+
+async def revoke_api_key(uow: UnitOfWork, access: WorkspaceAccess, key_id: uuid.UUID) -> None:
+    api_key = await uow.session.scalar(
+        select(ApiKey).where(ApiKey.id == key_id, ApiKey.workspace_id == access.workspace.id)
+    )
+    if api_key is None:
+        raise NotFound("API key not found")
+    if not access.role.at_least(Role(api_key.role)):
+        raise PermissionDenied("cannot revoke a key with a higher role than yours")
+    if api_key.revoked_at is None:
+        api_key.revoked_at = _now()
+        record(
+            uow.session,
+            access.principal,
+            workspace_id=access.workspace.id,
+            action="api_key.revoke",
+            resource_type="api_key",
+            resource_id=api_key.id,
+        )
