@@ -6,7 +6,9 @@ that is rolled back; cross-process tests use the worker's database for real."""
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -47,6 +49,8 @@ from sqlalchemy.ext.asyncio import (  # noqa: E402
 from backend.config import Settings, get_settings  # noqa: E402
 from backend.kit.db import create_engine  # noqa: E402
 from tests.support.asgi import client_for  # noqa: E402
+from tests.support.mail import Mailbox, start_smtp  # noqa: E402
+from tests.support.procs import PYTHON, free_port, python_env, running, wait_for  # noqa: E402
 from tests.support.databases import drop_database, migrate, recreate_database  # noqa: E402
 
 
@@ -117,3 +121,46 @@ async def client(
     """An in-process client whose requests share the test's rolled-back transaction."""
     async for c in client_for(app, sessionmaker):
         yield c
+
+
+# Cross-process fixtures: one SMTP server and one real Celery worker per xdist worker,
+# shared by every test marked xdist_group("crossprocess") (so they land together).
+
+
+@pytest.fixture(scope="session")
+def crossprocess_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("crossprocess")
+
+
+@pytest.fixture(scope="session")
+def smtp_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def mailbox(smtp_port: int) -> Iterator[Mailbox]:
+    controller, box = start_smtp(smtp_port)
+    yield box
+    controller.stop()
+
+
+@pytest.fixture(scope="session")
+def worker_name(
+    database: str, mailbox: Mailbox, smtp_port: int, crossprocess_logs: Path
+) -> Iterator[str]:
+    """A real Celery worker on this test worker's Redis database, delivering mail to
+    the test SMTP server."""
+    from backend.kit.celery_app import celery_app
+
+    name = f"test-{uuid.uuid4().hex[:8]}@127.0.0.1"
+    log = crossprocess_logs / "worker.log"
+    argv = [PYTHON, "-m", "celery", "-A", "workers", "worker", "--loglevel=INFO",
+            "--queues=high_priority,default,low_priority", "--concurrency=1",
+            f"--hostname={name}", "--without-mingle", "--without-gossip"]  # fmt: skip
+    env = python_env(SMTP__HOST="127.0.0.1", SMTP__PORT=str(smtp_port), SMTP__STARTTLS="false")
+    with running(argv, env=env, log=log) as proc:
+        wait_for(
+            lambda: bool(celery_app.control.ping(destination=[name], timeout=0.5)),
+            timeout_s=60, what="celery worker", proc=proc, log=log,
+        )  # fmt: skip
+        yield name

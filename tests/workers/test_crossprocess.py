@@ -15,33 +15,14 @@ import structlog
 from backend.kit.celery_app import celery_app
 from tests.support.procs import PYTHON, free_port, http_ok, python_env, running, wait_for
 
+# The worker (a session fixture in conftest) is shared: its tests go to one xdist worker.
 pytestmark = pytest.mark.xdist_group("crossprocess")
 
 
 @pytest.fixture(scope="module")
-def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("crossprocess")
-
-
-@pytest.fixture(scope="module")
-def worker_name(database: str, logs: Path) -> Iterator[str]:
-    name = f"test-{uuid.uuid4().hex[:8]}@127.0.0.1"
-    log = logs / "worker.log"
-    argv = [PYTHON, "-m", "celery", "-A", "workers", "worker", "--loglevel=INFO",
-            "--queues=high_priority,default,low_priority", "--concurrency=1",
-            f"--hostname={name}", "--without-mingle", "--without-gossip"]  # fmt: skip
-    with running(argv, env=python_env(), log=log) as proc:
-        wait_for(
-            lambda: bool(celery_app.control.ping(destination=[name], timeout=0.5)),
-            timeout_s=60, what="celery worker", proc=proc, log=log,
-        )  # fmt: skip
-        yield name
-
-
-@pytest.fixture(scope="module")
-def api(database: str, logs: Path) -> Iterator[tuple[str, Path]]:
+def api(database: str, crossprocess_logs: Path) -> Iterator[tuple[str, Path]]:
     port = free_port()
-    log = logs / "uvicorn.log"
+    log = crossprocess_logs / "uvicorn.log"
     argv = [
         PYTHON,
         "-m",
@@ -95,9 +76,11 @@ def test_ping_round_trips_through_the_broker(worker_name: str) -> None:
     assert result["request_id"] == request_id
 
 
-def test_flower_lists_the_worker_behind_basic_auth(worker_name: str, logs: Path) -> None:
+def test_flower_lists_the_worker_behind_basic_auth(
+    worker_name: str, crossprocess_logs: Path
+) -> None:
     port = free_port()
-    log = logs / "flower.log"
+    log = crossprocess_logs / "flower.log"
     env = python_env(FLOWER__PORT=str(port), FLOWER__USER="ops", FLOWER__PASSWORD="s3cret-for-test")
     with running([PYTHON, "-m", "workers.flower"], env=env, log=log) as proc:
         base = f"http://127.0.0.1:{port}"
