@@ -49,9 +49,9 @@ from sqlalchemy.ext.asyncio import (  # noqa: E402
 from backend.config import Settings, get_settings  # noqa: E402
 from backend.kit.db import create_engine  # noqa: E402
 from tests.support.asgi import client_for  # noqa: E402
+from tests.support.databases import drop_database, migrate, recreate_database  # noqa: E402
 from tests.support.mail import Mailbox, start_smtp  # noqa: E402
 from tests.support.procs import PYTHON, free_port, python_env, running, wait_for  # noqa: E402
-from tests.support.databases import drop_database, migrate, recreate_database  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -124,7 +124,8 @@ class ActivityLog(Base):
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
-    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    # clock_timestamp, not now(): entries of one transaction keep their real order.
+    created_at: Mapped[datetime] = mapped_column(server_default=func.clock_timestamp())
     # Nullable and not a foreign key: the trail outlives a deleted workspace or user.
     workspace_id: Mapped[uuid.UUID | None]
     user_id: Mapped[uuid.UUID | None]

@@ -1,0 +1,262 @@
+"""Workspaces, members, invitations, API keys and the activity log, as a client uses them."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+import httpx
+import pytest
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from backend.auth.permissions import Role
+from backend.config import Settings
+from backend.models import Workspace
+from tests.support.identity import (
+    Actor,
+    make_user,
+    make_workspace,
+    member,
+    sign_in,
+    unique_email,
+)
+from tests.support.mail import Mailbox, body_of
+
+API = "/api/v1"
+
+
+@pytest.fixture
+async def team(session: AsyncSession) -> Workspace:
+    return await make_workspace(session)
+
+
+@pytest.fixture
+async def owner(session: AsyncSession, settings: Settings, team: Workspace) -> Actor:
+    return await member(session, settings, team, Role.OWNER)
+
+
+async def test_create_list_update_delete_workspace(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    actor = await sign_in(session, settings, await make_user(session))
+    r = await client.post(
+        f"{API}/workspaces",
+        headers=actor.headers,
+        json={"name": "Data Team", "settings": {"retention_days": 14}},
+    )
+    assert r.status_code == 201, r.text
+    ws = r.json()
+    assert ws["role"] == "owner"
+    assert ws["slug"].startswith("data-team-")
+    listed = (await client.get(f"{API}/workspaces", headers=actor.headers)).json()
+    assert listed["total"] == 1
+    assert [w["id"] for w in listed["items"]] == [ws["id"]]
+    r = await client.patch(
+        f"{API}/workspaces/{ws['id']}", headers=actor.headers, json={"name": "Data"}
+    )
+    assert r.json()["name"] == "Data"
+    assert r.json()["settings"] == {"retention_days": 14}
+    assert (
+        await client.delete(f"{API}/workspaces/{ws['id']}", headers=actor.headers)
+    ).status_code == 204
+    assert (
+        await client.get(f"{API}/workspaces/{ws['id']}", headers=actor.headers)
+    ).status_code == 404
+
+
+@pytest.mark.parametrize("field", ["id", "owner_id", "role", "workspace_id", "slug", "unknown"])
+async def test_mass_assignment_is_rejected(
+    client: httpx.AsyncClient, owner: Actor, team: Workspace, field: str
+) -> None:
+    bodies = [
+        ("POST", f"{API}/workspaces", {"name": "X"}),
+        ("PATCH", f"{API}/workspaces/{team.id}", {"name": "X"}),
+        ("POST", f"{API}/workspaces/{team.id}/invite", {"email": unique_email()}),
+        ("POST", f"{API}/workspaces/{team.id}/api-keys", {"name": "k"}),
+        ("PATCH", f"{API}/auth/me", {"name": "X"}),
+    ]
+    for method, url, body in bodies:
+        if field in body:
+            continue
+        r = await client.request(
+            method, url, headers=owner.headers, json={**body, field: str(uuid.uuid4())}
+        )
+        assert r.status_code == 422, (url, r.text)
+        assert r.json()["fields"][0]["field"] == field
+
+
+async def test_role_changes_respect_rank_and_the_last_owner(
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    settings: Settings,
+    team: Workspace,
+    owner: Actor,
+) -> None:
+    admin = await member(session, settings, team, Role.ADMINISTRATOR)
+    editor = await member(session, settings, team, Role.EDITOR)
+    url = f"{API}/workspaces/{team.id}/members"
+    r = await client.patch(
+        f"{url}/{editor.user.id}", headers=admin.headers, json={"role": "viewer"}
+    )
+    assert (r.status_code, r.json()["role"]) == (200, "viewer")
+    # An administrator cannot make an owner, nor touch one.
+    assert (
+        await client.patch(f"{url}/{editor.user.id}", headers=admin.headers, json={"role": "owner"})
+    ).status_code == 403
+    assert (
+        await client.patch(f"{url}/{owner.user.id}", headers=admin.headers, json={"role": "viewer"})
+    ).status_code == 403
+    # The last owner stays an owner and stays in.
+    r = await client.patch(f"{url}/{owner.user.id}", headers=owner.headers, json={"role": "editor"})
+    assert (r.status_code, r.json()["error"]) == (409, "conflict")
+    assert (await client.delete(f"{url}/{owner.user.id}", headers=owner.headers)).status_code == 409
+    assert (
+        await client.delete(f"{url}/{editor.user.id}", headers=admin.headers)
+    ).status_code == 204
+    members = (await client.get(url, headers=owner.headers)).json()
+    assert {m["email"] for m in members["items"]} == {owner.user.email, admin.user.email}
+    # A member id from another workspace is not found here.
+    other = await make_workspace(session, "Other")
+    stranger = await member(session, settings, other, Role.OWNER)
+    assert (
+        await client.patch(
+            f"{url}/{stranger.user.id}", headers=owner.headers, json={"role": "viewer"}
+        )
+    ).status_code == 404
+
+
+async def test_api_keys_are_shown_once_capped_by_role_and_revocable(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, team: Workspace
+) -> None:
+    editor = await member(session, settings, team, Role.EDITOR)
+    url = f"{API}/workspaces/{team.id}/api-keys"
+    assert (
+        await client.post(url, headers=editor.headers, json={"name": "ci", "role": "administrator"})
+    ).status_code == 403
+    r = await client.post(
+        url, headers=editor.headers, json={"name": "ci", "role": "editor", "expires_in_days": 30}
+    )
+    assert r.status_code == 201, r.text
+    created = r.json()
+    key = created["key"]
+    assert key.startswith("osk_")
+    assert key.startswith(created["prefix"])
+    listed = (await client.get(url, headers=editor.headers)).json()
+    assert [k["id"] for k in listed] == [created["id"]]
+    assert "key" not in listed[0]
+    # The key works, through either header, for what API keys may do...
+    for headers in ({"X-API-Key": key}, {"Authorization": f"Bearer {key}"}):
+        assert (await client.get(f"{API}/workspaces/{team.id}", headers=headers)).status_code == 200
+    # ...and never for what takes a person.
+    assert (await client.get(f"{API}/auth/me", headers={"X-API-Key": key})).status_code == 403
+    assert (await client.get(url, headers={"X-API-Key": key})).status_code == 403
+    assert (
+        await client.delete(f"{url}/{created['id']}", headers=editor.headers)
+    ).status_code == 204
+    assert (
+        await client.get(f"{API}/workspaces/{team.id}", headers={"X-API-Key": key})
+    ).status_code == 401
+
+
+async def test_activity_records_mutations_with_filters(
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    settings: Settings,
+    team: Workspace,
+    owner: Actor,
+) -> None:
+    viewer = await member(session, settings, team, Role.VIEWER)
+    await client.patch(
+        f"{API}/workspaces/{team.id}",
+        headers=owner.headers | {"User-Agent": "studio-test/1"},
+        json={"name": "Renamed"},
+    )
+    await client.patch(
+        f"{API}/workspaces/{team.id}/members/{viewer.user.id}",
+        headers=owner.headers,
+        json={"role": "editor"},
+    )
+    await client.post(
+        f"{API}/workspaces/{team.id}/api-keys", headers=owner.headers, json={"name": "k"}
+    )
+    url = f"{API}/workspaces/{team.id}/activity"
+    everything = (await client.get(url, headers=owner.headers)).json()
+    actions = [a["action"] for a in everything["items"]]
+    assert actions == ["api_key.create", "members.change_role", "workspace.update"]
+    update = everything["items"][-1]
+    assert update["user_id"] == str(owner.user.id)
+    assert update["user_agent"] == "studio-test/1"
+    assert update["ip"]
+    members_only = (
+        await client.get(url, headers=owner.headers, params={"action": "members."})
+    ).json()
+    assert [a["action"] for a in members_only["items"]] == ["members.change_role"]
+    page = (await client.get(url, headers=owner.headers, params={"limit": 1, "offset": 1})).json()
+    assert (page["total"], len(page["items"]), page["items"][0]["action"]) == (
+        3,
+        1,
+        "members.change_role",
+    )
+    assert (await client.get(url, headers=owner.headers, params={"limit": 1000})).status_code == 422
+
+
+@pytest.mark.xdist_group("crossprocess")
+@pytest.mark.usefixtures("worker_name")
+async def test_invitation_by_mail_then_accept(
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    settings: Settings,
+    team: Workspace,
+    owner: Actor,
+    mailbox: Mailbox,
+) -> None:
+    email = unique_email("invitee")
+    before = mailbox.count()
+    r = await client.post(
+        f"{API}/workspaces/{team.id}/invite",
+        headers=owner.headers,
+        json={"email": email, "role": "viewer"},
+    )
+    assert r.status_code == 201, r.text
+    found = re.search(
+        r"/api/v1/invitations/([A-Za-z0-9_-]+)/accept",
+        body_of(mailbox.wait_for(email, after=before)),
+    )
+    assert found
+    token = found.group(1)
+
+    invitee = await sign_in(session, settings, await make_user(session, email))
+    mine = (await client.get(f"{API}/invitations", headers=invitee.headers)).json()
+    assert [(i["workspace_id"], i["role"]) for i in mine] == [(str(team.id), "viewer")]
+    # Someone else holding the token cannot use it.
+    intruder = await sign_in(session, settings, await make_user(session))
+    assert (
+        await client.post(f"{API}/invitations/{token}/accept", headers=intruder.headers)
+    ).status_code == 404
+    r = await client.post(f"{API}/invitations/{token}/accept", headers=invitee.headers)
+    assert (r.status_code, r.json()["role"]) == (200, "viewer")
+    assert (
+        await client.get(f"{API}/workspaces/{team.id}", headers=invitee.headers)
+    ).status_code == 200
+    # Single use.
+    assert (
+        await client.post(f"{API}/invitations/{token}/accept", headers=invitee.headers)
+    ).status_code == 404
+    # Inviting an existing member is a conflict, naming the field.
+    r = await client.post(
+        f"{API}/workspaces/{team.id}/invite", headers=owner.headers, json={"email": email}
+    )
+    assert (r.status_code, r.json()["field"]) == (409, "email")
+
+
+async def test_invite_cannot_grant_more_than_the_inviter_has(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, team: Workspace
+) -> None:
+    admin = await member(session, settings, team, Role.ADMINISTRATOR)
+    r = await client.post(
+        f"{API}/workspaces/{team.id}/invite",
+        headers=admin.headers,
+        json={"email": unique_email(), "role": "owner"},
+    )
+    assert r.status_code == 403
+    assert r.json()["field"] == "role"
