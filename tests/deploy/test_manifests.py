@@ -72,7 +72,12 @@ def test_compose_services_health_and_order() -> None:
 
 def test_compose_requires_real_secrets() -> None:
     env = compose()["services"]["api"]["environment"]
-    for key in ("SECURITY__SECRET_KEY", "SECURITY__ENCRYPTION_KEY", "FLOWER__PASSWORD"):
+    for key in (
+        "SECURITY__SECRET_KEY",
+        "SECURITY__ENCRYPTION_KEY",
+        "FLOWER__PASSWORD",
+        "SMTP__HOST",
+    ):
         assert re.fullmatch(r"\$\{" + key + r":\?.+\}", env[key]), key
 
 
