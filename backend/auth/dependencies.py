@@ -23,7 +23,7 @@ from backend.auth.permissions import API_KEY_PERMISSIONS, Permission, Role, allo
 from backend.config import Settings
 from backend.kit.crypto import hash_token
 from backend.kit.db import SessionDep
-from backend.kit.errors import NotFound, PermissionDenied, Unauthenticated
+from backend.kit.errors import NotFound, PermissionDenied, Unauthenticated, ValidationFailed
 from backend.kit.ratelimit import RateLimiter
 from backend.models import ApiKey, AuthSession, User, Workspace, WorkspaceMember
 
@@ -46,6 +46,8 @@ class WorkspaceAccess:
     principal: Principal
     workspace: Workspace
     role: Role
+    # The row a resource-scoped route is about (see require(resource=...)).
+    resource: Any = None
 
     @property
     def user(self) -> User:
@@ -153,36 +155,113 @@ async def _membership_role(
     return Role(role) if role else None
 
 
-def require(permission: Permission) -> Any:
-    """A dependency granting `permission` in the path's workspace, or refusing."""
+async def _grant(
+    session: SessionDep,
+    principal: Principal,
+    workspace_id: uuid.UUID,
+    permission: Permission,
+    not_found: str = "workspace not found",
+) -> tuple[Workspace, Role]:
+    """The caller's effective role in a workspace, if it grants `permission`.
 
-    async def dependency(
-        workspace_id: Annotated[uuid.UUID, Path()],
-        principal: PrincipalDep,
-        session: SessionDep,
-    ) -> WorkspaceAccess:
-        member_role = await _membership_role(session, workspace_id, principal.user.id)
-        key = principal.api_key
-        if key is not None:
-            # A key is bound to one workspace, and can never do more than the person
-            # who made it can do today.
-            if key.workspace_id != workspace_id or member_role is None:
-                raise NotFound("workspace not found")
-            if permission not in API_KEY_PERMISSIONS:
-                raise PermissionDenied(f"API keys cannot use {permission.value}")
-            key_role = Role(key.role)
-            role = key_role if member_role.at_least(key_role) else member_role
-        else:
-            if member_role is None:
-                raise NotFound("workspace not found")
-            role = member_role
-        if not allows(role, permission):
-            raise PermissionDenied(f"role {role.value} lacks {permission.value}")
-        workspace = await session.get(Workspace, workspace_id)
-        if workspace is None:
-            raise NotFound("workspace not found")
-        return WorkspaceAccess(principal=principal, workspace=workspace, role=role)
+    Outsiders get NotFound with the same message a missing resource gets, so an id
+    reveals nothing; insiders without the permission get PermissionDenied.
+    """
+    member_role = await _membership_role(session, workspace_id, principal.user.id)
+    key = principal.api_key
+    if key is not None:
+        # A key is bound to one workspace, and can never do more than the person
+        # who made it can do today.
+        if key.workspace_id != workspace_id or member_role is None:
+            raise NotFound(not_found)
+        if permission not in API_KEY_PERMISSIONS:
+            raise PermissionDenied(f"API keys cannot use {permission.value}")
+        key_role = Role(key.role)
+        role = key_role if member_role.at_least(key_role) else member_role
+    else:
+        if member_role is None:
+            raise NotFound(not_found)
+        role = member_role
+    if not allows(role, permission):
+        raise PermissionDenied(f"role {role.value} lacks {permission.value}")
+    workspace = await session.get(Workspace, workspace_id)
+    if workspace is None:
+        raise NotFound(not_found)
+    return workspace, role
 
-    dependency.__access__ = permission  # type: ignore[attr-defined]
+
+WorkspaceHeader = Annotated[
+    uuid.UUID | None,
+    Header(alias="X-Workspace-ID", description="The workspace to act in (API keys: their own)"),
+]
+
+
+def require(
+    permission: Permission,
+    *,
+    resource: type[Any] | None = None,
+    param: str | None = None,
+    scope: str = "path",
+) -> Any:
+    """A dependency granting `permission` in a workspace, or refusing. The workspace is
+
+    - the path's `{workspace_id}` (scope="path", the default);
+    - the `X-Workspace-ID` header, or an API key's own workspace (scope="header"),
+      for list and create routes of workspace resources;
+    - the workspace of the row `resource` whose id is the path parameter `param`
+      (e.g. `require(P.WORKFLOWS_READ, resource=Workflow, param="workflow_id")`); the
+      row is handed over as `access.resource`.
+    """
+    if resource is not None:
+        assert param, "a resource-scoped permission names its path parameter"
+        kind = resource.__name__.lower()
+
+        async def by_resource(
+            request: Request, principal: PrincipalDep, session: SessionDep
+        ) -> WorkspaceAccess:
+            try:
+                resource_id = uuid.UUID(str(request.path_params[param]))
+            except (KeyError, ValueError) as exc:
+                raise NotFound(f"{kind} not found") from exc
+            row = await session.get(resource, resource_id)
+            if row is None:
+                raise NotFound(f"{kind} not found")
+            workspace, role = await _grant(
+                session, principal, row.workspace_id, permission, f"{kind} not found"
+            )
+            return WorkspaceAccess(
+                principal=principal, workspace=workspace, role=role, resource=row
+            )
+
+        dependency: Any = by_resource
+    elif scope == "header":
+
+        async def by_header(
+            principal: PrincipalDep, session: SessionDep, x_workspace_id: WorkspaceHeader = None
+        ) -> WorkspaceAccess:
+            workspace_id = x_workspace_id or (
+                principal.api_key.workspace_id if principal.api_key else None
+            )
+            if workspace_id is None:
+                raise ValidationFailed(
+                    "send the workspace in the X-Workspace-ID header", field="X-Workspace-ID"
+                )
+            workspace, role = await _grant(session, principal, workspace_id, permission)
+            return WorkspaceAccess(principal=principal, workspace=workspace, role=role)
+
+        dependency = by_header
+    else:
+
+        async def by_path(
+            workspace_id: Annotated[uuid.UUID, Path()], principal: PrincipalDep, session: SessionDep
+        ) -> WorkspaceAccess:
+            workspace, role = await _grant(session, principal, workspace_id, permission)
+            return WorkspaceAccess(principal=principal, workspace=workspace, role=role)
+
+        dependency = by_path
+
+    dependency.__access__ = permission
+    dependency.__resource__ = resource
+    dependency.__scope__ = "resource" if resource is not None else scope
     dependency.__name__ = f"require_{permission.value.replace('.', '_')}"
     return Depends(dependency)

@@ -11,16 +11,21 @@ from backend.models.identity import (
     Workspace,
     WorkspaceMember,
 )
+from backend.models.workflows import Agent, Credential, Workflow, WorkflowVersion
 
 __all__ = [
     "ActivityLog",
+    "Agent",
     "ApiKey",
     "AuthSession",
     "Base",
+    "Credential",
     "Invitation",
     "OtpCode",
     "RecordModel",
     "User",
+    "Workflow",
+    "WorkflowVersion",
     "Workspace",
     "WorkspaceMember",
 ]

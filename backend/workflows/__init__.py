@@ -1,0 +1,1 @@
+"""Workflows: versioned definitions and the graph validator."""

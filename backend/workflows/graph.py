@@ -1,0 +1,673 @@
+"""The workflow definition, its node config schemas, and the one validator that saving
+and running both use. Pure: whatever it needs from the database comes in a context.
+
+A definition is `{"nodes": [...], "connections": [...], "settings": {...}}` (DESIGN.md).
+Every problem found is reported with where it is: the node id and the field.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+import networkx as nx
+from croniter import croniter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from backend.workflows.templates import ExpressionError, parse_expression, parse_template
+
+NodeId = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# Templates and conditions are plain strings in the schema; the validator parses them.
+Template = str
+Condition = str
+
+
+# Triggers -------------------------------------------------------------------------------
+
+
+class ManualTrigger(Strict):
+    kind: Literal["manual"]
+    input_schema: dict[str, Any] | None = None
+
+
+class ScheduleTrigger(Strict):
+    kind: Literal["schedule"]
+    cron: str
+    timezone: str = "UTC"
+    misfire: Literal["skip", "fire_once"] = "skip"
+
+    @model_validator(mode="after")
+    def _valid(self) -> ScheduleTrigger:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        if not croniter.is_valid(self.cron):
+            raise ValueError(f"cron: {self.cron!r} is not a valid cron expression")
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"timezone: unknown time zone {self.timezone!r}") from exc
+        return self
+
+
+class WebhookTrigger(Strict):
+    kind: Literal["webhook"]
+    verify_signature: bool = False
+    respond: Literal["immediately", "when_finished"] = "immediately"
+
+
+class EventTrigger(Strict):
+    kind: Literal["event"]
+    workflow_id: uuid.UUID
+    on: list[Literal["completed", "failed"]] = Field(default=["completed"], min_length=1)
+
+
+TriggerConfig = Annotated[
+    ManualTrigger | ScheduleTrigger | WebhookTrigger | EventTrigger, Field(discriminator="kind")
+]
+
+
+# Agent ----------------------------------------------------------------------------------
+
+
+class AgentTool(Strict):
+    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    description: str = ""
+    input_schema: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
+
+
+class AgentConfig(Strict):
+    agent_id: uuid.UUID | None = None
+    model: str | None = None
+    system_prompt: str | None = None
+    prompt: Template
+    tools: list[AgentTool] = Field(default_factory=list)
+    temperature: float | None = Field(default=None, ge=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=64_000)
+    max_iterations: int = Field(default=10, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _agent_or_model(self) -> AgentConfig:
+        if self.agent_id is None and self.model is None:
+            raise ValueError("agent_id: give an agent_id or an inline model")
+        return self
+
+
+# Actions --------------------------------------------------------------------------------
+
+
+class HttpRequestAction(Strict):
+    kind: Literal["http_request"]
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"] = "GET"
+    url: Template
+    headers: dict[str, Template] = Field(default_factory=dict)
+    query: dict[str, Template] = Field(default_factory=dict)
+    body: Template | dict[str, Any] | None = None
+    credential_id: uuid.UUID | None = None
+    timeout_s: float = Field(default=30, gt=0, le=600)
+    max_response_bytes: int = Field(default=5 * 1024 * 1024, ge=1, le=100 * 1024 * 1024)
+
+
+class FileReadAction(Strict):
+    kind: Literal["file_read"]
+    path: Template
+
+
+class FileWriteAction(Strict):
+    kind: Literal["file_write"]
+    path: Template
+    content: Template
+
+
+class NotifyAction(Strict):
+    kind: Literal["notify"]
+    channel: Literal["email", "webhook"]
+    to: Template | None = None
+    url: Template | None = None
+    subject: Template = ""
+    message: Template
+    credential_id: uuid.UUID | None = None
+
+    @model_validator(mode="after")
+    def _target(self) -> NotifyAction:
+        if self.channel == "email" and not self.to:
+            raise ValueError("to: an email notification needs `to`")
+        if self.channel == "webhook" and not self.url:
+            raise ValueError("url: a webhook notification needs `url`")
+        return self
+
+
+ActionConfig = Annotated[
+    HttpRequestAction | FileReadAction | FileWriteAction | NotifyAction, Field(discriminator="kind")
+]
+
+
+# Logic ----------------------------------------------------------------------------------
+
+
+class IfLogic(Strict):
+    kind: Literal["if"]
+    condition: Condition
+
+
+class SwitchCase(Strict):
+    when: Condition
+    branch: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+class SwitchLogic(Strict):
+    kind: Literal["switch"]
+    cases: list[SwitchCase] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> SwitchLogic:
+        labels = [c.branch for c in self.cases]
+        if len(set(labels)) != len(labels) or "default" in labels:
+            raise ValueError("cases: branch labels must be unique and not 'default'")
+        return self
+
+
+class Body(Strict):
+    """A for_each body: a small graph of its own, run once per item."""
+
+    nodes: list[dict[str, Any]] = Field(min_length=1)
+    connections: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ForEachLogic(Strict):
+    kind: Literal["for_each"]
+    items: Condition
+    body: Body | None = None
+    workflow_id: uuid.UUID | None = None
+    max_concurrency: int = Field(default=1, ge=1, le=50)
+    max_items: int = Field(default=1000, ge=1, le=100_000)
+
+    @model_validator(mode="after")
+    def _one_body(self) -> ForEachLogic:
+        if (self.body is None) == (self.workflow_id is None):
+            raise ValueError("body: give exactly one of `body` or `workflow_id`")
+        return self
+
+
+class WhileLogic(Strict):
+    kind: Literal["while"]
+    condition: Condition
+    # Mandatory: a loop that cannot end is a bug, not a feature.
+    max_iterations: int = Field(ge=1, le=10_000)
+
+
+class MergeLogic(Strict):
+    kind: Literal["merge"]
+    mode: Literal["all", "any"] = "all"
+
+
+class SetLogic(Strict):
+    kind: Literal["set"]
+    variables: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], Template] = Field(
+        min_length=1
+    )
+
+
+class TransformLogic(Strict):
+    kind: Literal["transform"]
+    template: Template
+
+
+LogicConfig = Annotated[
+    IfLogic | SwitchLogic | ForEachLogic | WhileLogic | MergeLogic | SetLogic | TransformLogic,
+    Field(discriminator="kind"),
+]
+
+
+# Integrations ---------------------------------------------------------------------------
+
+
+class SubWorkflowIntegration(Strict):
+    kind: Literal["sub_workflow"]
+    workflow_id: uuid.UUID
+    input: dict[str, Template] = Field(default_factory=dict)
+    wait: bool = True
+
+
+class McpToolIntegration(Strict):
+    kind: Literal["mcp_tool"]
+    server_id: uuid.UUID
+    tool: str = Field(min_length=1, max_length=128)
+    arguments: dict[str, Template] = Field(default_factory=dict)
+
+
+IntegrationConfig = Annotated[
+    SubWorkflowIntegration | McpToolIntegration, Field(discriminator="kind")
+]
+
+CONFIG_ADAPTERS: dict[str, TypeAdapter[Any]] = {
+    "trigger": TypeAdapter(TriggerConfig),
+    "agent": TypeAdapter(AgentConfig),
+    "action": TypeAdapter(ActionConfig),
+    "logic": TypeAdapter(LogicConfig),
+    "integration": TypeAdapter(IntegrationConfig),
+}
+
+
+# Nodes, connections, definition -----------------------------------------------------------
+
+
+ErrorClass = Literal["timeout", "connection", "rate_limited", "server_error", "overloaded"]
+TRANSIENT: list[ErrorClass] = [
+    "timeout",
+    "connection",
+    "rate_limited",
+    "server_error",
+    "overloaded",
+]
+
+
+class RetryPolicy(Strict):
+    """Transient errors retried; permanent ones (4xx, validation, spend limit) never are."""
+
+    max_retries: int = Field(default=3, ge=0, le=10)
+    backoff_s: list[float] = Field(default=[5.0, 30.0, 120.0], max_length=10)
+    # Pydantic copies mutable defaults per instance.
+    on: list[ErrorClass] = Field(default=TRANSIENT)
+
+
+class Node(Strict):
+    id: NodeId
+    type: Literal["trigger", "agent", "action", "logic", "integration"]
+    config: dict[str, Any] = Field(default_factory=dict)
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    timeout_s: float | None = Field(default=None, gt=0, le=86_400)
+    continue_on_error: bool = False
+    # UI fields, kept verbatim.
+    position: dict[str, Any] | None = None
+    label: str | None = Field(default=None, max_length=200)
+
+
+class Connection(Strict):
+    source: str
+    target: str
+    branch: str | None = None
+
+
+class WorkflowSettings(Strict):
+    timeout_s: int = Field(default=3600, ge=1, le=86_400)
+    max_concurrency: int = Field(default=4, ge=1, le=64)
+    notify_on_failure: list[str] = Field(default_factory=list)
+
+
+class Definition(Strict):
+    nodes: list[dict[str, Any]] = Field(default_factory=list, max_length=500)
+    connections: list[dict[str, Any]] = Field(default_factory=list, max_length=2000)
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
+# Validation -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    message: str
+    node_id: str | None = None
+    field: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"node_id": self.node_id, "field": self.field, "message": self.message}
+
+
+class GraphInvalid(ValueError):
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("; ".join(p.message for p in problems[:3]))
+        self.problems = problems
+
+
+@dataclass
+class Context:
+    """What the validator needs to know about the workspace, as plain lookups."""
+
+    workflow_id: uuid.UUID | None = None
+    workflow_ids: frozenset[uuid.UUID] = frozenset()
+    agent_ids: frozenset[uuid.UUID] = frozenset()
+    credential_ids: frozenset[uuid.UUID] = frozenset()
+    # Sub-workflows each workflow of the workspace references, by its current version.
+    references: Callable[[uuid.UUID], Iterable[uuid.UUID]] = field(default=lambda _: ())
+
+
+@dataclass
+class ValidGraph:
+    definition: dict[str, Any]
+    nodes: dict[str, Node]
+    configs: dict[str, Any]
+    graph: nx.DiGraph  # type: ignore[type-arg]
+    settings: WorkflowSettings
+
+
+def branch_labels(node: Node, config: Any) -> set[str] | None:
+    """The branch labels a node's outgoing connections may carry (None: no labels)."""
+    if isinstance(config, IfLogic):
+        return {"true", "false"}
+    if isinstance(config, SwitchLogic):
+        return {c.branch for c in config.cases} | {"default"}
+    if node.continue_on_error:
+        return {"error"}
+    return None
+
+
+def _expressions(config: Any) -> Iterable[tuple[str, str, bool]]:
+    """(field, source, is_condition) for every template or condition in a config."""
+    if isinstance(config, IfLogic | WhileLogic):
+        yield "condition", config.condition, True
+    elif isinstance(config, SwitchLogic):
+        for i, case in enumerate(config.cases):
+            yield f"cases[{i}].when", case.when, True
+    elif isinstance(config, ForEachLogic):
+        yield "items", config.items, True
+    elif isinstance(config, AgentConfig):
+        yield "prompt", config.prompt, False
+        if config.system_prompt:
+            yield "system_prompt", config.system_prompt, False
+    elif isinstance(config, HttpRequestAction):
+        yield "url", config.url, False
+        for key, value in config.headers.items():
+            yield f"headers.{key}", value, False
+        for key, value in config.query.items():
+            yield f"query.{key}", value, False
+        if isinstance(config.body, str):
+            yield "body", config.body, False
+    elif isinstance(config, FileReadAction):
+        yield "path", config.path, False
+    elif isinstance(config, FileWriteAction):
+        yield "path", config.path, False
+        yield "content", config.content, False
+    elif isinstance(config, NotifyAction):
+        for name in ("to", "url", "subject", "message"):
+            value = getattr(config, name)
+            if value:
+                yield name, value, False
+    elif isinstance(config, SetLogic):
+        for key, value in config.variables.items():
+            yield f"variables.{key}", value, False
+    elif isinstance(config, TransformLogic):
+        yield "template", config.template, False
+    elif isinstance(config, SubWorkflowIntegration):
+        for key, value in config.input.items():
+            yield f"input.{key}", value, False
+    elif isinstance(config, McpToolIntegration):
+        for key, value in config.arguments.items():
+            yield f"arguments.{key}", value, False
+
+
+def _recurses(
+    start: uuid.UUID, target: uuid.UUID, references: Callable[[uuid.UUID], Iterable[uuid.UUID]]
+) -> bool:
+    seen: set[uuid.UUID] = set()
+    stack = [start]
+    while stack:
+        current = stack.pop()
+        if current == target:
+            return True
+        if current in seen:
+            continue
+        seen.add(current)
+        stack.extend(references(current))
+    return False
+
+
+def referenced_workflows(definition: dict[str, Any]) -> set[uuid.UUID]:
+    """Sub-workflow ids a definition calls (sub_workflow nodes and for_each bodies)."""
+    out: set[uuid.UUID] = set()
+    for raw in definition.get("nodes", []):
+        if not isinstance(raw, dict):
+            continue
+        cfg = raw.get("config") or {}
+        if cfg.get("kind") in ("sub_workflow", "for_each") and cfg.get("workflow_id"):
+            try:
+                out.add(uuid.UUID(str(cfg["workflow_id"])))
+            except ValueError:
+                continue
+        body = cfg.get("body")
+        if isinstance(body, dict):
+            out |= referenced_workflows(body)
+    return out
+
+
+def validate(
+    raw: dict[str, Any],
+    ctx: Context,
+    *,
+    require_trigger: bool = True,
+    extra_roots: frozenset[str] = frozenset(),
+) -> ValidGraph:
+    """Check a definition; raise GraphInvalid listing every problem with its place."""
+    problems: list[Problem] = []
+    try:
+        definition = Definition.model_validate(raw)
+    except ValidationError as exc:
+        raise GraphInvalid(
+            [Problem(e["msg"], field=".".join(map(str, e["loc"]))) for e in exc.errors()]
+        ) from exc
+
+    nodes: dict[str, Node] = {}
+    configs: dict[str, Any] = {}
+    for index, raw_node in enumerate(definition.nodes):
+        node_id = raw_node.get("id") if isinstance(raw_node.get("id"), str) else None
+        try:
+            node = Node.model_validate(raw_node)
+        except ValidationError as exc:
+            for e in exc.errors():
+                problems.append(
+                    Problem(
+                        e["msg"],
+                        node_id=node_id,
+                        field=".".join(map(str, e["loc"])) or f"nodes[{index}]",
+                    )
+                )
+            continue
+        if node.id in nodes:
+            problems.append(
+                Problem(f"node id {node.id!r} is used more than once", node_id=node.id, field="id")
+            )
+            continue
+        nodes[node.id] = node
+        try:
+            configs[node.id] = CONFIG_ADAPTERS[node.type].validate_python(node.config)
+        except ValidationError as exc:
+            for e in exc.errors():
+                loc = [str(p) for p in e["loc"]]
+                # A discriminated union puts the kind first; the client never wrote it.
+                if loc and loc[0] == str(node.config.get("kind")):
+                    loc = loc[1:]
+                msg = e["msg"].removeprefix("Value error, ")
+                if e["type"].startswith("union_tag"):
+                    loc = ["kind"]
+                field_name = "config." + ".".join(loc) if loc else "config"
+                if ": " in msg and not loc:
+                    head, _, rest = msg.partition(": ")
+                    if head.replace("_", "").isalnum():
+                        field_name, msg = f"config.{head}", rest
+                problems.append(Problem(msg, node_id=node.id, field=field_name))
+
+    try:
+        settings = WorkflowSettings.model_validate(definition.settings)
+    except ValidationError as exc:
+        settings = WorkflowSettings()
+        for e in exc.errors():
+            problems.append(Problem(e["msg"], field="settings." + ".".join(map(str, e["loc"]))))
+
+    graph: nx.DiGraph = nx.DiGraph()  # type: ignore[type-arg]
+    graph.add_nodes_from(nodes)
+    for index, raw_conn in enumerate(definition.connections):
+        try:
+            conn = Connection.model_validate(raw_conn)
+        except ValidationError as exc:
+            for e in exc.errors():
+                problems.append(
+                    Problem(e["msg"], field=f"connections[{index}]." + ".".join(map(str, e["loc"])))
+                )
+            continue
+        missing = [end for end in (conn.source, conn.target) if end not in nodes]
+        if missing:
+            problems.append(
+                Problem(
+                    f"connection {conn.source} -> {conn.target} "
+                    f"names a missing node {missing[0]!r}",
+                    node_id=missing[0],
+                    field=f"connections[{index}]",
+                )
+            )
+            continue
+        if conn.branch is not None:
+            labels = branch_labels(nodes[conn.source], configs.get(conn.source))
+            if labels is None or conn.branch not in labels:
+                allowed = ", ".join(sorted(labels)) if labels else "none"
+                problems.append(
+                    Problem(
+                        f"branch {conn.branch!r} does not exist on {conn.source} "
+                        f"(allowed: {allowed})",
+                        node_id=conn.source,
+                        field=f"connections[{index}].branch",
+                    )
+                )
+                continue
+        if nodes[conn.target].type == "trigger":
+            problems.append(
+                Problem(
+                    f"trigger {conn.target} cannot have incoming connections",
+                    node_id=conn.target,
+                    field=f"connections[{index}]",
+                )
+            )
+        graph.add_edge(conn.source, conn.target, branch=conn.branch)
+
+    if not nx.is_directed_acyclic_graph(graph):
+        cycle = [edge[0] for edge in nx.find_cycle(graph)]
+        problems.append(
+            Problem(
+                f"the graph has a cycle: {' -> '.join([*cycle, cycle[0]])}",
+                node_id=cycle[0],
+                field="connections",
+            )
+        )
+        raise GraphInvalid(problems)
+
+    triggers = [n for n in nodes.values() if n.type == "trigger"]
+    if require_trigger and not triggers and not any(p.field == "type" for p in problems):
+        problems.append(Problem("a workflow needs at least one trigger node", field="nodes"))
+
+    roots = extra_roots
+    for node_id, config in configs.items():
+        upstream = nx.ancestors(graph, node_id)
+        for field_name, source, is_condition in _expressions(config):
+            try:
+                parsed = parse_expression(source) if is_condition else parse_template(source)
+            except ExpressionError as exc:
+                problems.append(Problem(str(exc), node_id=node_id, field=f"config.{field_name}"))
+                continue
+            unknown_roots = parsed.roots - {"trigger", "nodes", "vars", "execution"} - roots
+            if unknown_roots & {"item", "index", "loop"}:
+                problems.append(
+                    Problem(
+                        f"{sorted(unknown_roots)[0]!r} exists only inside a for_each body",
+                        node_id=node_id,
+                        field=f"config.{field_name}",
+                    )
+                )
+            for ref in sorted(parsed.node_refs):
+                if ref not in nodes:
+                    problems.append(
+                        Problem(
+                            f"refers to node {ref!r}, which does not exist",
+                            node_id=node_id,
+                            field=f"config.{field_name}",
+                        )
+                    )
+                elif ref not in upstream:
+                    problems.append(
+                        Problem(
+                            f"refers to node {ref!r}, which does not run before {node_id}",
+                            node_id=node_id,
+                            field=f"config.{field_name}",
+                        )
+                    )
+        _check_references(node_id, config, ctx, problems)
+
+    if problems:
+        raise GraphInvalid(problems)
+    return ValidGraph(
+        definition=definition.model_dump(),
+        nodes=nodes,
+        configs=configs,
+        graph=graph,
+        settings=settings,
+    )
+
+
+def _check_references(node_id: str, config: Any, ctx: Context, problems: list[Problem]) -> None:
+    credential = getattr(config, "credential_id", None)
+    if credential is not None and credential not in ctx.credential_ids:
+        problems.append(
+            Problem(
+                "credential not found in this workspace",
+                node_id=node_id,
+                field="config.credential_id",
+            )
+        )
+    if (
+        isinstance(config, AgentConfig)
+        and config.agent_id is not None
+        and config.agent_id not in ctx.agent_ids
+    ):
+        problems.append(
+            Problem("agent not found in this workspace", node_id=node_id, field="config.agent_id")
+        )
+    if isinstance(config, EventTrigger):
+        _check_workflow_ref(node_id, config.workflow_id, ctx, problems, recursion=False)
+    if isinstance(config, SubWorkflowIntegration | ForEachLogic) and config.workflow_id is not None:
+        _check_workflow_ref(node_id, config.workflow_id, ctx, problems, recursion=True)
+    if isinstance(config, ForEachLogic) and config.body is not None:
+        try:
+            validate(
+                config.body.model_dump(),
+                ctx,
+                require_trigger=False,
+                extra_roots=frozenset({"item", "index", "loop"}),
+            )
+        except GraphInvalid as exc:
+            for p in exc.problems:
+                problems.append(
+                    Problem(
+                        p.message,
+                        node_id=node_id,
+                        field=f"config.body.{p.node_id or ''}.{p.field or ''}".rstrip("."),
+                    )
+                )
+
+
+def _check_workflow_ref(
+    node_id: str, target: uuid.UUID, ctx: Context, problems: list[Problem], *, recursion: bool
+) -> None:
+    if target not in ctx.workflow_ids:
+        problems.append(
+            Problem(
+                "workflow not found in this workspace", node_id=node_id, field="config.workflow_id"
+            )
+        )
+        return
+    if (
+        recursion
+        and ctx.workflow_id is not None
+        and (target == ctx.workflow_id or _recurses(target, ctx.workflow_id, ctx.references))
+    ):
+        problems.append(
+            Problem(
+                "sub-workflow would call this workflow again (recursion)",
+                node_id=node_id,
+                field="config.workflow_id",
+            )
+        )
