@@ -24,6 +24,7 @@ from backend.kit.db import create_engine, create_sessionmaker
 from backend.kit.logging import REQUEST_ID_KEY, configure_logging, current_request_id, get_logger
 from backend.kit.middleware import RequestContextMiddleware
 from backend.kit.ratelimit import RateLimiter
+from backend.workflows.router import router as workflows_router
 from backend.workspaces.router import invitations as invitations_router
 from backend.workspaces.router import router as workspaces_router
 
@@ -185,7 +186,14 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
     app.add_exception_handler(StarletteHTTPException, _http_error)
 
     app.include_router(health_router)
-    for router in (auth_router, workspaces_router, api_keys_router, invitations_router):
+    routers = (
+        auth_router,
+        workspaces_router,
+        api_keys_router,
+        invitations_router,
+        workflows_router,
+    )
+    for router in routers:
         app.include_router(router, prefix=API_PREFIX)
     return app
 

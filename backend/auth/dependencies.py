@@ -9,6 +9,7 @@ exactly one of these dependencies, and the route-table test fails a route that d
 
 from __future__ import annotations
 
+import inspect
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -17,6 +18,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Header, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.auth import tokens
 from backend.auth.permissions import API_KEY_PERMISSIONS, Permission, Role, allows
@@ -217,13 +219,9 @@ def require(
         kind = resource.__name__.lower()
 
         async def by_resource(
-            request: Request, principal: PrincipalDep, session: SessionDep
+            principal: Principal, session: AsyncSession, **path: uuid.UUID
         ) -> WorkspaceAccess:
-            try:
-                resource_id = uuid.UUID(str(request.path_params[param]))
-            except (KeyError, ValueError) as exc:
-                raise NotFound(f"{kind} not found") from exc
-            row = await session.get(resource, resource_id)
+            row = await session.get(resource, path[param])
             if row is None:
                 raise NotFound(f"{kind} not found")
             workspace, role = await _grant(
@@ -233,6 +231,16 @@ def require(
                 principal=principal, workspace=workspace, role=role, resource=row
             )
 
+        # The path parameter's name differs per resource; a signature built here lets
+        # FastAPI validate and document it like any declared parameter.
+        keyword = inspect.Parameter.KEYWORD_ONLY
+        by_resource.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            [
+                inspect.Parameter(param, keyword, annotation=Annotated[uuid.UUID, Path()]),
+                inspect.Parameter("principal", keyword, annotation=PrincipalDep),
+                inspect.Parameter("session", keyword, annotation=SessionDep),
+            ]
+        )
         dependency: Any = by_resource
     elif scope == "header":
 

@@ -1,13 +1,14 @@
 """Roles x routes, generated from the application's own route table.
 
 Every /api route declares its access through exactly one dependency (PublicRoute,
-CurrentUser or require(Permission.X)); a route without one fails here. Each role and
-each kind of API key then gets the status the permission matrix says, and a caller
+CurrentUser or require(Permission.X, ...)); a route without one fails here. Each role
+and each kind of API key then gets the status the permission matrix says, and a caller
 from another workspace gets 404 on every workspace route.
 """
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,15 @@ from backend.config import Settings
 from backend.kit.crypto import hash_token, new_token
 from backend.main import API_PREFIX, create_app
 from backend.models import ApiKey, Workspace
-from tests.support.identity import make_workspace, member
+from tests.support.factories import FACTORIES
+from tests.support.identity import add_member, make_workspace, member
+
+NOT_FOUND_DETAILS = (
+    "workspace not found",
+    "workflow not found",
+    "agent not found",
+    "credential not found",
+)
 
 
 @dataclass(frozen=True)
@@ -31,19 +40,20 @@ class RouteCase:
     method: str
     path: str
     access: Any  # "public" | "authenticated" | Permission
+    scope: str = "path"  # where a permission route finds its workspace
+    resource: Any = None
 
     def __str__(self) -> str:
         return f"{self.method} {self.path}"
 
 
-def _markers(dependant: Dependant) -> list[Any]:
+def _declarations(dependant: Dependant) -> list[Any]:
     found = []
     for dep in dependant.dependencies:
-        marker = getattr(dep.call, "__access__", None)
-        if marker is not None:
-            found.append(marker)
+        if getattr(dep.call, "__access__", None) is not None:
+            found.append(dep.call)
         else:
-            found += _markers(dep)
+            found += _declarations(dep)
     return found
 
 
@@ -61,10 +71,18 @@ def api_routes() -> list[RouteContext]:
 def route_cases() -> list[RouteCase]:
     cases = []
     for route in api_routes():
-        markers = _markers(route.dependant)
-        access = markers[0] if len(markers) == 1 else None
+        calls = _declarations(route.dependant)
+        call = calls[0] if len(calls) == 1 else None
         for method in sorted(route.methods or ()):
-            cases.append(RouteCase(method, route.path or "", access))
+            cases.append(
+                RouteCase(
+                    method,
+                    route.path or "",
+                    getattr(call, "__access__", None),
+                    getattr(call, "__scope__", "path"),
+                    getattr(call, "__resource__", None),
+                )
+            )
     return cases
 
 
@@ -74,45 +92,83 @@ PRIVATE_CASES = [c for c in CASES if c.access != "public"]
 
 
 def test_every_api_route_declares_exactly_one_access() -> None:
-    undeclared = []
-    for route in api_routes():
-        markers = _markers(route.dependant)
-        if len(markers) != 1:
-            undeclared.append(f"{sorted(route.methods or ())} {route.path}: {markers}")
+    undeclared = [
+        f"{sorted(route.methods or ())} {route.path}: {len(_declarations(route.dependant))} declarations"
+        for route in api_routes()
+        if len(_declarations(route.dependant)) != 1
+    ]
     assert undeclared == [], "declare access with PublicRoute, CurrentUser or require(...)"
     # The matrix below is only as good as its coverage.
-    assert len(WORKSPACE_CASES) >= 10
+    assert len(WORKSPACE_CASES) >= 20
 
 
-def test_workspace_routes_take_the_workspace_from_the_path() -> None:
+def test_every_permission_route_knows_where_its_workspace_is() -> None:
     for case in WORKSPACE_CASES:
-        assert "{workspace_id}" in case.path, case
+        if case.scope == "path":
+            assert "{workspace_id}" in case.path, case
+        elif case.scope == "resource":
+            assert case.resource in FACTORIES, f"{case}: add a factory for {case.resource}"
+        else:
+            assert case.scope == "header", case
 
 
-def _url(case: RouteCase, workspace_id: uuid.UUID) -> str:
-    url = case.path.replace("{workspace_id}", str(workspace_id))
+@dataclass
+class Target:
+    workspace: Workspace
+    resources: dict[Any, uuid.UUID]
+
+
+def _url(case: RouteCase, target: Target) -> str:
+    url = case.path.replace("{workspace_id}", str(target.workspace.id))
+    resource_id = target.resources.get(case.resource)
+    if resource_id is not None:
+        url = re.sub(r"\{[a-z_]+_id\}", str(resource_id), url, count=1)
     for name in ("user_id", "key_id"):
         url = url.replace("{" + name + "}", str(uuid.uuid4()))
-    return url.replace("{token}", new_token())
+    return url.replace("{token}", new_token()).replace("{number}", "1")
 
 
 async def call(
-    client: httpx.AsyncClient, case: RouteCase, workspace_id: uuid.UUID, headers: dict[str, str]
+    client: httpx.AsyncClient, case: RouteCase, target: Target, headers: dict[str, str]
 ) -> httpx.Response:
     body = {} if case.method in ("POST", "PUT", "PATCH") else None
-    return await client.request(case.method, _url(case, workspace_id), headers=headers, json=body)
+    if case.scope == "header" and "X-Workspace-ID" not in headers:
+        headers = {**headers, "X-Workspace-ID": str(target.workspace.id)}
+    return await client.request(case.method, _url(case, target), headers=headers, json=body)
 
 
 @pytest.fixture
-async def workspace(session: AsyncSession) -> Workspace:
-    return await make_workspace(session)
+async def target(session: AsyncSession) -> Target:
+    workspace = await make_workspace(session)
+    resources = {
+        model: (await factory(session, workspace)).id for model, factory in FACTORIES.items()
+    }
+    return Target(workspace, resources)
+
+
+async def api_key(
+    session: AsyncSession, workspace: Workspace, creator_id: uuid.UUID, role: Role
+) -> str:
+    key = new_token("osk_")
+    session.add(
+        ApiKey(
+            workspace_id=workspace.id,
+            created_by=creator_id,
+            name="k",
+            prefix=key[:12],
+            key_hash=hash_token(key),
+            role=role.value,
+        )
+    )
+    await session.flush()
+    return key
 
 
 @pytest.mark.parametrize("case", PRIVATE_CASES, ids=str)
 async def test_no_credentials_is_401(
-    client: httpx.AsyncClient, workspace: Workspace, case: RouteCase
+    client: httpx.AsyncClient, target: Target, case: RouteCase
 ) -> None:
-    r = await call(client, case, workspace.id, {})
+    r = await call(client, case, target, {})
     assert r.status_code == 401, r.text
     assert r.json()["error"] == "unauthenticated"
 
@@ -123,16 +179,16 @@ async def test_each_role_gets_what_the_matrix_says(
     client: httpx.AsyncClient,
     session: AsyncSession,
     settings: Settings,
-    workspace: Workspace,
+    target: Target,
     case: RouteCase,
     role: Role,
 ) -> None:
-    actor = await member(session, settings, workspace, role)
-    r = await call(client, case, workspace.id, actor.headers)
+    actor = await member(session, settings, target.workspace, role)
+    r = await call(client, case, target, actor.headers)
     if allows(role, case.access):
         assert r.status_code not in (401, 403), r.text
-        if r.status_code == 404:  # a missing sub-resource, never the workspace itself
-            assert r.json()["detail"] != "workspace not found"
+        if r.status_code == 404:  # a missing sub-resource, never the workspace or the resource
+            assert r.json()["detail"] not in NOT_FOUND_DETAILS
     else:
         assert r.status_code == 403, r.text
         assert r.json()["error"] == "permission_denied"
@@ -144,24 +200,13 @@ async def test_each_api_key_role_gets_what_the_matrix_says(
     client: httpx.AsyncClient,
     session: AsyncSession,
     settings: Settings,
-    workspace: Workspace,
+    target: Target,
     case: RouteCase,
     role: Role,
 ) -> None:
-    creator = await member(session, settings, workspace, Role.OWNER)
-    key = new_token("osk_")
-    session.add(
-        ApiKey(
-            workspace_id=workspace.id,
-            created_by=creator.user.id,
-            name="k",
-            prefix=key[:12],
-            key_hash=hash_token(key),
-            role=role.value,
-        )
-    )
-    await session.flush()
-    r = await call(client, case, workspace.id, {"X-API-Key": key})
+    creator = await member(session, settings, target.workspace, Role.OWNER)
+    key = await api_key(session, target.workspace, creator.user.id, role)
+    r = await call(client, case, target, {"X-API-Key": key})
     if case.access in API_KEY_PERMISSIONS and allows(role, case.access):
         assert r.status_code not in (401, 403), r.text
     else:
@@ -173,12 +218,12 @@ async def test_a_member_of_another_workspace_gets_404(
     client: httpx.AsyncClient,
     session: AsyncSession,
     settings: Settings,
-    workspace: Workspace,
+    target: Target,
     case: RouteCase,
 ) -> None:
     elsewhere = await make_workspace(session, "Elsewhere")
     outsider = await member(session, settings, elsewhere, Role.OWNER)
-    r = await call(client, case, workspace.id, outsider.headers)
+    r = await call(client, case, target, outsider.headers)
     assert r.status_code == 404, r.text
     assert r.json()["error"] == "not_found"
 
@@ -190,26 +235,13 @@ async def test_an_api_key_of_another_workspace_gets_404(
     client: httpx.AsyncClient,
     session: AsyncSession,
     settings: Settings,
-    workspace: Workspace,
+    target: Target,
     case: RouteCase,
 ) -> None:
     # The key's creator is even an owner of both workspaces: the key is bound to one.
     elsewhere = await make_workspace(session, "Elsewhere")
     creator = await member(session, settings, elsewhere, Role.OWNER)
-    from tests.support.identity import add_member
-
-    await add_member(session, workspace, creator.user, Role.OWNER)
-    key = new_token("osk_")
-    session.add(
-        ApiKey(
-            workspace_id=elsewhere.id,
-            created_by=creator.user.id,
-            name="k",
-            prefix=key[:12],
-            key_hash=hash_token(key),
-            role="owner",
-        )
-    )
-    await session.flush()
-    r = await call(client, case, workspace.id, {"Authorization": f"Bearer {key}"})
+    await add_member(session, target.workspace, creator.user, Role.OWNER)
+    key = await api_key(session, elsewhere, creator.user.id, Role.OWNER)
+    r = await call(client, case, target, {"Authorization": f"Bearer {key}"})
     assert r.status_code == 404, r.text

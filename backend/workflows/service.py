@@ -1,0 +1,480 @@
+"""Workflows: saving (each save of the graph is a new immutable version), status,
+duplication, export and import. Every save goes through the graph validator the engine
+uses, with the workspace's agents, credentials and workflows as its context."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import cast, or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from backend.activity.service import record
+from backend.auth.dependencies import WorkspaceAccess
+from backend.kit.db import UnitOfWork
+from backend.kit.errors import Conflict, InvalidTransition, NotFound, ValidationFailed
+from backend.kit.repository import Repository
+from backend.models import Agent, Credential, Workflow, WorkflowVersion
+from backend.workflows.graph import (
+    Context,
+    GraphInvalid,
+    ValidGraph,
+    referenced_workflows,
+    validate,
+)
+from backend.workflows.schemas import (
+    ExportDocument,
+    ImportRequest,
+    Sort,
+    WorkflowCreate,
+    WorkflowRead,
+    WorkflowUpdate,
+)
+
+# The status machine of a workflow definition (not of a run).
+TRANSITIONS = {
+    "draft": {"published"},
+    "published": {"archived"},
+    "archived": {"draft"},
+}
+REFERENCE_FIELDS = ("agent_id", "credential_id", "workflow_id", "server_id")
+
+
+class WorkflowRepository(Repository[Workflow]):
+    model = Workflow
+
+
+class VersionRepository(Repository[WorkflowVersion]):
+    model = WorkflowVersion
+
+
+async def validation_context(
+    session: AsyncSession, workspace_id: uuid.UUID, workflow_id: uuid.UUID | None
+) -> Context:
+    """Everything the validator may ask about the workspace, in three queries."""
+    rows = await session.execute(
+        select(Workflow.id, WorkflowVersion.definition)
+        .join(
+            WorkflowVersion,
+            (WorkflowVersion.workflow_id == Workflow.id)
+            & (WorkflowVersion.number == Workflow.current_version),
+        )
+        .where(Workflow.workspace_id == workspace_id)
+    )
+    refs = {wid: referenced_workflows(definition) for wid, definition in rows.all()}
+    agents = await session.scalars(select(Agent.id).where(Agent.workspace_id == workspace_id))
+    credentials = await session.scalars(
+        select(Credential.id).where(Credential.workspace_id == workspace_id)
+    )
+    return Context(
+        workflow_id=workflow_id,
+        workflow_ids=frozenset(refs),
+        agent_ids=frozenset(agents.all()),
+        credential_ids=frozenset(credentials.all()),
+        references=lambda wid: refs.get(wid, ()),
+    )
+
+
+async def check(
+    session: AsyncSession,
+    workspace_id: uuid.UUID,
+    workflow_id: uuid.UUID | None,
+    definition: dict[str, Any],
+) -> ValidGraph:
+    ctx = await validation_context(session, workspace_id, workflow_id)
+    try:
+        return validate(definition, ctx)
+    except GraphInvalid as exc:
+        first = exc.problems[0]
+        where = ".".join(p for p in (first.node_id and f"nodes.{first.node_id}", first.field) if p)
+        raise ValidationFailed(
+            f"{where}: {first.message}" if where else first.message,
+            field=where or None,
+            problems=[p.as_dict() for p in exc.problems],
+        ) from exc
+
+
+def _definition(parts: Any, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    base = base or {"nodes": [], "connections": [], "settings": {}}
+    return {
+        "nodes": parts.nodes if parts.nodes is not None else base.get("nodes", []),
+        "connections": parts.connections
+        if parts.connections is not None
+        else base.get("connections", []),
+        "settings": parts.settings if parts.settings is not None else base.get("settings", {}),
+    }
+
+
+async def current_version(session: AsyncSession, workflow: Workflow) -> WorkflowVersion:
+    version = await session.scalar(
+        select(WorkflowVersion).where(
+            WorkflowVersion.workflow_id == workflow.id,
+            WorkflowVersion.number == workflow.current_version,
+        )
+    )
+    assert version is not None, "a workflow always has its current version"
+    return version
+
+
+def to_read(workflow: Workflow, definition: dict[str, Any]) -> WorkflowRead:
+    return WorkflowRead.model_validate(
+        {
+            **{
+                c: getattr(workflow, c)
+                for c in (
+                    "id",
+                    "workspace_id",
+                    "name",
+                    "description",
+                    "status",
+                    "tags",
+                    "current_version",
+                    "created_by",
+                    "created_at",
+                    "updated_at",
+                )
+            },
+            "nodes": definition.get("nodes", []),
+            "connections": definition.get("connections", []),
+            "settings": definition.get("settings", {}),
+        }
+    )
+
+
+async def _create(
+    uow: UnitOfWork,
+    access: WorkspaceAccess,
+    *,
+    name: str,
+    description: str,
+    tags: list[str],
+    definition: dict[str, Any],
+    action: str,
+    details: dict[str, Any] | None = None,
+) -> WorkflowRead:
+    session = uow.session
+    workflow_id = uuid.uuid4()
+    valid = await check(session, access.workspace.id, workflow_id, definition)
+    workflow = Workflow(
+        id=workflow_id, workspace_id=access.workspace.id, name=name, description=description,
+        tags=sorted(set(tags)), current_version=1, created_by=access.user.id,
+    )  # fmt: skip
+    session.add(workflow)
+    await session.flush()
+    session.add(
+        WorkflowVersion(
+            workflow_id=workflow.id,
+            number=1,
+            definition=valid.definition,
+            created_by=access.user.id,
+        )
+    )
+    await session.flush()
+    record(
+        session,
+        access.principal,
+        workspace_id=access.workspace.id,
+        action=action,
+        resource_type="workflow",
+        resource_id=workflow.id,
+        details=details,
+    )
+    return to_read(workflow, valid.definition)
+
+
+async def create(uow: UnitOfWork, access: WorkspaceAccess, data: WorkflowCreate) -> WorkflowRead:
+    return await _create(
+        uow, access, name=data.name, description=data.description, tags=data.tags,
+        definition=_definition(data), action="workflow.create",
+    )  # fmt: skip
+
+
+async def get(uow: UnitOfWork, access: WorkspaceAccess) -> WorkflowRead:
+    workflow: Workflow = access.resource
+    return to_read(workflow, (await current_version(uow.session, workflow)).definition)
+
+
+async def list_workflows(
+    uow: UnitOfWork,
+    access: WorkspaceAccess,
+    *,
+    status: str | None,
+    tag: str | None,
+    q: str | None,
+    sort: Sort,
+    limit: int,
+    offset: int,
+) -> tuple[Sequence[Workflow], int]:
+    stmt = select(Workflow).where(Workflow.workspace_id == access.workspace.id)
+    if status:
+        stmt = stmt.where(Workflow.status == status)
+    if tag:
+        # Array containment: served by the GIN index on tags.
+        stmt = stmt.where(Workflow.tags.contains(cast([tag], Workflow.tags.type)))
+    if q:
+        pattern = "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        stmt = stmt.where(
+            or_(
+                Workflow.name.ilike(pattern, escape="\\"),
+                Workflow.description.ilike(pattern, escape="\\"),
+            )
+        )
+    column = getattr(Workflow, sort.lstrip("-"))
+    stmt = stmt.order_by(column.desc() if sort.startswith("-") else column.asc(), Workflow.id)
+    return await WorkflowRepository(uow.session).paginate(stmt, limit=limit, offset=offset)
+
+
+async def update(
+    uow: UnitOfWork, access: WorkspaceAccess, data: WorkflowUpdate, if_match: int | None
+) -> WorkflowRead:
+    session = uow.session
+    # Row lock: two saves of the same workflow are serialised, so the version check
+    # below sees the other's result instead of both writing version n+1.
+    workflow = await session.get(
+        Workflow, access.resource.id, with_for_update=True, populate_existing=True
+    )
+    if workflow is None:
+        raise NotFound("workflow not found")
+    expected = data.version or if_match
+    if expected is not None and expected != workflow.current_version:
+        raise Conflict(
+            f"workflow is at version {workflow.current_version}, not {expected}; "
+            "reload and reapply your change",
+            field="version", current_version=workflow.current_version,
+        )  # fmt: skip
+    current = await current_version(session, workflow)
+    changed: list[str] = []
+    definition = current.definition
+    if data.nodes is not None or data.connections is not None or data.settings is not None:
+        definition = (
+            await check(
+                session, workflow.workspace_id, workflow.id, _definition(data, current.definition)
+            )
+        ).definition
+        if definition != current.definition:
+            workflow.current_version += 1
+            session.add(
+                WorkflowVersion(
+                    workflow_id=workflow.id,
+                    number=workflow.current_version,
+                    definition=definition,
+                    created_by=access.user.id,
+                )
+            )
+            changed.append("definition")
+    for name in ("name", "description"):
+        value = getattr(data, name)
+        if value is not None and value != getattr(workflow, name):
+            setattr(workflow, name, value)
+            changed.append(name)
+    if data.tags is not None and sorted(set(data.tags)) != workflow.tags:
+        workflow.tags = sorted(set(data.tags))
+        changed.append("tags")
+    if changed:
+        await session.flush()
+        record(
+            session,
+            access.principal,
+            workspace_id=workflow.workspace_id,
+            action="workflow.update",
+            resource_type="workflow",
+            resource_id=workflow.id,
+            details={"fields": changed, "version": workflow.current_version},
+        )
+    return to_read(workflow, definition)
+
+
+async def delete(uow: UnitOfWork, access: WorkspaceAccess) -> None:
+    workflow: Workflow = access.resource
+    users = await _referencing_workflows(uow.session, workflow.workspace_id, workflow.id)
+    if users:
+        raise Conflict(f"other workflows call this one: {', '.join(users)}", workflows=users)
+    record(
+        uow.session,
+        access.principal,
+        workspace_id=workflow.workspace_id,
+        action="workflow.delete",
+        resource_type="workflow",
+        resource_id=workflow.id,
+        details={"name": workflow.name},
+    )
+    await uow.session.delete(workflow)
+    await uow.session.flush()
+
+
+async def _referencing_workflows(
+    session: AsyncSession, workspace_id: uuid.UUID, target: uuid.UUID
+) -> list[str]:
+    rows = await session.execute(
+        select(Workflow.id, Workflow.name, WorkflowVersion.definition)
+        .join(
+            WorkflowVersion,
+            (WorkflowVersion.workflow_id == Workflow.id)
+            & (WorkflowVersion.number == Workflow.current_version),
+        )
+        .where(Workflow.workspace_id == workspace_id, Workflow.id != target)
+    )
+    return sorted(
+        name for _, name, definition in rows.all() if target in referenced_workflows(definition)
+    )
+
+
+async def change_status(uow: UnitOfWork, access: WorkspaceAccess, status: str) -> WorkflowRead:
+    session = uow.session
+    workflow = await session.get(
+        Workflow, access.resource.id, with_for_update=True, populate_existing=True
+    )
+    assert workflow is not None
+    if status not in TRANSITIONS[workflow.status]:
+        raise InvalidTransition(
+            f"a {workflow.status} workflow cannot become {status}", field="status"
+        )
+    definition = (await current_version(session, workflow)).definition
+    if status == "published":
+        # The workspace may have changed since the save (a credential deleted).
+        await check(session, workflow.workspace_id, workflow.id, definition)
+    old, workflow.status = workflow.status, status
+    await session.flush()
+    record(
+        session,
+        access.principal,
+        workspace_id=workflow.workspace_id,
+        action="workflow.status",
+        resource_type="workflow",
+        resource_id=workflow.id,
+        details={"from": old, "to": status},
+    )
+    return to_read(workflow, definition)
+
+
+async def duplicate(uow: UnitOfWork, access: WorkspaceAccess) -> WorkflowRead:
+    source: Workflow = access.resource
+    definition = (await current_version(uow.session, source)).definition
+    return await _create(
+        uow, access, name=f"Copy of {source.name}"[:200], description=source.description,
+        tags=source.tags, definition=definition, action="workflow.duplicate",
+        details={"source_workflow_id": str(source.id)},
+    )  # fmt: skip
+
+
+async def list_versions(
+    uow: UnitOfWork, access: WorkspaceAccess, *, limit: int, offset: int
+) -> tuple[Sequence[WorkflowVersion], int]:
+    stmt = (
+        select(WorkflowVersion)
+        .where(WorkflowVersion.workflow_id == access.resource.id)
+        .order_by(WorkflowVersion.number.desc())
+    )
+    return await VersionRepository(uow.session).paginate(stmt, limit=limit, offset=offset)
+
+
+async def get_version(uow: UnitOfWork, access: WorkspaceAccess, number: int) -> WorkflowVersion:
+    version = await uow.session.scalar(
+        select(WorkflowVersion).where(
+            WorkflowVersion.workflow_id == access.resource.id, WorkflowVersion.number == number
+        )
+    )
+    if version is None:
+        raise NotFound(f"version {number} not found")
+    return version
+
+
+def _references(definition: dict[str, Any]) -> dict[str, list[uuid.UUID]]:
+    found: dict[str, set[uuid.UUID]] = {name: set() for name in REFERENCE_FIELDS}
+    for config in _configs(definition):
+        for name in REFERENCE_FIELDS:
+            value = config.get(name)
+            if value:
+                try:
+                    found[name].add(uuid.UUID(str(value)))
+                except ValueError:
+                    continue
+    return {name: sorted(ids, key=str) for name, ids in found.items() if ids}
+
+
+def _configs(definition: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for node in definition.get("nodes", []):
+        config = node.get("config") if isinstance(node, dict) else None
+        if isinstance(config, dict):
+            out.append(config)
+            body = config.get("body")
+            if isinstance(body, dict):
+                out += _configs(body)
+    return out
+
+
+async def export(uow: UnitOfWork, access: WorkspaceAccess) -> ExportDocument:
+    workflow: Workflow = access.resource
+    definition = (await current_version(uow.session, workflow)).definition
+    return ExportDocument(
+        name=workflow.name, description=workflow.description, tags=workflow.tags,
+        definition=definition,
+        references=_references(definition), source_workflow_id=workflow.id,
+        source_version=workflow.current_version, exported_at=datetime.now(UTC),
+    )  # fmt: skip
+
+
+def _remap(definition: dict[str, Any], id_map: dict[uuid.UUID, uuid.UUID]) -> dict[str, Any]:
+    """A copy of the definition with every reference id passed through id_map."""
+    lookup = {str(k): str(v) for k, v in id_map.items()}
+
+    def fix_config(config: dict[str, Any]) -> dict[str, Any]:
+        out = dict(config)
+        for name in REFERENCE_FIELDS:
+            if isinstance(out.get(name), str) and out[name] in lookup:
+                out[name] = lookup[out[name]]
+        if isinstance(out.get("body"), dict):
+            out["body"] = _remap(out["body"], id_map)
+        return out
+
+    nodes = [
+        {**node, "config": fix_config(node["config"])}
+        if isinstance(node, dict) and isinstance(node.get("config"), dict)
+        else node
+        for node in definition.get("nodes", [])
+    ]
+    return {**definition, "nodes": nodes}
+
+
+async def import_workflow(
+    uow: UnitOfWork, access: WorkspaceAccess, data: ImportRequest
+) -> WorkflowRead:
+    doc = data.document
+    definition = _remap(doc.definition, data.id_map)
+    # References that leave this workspace fail validation like any other save.
+    return await _create(
+        uow, access, name=data.name or doc.name, description=doc.description, tags=doc.tags,
+        definition=definition, action="workflow.import",
+        details={"source_workflow_id": str(doc.source_workflow_id or "") or None},
+    )  # fmt: skip
+
+
+async def workflows_using_credential(
+    session: AsyncSession,
+    workspace_id: uuid.UUID,
+    credential_id: uuid.UUID,
+    *,
+    published_only: bool = True,
+) -> list[str]:
+    stmt = (
+        select(Workflow.name, WorkflowVersion.definition)
+        .join(
+            WorkflowVersion,
+            (WorkflowVersion.workflow_id == Workflow.id)
+            & (WorkflowVersion.number == Workflow.current_version),
+        )
+        .where(Workflow.workspace_id == workspace_id)
+    )
+    if published_only:
+        stmt = stmt.where(Workflow.status == "published")
+    rows = await session.execute(stmt)
+    target = str(credential_id)
+    return sorted(
+        name
+        for name, definition in rows.all()
+        if any(c.get("credential_id") == target for c in _configs(definition))
+    )
