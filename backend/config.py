@@ -104,8 +104,11 @@ class AuthSettings(BaseModel):
     # Rate limits in the `limits` notation: "N per <amount> <unit>".
     otp_request_limit: str = "5 per 15 minutes"
     otp_verify_limit: str = "10 per 15 minutes"
+    # Wrong codes per address, across codes: a fresh code brings no fresh guesses.
+    otp_failure_limit: str = "10 per day"
     api_rate_limit: str = "1000 per hour"
     invitation_ttl_s: int = Field(default=7 * 86_400, ge=300)
+    invite_limit: str = "50 per hour"
 
 
 class SmtpSettings(BaseModel):
@@ -187,6 +190,18 @@ class Settings(BaseSettings):
             )
         if short:
             raise ValueError(f"{', '.join(short)} must be at least 32 characters")
+        placeholders = [
+            name
+            for name, (value, _) in defaults.items()
+            if any(
+                w in value.get_secret_value().upper() for w in ("REPLACE", "CHANGE_ME", "CHANGEME")
+            )
+        ]
+        if placeholders:
+            raise ValueError(f"{', '.join(placeholders)} still hold a template placeholder")
+        sec = self.security
+        if sec.secret_key.get_secret_value() == sec.encryption_key.get_secret_value():
+            raise ValueError("SECURITY__SECRET_KEY and SECURITY__ENCRYPTION_KEY must differ")
         if not self.smtp.host:
             raise ValueError(
                 f"SMTP__HOST must be set when ENVIRONMENT={self.environment}: "

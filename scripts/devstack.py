@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -56,12 +56,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _die_with_parent() -> None:
-    """Runs in the child between fork and exec: die when the launcher dies."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+def _die_with_parent(sig: int) -> Callable[[], None]:
+    """A pre-exec hook (runs in the child between fork and exec): get `sig` when the
+    launcher dies, however it dies."""
+
+    def hook() -> None:
+        if sys.platform.startswith("linux"):
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            pr_set_pdeathsig = 1
+            libc.prctl(pr_set_pdeathsig, sig)
+
+    return hook
 
 
 def _stop_process(proc: subprocess.Popen[bytes], sig: int, grace_s: float) -> None:
@@ -176,7 +181,8 @@ class Postgres:
         log = open(self.data_dir.parent / "postgres.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             args, stdout=log, stderr=subprocess.STDOUT, user=self.user,
-            start_new_session=True, preexec_fn=_die_with_parent,
+            # SIGINT is the fast shutdown: SIGTERM would wait for the app's sessions.
+            start_new_session=True, preexec_fn=_die_with_parent(signal.SIGINT),
         )  # fmt: skip
         log.close()
         _wait_until(self._ready, "PostgreSQL", 60, self.proc)
@@ -229,7 +235,8 @@ class Valkey:
         log = open(self.data_dir.parent / "valkey.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [str(self.binary), str(conf)], stdout=log, stderr=subprocess.STDOUT,
-            cwd=self.data_dir, start_new_session=True, preexec_fn=_die_with_parent,
+            cwd=self.data_dir, start_new_session=True,
+            preexec_fn=_die_with_parent(signal.SIGTERM),
         )  # fmt: skip
         log.close()
         _wait_until(
@@ -315,7 +322,9 @@ def run_child(argv: Sequence[str], env: dict[str, str]) -> int:
     only: through us. A terminal's Ctrl-C and a supervisor's SIGTERM alike are
     forwarded once (a second SIGINT would make honcho or celery skip a clean stop).
     """
-    proc = subprocess.Popen(list(argv), env=env, process_group=0)
+    proc = subprocess.Popen(
+        list(argv), env=env, process_group=0, preexec_fn=_die_with_parent(signal.SIGTERM)
+    )
     seen: dict[int, psutil.Process] = {}
 
     def remember() -> None:
@@ -326,6 +335,8 @@ def run_child(argv: Sequence[str], env: dict[str, str]) -> int:
     received: list[int] = []
 
     def forward(signum: int, _: FrameType | None) -> None:
+        if received:
+            return  # already stopping; a second signal must not cut the cleanup short
         received.append(signum)
         remember()
         with contextlib.suppress(ProcessLookupError):
@@ -349,14 +360,19 @@ def run_child(argv: Sequence[str], env: dict[str, str]) -> int:
             code = proc.wait(APP_GRACE_S)
         except subprocess.TimeoutExpired:
             say("application did not stop in time; killing it")
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             code = proc.wait()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     # Anything the child started and left running (a process that ignored SIGTERM,
     # a grandchild in its own session) is ours to stop.
-    leftovers = [p for p in seen.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    leftovers = []
+    for p in seen.values():
+        with contextlib.suppress(psutil.Error):
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                leftovers.append(p)
     for p in leftovers:
         with contextlib.suppress(psutil.Error):
             p.terminate()

@@ -116,3 +116,18 @@ def test_broker_defaults_to_redis_url(monkeypatch: pytest.MonkeyPatch) -> None:
     s = make(monkeypatch, REDIS_URL="redis://127.0.0.1:1/3")
     assert s.broker_url == "redis://127.0.0.1:1/3"
     assert s.result_backend == "redis://127.0.0.1:1/3"
+
+
+def test_template_placeholders_and_shared_keys_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    base = {
+        "ENVIRONMENT": "production",
+        "FLOWER__PASSWORD": "a-real-password",
+        "SMTP__HOST": "smtp.example.com",
+        "SECURITY__ENCRYPTION_KEY": STRONG + "y",
+    }
+    with pytest.raises(ValidationError, match="placeholder"):
+        make(monkeypatch, **base, SECURITY__SECRET_KEY="REPLACE_WITH_32_PLUS_RANDOM_CHARACTERS")
+    with pytest.raises(ValidationError, match="must differ"):
+        make(
+            monkeypatch, **{**base, "SECURITY__ENCRYPTION_KEY": STRONG}, SECURITY__SECRET_KEY=STRONG
+        )

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, HttpUrl
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, HttpUrl, UrlConstraints
 
 from backend.auth.permissions import Role
+
+# Names go into mail subjects and logs: one line, no control characters.
+Name = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
+AvatarUrl = Annotated[HttpUrl, UrlConstraints(max_length=2048, allowed_schemes=["https", "http"])]
 
 
 class StrictInput(BaseModel):
@@ -46,8 +50,8 @@ class UserRead(BaseModel):
 
 
 class UserUpdate(StrictInput):
-    name: str | None = Field(default=None, min_length=1, max_length=200)
-    avatar_url: HttpUrl | None = None
+    name: Name | None = None
+    avatar_url: AvatarUrl | None = None
 
 
 class TokenPair(BaseModel):
@@ -59,7 +63,7 @@ class TokenPair(BaseModel):
 
 
 class ApiKeyCreate(StrictInput):
-    name: str = Field(min_length=1, max_length=100)
+    name: Annotated[Name, Field(max_length=100)]
     role: Role = Role.VIEWER
     expires_in_days: int | None = Field(default=None, ge=1, le=3650)
 

@@ -23,6 +23,10 @@ from backend.kit.ratelimit import RateLimiter
 from backend.models import ApiKey, AuthSession, OtpCode, User
 from backend.workspaces.service import create_personal_workspace
 
+# A rotated refresh token presented again this soon is a race of the owner's own
+# clients, not theft: refused, but the session stands.
+REFRESH_GRACE = timedelta(seconds=30)
+
 
 def _now() -> datetime:
     return datetime.now(UTC)
@@ -63,7 +67,8 @@ async def request_otp(
         uow,
         settings,
         to=email,
-        subject=f"Your Orchestration Studio code: {code}",
+        # Never the code itself: the subject shows in Flower (argsrepr) and mail logs.
+        subject="Your Orchestration Studio sign-in code",
         body=(
             f"Your sign-in code is {code}.\n\n"
             f"It works once and expires in {ttl // 60} minutes. "
@@ -81,6 +86,8 @@ async def verify_otp(
         settings.auth.otp_verify_limit, "otp-verify-ip", request_meta.get().ip or "-",
         what="sign-in attempts",
     )  # fmt: skip
+    failures = settings.auth.otp_failure_limit
+    await limiter.check(failures, "otp-fail-email", email, what="wrong codes for this address")
     session = uow.session
     now = _now()
     otp = await session.scalar(
@@ -93,6 +100,7 @@ async def verify_otp(
     if otp is None:
         raise Unauthenticated("invalid or expired code")
     if not equal(otp.code_hash, _code_hash(settings, email, code)):
+        await limiter.spend(failures, "otp-fail-email", email)
         otp.attempts += 1
         if otp.attempts >= settings.auth.otp_max_attempts:
             otp.consumed_at = now
@@ -160,7 +168,15 @@ async def refresh(uow: UnitOfWork, settings: Settings, refresh_token: str) -> To
         or auth_session.expires_at <= now
     ):
         raise Unauthenticated("session revoked or expired")
-    if not equal(auth_session.refresh_token_hash, hash_token(refresh_token)):
+    presented = hash_token(refresh_token)
+    if (
+        auth_session.previous_refresh_token_hash is not None
+        and auth_session.rotated_at is not None
+        and equal(auth_session.previous_refresh_token_hash, presented)
+        and now - auth_session.rotated_at < REFRESH_GRACE
+    ):
+        raise Unauthenticated("refresh token was just rotated; use the newest one")
+    if not equal(auth_session.refresh_token_hash, presented):
         # A valid token that was already rotated: someone else holds a copy. End the
         # whole session so the thief's tokens die with the owner's.
         auth_session.revoked_at = now
@@ -176,7 +192,9 @@ async def refresh(uow: UnitOfWork, settings: Settings, refresh_token: str) -> To
     new_refresh = tokens.issue(
         settings, user_id=user.id, session_id=auth_session.id, type_="refresh"
     )
+    auth_session.previous_refresh_token_hash = auth_session.refresh_token_hash
     auth_session.refresh_token_hash = hash_token(new_refresh)
+    auth_session.rotated_at = now
     auth_session.last_activity_at = now
     return _pair(settings, user, auth_session.id, new_refresh)
 

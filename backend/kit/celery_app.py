@@ -58,6 +58,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # If the broker connection drops, a late-ack task will be redelivered; stop
         # the running copy rather than let both run (LESSONS: runs that double).
         "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # On SIGTERM (with REMAP_SIGTERM=SIGQUIT, as the manifests set) a worker gets
+        # this long to finish, then gives its unacked messages back to Redis at once,
+        # instead of leaving them to the visibility timeout (hours).
+        "worker_soft_shutdown_timeout": 60.0,
+        "worker_enable_soft_shutdown_on_idle": True,
         "task_time_limit": c.task_time_limit_s,
         "task_soft_time_limit": c.task_soft_time_limit_s,
         "result_expires": c.result_expires_s,

@@ -69,8 +69,13 @@ class UnitOfWork:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, _: object
     ) -> None:
         try:
-            if exc_type is None or (isinstance(exc, DomainError) and exc.keep_changes):
+            if exc_type is None:
                 await self.session.commit()
+            elif isinstance(exc, DomainError) and exc.keep_changes:
+                # The refusal is recorded, but the request failed: nothing it meant to
+                # send or enqueue goes out.
+                await self.session.commit()
+                self._after_commit.clear()
             else:
                 await self.session.rollback()
                 self._after_commit.clear()

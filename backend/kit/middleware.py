@@ -41,6 +41,13 @@ HSTS = (b"strict-transport-security", b"max-age=63072000; includeSubDomains")
 
 log = get_logger("backend.access")
 
+# Paths that carry a secret (an invitation token, a webhook token): logged without it.
+_SECRET_PATHS = re.compile(r"^(/api/v1/(?:invitations|hooks)/)[^/]+")
+
+
+def loggable_path(path: str) -> str:
+    return _SECRET_PATHS.sub(r"\1[redacted]", path)
+
 
 @dataclass(frozen=True, slots=True)
 class RequestMeta:
@@ -159,7 +166,7 @@ class RequestContextMiddleware:
                 emit(
                     "request",
                     method=scope["method"],
-                    path=path,
+                    path=loggable_path(path),
                     status=status,
                     duration_ms=round((time.perf_counter() - started) * 1000, 2),
                 )

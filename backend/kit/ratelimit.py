@@ -19,10 +19,20 @@ class RateLimiter:
         self._limiter = MovingWindowRateLimiter(self._storage)
 
     async def hit(self, limit: str, *key: str, what: str = "requests") -> None:
-        item = parse(limit)
-        if await self._limiter.hit(item, *key):
-            return
-        stats = await self._limiter.get_window_stats(item, *key)
+        if not await self._limiter.hit(parse(limit), *key):
+            await self._refuse(limit, key, what)
+
+    async def check(self, limit: str, *key: str, what: str = "requests") -> None:
+        """Refuse if the budget is spent, without spending any of it."""
+        if not await self._limiter.test(parse(limit), *key):
+            await self._refuse(limit, key, what)
+
+    async def spend(self, limit: str, *key: str) -> None:
+        """Spend one unit (a failure, say) without refusing this request."""
+        await self._limiter.hit(parse(limit), *key)
+
+    async def _refuse(self, limit: str, key: tuple[str, ...], what: str) -> None:
+        stats = await self._limiter.get_window_stats(parse(limit), *key)
         retry_after = max(1, int(stats.reset_time - time.time()) + 1)
         raise RateLimited(
             f"too many {what}; try again in {retry_after} s", retry_after_s=retry_after

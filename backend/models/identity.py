@@ -73,6 +73,10 @@ class AuthSession(RecordModel):
     # Hash of the one refresh token that may be used next. Presenting any earlier one
     # (already rotated) is reuse: the whole session is revoked.
     refresh_token_hash: Mapped[str] = mapped_column(String(64))
+    # The token rotated last, for a short grace: two tabs refreshing at once (or a
+    # retry after a lost answer) is not theft and must not end the session.
+    previous_refresh_token_hash: Mapped[str | None] = mapped_column(String(64))
+    rotated_at: Mapped[datetime | None]
     ip: Mapped[str | None] = mapped_column(String(64))
     user_agent: Mapped[str | None] = mapped_column(String(512))
     last_activity_at: Mapped[datetime] = mapped_column(server_default=func.now())

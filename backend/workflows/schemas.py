@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from backend.auth.schemas import StrictInput
+from backend.auth.schemas import Name, StrictInput
 
 Status = Literal["draft", "published", "archived"]
 Tag = Annotated[str, Field(min_length=1, max_length=50, pattern=r"^[^,\s][^,]*$")]
@@ -22,13 +22,13 @@ class DefinitionParts(StrictInput):
 
 
 class WorkflowCreate(DefinitionParts):
-    name: str = Field(min_length=1, max_length=200)
+    name: Name
     description: str = Field(default="", max_length=5000)
     tags: list[Tag] = Field(default_factory=list, max_length=20)
 
 
 class WorkflowUpdate(DefinitionParts):
-    name: str | None = Field(default=None, min_length=1, max_length=200)
+    name: Name | None = None
     description: str | None = Field(default=None, max_length=5000)
     tags: list[Tag] | None = Field(default=None, max_length=20)
     # The version the client edited; an older one means someone saved in between.

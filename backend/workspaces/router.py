@@ -9,8 +9,14 @@ from typing import Annotated
 from fastapi import APIRouter, Query, status
 
 from backend.activity.service import list_for_workspace
-from backend.auth.dependencies import CurrentUser, SettingsDep, WorkspaceAccess, require
-from backend.auth.permissions import Permission
+from backend.auth.dependencies import (
+    CurrentUser,
+    LimiterDep,
+    SettingsDep,
+    WorkspaceAccess,
+    require,
+)
+from backend.auth.permissions import Permission, Role
 from backend.kit.db import UnitOfWorkDep
 from backend.kit.pagination import Page, PageParamsDep
 from backend.workspaces import service
@@ -102,10 +108,31 @@ async def invite(
     body: InviteCreate,
     uow: UnitOfWorkDep,
     settings: SettingsDep,
+    limiter: LimiterDep,
     access: WorkspaceAccess = require(Permission.MEMBERS_INVITE),
 ) -> InvitationRead:
-    invitation, _ = await service.invite(uow, settings, access, body)
+    invitation, _ = await service.invite(uow, settings, limiter, access, body)
     return InvitationRead.model_validate(invitation)
+
+
+@router.get("/{workspace_id}/invitations")
+async def pending_invitations(
+    uow: UnitOfWorkDep, access: WorkspaceAccess = require(Permission.MEMBERS_INVITE)
+) -> list[InvitationRead]:
+    return [
+        InvitationRead.model_validate(i) for i in await service.pending_invitations(uow, access)
+    ]
+
+
+@router.delete(
+    "/{workspace_id}/invitations/{invitation_id}", status_code=status.HTTP_204_NO_CONTENT
+)
+async def revoke_invitation(
+    invitation_id: uuid.UUID,
+    uow: UnitOfWorkDep,
+    access: WorkspaceAccess = require(Permission.MEMBERS_INVITE),
+) -> None:
+    await service.revoke_invitation(uow, access, invitation_id)
 
 
 @router.get("/{workspace_id}/activity")
@@ -125,8 +152,15 @@ async def activity(
         uow.session, access.workspace.id, limit=page.limit, offset=page.offset,
         action=action, resource_type=resource_type, user_id=user_id, since=since, until=until,
     )  # fmt: skip
+    # Where people connect from is for administrators; editors see what happened.
+    private = not access.role.at_least(Role.ADMINISTRATOR)
     return Page(
-        items=[ActivityRead.model_validate(a) for a in items],
+        items=[
+            ActivityRead.model_validate(a).model_copy(
+                update={"ip": None, "user_agent": None} if private else {}
+            )
+            for a in items
+        ],
         total=total,
         limit=page.limit,
         offset=page.offset,

@@ -9,16 +9,16 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, EmailStr, Field
 
 from backend.auth.permissions import Role
-from backend.auth.schemas import StrictInput
+from backend.auth.schemas import Name, StrictInput
 
 
 class WorkspaceCreate(StrictInput):
-    name: str = Field(min_length=1, max_length=200)
+    name: Name
     settings: dict[str, Any] = Field(default_factory=dict)
 
 
 class WorkspaceUpdate(StrictInput):
-    name: str | None = Field(default=None, min_length=1, max_length=200)
+    name: Name | None = None
     settings: dict[str, Any] | None = None
 
 

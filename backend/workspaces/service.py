@@ -9,7 +9,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.activity.service import record
@@ -20,7 +20,8 @@ from backend.kit.crypto import hash_token, new_token
 from backend.kit.db import UnitOfWork
 from backend.kit.errors import Conflict, NotFound, PermissionDenied
 from backend.kit.mail import send_mail
-from backend.models import Invitation, User, Workspace, WorkspaceMember
+from backend.kit.ratelimit import RateLimiter
+from backend.models import ApiKey, Invitation, User, Workspace, WorkspaceMember
 from backend.workspaces.schemas import (
     InviteCreate,
     MemberRead,
@@ -168,13 +169,11 @@ async def list_members(
 
 
 async def _member(
-    session: AsyncSession, workspace_id: uuid.UUID, user_id: uuid.UUID, *, lock: bool = False
+    session: AsyncSession, workspace_id: uuid.UUID, user_id: uuid.UUID
 ) -> WorkspaceMember:
     stmt = select(WorkspaceMember).where(
         WorkspaceMember.workspace_id == workspace_id, WorkspaceMember.user_id == user_id
     )
-    if lock:
-        stmt = stmt.with_for_update()
     member = await session.scalar(stmt)
     if member is None:
         raise NotFound("member not found")
@@ -182,33 +181,55 @@ async def _member(
 
 
 async def _owner_count(session: AsyncSession, workspace_id: uuid.UUID) -> int:
-    # Locks the owners' rows: two concurrent demotions cannot both see "two owners".
-    rows = await session.scalars(
-        select(WorkspaceMember.id)
-        .where(
+    # Callers hold the workspace lock, so no other change can slip in between.
+    count = await session.scalar(
+        select(func.count()).where(
             WorkspaceMember.workspace_id == workspace_id, WorkspaceMember.role == Role.OWNER.value
         )
-        .with_for_update()
     )
-    return len(rows.all())
+    return int(count or 0)
 
 
-async def _check_can_manage(
-    access: WorkspaceAccess, member: WorkspaceMember, new_role: Role | None
-) -> None:
+async def _lock_membership_changes(session: AsyncSession, access: WorkspaceAccess) -> Role:
+    """Serialise every membership change of a workspace on its row, and return the
+    caller's role as it stands under that lock (it may have just been lowered).
+
+    One lock, always taken first: two owners demoting each other queue instead of
+    deadlocking on each other's member rows.
+    """
+    await session.execute(
+        select(Workspace.id).where(Workspace.id == access.workspace.id).with_for_update()
+    )
+    if access.principal.api_key is not None:
+        return access.role
+    role = await session.scalar(
+        select(WorkspaceMember.role).where(
+            WorkspaceMember.workspace_id == access.workspace.id,
+            WorkspaceMember.user_id == access.user.id,
+        )
+    )
+    if role is None:
+        raise NotFound("workspace not found")
+    return Role(role)
+
+
+async def _check_can_manage(caller: Role, member: WorkspaceMember, new_role: Role | None) -> None:
     current = Role(member.role)
-    if not access.role.at_least(current):
-        raise PermissionDenied(f"a {access.role.value} cannot change a {current.value}")
-    if new_role is not None and not access.role.at_least(new_role):
-        raise PermissionDenied(f"a {access.role.value} cannot grant {new_role.value}", field="role")
+    if not caller.at_least(Role.ADMINISTRATOR):
+        raise PermissionDenied(f"a {caller.value} cannot manage members")
+    if not caller.at_least(current):
+        raise PermissionDenied(f"a {caller.value} cannot change a {current.value}")
+    if new_role is not None and not caller.at_least(new_role):
+        raise PermissionDenied(f"a {caller.value} cannot grant {new_role.value}", field="role")
 
 
 async def change_role(
     uow: UnitOfWork, access: WorkspaceAccess, user_id: uuid.UUID, role: Role
 ) -> MemberRead:
     session = uow.session
-    member = await _member(session, access.workspace.id, user_id, lock=True)
-    await _check_can_manage(access, member, role)
+    caller = await _lock_membership_changes(session, access)
+    member = await _member(session, access.workspace.id, user_id)
+    await _check_can_manage(caller, member, role)
     old = Role(member.role)
     if (
         old == Role.OWNER
@@ -236,11 +257,22 @@ async def change_role(
 
 async def remove_member(uow: UnitOfWork, access: WorkspaceAccess, user_id: uuid.UUID) -> None:
     session = uow.session
-    member = await _member(session, access.workspace.id, user_id, lock=True)
-    await _check_can_manage(access, member, None)
+    caller = await _lock_membership_changes(session, access)
+    member = await _member(session, access.workspace.id, user_id)
+    await _check_can_manage(caller, member, None)
     if member.role == Role.OWNER.value and await _owner_count(session, access.workspace.id) <= 1:
         raise Conflict("the last owner cannot be removed")
     await session.delete(member)
+    # Keys act with their creator's authority: it leaves with the person.
+    await session.execute(
+        update(ApiKey)
+        .where(
+            ApiKey.workspace_id == access.workspace.id,
+            ApiKey.created_by == user_id,
+            ApiKey.revoked_at.is_(None),
+        )
+        .values(revoked_at=_now())
+    )
     await session.flush()
     record(
         session,
@@ -256,14 +288,29 @@ async def remove_member(uow: UnitOfWork, access: WorkspaceAccess, user_id: uuid.
 
 
 async def invite(
-    uow: UnitOfWork, settings: Settings, access: WorkspaceAccess, data: InviteCreate
+    uow: UnitOfWork,
+    settings: Settings,
+    limiter: RateLimiter,
+    access: WorkspaceAccess,
+    data: InviteCreate,
 ) -> tuple[Invitation, str]:
     if not access.role.at_least(data.role):
         raise PermissionDenied(
             f"a {access.role.value} cannot invite a {data.role.value}", field="role"
         )
+    await limiter.hit(
+        settings.auth.invite_limit, "invite", str(access.workspace.id), what="invitations"
+    )
     session = uow.session
     email = data.email.lower()
+    # A new invitation replaces any pending one for the same address.
+    await session.execute(
+        delete(Invitation).where(
+            Invitation.workspace_id == access.workspace.id,
+            Invitation.email == email,
+            Invitation.accepted_at.is_(None),
+        )
+    )
     already = await session.scalar(
         select(WorkspaceMember.id)
         .join(User, User.id == WorkspaceMember.user_id)
@@ -333,6 +380,23 @@ async def accept_invitation(uow: UnitOfWork, principal: Principal, token: str) -
         or invitation.expires_at <= _now()
     ):
         raise NotFound("invitation not found or no longer valid")
+    # The invitation carries its inviter's authority, as it stands today: an inviter
+    # who left voids it, one who was demoted cannot grant more than they now hold.
+    inviter_role = (
+        await session.scalar(
+            select(WorkspaceMember.role).where(
+                WorkspaceMember.workspace_id == invitation.workspace_id,
+                WorkspaceMember.user_id == invitation.invited_by,
+            )
+        )
+        if invitation.invited_by
+        else None
+    )
+    if inviter_role is None:
+        raise NotFound("invitation not found or no longer valid")
+    granted = Role(invitation.role)
+    if not Role(inviter_role).at_least(granted):
+        granted = Role(inviter_role)
     existing = await session.scalar(
         select(WorkspaceMember).where(
             WorkspaceMember.workspace_id == invitation.workspace_id,
@@ -344,7 +408,7 @@ async def accept_invitation(uow: UnitOfWork, principal: Principal, token: str) -
     invitation.accepted_at = _now()
     session.add(
         WorkspaceMember(
-            workspace_id=invitation.workspace_id, user_id=principal.user.id, role=invitation.role
+            workspace_id=invitation.workspace_id, user_id=principal.user.id, role=granted.value
         )
     )
     await session.flush()
@@ -355,8 +419,46 @@ async def accept_invitation(uow: UnitOfWork, principal: Principal, token: str) -
         action="members.join",
         resource_type="invitation",
         resource_id=invitation.id,
-        details={"role": invitation.role},
+        details={"role": granted.value},
     )
     workspace = await session.get(Workspace, invitation.workspace_id)
     assert workspace is not None
-    return _with_role(workspace, Role(invitation.role))
+    return _with_role(workspace, granted)
+
+
+async def pending_invitations(uow: UnitOfWork, access: WorkspaceAccess) -> list[Invitation]:
+    rows = await uow.session.scalars(
+        select(Invitation)
+        .where(
+            Invitation.workspace_id == access.workspace.id,
+            Invitation.accepted_at.is_(None),
+            Invitation.expires_at > _now(),
+        )
+        .order_by(Invitation.created_at.desc())
+    )
+    return list(rows.all())
+
+
+async def revoke_invitation(
+    uow: UnitOfWork, access: WorkspaceAccess, invitation_id: uuid.UUID
+) -> None:
+    invitation = await uow.session.scalar(
+        select(Invitation).where(
+            Invitation.id == invitation_id,
+            Invitation.workspace_id == access.workspace.id,
+            Invitation.accepted_at.is_(None),
+        )
+    )
+    if invitation is None:
+        raise NotFound("invitation not found")
+    await uow.session.delete(invitation)
+    await uow.session.flush()
+    record(
+        uow.session,
+        access.principal,
+        workspace_id=access.workspace.id,
+        action="members.invitation_revoke",
+        resource_type="invitation",
+        resource_id=invitation_id,
+        details={"email": invitation.email},
+    )

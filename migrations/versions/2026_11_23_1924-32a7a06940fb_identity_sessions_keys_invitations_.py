@@ -160,6 +160,8 @@ def upgrade() -> None:
         "sessions",
         sa.Column("user_id", sa.Uuid(), nullable=False),
         sa.Column("refresh_token_hash", sa.String(length=64), nullable=False),
+        sa.Column("previous_refresh_token_hash", sa.String(length=64), nullable=True),
+        sa.Column("rotated_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("ip", sa.String(length=64), nullable=True),
         sa.Column("user_agent", sa.String(length=512), nullable=True),
         sa.Column(

@@ -93,7 +93,7 @@ PRIVATE_CASES = [c for c in CASES if c.access != "public"]
 
 def test_every_api_route_declares_exactly_one_access() -> None:
     undeclared = [
-        f"{sorted(route.methods or ())} {route.path}: {len(_declarations(route.dependant))} declarations"
+        f"{sorted(route.methods or ())} {route.path}: {_declarations(route.dependant)}"
         for route in api_routes()
         if len(_declarations(route.dependant)) != 1
     ]

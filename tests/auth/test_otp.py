@@ -63,6 +63,37 @@ async def test_first_sign_in_creates_the_user_and_a_personal_workspace(
     assert {"auth.signup", "auth.login", "workspace.create"} <= actions
 
 
+async def test_the_code_is_never_in_the_subject(
+    client: httpx.AsyncClient, mailbox: Mailbox
+) -> None:
+    # The subject travels in clear (Flower shows it as the task's argsrepr).
+    email = unique_email("subject")
+    before = mailbox.count()
+    code = await request_code(client, mailbox, email)
+    message = mailbox.wait_for(email, after=before)
+    assert code not in message["Subject"]
+
+
+async def test_wrong_codes_are_counted_per_address_across_codes(
+    settings: Settings, sessionmaker: async_sessionmaker[AsyncSession], mailbox: Mailbox
+) -> None:
+    # A fresh code brings no fresh guesses: the address's failure budget carries over.
+    tight = settings.model_copy(
+        update={"auth": settings.auth.model_copy(update={"otp_failure_limit": "3 per day"})}
+    )
+    async for c in client_for(create_app(tight), sessionmaker):
+        email = unique_email("budget")
+        code = await request_code(c, mailbox, email)
+        wrong = f"{(int(code) + 1) % 1_000_000:06d}"
+        assert [(await verify(c, email, wrong)).status_code for _ in range(2)] == [401, 401]
+        code = await request_code(c, mailbox, email)
+        wrong = f"{(int(code) + 1) % 1_000_000:06d}"
+        assert (await verify(c, email, wrong)).status_code == 401
+        r = await verify(c, email, code)
+        assert r.status_code == 429
+        assert "retry-after" in r.headers
+
+
 async def test_the_database_never_holds_a_code_in_clear(
     client: httpx.AsyncClient, mailbox: Mailbox, session: AsyncSession
 ) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+from sqlalchemy import func, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.config import Settings
@@ -144,7 +145,17 @@ async def test_refresh_rotates_and_reuse_revokes_the_family(
     assert pair["refresh_token"] != actor.refresh_token
     assert (await me(client, pair["access_token"])).status_code == 200
 
-    # The rotated token is presented again: someone holds a stolen copy.
+    # Presented again at once: the owner's own clients racing. Refused, session stands.
+    race = await client.post("/api/v1/auth/refresh", json={"refresh_token": actor.refresh_token})
+    assert race.status_code == 401
+    assert (await me(client, pair["access_token"])).status_code == 200
+
+    # Presented again later: someone holds a stolen copy.
+    await session.execute(
+        update(AuthSession)
+        .where(AuthSession.id == actor.session_id)
+        .values(rotated_at=func.now() - text("interval '1 minute'"))
+    )
     reuse = await client.post("/api/v1/auth/refresh", json={"refresh_token": actor.refresh_token})
     assert reuse.status_code == 401
     # Everything of that session is dead now, including the newest tokens.

@@ -98,3 +98,14 @@ async def test_api_rate_limit_per_user_answers_429_with_retry_after(
         assert 1 <= int(r.headers["retry-after"]) <= 61
         # The limit is per user: someone else is not affected.
         assert (await c.get("/api/v1/auth/me", headers=other.headers)).status_code == 200
+
+
+def test_secret_bearing_paths_are_redacted_in_the_access_log() -> None:
+    from backend.kit.middleware import loggable_path
+
+    assert (
+        loggable_path("/api/v1/invitations/s3cr3t-token/accept")
+        == "/api/v1/invitations/[redacted]/accept"
+    )
+    assert loggable_path("/api/v1/hooks/abc") == "/api/v1/hooks/[redacted]"
+    assert loggable_path("/api/v1/invitations") == "/api/v1/invitations"

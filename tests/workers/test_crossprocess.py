@@ -57,7 +57,17 @@ def test_request_id_is_on_every_log_line_of_a_request(api: tuple[str, Path]) -> 
         == 200
     )
     httpx.get(f"{base}/missing", headers={"X-Request-ID": request_id}, timeout=10)
-    lines = [json.loads(line) for line in log.read_text().splitlines() if request_id in line]
+
+    def access_lines() -> list[dict[str, object]]:
+        return [json.loads(line) for line in log.read_text().splitlines() if request_id in line]
+
+    # The access line is written after the response went out: give it a moment.
+    wait_for(
+        lambda: any(line.get("status") == 404 for line in access_lines()),
+        timeout_s=10,
+        what="access log line",
+    )
+    lines = access_lines()
     # One access line per request, JSON, each carrying the id as a field.
     assert [line["event"] for line in lines].count("request") >= 1
     assert all(line["request_id"] == request_id for line in lines)

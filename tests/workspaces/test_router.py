@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import re
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.auth.permissions import Role
@@ -260,3 +262,129 @@ async def test_invite_cannot_grant_more_than_the_inviter_has(
     )
     assert r.status_code == 403
     assert r.json()["field"] == "role"
+
+
+async def test_pending_invitations_are_listed_replaced_and_revocable(
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    settings: Settings,
+    team: Workspace,
+    owner: Actor,
+) -> None:
+    email = unique_email("pending")
+    url = f"{API}/workspaces/{team.id}"
+    await client.post(
+        f"{url}/invite", headers=owner.headers, json={"email": email, "role": "viewer"}
+    )
+    await client.post(
+        f"{url}/invite", headers=owner.headers, json={"email": email, "role": "editor"}
+    )
+    pending = (await client.get(f"{url}/invitations", headers=owner.headers)).json()
+    # Re-inviting replaced the first invitation.
+    assert [(i["email"], i["role"]) for i in pending] == [(email, "editor")]
+    assert (
+        await client.delete(f"{url}/invitations/{pending[0]['id']}", headers=owner.headers)
+    ).status_code == 204
+    assert (await client.get(f"{url}/invitations", headers=owner.headers)).json() == []
+    assert (
+        await client.delete(f"{url}/invitations/{pending[0]['id']}", headers=owner.headers)
+    ).status_code == 404
+
+
+async def test_an_invitation_never_grants_more_than_its_inviter_holds_today(
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    settings: Settings,
+    team: Workspace,
+    owner: Actor,
+) -> None:
+    from backend.kit.crypto import hash_token, new_token
+    from backend.models import Invitation, WorkspaceMember
+
+    admin = await member(session, settings, team, Role.ADMINISTRATOR)
+    email = unique_email("capped")
+    token = new_token()
+    session.add(
+        Invitation(
+            workspace_id=team.id,
+            email=email,
+            role="administrator",
+            token_hash=hash_token(token),
+            invited_by=admin.user.id,
+            expires_at=datetime.now(UTC) + timedelta(days=1),
+        )
+    )
+    await session.flush()
+    # The inviter is demoted before the invitation is accepted.
+    r = await client.patch(
+        f"{API}/workspaces/{team.id}/members/{admin.user.id}",
+        headers=owner.headers,
+        json={"role": "viewer"},
+    )
+    assert r.status_code == 200
+    invitee = await sign_in(session, settings, await make_user(session, email))
+    r = await client.post(f"{API}/invitations/{token}/accept", headers=invitee.headers)
+    assert (r.status_code, r.json()["role"]) == (200, "viewer")
+    role = await session.scalar(
+        select(WorkspaceMember.role).where(WorkspaceMember.user_id == invitee.user.id)
+    )
+    assert role == "viewer"
+
+
+async def test_removing_a_member_revokes_their_api_keys(
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    settings: Settings,
+    team: Workspace,
+    owner: Actor,
+) -> None:
+    editor = await member(session, settings, team, Role.EDITOR)
+    created = (
+        await client.post(
+            f"{API}/workspaces/{team.id}/api-keys",
+            headers=editor.headers,
+            json={"name": "ci", "role": "viewer"},
+        )
+    ).json()
+    assert (
+        await client.get(f"{API}/workspaces/{team.id}", headers={"X-API-Key": created["key"]})
+    ).status_code == 200
+    assert (
+        await client.delete(
+            f"{API}/workspaces/{team.id}/members/{editor.user.id}", headers=owner.headers
+        )
+    ).status_code == 204
+    assert (
+        await client.get(f"{API}/workspaces/{team.id}", headers={"X-API-Key": created["key"]})
+    ).status_code == 401
+
+
+async def test_activity_hides_addresses_below_administrator(
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    settings: Settings,
+    team: Workspace,
+    owner: Actor,
+) -> None:
+    editor = await member(session, settings, team, Role.EDITOR)
+    await client.patch(f"{API}/workspaces/{team.id}", headers=owner.headers, json={"name": "Seen"})
+    as_owner = (
+        await client.get(f"{API}/workspaces/{team.id}/activity", headers=owner.headers)
+    ).json()["items"]
+    as_editor = (
+        await client.get(f"{API}/workspaces/{team.id}/activity", headers=editor.headers)
+    ).json()["items"]
+    assert as_owner[0]["ip"]
+    assert as_editor[0]["ip"] is None
+    assert as_editor[0]["user_agent"] is None
+    assert as_editor[0]["action"] == "workspace.update"
+
+
+async def test_names_with_control_characters_are_refused(
+    client: httpx.AsyncClient, owner: Actor
+) -> None:
+    r = await client.post(
+        f"{API}/workspaces", headers=owner.headers, json={"name": "evil\r\nBcc: x@example.com"}
+    )
+    assert r.status_code == 422
+    assert r.json()["fields"][0]["field"] == "name"
