@@ -111,6 +111,19 @@ class AuthSettings(BaseModel):
     invite_limit: str = "50 per hour"
 
 
+class AnthropicSettings(BaseModel):
+    # Unset: ANTHROPIC_API_KEY from the environment, as the SDK reads it.
+    api_key: SecretStr | None = None
+    # Unset: ANTHROPIC_BASE_URL from the environment, else the public API.
+    base_url: str | None = None
+    default_model: str = "claude-sonnet-4-5"
+    timeout_s: float = Field(default=120.0, gt=0, le=3600)
+    # The SDK's own retries of 429/5xx/529 (it honours retry-after).
+    max_retries: int = Field(default=2, ge=0, le=10)
+    # Upper bound of POST /agents/{id}/test, whatever the agent asks for.
+    test_timeout_s: float = Field(default=60.0, gt=0, le=600)
+
+
 class SmtpSettings(BaseModel):
     # Unset host: mail is written to the log instead (development and tests only).
     host: str | None = None
@@ -147,6 +160,7 @@ class Settings(BaseSettings):
     security: SecuritySettings = SecuritySettings()
     auth: AuthSettings = AuthSettings()
     smtp: SmtpSettings = SmtpSettings()
+    anthropic: AnthropicSettings = AnthropicSettings()
 
     @field_validator("database_url")
     @classmethod

@@ -14,9 +14,11 @@ from fastapi.responses import JSONResponse
 from redis.asyncio import Redis
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from backend.agents.router import router as agents_router
 from backend.auth.router import api_keys as api_keys_router
 from backend.auth.router import router as auth_router
 from backend.config import Settings, get_settings
+from backend.credentials.router import router as credentials_router
 from backend.health.router import router as health_router
 from backend.kit import errors
 from backend.kit.celery_app import celery_app
@@ -45,6 +47,8 @@ EXCEPTION_STATUS: list[tuple[type[errors.DomainError], int]] = [
     (errors.QuotaExceeded, 402),
     (errors.RateLimited, 429),
     (errors.DependencyUnavailable, 503),
+    (errors.NotConfigured, 424),
+    (errors.UpstreamError, 502),
     (errors.DomainError, 400),
 ]
 
@@ -192,6 +196,8 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
         api_keys_router,
         invitations_router,
         workflows_router,
+        credentials_router,
+        agents_router,
     )
     for router in routers:
         app.include_router(router, prefix=API_PREFIX)

@@ -39,16 +39,26 @@ class Permission(StrEnum):
     # Distinct from read: a viewer can look at a workflow and its runs, not start one.
     WORKFLOWS_EXECUTE = "workflows.execute"
     ANALYTICS_READ = "analytics.read"
+    # Metadata only: no route ever returns a secret.
+    CREDENTIALS_READ = "credentials.read"
+    CREDENTIALS_WRITE = "credentials.write"
 
 
 P = Permission
-_VIEWER = {P.WORKSPACE_READ, P.MEMBERS_READ, P.WORKFLOWS_READ, P.ANALYTICS_READ}
+_VIEWER = {
+    P.WORKSPACE_READ,
+    P.MEMBERS_READ,
+    P.WORKFLOWS_READ,
+    P.ANALYTICS_READ,
+    P.CREDENTIALS_READ,
+}
 _EDITOR = _VIEWER | {
     P.WORKFLOWS_WRITE,
     P.WORKFLOWS_DELETE,
     P.WORKFLOWS_EXECUTE,
     P.ACTIVITY_READ,
     P.API_KEYS_MANAGE,
+    P.CREDENTIALS_WRITE,
 }
 _ADMINISTRATOR = _EDITOR | {
     P.WORKSPACE_SETTINGS,
@@ -76,6 +86,7 @@ API_KEY_PERMISSIONS = frozenset(
         P.WORKFLOWS_EXECUTE,
         P.ANALYTICS_READ,
         P.ACTIVITY_READ,
+        P.CREDENTIALS_READ,
     }
 )
 

@@ -54,6 +54,13 @@ class SecretBox:
     def seal(self, plaintext: str) -> str:
         return self._box.encrypt(plaintext.encode()).decode()
 
+    def rotate(self, token: str) -> str:
+        """The same plaintext, encrypted under the current key."""
+        try:
+            return self._box.rotate(token.encode()).decode()
+        except InvalidToken as exc:
+            raise ValueError("cannot decrypt: wrong key or tampered data") from exc
+
     def open(self, token: str) -> str:
         try:
             return self._box.decrypt(token.encode()).decode()

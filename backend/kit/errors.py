@@ -60,6 +60,18 @@ class RateLimited(DomainError):
         self.retry_after_s = retry_after_s
 
 
+class NotConfigured(DomainError):
+    """A feature needs a setting nobody set (an API key, say)."""
+
+    code = "not_configured"
+
+
+class UpstreamError(DomainError):
+    """A service we called answered with an error (the model provider, say)."""
+
+    code = "upstream_error"
+
+
 class DependencyUnavailable(DomainError):
     """A backing service (PostgreSQL, Redis, the broker) did not answer."""
 

@@ -8,7 +8,9 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from backend.models import Workflow, WorkflowVersion, Workspace
+from backend.config import get_settings
+from backend.kit.crypto import SecretBox
+from backend.models import Agent, Credential, Workflow, WorkflowVersion, Workspace
 
 MINIMAL: dict[str, Any] = {
     "nodes": [
@@ -55,7 +57,43 @@ async def make_workflow(
     return workflow
 
 
+async def make_agent(
+    session: AsyncSession, workspace: Workspace, *, name: str = "Helper", **fields: Any
+) -> Agent:
+    agent = Agent(
+        workspace_id=workspace.id, name=name, model="claude-sonnet-4-5", max_tokens=256, **fields
+    )
+    session.add(agent)
+    await session.flush()
+    return agent
+
+
+async def make_credential(
+    session: AsyncSession, workspace: Workspace, *, name: str | None = None
+) -> Credential:
+    import json
+
+    credential = Credential(
+        id=uuid.uuid4(),
+        workspace_id=workspace.id,
+        name=name or f"cred-{uuid.uuid4().hex[:6]}",
+        type="bearer",
+        secret_encrypted="",
+    )
+    payload = {
+        "id": str(credential.id),
+        "workspace_id": str(workspace.id),
+        "data": {"type": "bearer", "token": "factory-token"},
+    }
+    credential.secret_encrypted = SecretBox(get_settings()).seal(json.dumps(payload))
+    session.add(credential)
+    await session.flush()
+    return credential
+
+
 # Resource model -> factory, for tests that need "some row of this kind" in a workspace.
 FACTORIES: dict[type[Any], Callable[[AsyncSession, Workspace], Awaitable[Any]]] = {
     Workflow: make_workflow,
+    Agent: make_agent,
+    Credential: make_credential,
 }

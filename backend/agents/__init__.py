@@ -1,0 +1,1 @@
+"""Reusable agent definitions and the agent runtime (Anthropic Messages API)."""

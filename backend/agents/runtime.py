@@ -1,0 +1,219 @@
+"""The agent runtime: one agent turn on the Anthropic Messages API through the official
+SDK, with tools, until the model stops or the iteration cap ends it clearly.
+
+The API's "test agent" and the engine's agent nodes run this same code. Every tool
+call is kept with its input and result, and every token is counted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import anthropic
+
+from backend.config import Settings
+from backend.kit.errors import NotConfigured
+
+ToolHandler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+# USD per million tokens (input, output), by model family; an estimate for reports,
+# not a bill. Unknown models report no cost rather than a wrong one.
+PRICES_PER_MTOK = {
+    "claude-opus": (15.0, 75.0),
+    "claude-sonnet": (3.0, 15.0),
+    "claude-haiku": (1.0, 5.0),
+}
+
+
+@dataclass
+class Tool:
+    name: str
+    description: str
+    input_schema: dict[str, Any]
+    handler: ToolHandler
+
+    def spec(self) -> dict[str, Any]:
+        # The schema goes to the model exactly as declared (MCP schemas included).
+        return {
+            "name": self.name,
+            "description": self.description,
+            "input_schema": self.input_schema,
+        }
+
+
+@dataclass
+class ToolCall:
+    id: str
+    name: str
+    input: dict[str, Any]
+    output: Any = None
+    error: str | None = None
+    duration_ms: float = 0.0
+
+
+@dataclass
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+
+    def add(self, usage: Any) -> None:
+        self.input_tokens += usage.input_tokens or 0
+        self.output_tokens += usage.output_tokens or 0
+        self.cache_creation_input_tokens += getattr(usage, "cache_creation_input_tokens", 0) or 0
+        self.cache_read_input_tokens += getattr(usage, "cache_read_input_tokens", 0) or 0
+
+
+@dataclass
+class AgentResult:
+    output: str
+    stop_reason: str
+    iterations: int
+    model: str
+    usage: Usage = field(default_factory=Usage)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    duration_ms: float = 0.0
+
+    @property
+    def cost_usd(self) -> float | None:
+        for family, (inp, out) in PRICES_PER_MTOK.items():
+            if self.model.startswith(family):
+                tokens_in = self.usage.input_tokens + self.usage.cache_creation_input_tokens * 1.25
+                tokens_in += self.usage.cache_read_input_tokens * 0.1
+                return round((tokens_in * inp + self.usage.output_tokens * out) / 1_000_000, 6)
+        return None
+
+
+@dataclass
+class AgentSpec:
+    model: str
+    system_prompt: str
+    max_tokens: int
+    temperature: float | None
+    tools: list[Tool]
+    max_iterations: int
+
+
+def client_for(settings: Settings, *, timeout_s: float | None = None) -> anthropic.AsyncAnthropic:
+    import os
+
+    conf = settings.anthropic
+    key = conf.api_key.get_secret_value() if conf.api_key else os.environ.get("ANTHROPIC_API_KEY")
+    if not key:
+        raise NotConfigured(
+            "no Anthropic API key: set ANTHROPIC__API_KEY (or ANTHROPIC_API_KEY)",
+            field="ANTHROPIC__API_KEY",
+        )
+    return anthropic.AsyncAnthropic(
+        api_key=key,
+        # None lets the SDK read ANTHROPIC_BASE_URL itself.
+        base_url=conf.base_url,
+        timeout=timeout_s or conf.timeout_s,
+        max_retries=conf.max_retries,
+    )
+
+
+async def run(client: anthropic.AsyncAnthropic, spec: AgentSpec, user_input: str) -> AgentResult:
+    started = time.perf_counter()
+    tools = {t.name: t for t in spec.tools}
+    messages: list[Any] = [{"role": "user", "content": user_input}]
+    result = AgentResult(output="", stop_reason="", iterations=0, model=spec.model)
+    extra: dict[str, Any] = {}
+    if spec.temperature is not None:
+        extra["temperature"] = spec.temperature
+    if tools:
+        extra["tools"] = [t.spec() for t in tools.values()]
+    if spec.system_prompt:
+        extra["system"] = spec.system_prompt
+    while True:
+        if result.iterations >= spec.max_iterations:
+            # Ends as what it is, never as a success (n8n #22771).
+            result.stop_reason = "max_iterations"
+            break
+        result.iterations += 1
+        response = await client.messages.create(
+            model=spec.model,
+            max_tokens=spec.max_tokens,
+            messages=messages,
+            **extra,
+        )
+        result.usage.add(response.usage)
+        result.model = response.model or spec.model
+        result.output = "".join(b.text for b in response.content if b.type == "text")
+        result.stop_reason = response.stop_reason or "end_turn"
+        uses = [b for b in response.content if b.type == "tool_use"]
+        if response.stop_reason != "tool_use" or not uses:
+            break
+        messages.append(
+            {
+                "role": "assistant",
+                "content": [b.model_dump(exclude_none=True) for b in response.content],
+            }
+        )
+        results: list[dict[str, Any]] = []
+        for block in uses:
+            call = ToolCall(
+                id=block.id,
+                name=block.name,
+                input=dict(block.input) if isinstance(block.input, dict) else {},
+            )
+            t0 = time.perf_counter()
+            tool = tools.get(block.name)
+            try:
+                if tool is None:
+                    raise LookupError(f"no tool named {block.name!r}")
+                call.output = await tool.handler(call.input)
+                content = call.output if isinstance(call.output, str) else _json(call.output)
+                results.append({"type": "tool_result", "tool_use_id": block.id, "content": content})
+            except Exception as exc:
+                call.error = f"{type(exc).__name__}: {exc}"
+                results.append(
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": block.id,
+                        "content": call.error,
+                        "is_error": True,
+                    }
+                )
+            call.duration_ms = round((time.perf_counter() - t0) * 1000, 2)
+            result.tool_calls.append(call)
+        messages.append({"role": "user", "content": results})
+    result.duration_ms = round((time.perf_counter() - started) * 1000, 2)
+    return result
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(value, default=str)
+
+
+# Built-in tools ---------------------------------------------------------------------------
+
+
+async def _current_time(args: dict[str, Any]) -> dict[str, str]:
+    name = str(args.get("timezone") or "UTC")
+    try:
+        zone = ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"unknown time zone {name!r}") from exc
+    return {"timezone": name, "now": datetime.now(UTC).astimezone(zone).isoformat()}
+
+
+BUILTINS: dict[str, Tool] = {
+    "current_time": Tool(
+        name="current_time",
+        description="The current date and time, in a given IANA time zone (default UTC).",
+        input_schema={
+            "type": "object",
+            "properties": {"timezone": {"type": "string", "description": "e.g. Europe/Paris"}},
+        },
+        handler=_current_time,
+    ),
+}

@@ -1,0 +1,287 @@
+"""Agents: reusable definitions in a workspace, and a test turn through the runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+import anthropic
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from backend.activity.service import record
+from backend.agents import runtime
+from backend.agents.schemas import AgentCreate, AgentTest, AgentTestResult, AgentUpdate
+from backend.auth.dependencies import WorkspaceAccess
+from backend.config import Settings
+from backend.kit.db import UnitOfWork
+from backend.kit.errors import (
+    Conflict,
+    DependencyUnavailable,
+    RateLimited,
+    UpstreamError,
+    ValidationFailed,
+)
+from backend.kit.repository import Repository
+from backend.models import Agent
+
+MAX_SUB_AGENT_DEPTH = 3
+
+
+class AgentRepository(Repository[Agent]):
+    model = Agent
+
+
+async def _check_sub_agents(
+    session: AsyncSession, workspace_id: uuid.UUID, agent_id: uuid.UUID, subs: list[uuid.UUID]
+) -> None:
+    if agent_id in subs:
+        raise ValidationFailed("an agent cannot call itself", field="sub_agents")
+    rows = await session.execute(
+        select(Agent.id, Agent.sub_agents).where(Agent.workspace_id == workspace_id)
+    )
+    graph = {row_id: [uuid.UUID(s) for s in row_subs] for row_id, row_subs in rows.all()}
+    missing = [s for s in subs if s not in graph]
+    if missing:
+        raise ValidationFailed(
+            f"sub-agent {missing[0]} not found in this workspace", field="sub_agents"
+        )
+    graph[agent_id] = list(subs)
+    # Calls that come back round to this agent would loop (and bill) forever.
+    stack, seen = list(subs), set()
+    while stack:
+        current = stack.pop()
+        if current == agent_id:
+            raise ValidationFailed(
+                "sub-agents would call this agent again (a cycle)", field="sub_agents"
+            )
+        if current not in seen:
+            seen.add(current)
+            stack.extend(graph.get(current, []))
+
+
+def _fields(data: AgentCreate | AgentUpdate) -> dict[str, Any]:
+    values = data.model_dump(exclude_unset=True, mode="json")
+    if "metadata" in values:
+        values["meta"] = values.pop("metadata")
+    return values
+
+
+async def create(
+    uow: UnitOfWork, settings: Settings, access: WorkspaceAccess, data: AgentCreate
+) -> Agent:
+    agent_id = uuid.uuid4()
+    await _check_sub_agents(uow.session, access.workspace.id, agent_id, data.sub_agents)
+    values = _fields(data)
+    values.setdefault("model", settings.anthropic.default_model)
+    if values["model"] is None:
+        values["model"] = settings.anthropic.default_model
+    agent = Agent(
+        id=agent_id,
+        workspace_id=access.workspace.id,
+        created_by=access.user.id,
+        **{"max_tokens": data.max_tokens, **values},
+    )
+    uow.session.add(agent)
+    await uow.session.flush()
+    record(
+        uow.session,
+        access.principal,
+        workspace_id=access.workspace.id,
+        action="agent.create",
+        resource_type="agent",
+        resource_id=agent.id,
+        details={"name": agent.name},
+    )
+    return agent
+
+
+async def list_agents(
+    uow: UnitOfWork, access: WorkspaceAccess, *, q: str | None, limit: int, offset: int
+) -> tuple[Sequence[Agent], int]:
+    stmt = select(Agent).where(Agent.workspace_id == access.workspace.id)
+    if q:
+        stmt = stmt.where(
+            Agent.name.ilike(
+                "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%",
+                escape="\\",
+            )
+        )
+    return await AgentRepository(uow.session).paginate(
+        stmt.order_by(Agent.name, Agent.id), limit=limit, offset=offset
+    )
+
+
+async def update(uow: UnitOfWork, access: WorkspaceAccess, data: AgentUpdate) -> Agent:
+    agent: Agent = access.resource
+    if data.sub_agents is not None:
+        await _check_sub_agents(uow.session, agent.workspace_id, agent.id, data.sub_agents)
+    values = _fields(data)
+    for key, value in values.items():
+        if value is None and key in ("name", "model", "max_tokens"):
+            continue
+        setattr(agent, key, value)
+    await uow.session.flush()
+    record(
+        uow.session,
+        access.principal,
+        workspace_id=agent.workspace_id,
+        action="agent.update",
+        resource_type="agent",
+        resource_id=agent.id,
+        details={"fields": sorted(values)},
+    )
+    return agent
+
+
+async def delete(uow: UnitOfWork, access: WorkspaceAccess) -> None:
+    agent: Agent = access.resource
+    callers = await uow.session.scalars(
+        select(Agent.name).where(
+            Agent.workspace_id == agent.workspace_id, Agent.sub_agents.contains([str(agent.id)])
+        )
+    )
+    names = sorted(callers.all())
+    if names:
+        raise Conflict(f"other agents call this one: {', '.join(names)}", agents=names)
+    record(
+        uow.session,
+        access.principal,
+        workspace_id=agent.workspace_id,
+        action="agent.delete",
+        resource_type="agent",
+        resource_id=agent.id,
+        details={"name": agent.name},
+    )
+    await uow.session.delete(agent)
+    await uow.session.flush()
+
+
+def _tool_name(agent: Agent) -> str:
+    return ("agent_" + re.sub(r"[^a-zA-Z0-9_-]+", "_", agent.name).strip("_"))[:64]
+
+
+async def build_spec(
+    session: AsyncSession,
+    client: anthropic.AsyncAnthropic,
+    agent: Agent,
+    *,
+    max_iterations: int,
+    usage: runtime.Usage,
+    depth: int = 0,
+) -> runtime.AgentSpec:
+    """The runtime spec of an agent: its built-in tools and its sub-agents as tools.
+    Sub-agent tokens are added to `usage`, so a run's total counts every call."""
+    tools = [
+        runtime.BUILTINS[t["name"]]
+        for t in agent.tools
+        if t.get("type") == "builtin" and t["name"] in runtime.BUILTINS
+    ]
+    if depth < MAX_SUB_AGENT_DEPTH and agent.sub_agents:
+        subs = await session.scalars(
+            select(Agent).where(
+                Agent.workspace_id == agent.workspace_id,
+                Agent.id.in_([uuid.UUID(s) for s in agent.sub_agents]),
+            )
+        )
+        for sub in subs.all():
+            sub_spec = await build_spec(
+                session, client, sub, max_iterations=max_iterations, usage=usage, depth=depth + 1
+            )
+
+            async def call_sub(
+                args: dict[str, Any], spec: runtime.AgentSpec = sub_spec
+            ) -> dict[str, Any]:
+                result = await runtime.run(client, spec, str(args.get("task", "")))
+                for key, value in asdict(result.usage).items():
+                    setattr(usage, key, getattr(usage, key) + value)
+                return {"output": result.output, "stop_reason": result.stop_reason}
+
+            tools.append(
+                runtime.Tool(
+                    name=_tool_name(sub),
+                    description=(sub.description or f"Ask the {sub.name} agent")[:1000],
+                    input_schema={
+                        "type": "object",
+                        "properties": {"task": {"type": "string"}},
+                        "required": ["task"],
+                    },
+                    handler=call_sub,
+                )
+            )
+    return runtime.AgentSpec(
+        model=agent.model,
+        system_prompt=agent.system_prompt,
+        max_tokens=agent.max_tokens,
+        temperature=agent.temperature,
+        tools=tools,
+        max_iterations=max_iterations,
+    )
+
+
+async def test(
+    uow: UnitOfWork, settings: Settings, access: WorkspaceAccess, data: AgentTest
+) -> AgentTestResult:
+    agent: Agent = access.resource
+    timeout = settings.anthropic.test_timeout_s
+    client = runtime.client_for(settings, timeout_s=timeout)
+    sub_usage = runtime.Usage()
+    spec = await build_spec(
+        uow.session, client, agent, max_iterations=data.max_iterations, usage=sub_usage
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            result = await runtime.run(client, spec, data.input)
+    except TimeoutError as exc:
+        raise DependencyUnavailable(f"the agent did not finish within {timeout:.0f} s") from exc
+    except anthropic.RateLimitError as exc:
+        raise RateLimited(
+            "the model provider is rate limiting; try again shortly", retry_after_s=30
+        ) from exc
+    except (anthropic.APIConnectionError, anthropic.InternalServerError) as exc:
+        raise DependencyUnavailable(
+            f"the model provider is unreachable or overloaded: {type(exc).__name__}"
+        ) from exc
+    except anthropic.AuthenticationError as exc:
+        raise UpstreamError(
+            "the model provider refused the API key (ANTHROPIC__API_KEY)",
+            field="ANTHROPIC__API_KEY",
+        ) from exc
+    except anthropic.APIStatusError as exc:
+        raise UpstreamError(
+            f"the model provider answered {exc.status_code}: {exc.message}"
+        ) from exc
+    finally:
+        await client.close()
+    for key, value in asdict(sub_usage).items():
+        setattr(result.usage, key, getattr(result.usage, key) + value)
+    record(
+        uow.session,
+        access.principal,
+        workspace_id=agent.workspace_id,
+        action="agent.test",
+        resource_type="agent",
+        resource_id=agent.id,
+        details={
+            "iterations": result.iterations,
+            "input_tokens": result.usage.input_tokens,
+            "output_tokens": result.usage.output_tokens,
+            "stop_reason": result.stop_reason,
+        },
+    )
+    return AgentTestResult.model_validate(
+        {
+            "output": result.output,
+            "stop_reason": result.stop_reason,
+            "iterations": result.iterations,
+            "model": result.model,
+            "tool_calls": [asdict(c) for c in result.tool_calls],
+            "usage": asdict(result.usage),
+            "cost_usd": result.cost_usd,
+            "duration_ms": result.duration_ms,
+        }
+    )

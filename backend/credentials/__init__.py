@@ -1,0 +1,1 @@
+"""Workspace credentials: secrets nodes reference by id, encrypted at rest."""

@@ -1,0 +1,65 @@
+"""Bodies of /credentials. Secrets go in; only metadata ever comes out."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from backend.auth.schemas import Name, StrictInput
+
+HeaderName = Annotated[str, Field(pattern=r"^[A-Za-z0-9-]{1,64}$")]
+
+
+class ApiKeySecret(StrictInput):
+    type: Literal["api_key"]
+    key: SecretStr = Field(min_length=1, max_length=4096)
+    header: HeaderName = "X-API-Key"
+
+
+class BearerSecret(StrictInput):
+    type: Literal["bearer"]
+    token: SecretStr = Field(min_length=1, max_length=8192)
+
+
+class BasicSecret(StrictInput):
+    type: Literal["basic"]
+    username: str = Field(min_length=1, max_length=256)
+    password: SecretStr = Field(min_length=1, max_length=1024)
+
+
+class HeadersSecret(StrictInput):
+    type: Literal["headers"]
+    headers: dict[HeaderName, SecretStr] = Field(min_length=1, max_length=20)
+
+
+Secret = Annotated[
+    ApiKeySecret | BearerSecret | BasicSecret | HeadersSecret, Field(discriminator="type")
+]
+
+
+class CredentialCreate(StrictInput):
+    name: Annotated[Name, Field(max_length=100)]
+    secret: Secret
+
+
+class CredentialUpdate(StrictInput):
+    name: Annotated[Name, Field(max_length=100)] | None = None
+    # Replaces the whole secret; its type may change.
+    secret: Secret | None = None
+
+
+class CredentialRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    workspace_id: uuid.UUID
+    name: str
+    type: str
+    hint: str | None
+    created_by: uuid.UUID | None
+    created_at: datetime
+    updated_at: datetime
+    last_used_at: datetime | None
