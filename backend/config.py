@@ -116,7 +116,7 @@ class AnthropicSettings(BaseModel):
     api_key: SecretStr | None = None
     # Unset: ANTHROPIC_BASE_URL from the environment, else the public API.
     base_url: str | None = None
-    default_model: str = "claude-sonnet-4-5"
+    default_model: str = "claude-sonnet-5-5"
     timeout_s: float = Field(default=120.0, gt=0, le=3600)
     # The SDK's own retries of 429/5xx/529 (it honours retry-after).
     max_retries: int = Field(default=2, ge=0, le=10)

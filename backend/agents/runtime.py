@@ -126,7 +126,9 @@ async def run(client: anthropic.AsyncAnthropic, spec: AgentSpec, user_input: str
     result = AgentResult(output="", stop_reason="", iterations=0, model=spec.model)
     extra: dict[str, Any] = {}
     if spec.temperature is not None:
-        extra["temperature"] = spec.temperature
+        # The SDK (2.x) no longer types sampling parameters; models that take one
+        # still read it from the request body.
+        extra["extra_body"] = {"temperature": spec.temperature}
     if tools:
         extra["tools"] = [t.spec() for t in tools.values()]
     if spec.system_prompt:

@@ -61,7 +61,7 @@ async def make_agent(
     session: AsyncSession, workspace: Workspace, *, name: str = "Helper", **fields: Any
 ) -> Agent:
     agent = Agent(
-        workspace_id=workspace.id, name=name, model="claude-sonnet-4-5", max_tokens=256, **fields
+        workspace_id=workspace.id, name=name, model="claude-sonnet-5-5", max_tokens=256, **fields
     )
     session.add(agent)
     await session.flush()
