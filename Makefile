@@ -9,7 +9,7 @@ PYTHON ?= python3
 # pytest arguments for `make test`; -n auto spreads the suite over the cores.
 PYTEST_ARGS ?= -n auto --dist loadgroup
 
-.PHONY: help install run test lint format migrate bench clean
+.PHONY: help install run test lint format migrate bench rotate-keys clean
 
 help:
 	@echo "make run      start API, worker, beat and Flower (embedded PostgreSQL/Valkey unless DATABASE_URL/REDIS_URL are set)"
@@ -17,6 +17,7 @@ help:
 	@echo "make lint     ruff + mypy"
 	@echo "make migrate  apply migrations to DATABASE_URL (or the embedded database)"
 	@echo "make bench    print the benchmark figures"
+	@echo "make rotate-keys  re-encrypt every credential under SECURITY__ENCRYPTION_KEY"
 
 .uv-bootstrap/bin/uv:
 	$(PYTHON) -m venv .uv-bootstrap
@@ -42,6 +43,9 @@ format: install
 
 migrate: install
 	$(UV) run --frozen --no-sync python scripts/devstack.py exec -- alembic upgrade head
+
+rotate-keys: install
+	$(UV) run --frozen --no-sync python scripts/devstack.py exec -- python -m backend.credentials.rotate
 
 bench: install
 	$(UV) run --frozen --no-sync python scripts/devstack.py exec --ephemeral -- python -m bench
