@@ -1,0 +1,1 @@
+"""Executions: runs of a pinned workflow version, and their state machine."""
