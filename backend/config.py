@@ -122,6 +122,8 @@ class AnthropicSettings(BaseModel):
     max_retries: int = Field(default=2, ge=0, le=10)
     # Upper bound of POST /agents/{id}/test, whatever the agent asks for.
     test_timeout_s: float = Field(default=60.0, gt=0, le=600)
+    # Model calls one agent run may make, sub-agents included.
+    max_calls_per_run: int = Field(default=50, ge=1, le=10_000)
 
 
 class SmtpSettings(BaseModel):

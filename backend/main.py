@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from redis.asyncio import Redis
+from sqlalchemy.exc import IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backend.agents.router import router as agents_router
@@ -107,6 +108,17 @@ async def _domain_error(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _integrity_error(_: Request, exc: Exception) -> JSONResponse:
+    # A unique constraint lost a race the service's own check could not see (two
+    # creates of the same name at once). The constraint name says which.
+    constraint = getattr(getattr(getattr(exc, "orig", None), "diag", None), "constraint_name", None)
+    log.warning("integrity_error", constraint=constraint)
+    return JSONResponse(
+        status_code=409,
+        content=_body("conflict", "conflicts with an existing record", constraint=constraint),
+    )
+
+
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     fields = [
@@ -187,6 +199,7 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
     )
     app.add_exception_handler(errors.DomainError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(IntegrityError, _integrity_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
 
     app.include_router(health_router)

@@ -21,13 +21,48 @@ from backend.kit.errors import NotConfigured
 
 ToolHandler = Callable[[dict[str, Any]], Awaitable[Any]]
 
-# USD per million tokens (input, output), by model family; an estimate for reports,
-# not a bill. Unknown models report no cost rather than a wrong one.
-PRICES_PER_MTOK = {
-    "claude-opus": (15.0, 75.0),
-    "claude-sonnet": (3.0, 15.0),
-    "claude-haiku": (1.0, 5.0),
-}
+# USD per million tokens (input, output) by model prefix, first match wins; an estimate
+# for reports, not a bill (published list prices, 2026-11). Unknown models report no
+# cost rather than a wrong one.
+PRICES_PER_MTOK: list[tuple[str, tuple[float, float]]] = [
+    ("claude-opus-4-0", (15.0, 75.0)),
+    ("claude-opus-4-1", (15.0, 75.0)),
+    ("claude-opus-4-2", (15.0, 75.0)),
+    ("claude-3-opus", (15.0, 75.0)),
+    ("claude-opus", (5.0, 25.0)),
+    ("claude-sonnet", (3.0, 15.0)),
+    ("claude-3-5-haiku", (0.8, 4.0)),
+    ("claude-haiku", (1.0, 5.0)),
+]
+
+
+def price_of(model: str, usage: Any) -> float | None:
+    for prefix, (inp, out) in PRICES_PER_MTOK:
+        if model.startswith(prefix):
+            tokens_in = (usage.input_tokens or 0) + (
+                getattr(usage, "cache_creation_input_tokens", 0) or 0
+            ) * 1.25
+            tokens_in += (getattr(usage, "cache_read_input_tokens", 0) or 0) * 0.1
+            return (tokens_in * inp + (usage.output_tokens or 0) * out) / 1_000_000
+    return None
+
+
+class BudgetExceeded(RuntimeError):
+    pass
+
+
+@dataclass
+class Budget:
+    """One cap on model calls for a whole agent run, sub-agents included: a tree of
+    agents calling agents must not multiply its cost unnoticed."""
+
+    max_calls: int = 50
+    calls: int = 0
+
+    def spend(self) -> None:
+        if self.calls >= self.max_calls:
+            raise BudgetExceeded(f"more than {self.max_calls} model calls in one run")
+        self.calls += 1
 
 
 @dataclass
@@ -79,15 +114,17 @@ class AgentResult:
     usage: Usage = field(default_factory=Usage)
     tool_calls: list[ToolCall] = field(default_factory=list)
     duration_ms: float = 0.0
+    # Summed per call at each call's own model's price; None if any model is unpriced.
+    cost: float | None = 0.0
 
     @property
     def cost_usd(self) -> float | None:
-        for family, (inp, out) in PRICES_PER_MTOK.items():
-            if self.model.startswith(family):
-                tokens_in = self.usage.input_tokens + self.usage.cache_creation_input_tokens * 1.25
-                tokens_in += self.usage.cache_read_input_tokens * 0.1
-                return round((tokens_in * inp + self.usage.output_tokens * out) / 1_000_000, 6)
-        return None
+        return round(self.cost, 6) if self.cost is not None else None
+
+    def charge(self, model: str, usage: Any) -> None:
+        self.usage.add(usage)
+        price = price_of(model, usage)
+        self.cost = None if price is None or self.cost is None else self.cost + price
 
 
 @dataclass
@@ -119,11 +156,21 @@ def client_for(settings: Settings, *, timeout_s: float | None = None) -> anthrop
     )
 
 
-async def run(client: anthropic.AsyncAnthropic, spec: AgentSpec, user_input: str) -> AgentResult:
+async def run(
+    client: anthropic.AsyncAnthropic,
+    spec: AgentSpec,
+    user_input: str,
+    *,
+    budget: Budget | None = None,
+    result: AgentResult | None = None,
+) -> AgentResult:
+    """Run one turn. Pass `result` to have usage land in it even if the run raises
+    (partial usage is still usage: it was billed)."""
+    budget = budget or Budget()
     started = time.perf_counter()
     tools = {t.name: t for t in spec.tools}
     messages: list[Any] = [{"role": "user", "content": user_input}]
-    result = AgentResult(output="", stop_reason="", iterations=0, model=spec.model)
+    result = result or AgentResult(output="", stop_reason="", iterations=0, model=spec.model)
     extra: dict[str, Any] = {}
     if spec.temperature is not None:
         # The SDK (2.x) no longer types sampling parameters; models that take one
@@ -139,14 +186,15 @@ async def run(client: anthropic.AsyncAnthropic, spec: AgentSpec, user_input: str
             result.stop_reason = "max_iterations"
             break
         result.iterations += 1
+        budget.spend()
         response = await client.messages.create(
             model=spec.model,
             max_tokens=spec.max_tokens,
             messages=messages,
             **extra,
         )
-        result.usage.add(response.usage)
         result.model = response.model or spec.model
+        result.charge(result.model, response.usage)
         result.output = "".join(b.text for b in response.content if b.type == "text")
         result.stop_reason = response.stop_reason or "end_turn"
         uses = [b for b in response.content if b.type == "tool_use"]

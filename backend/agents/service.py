@@ -22,12 +22,14 @@ from backend.kit.db import UnitOfWork
 from backend.kit.errors import (
     Conflict,
     DependencyUnavailable,
+    QuotaExceeded,
     RateLimited,
     UpstreamError,
     ValidationFailed,
 )
 from backend.kit.repository import Repository
 from backend.models import Agent
+from backend.workflows.service import workflows_using
 
 MAX_SUB_AGENT_DEPTH = 3
 
@@ -122,8 +124,10 @@ async def update(uow: UnitOfWork, access: WorkspaceAccess, data: AgentUpdate) ->
         await _check_sub_agents(uow.session, agent.workspace_id, agent.id, data.sub_agents)
     values = _fields(data)
     for key, value in values.items():
-        if value is None and key in ("name", "model", "max_tokens"):
-            continue
+        # null means "clear" only where a column can be empty (temperature: the
+        # model's default); elsewhere it is refused rather than half-applied.
+        if value is None and key != "temperature":
+            raise ValidationFailed(f"{key} cannot be null", field=key)
         setattr(agent, key, value)
     await uow.session.flush()
     record(
@@ -148,6 +152,9 @@ async def delete(uow: UnitOfWork, access: WorkspaceAccess) -> None:
     names = sorted(callers.all())
     if names:
         raise Conflict(f"other agents call this one: {', '.join(names)}", agents=names)
+    flows = await workflows_using(uow.session, agent.workspace_id, "agent_id", agent.id)
+    if flows:
+        raise Conflict(f"workflows use this agent: {', '.join(flows)}", workflows=flows)
     record(
         uow.session,
         access.principal,
@@ -162,7 +169,9 @@ async def delete(uow: UnitOfWork, access: WorkspaceAccess) -> None:
 
 
 def _tool_name(agent: Agent) -> str:
-    return ("agent_" + re.sub(r"[^a-zA-Z0-9_-]+", "_", agent.name).strip("_"))[:64]
+    # The id's head keeps two similarly named sub-agents apart.
+    base = re.sub(r"[^a-zA-Z0-9_-]+", "_", agent.name).strip("_")[:48]
+    return f"agent_{base}_{agent.id.hex[:6]}"
 
 
 async def build_spec(
@@ -171,15 +180,20 @@ async def build_spec(
     agent: Agent,
     *,
     max_iterations: int,
-    usage: runtime.Usage,
+    budget: runtime.Budget,
+    spent: runtime.AgentResult,
     depth: int = 0,
+    built: dict[tuple[uuid.UUID, int], runtime.AgentSpec] | None = None,
 ) -> runtime.AgentSpec:
     """The runtime spec of an agent: its built-in tools and its sub-agents as tools.
-    Sub-agent tokens are added to `usage`, so a run's total counts every call."""
+    Sub-agent calls share the run's `budget` and add their usage and cost to `spent`."""
+    built = {} if built is None else built
+    if (agent.id, depth) in built:
+        return built[(agent.id, depth)]
     tools = [
         runtime.BUILTINS[t["name"]]
         for t in agent.tools
-        if t.get("type") == "builtin" and t["name"] in runtime.BUILTINS
+        if t.get("type") == "builtin" and t.get("name") in runtime.BUILTINS
     ]
     if depth < MAX_SUB_AGENT_DEPTH and agent.sub_agents:
         subs = await session.scalars(
@@ -190,16 +204,23 @@ async def build_spec(
         )
         for sub in subs.all():
             sub_spec = await build_spec(
-                session, client, sub, max_iterations=max_iterations, usage=usage, depth=depth + 1
-            )
+                session, client, sub, max_iterations=max_iterations, budget=budget,
+                spent=spent, depth=depth + 1, built=built,
+            )  # fmt: skip
 
             async def call_sub(
                 args: dict[str, Any], spec: runtime.AgentSpec = sub_spec
             ) -> dict[str, Any]:
-                result = await runtime.run(client, spec, str(args.get("task", "")))
-                for key, value in asdict(result.usage).items():
-                    setattr(usage, key, getattr(usage, key) + value)
-                return {"output": result.output, "stop_reason": result.stop_reason}
+                part = runtime.AgentResult(
+                    output="", stop_reason="", iterations=0, model=spec.model
+                )
+                try:
+                    await runtime.run(
+                        client, spec, str(args.get("task", "")), budget=budget, result=part
+                    )
+                finally:
+                    _merge(spent, part)
+                return {"output": part.output, "stop_reason": part.stop_reason}
 
             tools.append(
                 runtime.Tool(
@@ -213,7 +234,7 @@ async def build_spec(
                     handler=call_sub,
                 )
             )
-    return runtime.AgentSpec(
+    spec = runtime.AgentSpec(
         model=agent.model,
         system_prompt=agent.system_prompt,
         max_tokens=agent.max_tokens,
@@ -221,6 +242,14 @@ async def build_spec(
         tools=tools,
         max_iterations=max_iterations,
     )
+    built[(agent.id, depth)] = spec
+    return spec
+
+
+def _merge(into: runtime.AgentResult, part: runtime.AgentResult) -> None:
+    for key, value in asdict(part.usage).items():
+        setattr(into.usage, key, getattr(into.usage, key) + value)
+    into.cost = None if into.cost is None or part.cost is None else into.cost + part.cost
 
 
 async def test(
@@ -229,18 +258,29 @@ async def test(
     agent: Agent = access.resource
     timeout = settings.anthropic.test_timeout_s
     client = runtime.client_for(settings, timeout_s=timeout)
-    sub_usage = runtime.Usage()
-    spec = await build_spec(
-        uow.session, client, agent, max_iterations=data.max_iterations, usage=sub_usage
-    )
+    budget = runtime.Budget(max_calls=settings.anthropic.max_calls_per_run)
+    subs = runtime.AgentResult(output="", stop_reason="", iterations=0, model=agent.model)
+    result = runtime.AgentResult(output="", stop_reason="", iterations=0, model=agent.model)
     try:
+        spec = await build_spec(
+            uow.session,
+            client,
+            agent,
+            max_iterations=data.max_iterations,
+            budget=budget,
+            spent=subs,
+        )
         async with asyncio.timeout(timeout):
-            result = await runtime.run(client, spec, data.input)
+            await runtime.run(client, spec, data.input, budget=budget, result=result)
     except TimeoutError as exc:
         raise DependencyUnavailable(f"the agent did not finish within {timeout:.0f} s") from exc
+    except runtime.BudgetExceeded as exc:
+        raise QuotaExceeded(str(exc)) from exc
     except anthropic.RateLimitError as exc:
+        retry = exc.response.headers.get("retry-after")
         raise RateLimited(
-            "the model provider is rate limiting; try again shortly", retry_after_s=30
+            "the model provider is rate limiting; try again shortly",
+            retry_after_s=int(float(retry)) if retry and retry.replace(".", "").isdigit() else 30,
         ) from exc
     except (anthropic.APIConnectionError, anthropic.InternalServerError) as exc:
         raise DependencyUnavailable(
@@ -255,10 +295,13 @@ async def test(
         raise UpstreamError(
             f"the model provider answered {exc.status_code}: {exc.message}"
         ) from exc
+    except anthropic.APIError as exc:
+        raise UpstreamError(
+            f"the model provider's answer was unusable: {type(exc).__name__}"
+        ) from exc
     finally:
         await client.close()
-    for key, value in asdict(sub_usage).items():
-        setattr(result.usage, key, getattr(result.usage, key) + value)
+    _merge(result, subs)
     record(
         uow.session,
         access.principal,

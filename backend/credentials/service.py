@@ -43,7 +43,8 @@ def _plain(secret: Secret) -> dict[str, Any]:
 
 def _hint(data: dict[str, Any]) -> str | None:
     """The last four characters of the main secret, enough to tell two apart."""
-    main = data.get("key") or data.get("token") or data.get("password")
+    # Never from a password: its tail narrows a guess and tells people nothing useful.
+    main = data.get("key") or data.get("token")
     if isinstance(main, str) and len(main) >= 12:
         return "…" + main[-4:]
     return None

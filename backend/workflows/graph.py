@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import networkx as nx
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from backend.workflows.templates import ExpressionError, parse_expression, parse_template
@@ -46,14 +46,20 @@ class ScheduleTrigger(Strict):
 
     @model_validator(mode="after")
     def _valid(self) -> ScheduleTrigger:
+        from datetime import UTC, datetime
         from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-        if not croniter.is_valid(self.cron):
-            raise ValueError(f"cron: {self.cron!r} is not a valid cron expression")
+        # Five fields (minute precision): beat ticks every few seconds, not every one.
+        if len(self.cron.split()) != 5 or not croniter.is_valid(self.cron):
+            raise ValueError(f"cron: {self.cron!r} is not a valid 5-field cron expression")
         try:
             ZoneInfo(self.timezone)
         except (ZoneInfoNotFoundError, ValueError) as exc:
             raise ValueError(f"timezone: unknown time zone {self.timezone!r}") from exc
+        try:
+            croniter(self.cron, datetime.now(UTC)).get_next(datetime)
+        except (CroniterBadDateError, ValueError) as exc:
+            raise ValueError(f"cron: {self.cron!r} never fires") from exc
         return self
 
 
@@ -335,6 +341,8 @@ class Context:
     workflow_ids: frozenset[uuid.UUID] = frozenset()
     agent_ids: frozenset[uuid.UUID] = frozenset()
     credential_ids: frozenset[uuid.UUID] = frozenset()
+    # MCP servers of the workspace; None until the MCP domain exists (not checked).
+    mcp_server_ids: frozenset[uuid.UUID] | None = None
     # Sub-workflows each workflow of the workspace references, by its current version.
     references: Callable[[uuid.UUID], Iterable[uuid.UUID]] = field(default=lambda _: ())
 
@@ -359,6 +367,18 @@ def branch_labels(node: Node, config: Any) -> set[str] | None:
     return None
 
 
+def _strings_in(value: Any, path: str) -> Iterable[tuple[str, str, bool]]:
+    """Every string inside a JSON body is a template too."""
+    if isinstance(value, str):
+        yield path, value, False
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings_in(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _strings_in(item, f"{path}[{index}]")
+
+
 def _expressions(config: Any) -> Iterable[tuple[str, str, bool]]:
     """(field, source, is_condition) for every template or condition in a config."""
     if isinstance(config, IfLogic | WhileLogic):
@@ -380,6 +400,8 @@ def _expressions(config: Any) -> Iterable[tuple[str, str, bool]]:
             yield f"query.{key}", value, False
         if isinstance(config.body, str):
             yield "body", config.body, False
+        elif isinstance(config.body, dict):
+            yield from _strings_in(config.body, "body")
     elif isinstance(config, FileReadAction):
         yield "path", config.path, False
     elif isinstance(config, FileWriteAction):
@@ -570,7 +592,7 @@ def validate(
                 problems.append(Problem(str(exc), node_id=node_id, field=f"config.{field_name}"))
                 continue
             unknown_roots = parsed.roots - {"trigger", "nodes", "vars", "execution"} - roots
-            if unknown_roots & {"item", "index", "loop"}:
+            if unknown_roots & {"item", "index"}:
                 problems.append(
                     Problem(
                         f"{sorted(unknown_roots)[0]!r} exists only inside a for_each body",
@@ -600,12 +622,32 @@ def validate(
     if problems:
         raise GraphInvalid(problems)
     return ValidGraph(
-        definition=definition.model_dump(),
+        definition=_canonical(definition.model_dump(), configs),
         nodes=nodes,
         configs=configs,
         graph=graph,
         settings=settings,
     )
+
+
+REFERENCE_FIELDS = ("agent_id", "credential_id", "workflow_id", "server_id")
+
+
+def _canonical(definition: dict[str, Any], configs: dict[str, Any]) -> dict[str, Any]:
+    """The definition as stored: reference ids in one spelling (lower-case, hyphenated),
+    so lookups by id (is this credential in use?) can compare strings safely."""
+    nodes_out = []
+    for raw in definition["nodes"]:
+        config = configs.get(str(raw.get("id"))) if isinstance(raw, dict) else None
+        if config is not None and isinstance(raw.get("config"), dict):
+            fixed = dict(raw["config"])
+            for name in REFERENCE_FIELDS:
+                value = getattr(config, name, None)
+                if isinstance(value, uuid.UUID):
+                    fixed[name] = str(value)
+            raw = {**raw, "config": fixed}
+        nodes_out.append(raw)
+    return {**definition, "nodes": nodes_out}
 
 
 def _check_references(node_id: str, config: Any, ctx: Context, problems: list[Problem]) -> None:
@@ -619,6 +661,16 @@ def _check_references(node_id: str, config: Any, ctx: Context, problems: list[Pr
             )
         )
     if (
+        isinstance(config, McpToolIntegration)
+        and ctx.mcp_server_ids is not None
+        and config.server_id not in ctx.mcp_server_ids
+    ):
+        problems.append(
+            Problem(
+                "MCP server not found in this workspace", node_id=node_id, field="config.server_id"
+            )
+        )
+    if (
         isinstance(config, AgentConfig)
         and config.agent_id is not None
         and config.agent_id not in ctx.agent_ids
@@ -627,7 +679,16 @@ def _check_references(node_id: str, config: Any, ctx: Context, problems: list[Pr
             Problem("agent not found in this workspace", node_id=node_id, field="config.agent_id")
         )
     if isinstance(config, EventTrigger):
-        _check_workflow_ref(node_id, config.workflow_id, ctx, problems, recursion=False)
+        if ctx.workflow_id is not None and config.workflow_id == ctx.workflow_id:
+            problems.append(
+                Problem(
+                    "a workflow cannot be triggered by its own runs (it would loop)",
+                    node_id=node_id,
+                    field="config.workflow_id",
+                )
+            )
+        else:
+            _check_workflow_ref(node_id, config.workflow_id, ctx, problems, recursion=False)
     if isinstance(config, SubWorkflowIntegration | ForEachLogic) and config.workflow_id is not None:
         _check_workflow_ref(node_id, config.workflow_id, ctx, problems, recursion=True)
     if isinstance(config, ForEachLogic) and config.body is not None:
@@ -636,7 +697,7 @@ def _check_references(node_id: str, config: Any, ctx: Context, problems: list[Pr
                 config.body.model_dump(),
                 ctx,
                 require_trigger=False,
-                extra_roots=frozenset({"item", "index", "loop"}),
+                extra_roots=frozenset({"item", "index"}),
             )
         except GraphInvalid as exc:
             for p in exc.problems:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import cast, or_, select
+from sqlalchemy import cast, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.activity.service import record
@@ -51,6 +51,15 @@ class VersionRepository(Repository[WorkflowVersion]):
     model = WorkflowVersion
 
 
+async def lock_references(session: AsyncSession, workspace_id: uuid.UUID) -> None:
+    """Serialise reference checks within a workspace until commit: two saves at once
+    (A calls B, B calls A) would each pass against the other's old version."""
+    await session.execute(
+        text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
+        {"key": f"references:{workspace_id}"},
+    )
+
+
 async def validation_context(
     session: AsyncSession, workspace_id: uuid.UUID, workflow_id: uuid.UUID | None
 ) -> Context:
@@ -84,6 +93,7 @@ async def check(
     workflow_id: uuid.UUID | None,
     definition: dict[str, Any],
 ) -> ValidGraph:
+    await lock_references(session, workspace_id)
     ctx = await validation_context(session, workspace_id, workflow_id)
     try:
         return validate(definition, ctx)
@@ -238,6 +248,8 @@ async def update(
     )
     if workflow is None:
         raise NotFound("workflow not found")
+    if data.version is not None and if_match is not None and data.version != if_match:
+        raise ValidationFailed("version and If-Match disagree", field="version")
     expected = data.version or if_match
     if expected is not None and expected != workflow.current_version:
         raise Conflict(
@@ -419,14 +431,23 @@ async def export(uow: UnitOfWork, access: WorkspaceAccess) -> ExportDocument:
 
 
 def _remap(definition: dict[str, Any], id_map: dict[uuid.UUID, uuid.UUID]) -> dict[str, Any]:
-    """A copy of the definition with every reference id passed through id_map."""
-    lookup = {str(k): str(v) for k, v in id_map.items()}
+    """A copy of the definition with every reference id passed through id_map. Anything
+    malformed is left as it is, for the validator to explain."""
+    raw_nodes = definition.get("nodes")
+    if not isinstance(raw_nodes, list):
+        return definition
+
+    def mapped(value: Any) -> Any:
+        try:
+            return str(id_map.get(uuid.UUID(str(value)), value))
+        except ValueError:
+            return value
 
     def fix_config(config: dict[str, Any]) -> dict[str, Any]:
         out = dict(config)
         for name in REFERENCE_FIELDS:
-            if isinstance(out.get(name), str) and out[name] in lookup:
-                out[name] = lookup[out[name]]
+            if isinstance(out.get(name), str):
+                out[name] = mapped(out[name])
         if isinstance(out.get("body"), dict):
             out["body"] = _remap(out["body"], id_map)
         return out
@@ -435,7 +456,7 @@ def _remap(definition: dict[str, Any], id_map: dict[uuid.UUID, uuid.UUID]) -> di
         {**node, "config": fix_config(node["config"])}
         if isinstance(node, dict) and isinstance(node.get("config"), dict)
         else node
-        for node in definition.get("nodes", [])
+        for node in raw_nodes
     ]
     return {**definition, "nodes": nodes}
 
@@ -453,13 +474,16 @@ async def import_workflow(
     )  # fmt: skip
 
 
-async def workflows_using_credential(
+async def workflows_using(
     session: AsyncSession,
     workspace_id: uuid.UUID,
-    credential_id: uuid.UUID,
+    field: str,
+    target: uuid.UUID,
     *,
-    published_only: bool = True,
+    published_only: bool = False,
 ) -> list[str]:
+    """Names of workflows whose current version references `target` in `field`
+    (ids are stored canonically by the validator, so strings compare safely)."""
     stmt = (
         select(Workflow.name, WorkflowVersion.definition)
         .join(
@@ -472,9 +496,17 @@ async def workflows_using_credential(
     if published_only:
         stmt = stmt.where(Workflow.status == "published")
     rows = await session.execute(stmt)
-    target = str(credential_id)
+    wanted = str(target)
     return sorted(
         name
         for name, definition in rows.all()
-        if any(c.get("credential_id") == target for c in _configs(definition))
+        if any(c.get(field) == wanted for c in _configs(definition))
+    )
+
+
+async def workflows_using_credential(
+    session: AsyncSession, workspace_id: uuid.UUID, credential_id: uuid.UUID
+) -> list[str]:
+    return await workflows_using(
+        session, workspace_id, "credential_id", credential_id, published_only=True
     )

@@ -191,13 +191,14 @@ async def test_sub_agents_run_as_tools_and_their_tokens_count(
 ) -> None:
     helper = await new_agent(llm_client, editor, name="Greeter", description="Says hi")
     boss = await new_agent(llm_client, editor, name="Boss", sub_agents=[helper["id"]])
+    tool = f"agent_Greeter_{helper['id'].replace('-', '')[:6]}"
     r = await llm_client.post(
-        f"{API}/{boss['id']}/test", headers=editor.headers, json={"input": "use agent_Greeter"}
+        f"{API}/{boss['id']}/test", headers=editor.headers, json={"input": f"use {tool}"}
     )
     out = r.json()
     assert r.status_code == 200, r.text
     [call] = out["tool_calls"]
-    assert call["name"] == "agent_Greeter"
+    assert call["name"] == tool
     assert call["output"] == {"output": "echo: say hi", "stop_reason": "end_turn"}
     # Boss: 10 + 30 input tokens; Greeter: 10.
     assert out["usage"]["input_tokens"] == 50
@@ -229,6 +230,47 @@ async def test_an_overloaded_provider_is_a_clear_503(
     )
     assert r.status_code == 503
     assert r.json()["error"] == "dependency_unavailable"
+
+
+async def test_null_clears_only_what_may_be_empty(client: httpx.AsyncClient, editor: Actor) -> None:
+    agent = await new_agent(client, editor, temperature=0.5)
+    r = await client.patch(
+        f"{API}/{agent['id']}", headers=editor.headers, json={"temperature": None}
+    )
+    assert (r.status_code, r.json()["temperature"]) == (200, None)
+    r = await client.patch(
+        f"{API}/{agent['id']}", headers=editor.headers, json={"description": None}
+    )
+    assert (r.status_code, r.json()["field"]) == (422, "description")
+
+
+async def test_a_run_has_one_budget_of_model_calls(
+    settings: Settings,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    anthropic_server: tuple[str, list[dict[str, Any]]],
+    editor: Actor,
+) -> None:
+    url, _ = anthropic_server
+    capped = settings.model_copy(
+        update={
+            "anthropic": settings.anthropic.model_copy(
+                update={
+                    "api_key": SecretStr("k"),
+                    "base_url": url,
+                    "max_retries": 0,
+                    "max_calls_per_run": 2,
+                }
+            )
+        }
+    )
+    async for c in client_for(create_app(capped), sessionmaker):
+        agent = await new_agent(c, editor, tools=[{"type": "builtin", "name": "current_time"}])
+        r = await c.post(
+            f"{API}/{agent['id']}/test",
+            headers=editor.headers,
+            json={"input": "loop forever", "max_iterations": 10},
+        )
+        assert (r.status_code, r.json()["error"]) == (402, "quota_exceeded")
 
 
 async def test_viewers_cannot_run_an_agent(

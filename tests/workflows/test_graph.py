@@ -305,3 +305,80 @@ def test_the_sandbox_refuses_attribute_escapes_at_render_time() -> None:
         template.render()
     with pytest.raises(SecurityError):
         environment.from_string("{{ vars.append(1) }}").render(vars=[])
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "nodes['b' ~ ''].x",
+        "nodes|attr('fetch')",
+        "nodes|dictsort",
+        "(" * 300 + "1" + ")" * 300,
+        "1) }}{{ nodes.fetch",
+    ],
+)
+def test_conditions_that_hide_their_reads_or_escape_are_refused(source: str) -> None:
+    d = all_five()
+    d["nodes"][2]["config"]["condition"] = source
+    assert any(p[:2] == ("check", "config.condition") for p in problems(d))
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{% set n = nodes %}{{ n.fetch }}",
+        "{% set trigger = nodes %}{{ trigger.fetch }}",
+        "{% for n in nodes %}{{ n }}{% endfor %}",
+        "{% include 'x' %}",
+        "{% import 'x' as y %}",
+        "{% if 1 %}" * 400 + "x" + "{% endif %}" * 400,
+        "x" * 30_000,
+    ],
+)
+def test_templates_that_hide_their_reads_or_reach_outside_are_refused(source: str) -> None:
+    d = all_five()
+    d["nodes"][3]["config"]["prompt"] = source
+    assert any(p[:2] == ("sum", "config.prompt") for p in problems(d))
+
+
+def test_loop_inside_a_for_and_json_bodies_are_checked() -> None:
+    d = all_five()
+    d["nodes"][3]["config"]["prompt"] = (
+        "{% for r in nodes.fetch.output.rows %}{{ loop.index }}{% endfor %}"
+    )
+    validate(d, ctx())
+    d["nodes"][1]["config"]["body"] = {"q": ["{{ nodes.sum.output }}"]}
+    assert (
+        "fetch",
+        "config.body.q[0]",
+        "refers to node 'sum', which does not run before fetch",
+    ) in problems(d)
+
+
+def test_huge_values_are_refused_fast_at_render_time() -> None:
+    for source in ("{{ 'x' * 10**10 }}", "{{ 2 ** 100000 }}", "{{ [1] * 100000000 }}"):
+        with pytest.raises(SecurityError):
+            environment.from_string(source).render()
+
+
+@pytest.mark.parametrize("cron", ["*/5 * * * * *", "0 0 31 2 *", "@reboot"])
+def test_crons_must_have_five_fields_and_fire(cron: str) -> None:
+    found = problems({"nodes": [node("t", "trigger", kind="schedule", cron=cron)]})
+    assert found[0][:2] == ("t", "config.cron"), found
+
+
+def test_a_workflow_cannot_trigger_itself() -> None:
+    found = problems({"nodes": [node("t", "trigger", kind="event", workflow_id=str(SELF))]})
+    assert found[0][:2] == ("t", "config.workflow_id")
+
+
+def test_reference_ids_are_stored_in_one_spelling() -> None:
+    d = all_five()
+    d["nodes"][1]["config"]["credential_id"] = CREDENTIAL.hex.upper()
+    stored = validate(d, ctx()).definition
+    assert stored["nodes"][1]["config"]["credential_id"] == str(CREDENTIAL)
+
+
+def test_mcp_servers_are_checked_once_known() -> None:
+    found = problems(all_five(), mcp_server_ids=frozenset())
+    assert any(p[:2] == ("tool", "config.server_id") for p in found)

@@ -312,3 +312,31 @@ async def test_unknown_fields_and_ids_in_bodies_are_refused(
         r = await client.post(API, headers=editor.headers, json={"name": "X", field: "x"})
         assert r.status_code == 422, field
         assert r.json()["fields"][0]["field"] == field
+
+
+async def test_malformed_imports_are_422_not_500(client: httpx.AsyncClient, editor: Actor) -> None:
+    for definition in (
+        {"nodes": 5},
+        {"nodes": None},
+        {
+            "nodes": [
+                {"id": "t", "type": "trigger", "config": {"kind": "for_each", "body": {"nodes": 7}}}
+            ]
+        },
+    ):
+        r = await client.post(
+            f"{API}/import",
+            headers=editor.headers,
+            json={"document": {"name": "x", "definition": definition}},
+        )
+        assert r.status_code == 422, r.text
+
+
+async def test_version_and_if_match_must_agree(client: httpx.AsyncClient, editor: Actor) -> None:
+    wf = await create(client, editor)
+    r = await client.put(
+        f"{API}/{wf['id']}",
+        headers={**editor.headers, "If-Match": "1"},
+        json={"version": 2, "name": "x"},
+    )
+    assert (r.status_code, r.json()["field"]) == (422, "version")
