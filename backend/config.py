@@ -126,6 +126,31 @@ class AnthropicSettings(BaseModel):
     max_calls_per_run: int = Field(default=50, ge=1, le=10_000)
 
 
+class EngineSettings(BaseModel):
+    # A worker holds a run for this long and renews it while running; a run whose
+    # lease lapsed is someone else's to resume (the reaper hands it on).
+    lease_s: int = Field(default=60, ge=5, le=3600)
+    # Claims of one run before it is failed as poison (a crash that repeats).
+    max_deliveries: int = Field(default=5, ge=1, le=100)
+    # How often a running run looks for a cancel request (and renews its lease).
+    watch_interval_s: float = Field(default=0.25, gt=0, le=10)
+    # A pending run not claimed within this long is re-enqueued (its message was lost).
+    pending_grace_s: int = Field(default=60, ge=5)
+    reaper_interval_s: float = Field(default=30.0, ge=1)
+    # Retry waits this short happen in place; longer ones release the worker slot.
+    inline_retry_max_s: float = Field(default=0.5, ge=0, le=5)
+    max_output_bytes: int = Field(default=1_000_000, ge=1024)
+    max_sub_workflow_depth: int = Field(default=5, ge=1, le=50)
+
+
+class HttpSettings(BaseModel):
+    # Operator allow-list of addresses outbound requests may reach although they are
+    # private, loopback or link-local (CIDRs). Empty: none.
+    allow_private_networks: list[str] = Field(default_factory=list)
+    max_redirects: int = Field(default=5, ge=0, le=20)
+    user_agent: str = "OrchestrationStudio/0.1"
+
+
 class SmtpSettings(BaseModel):
     # Unset host: mail is written to the log instead (development and tests only).
     host: str | None = None
@@ -163,6 +188,8 @@ class Settings(BaseSettings):
     auth: AuthSettings = AuthSettings()
     smtp: SmtpSettings = SmtpSettings()
     anthropic: AnthropicSettings = AnthropicSettings()
+    engine: EngineSettings = EngineSettings()
+    http: HttpSettings = HttpSettings()
 
     @field_validator("database_url")
     @classmethod

@@ -1,6 +1,7 @@
 """Every ORM model, imported here so Alembic and the mappers see them all at once."""
 
 from backend.models.base import Base, RecordModel
+from backend.models.executions import NodeExecution, WorkflowExecution
 from backend.models.identity import (
     ActivityLog,
     ApiKey,
@@ -21,10 +22,12 @@ __all__ = [
     "Base",
     "Credential",
     "Invitation",
+    "NodeExecution",
     "OtpCode",
     "RecordModel",
     "User",
     "Workflow",
+    "WorkflowExecution",
     "WorkflowVersion",
     "Workspace",
     "WorkspaceMember",

@@ -147,3 +147,20 @@ def parse_expression(source: str) -> Parsed:
         raise ExpressionError("expression nests too deeply") from exc
     _check_roots(parsed)
     return parsed
+
+
+MAX_RENDER_CHARS = 1_000_000
+
+
+def render(source: str, context: dict[str, Any], *, max_chars: int = MAX_RENDER_CHARS) -> str:
+    """Render a template in the sandbox; output beyond `max_chars` is an error, not a
+    truncation (a half JSON document is worse than none)."""
+    out = environment.from_string(source).render(**context)
+    if len(out) > max_chars:
+        raise ExpressionError(f"rendered output is longer than {max_chars} characters")
+    return out
+
+
+def evaluate(expression: str, context: dict[str, Any]) -> Any:
+    """The value of a condition or items expression, in the sandbox."""
+    return environment.compile_expression(expression, undefined_to_none=True)(**context)

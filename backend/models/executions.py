@@ -1,0 +1,92 @@
+"""Executions (runs of a pinned workflow version) and their node checkpoints."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Float, ForeignKey, Index, Integer, String, UniqueConstraint, text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Mapped, mapped_column
+
+from backend.models.base import RecordModel
+
+
+class WorkflowExecution(RecordModel):
+    __tablename__ = "workflow_executions"
+    __table_args__ = (
+        UniqueConstraint("workspace_id", "idempotency_key"),
+        Index("ix_workflow_executions_workspace_id_created_at", "workspace_id", "created_at"),
+        Index("ix_workflow_executions_workflow_id_created_at", "workflow_id", "created_at"),
+        # The reaper's scan: unfinished runs by lease expiry.
+        Index(
+            "ix_workflow_executions_unfinished",
+            "status",
+            "lease_expires_at",
+            postgresql_where=text("status IN ('pending', 'running')"),
+        ),
+    )
+
+    workspace_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("workspaces.id", ondelete="CASCADE"))
+    workflow_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("workflows.id", ondelete="CASCADE"))
+    # The version this run is pinned to: editing the workflow never changes it.
+    version: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(20), server_default=text("'pending'"))
+    trigger_type: Mapped[str] = mapped_column(String(20))
+    trigger_data: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    variables: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    output: Mapped[dict[str, Any] | None]
+    error: Mapped[dict[str, Any] | None]
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    parent_execution_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("workflow_executions.id", ondelete="SET NULL")
+    )
+    # Set by retry: the run whose completed nodes this one reuses.
+    retry_of: Mapped[uuid.UUID | None]
+    created_by: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL")
+    )
+    # Lease: the worker that holds the run, until when. A second delivery of the same
+    # message finds a live lease and does nothing.
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    lease_expires_at: Mapped[datetime | None]
+    # How many times a worker claimed this run: a cap stops a poison run from looping.
+    deliveries: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    # A retry wait parks the run until then (the worker slot is released meanwhile).
+    resume_at: Mapped[datetime | None]
+    cancel_requested_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    duration_ms: Mapped[float | None] = mapped_column(Float)
+    input_tokens: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    output_tokens: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    cost_usd: Mapped[float] = mapped_column(Float, server_default=text("0"))
+
+
+class NodeExecution(RecordModel):
+    """One node's checkpoint in a run (one per for_each iteration)."""
+
+    __tablename__ = "node_executions"
+    __table_args__ = (UniqueConstraint("execution_id", "node_id", "iteration"),)
+
+    execution_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("workflow_executions.id", ondelete="CASCADE")
+    )
+    node_id: Mapped[str] = mapped_column(String(64))
+    iteration: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    status: Mapped[str] = mapped_column(String(20))
+    # The branch a finished node took (if/switch/error), for the scheduler.
+    branch: Mapped[str | None] = mapped_column(String(64))
+    attempt: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    input: Mapped[dict[str, Any] | None]
+    # Any JSON value: an object, a list, a string, a number.
+    output: Mapped[Any] = mapped_column(JSONB, nullable=True)
+    error: Mapped[dict[str, Any] | None]
+    next_attempt_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    duration_ms: Mapped[float | None] = mapped_column(Float)
+    input_tokens: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    output_tokens: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    cost_usd: Mapped[float] = mapped_column(Float, server_default=text("0"))
