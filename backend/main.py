@@ -20,6 +20,7 @@ from backend.auth.router import api_keys as api_keys_router
 from backend.auth.router import router as auth_router
 from backend.config import Settings, get_settings
 from backend.credentials.router import router as credentials_router
+from backend.executions.router import router as executions_router
 from backend.health.router import router as health_router
 from backend.kit import errors
 from backend.kit.celery_app import celery_app
@@ -211,6 +212,7 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
         workflows_router,
         credentials_router,
         agents_router,
+        executions_router,
     )
     for router in routers:
         app.include_router(router, prefix=API_PREFIX)

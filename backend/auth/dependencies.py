@@ -214,7 +214,32 @@ def require(
       (e.g. `require(P.WORKFLOWS_READ, resource=Workflow, param="workflow_id")`); the
       row is handed over as `access.resource`.
     """
-    if resource is not None:
+    if resource is not None and scope == "body":
+        assert param, "a body-scoped permission names its body field"
+        kind = resource.__name__.lower()
+
+        async def by_body(
+            request: Request, principal: PrincipalDep, session: SessionDep
+        ) -> WorkspaceAccess:
+            # The id is in the JSON body (POST /executions {workflow_id}); Starlette keeps
+            # the body, so the route's own model parses it again without a second read.
+            try:
+                payload = await request.json()
+                resource_id = uuid.UUID(str(payload[param]))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValidationFailed(f"{param} must be the id of a {kind}", field=param) from exc
+            row = await session.get(resource, resource_id)
+            if row is None:
+                raise NotFound(f"{kind} not found")
+            workspace, role = await _grant(
+                session, principal, row.workspace_id, permission, f"{kind} not found"
+            )
+            return WorkspaceAccess(
+                principal=principal, workspace=workspace, role=role, resource=row
+            )
+
+        dependency: Any = by_body
+    elif resource is not None:
         assert param, "a resource-scoped permission names its path parameter"
         kind = resource.__name__.lower()
 
@@ -241,7 +266,7 @@ def require(
                 inspect.Parameter("session", keyword, annotation=SessionDep),
             ]
         )
-        dependency: Any = by_resource
+        dependency = by_resource
     elif scope == "header":
 
         async def by_header(
@@ -270,6 +295,7 @@ def require(
 
     dependency.__access__ = permission
     dependency.__resource__ = resource
-    dependency.__scope__ = "resource" if resource is not None else scope
+    dependency.__scope__ = "resource" if resource is not None and scope != "body" else scope
+    dependency.__param__ = param
     dependency.__name__ = f"require_{permission.value.replace('.', '_')}"
     return Depends(dependency)

@@ -26,6 +26,7 @@ ROUTES: dict[str, dict[str, str]] = {
     "notifications.*": {"queue": "default"},
     "analytics.*": {"queue": "default"},
     "triggers.*": {"queue": "default"},
+    "executions.*": {"queue": "default"},
     "maintenance.*": {"queue": "low_priority"},
 }
 
@@ -79,6 +80,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Our logging config (structlog) stays in charge inside the worker.
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
+        "beat_schedule": {
+            "reap-executions": {
+                "task": "executions.reap",
+                "schedule": settings.engine.reaper_interval_s,
+                # A tick that could not run in time is dropped, not stacked up.
+                "options": {"expires": settings.engine.reaper_interval_s},
+            },
+        },
         "timezone": "UTC",
         "enable_utc": True,
     }

@@ -1,5 +1,5 @@
 """Celery tasks: thin adapters that take ids and JSON primitives and call services."""
 
-from workers.tasks import notifications, system
+from workers.tasks import executions, notifications, system
 
-__all__ = ["notifications", "system"]
+__all__ = ["executions", "notifications", "system"]

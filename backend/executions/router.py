@@ -1,0 +1,141 @@
+"""/api/v1/executions: start a run (202), follow it, cancel, retry, re-run."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, status
+from fastapi.responses import JSONResponse
+
+from backend.auth.dependencies import WorkspaceAccess, require
+from backend.auth.permissions import Permission
+from backend.executions import service
+from backend.executions.schemas import (
+    ExecutionAccepted,
+    ExecutionCreate,
+    ExecutionLinks,
+    ExecutionRead,
+    LogEntry,
+    NodeExecutionRead,
+)
+from backend.kit.db import UnitOfWorkDep
+from backend.kit.pagination import Page, PageParamsDep
+from backend.models import Workflow, WorkflowExecution
+
+router = APIRouter(prefix="/executions", tags=["executions"])
+READ = Permission.WORKFLOWS_READ
+EXECUTE = Permission.WORKFLOWS_EXECUTE
+Status = service.E
+
+
+def _on(permission: Permission) -> WorkspaceAccess:
+    result: WorkspaceAccess = require(permission, resource=WorkflowExecution, param="execution_id")
+    return result
+
+
+def _accepted(request: Request, execution: WorkflowExecution) -> ExecutionAccepted:
+    base = f"{request.scope.get('root_path', '')}/api/v1/executions/{execution.id}"
+    return ExecutionAccepted(
+        id=execution.id,
+        status=execution.status,
+        workflow_id=execution.workflow_id,
+        version=execution.version,
+        links=ExecutionLinks(
+            self=base, nodes=f"{base}/nodes", logs=f"{base}/logs", cancel=f"{base}/cancel"
+        ),
+    )
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses={200: {"description": "An earlier request with the same Idempotency-Key"}},
+)
+async def start_execution(
+    request: Request,
+    body: ExecutionCreate,
+    uow: UnitOfWorkDep,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    access: WorkspaceAccess = require(
+        EXECUTE, resource=Workflow, param="workflow_id", scope="body"
+    ),
+) -> JSONResponse:
+    execution, created = await service.start(uow, access, body, idempotency_key)
+    accepted = _accepted(request, execution)
+    return JSONResponse(
+        accepted.model_dump(mode="json"),
+        status_code=202 if created else 200,
+        headers={"Location": accepted.links.self},
+    )
+
+
+@router.get("")
+async def list_executions(
+    uow: UnitOfWorkDep,
+    page: PageParamsDep,
+    workflow_id: uuid.UUID | None = None,
+    status_: Annotated[Status | None, Query(alias="status")] = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    access: WorkspaceAccess = require(READ, scope="header"),
+) -> Page[ExecutionRead]:
+    items, total = await service.list_executions(
+        uow,
+        access,
+        workflow_id=workflow_id,
+        status=status_,
+        since=since,
+        until=until,
+        limit=page.limit,
+        offset=page.offset,
+    )
+    return Page(
+        items=[ExecutionRead.model_validate(e) for e in items],
+        total=total,
+        limit=page.limit,
+        offset=page.offset,
+    )
+
+
+@router.get("/{execution_id}")
+async def get_execution(uow: UnitOfWorkDep, access: WorkspaceAccess = _on(READ)) -> ExecutionRead:
+    return await service.read(uow, access)
+
+
+@router.get("/{execution_id}/nodes")
+async def get_nodes(
+    uow: UnitOfWorkDep, access: WorkspaceAccess = _on(READ)
+) -> list[NodeExecutionRead]:
+    return [
+        NodeExecutionRead.model_validate(r)
+        for r in await service.node_rows(uow.session, access.resource.id)
+    ]
+
+
+@router.get("/{execution_id}/logs")
+async def get_logs(uow: UnitOfWorkDep, access: WorkspaceAccess = _on(READ)) -> list[LogEntry]:
+    return await service.logs(uow, access)
+
+
+@router.post("/{execution_id}/cancel", status_code=status.HTTP_202_ACCEPTED)
+async def cancel_execution(
+    uow: UnitOfWorkDep, access: WorkspaceAccess = _on(EXECUTE)
+) -> ExecutionRead:
+    await service.cancel(uow, access)
+    return await service.read(uow, access)
+
+
+@router.post("/{execution_id}/retry", status_code=status.HTTP_202_ACCEPTED)
+async def retry_execution(
+    request: Request, uow: UnitOfWorkDep, access: WorkspaceAccess = _on(EXECUTE)
+) -> ExecutionAccepted:
+    return _accepted(request, await service.retry(uow, access))
+
+
+@router.post("/{execution_id}/rerun", status_code=status.HTTP_202_ACCEPTED)
+async def rerun_execution(
+    request: Request, uow: UnitOfWorkDep, access: WorkspaceAccess = _on(EXECUTE)
+) -> ExecutionAccepted:
+    return _accepted(request, await service.rerun(uow, access))

@@ -1,0 +1,614 @@
+"""The runner: claims an execution, runs its DAG, checkpoints every node.
+
+One Celery task runs a whole execution inside one event loop: nodes of a generation
+run concurrently (they are I/O-bound), each node's result is committed as soon as it
+finishes (one upsert), so a worker that dies loses at most the nodes in flight. On
+redelivery the run resumes from its checkpoints; completed nodes never run again.
+
+A lease on the execution row makes a second delivery of the same message a no-op while
+the first is alive; a watcher renews the lease and notices cancel requests promptly.
+Retry waits longer than `engine.inline_retry_max_s` park the run (status back to
+pending, `resume_at` set) and re-enqueue it with a countdown, so no worker slot waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from backend.config import Settings
+from backend.executions.state import TERMINAL_EXECUTION, ExecutionStatus, NodeStatus, transition
+from backend.kit.db import UnitOfWork
+from backend.kit.logging import get_logger
+from backend.models import NodeExecution, WorkflowExecution, WorkflowVersion
+from backend.workflows.graph import GraphInvalid, ValidGraph, validate
+from backend.workflows.service import validation_context
+from workers.engine.dag import NodeState, failed_nodes, is_finished, merge_any_nodes, skip_closure
+from workers.engine.retry import NodeFailure, classify, retry_delay
+from workers.nodes import HANDLERS
+from workers.nodes.base import NodeContext, NodeResult
+
+log = get_logger(__name__)
+E, N = ExecutionStatus, NodeStatus
+# Validated graphs by (workflow id, version): versions never change, so validating
+# once per process is enough (references are checked again by the nodes that use them).
+_GRAPHS: dict[tuple[uuid.UUID, int], ValidGraph] = {}
+_GRAPH_CACHE_SIZE = 256
+# The (execution, node, iteration) unique constraint checkpoints upsert on.
+NODE_KEY = "uq_node_executions_execution_id_node_id_iteration"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class Claim:
+    id: uuid.UUID
+    workspace_id: uuid.UUID
+    workflow_id: uuid.UUID
+    version: int
+    trigger_type: str
+    trigger_data: dict[str, Any]
+    variables: dict[str, Any]
+    started_at: datetime
+
+
+@dataclass
+class RunState:
+    states: dict[str, NodeState] = field(default_factory=dict)
+    outputs: dict[str, Any] = field(default_factory=dict)
+    attempts: dict[str, int] = field(default_factory=dict)
+    retry_at: dict[str, datetime] = field(default_factory=dict)
+    errors: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+Enqueue = Callable[[uuid.UUID, float], None]
+
+
+class Runner:
+    def __init__(
+        self,
+        settings: Settings,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        http: httpx.AsyncClient,
+        worker_id: str,
+        enqueue: Enqueue,
+    ) -> None:
+        self.settings = settings
+        self.sessionmaker = sessionmaker
+        self.http = http
+        self.worker_id = worker_id
+        self.enqueue = enqueue
+
+    # Claiming and releasing -------------------------------------------------------------
+
+    async def _claim(self, execution_id: uuid.UUID) -> Claim | None:
+        now = _now()
+        engine = self.settings.engine
+        async with UnitOfWork(self.sessionmaker) as uow:
+            ex = await uow.session.get(WorkflowExecution, execution_id, with_for_update=True)
+            if ex is None or ex.status in TERMINAL_EXECUTION:
+                return None
+            if (
+                ex.lease_owner
+                and ex.lease_owner != self.worker_id
+                and ex.lease_expires_at
+                and ex.lease_expires_at > now
+            ):
+                log.info(
+                    "execution.lease_held", execution_id=str(execution_id), owner=ex.lease_owner
+                )
+                return None
+            if ex.resume_at and ex.resume_at > now:
+                return None
+            if ex.cancel_requested_at is not None:
+                self._finish(ex, E.CANCELLED, now, error={"message": "cancelled before it ran"})
+                return None
+            ex.deliveries += 1
+            if ex.deliveries > engine.max_deliveries:
+                self._finish(
+                    ex,
+                    E.FAILED,
+                    now,
+                    error={"message": f"gave up after {engine.max_deliveries} deliveries"},
+                )
+                return None
+            if ex.status == E.PENDING:
+                transition("execution", ex.status, E.RUNNING, at=now)
+                ex.status = E.RUNNING
+            ex.started_at = ex.started_at or now
+            ex.lease_owner = self.worker_id
+            ex.lease_expires_at = now + timedelta(seconds=engine.lease_s)
+            ex.resume_at = None
+            return Claim(
+                id=ex.id,
+                workspace_id=ex.workspace_id,
+                workflow_id=ex.workflow_id,
+                version=ex.version,
+                trigger_type=ex.trigger_type,
+                trigger_data=ex.trigger_data,
+                variables=dict(ex.variables),
+                started_at=ex.started_at,
+            )
+
+    def _finish(
+        self, ex: WorkflowExecution, status: ExecutionStatus, now: datetime, **values: Any
+    ) -> None:
+        transition("execution", ex.status, status, at=now)
+        ex.status = status
+        ex.finished_at = now
+        if ex.started_at is not None:
+            ex.duration_ms = round((now - ex.started_at).total_seconds() * 1000, 3)
+        ex.lease_owner = None
+        ex.lease_expires_at = None
+        for key, value in values.items():
+            setattr(ex, key, value)
+
+    async def _graph(self, claim: Claim) -> ValidGraph:
+        key = (claim.workflow_id, claim.version)
+        cached = _GRAPHS.get(key)
+        if cached is not None:
+            return cached
+        async with self.sessionmaker() as session:
+            definition = await session.scalar(
+                select(WorkflowVersion.definition).where(
+                    WorkflowVersion.workflow_id == claim.workflow_id,
+                    WorkflowVersion.number == claim.version,
+                )
+            )
+            if definition is None:
+                raise GraphInvalid([])
+            ctx = await validation_context(session, claim.workspace_id, claim.workflow_id)
+        graph = validate(definition, ctx)
+        if len(_GRAPHS) >= _GRAPH_CACHE_SIZE:
+            _GRAPHS.pop(next(iter(_GRAPHS)))
+        _GRAPHS[key] = graph
+        return graph
+
+    async def _load(self, execution_id: uuid.UUID) -> RunState:
+        run = RunState()
+        async with self.sessionmaker() as session:
+            rows = await session.scalars(
+                select(NodeExecution).where(
+                    NodeExecution.execution_id == execution_id, NodeExecution.iteration == 0
+                )
+            )
+            for row in rows.all():
+                status = NodeStatus(row.status)
+                # A node that was running when its worker died runs again.
+                if status == N.RUNNING:
+                    continue
+                run.states[row.node_id] = NodeState(status, row.branch)
+                run.outputs[row.node_id] = row.output
+                run.attempts[row.node_id] = row.attempt
+                if status == N.RETRYING and row.next_attempt_at is not None:
+                    run.retry_at[row.node_id] = row.next_attempt_at
+        return run
+
+    # Checkpoints --------------------------------------------------------------------------
+
+    async def _checkpoint(
+        self, execution_id: uuid.UUID, node_id: str, values: dict[str, Any]
+    ) -> None:
+        stmt = insert(NodeExecution).values(
+            id=uuid.uuid4(), execution_id=execution_id, node_id=node_id, iteration=0, **values
+        )
+        stmt = stmt.on_conflict_do_update(
+            constraint=NODE_KEY, set_={**values, "updated_at": func.now()}
+        )
+        # Shielded: a cancel arriving mid-commit must not leave the row half-written
+        # in the runner's view (the database itself is atomic either way).
+        await asyncio.shield(self._write(stmt))
+
+    async def _write(self, stmt: Any) -> None:
+        async with UnitOfWork(self.sessionmaker) as uow:
+            await uow.session.execute(stmt)
+
+    async def _skip(self, execution_id: uuid.UUID, nodes: list[str]) -> None:
+        if not nodes:
+            return
+        now = _now()
+        rows = [
+            {
+                "id": uuid.uuid4(),
+                "execution_id": execution_id,
+                "node_id": n,
+                "iteration": 0,
+                "status": N.SKIPPED,
+                "started_at": now,
+                "finished_at": now,
+            }
+            for n in nodes
+        ]
+        stmt = insert(NodeExecution).values(rows).on_conflict_do_nothing(constraint=NODE_KEY)
+        await asyncio.shield(self._write(stmt))
+
+    # Running ------------------------------------------------------------------------------
+
+    async def execute(self, execution_id: uuid.UUID) -> str:
+        claim = await self._claim(execution_id)
+        if claim is None:
+            return "not_claimed"
+        try:
+            graph = await self._graph(claim)
+        except GraphInvalid as exc:
+            await self._close(
+                claim,
+                E.FAILED,
+                error={
+                    "message": "the pinned version no longer validates",
+                    "problems": [p.as_dict() for p in exc.problems],
+                },
+            )
+            return E.FAILED
+        run = await self._load(claim.id)
+        cancel = asyncio.Event()
+        lost = asyncio.Event()
+        watcher = asyncio.create_task(self._watch(claim.id, cancel, lost))
+        try:
+            outcome = await self._run(claim, graph, run, cancel, lost)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        return outcome
+
+    async def _watch(
+        self, execution_id: uuid.UUID, cancel: asyncio.Event, lost: asyncio.Event
+    ) -> None:
+        engine = self.settings.engine
+        renew_every = engine.lease_s / 3
+        last_renewal = time.monotonic()
+        while True:
+            await asyncio.sleep(engine.watch_interval_s)
+            async with UnitOfWork(self.sessionmaker) as uow:
+                row = (
+                    await uow.session.execute(
+                        select(
+                            WorkflowExecution.cancel_requested_at, WorkflowExecution.lease_owner
+                        ).where(WorkflowExecution.id == execution_id)
+                    )
+                ).one_or_none()
+                if row is None or row.lease_owner != self.worker_id:
+                    lost.set()
+                    cancel.set()
+                    return
+                if row.cancel_requested_at is not None:
+                    cancel.set()
+                if time.monotonic() - last_renewal >= renew_every:
+                    ex = await uow.session.get(WorkflowExecution, execution_id)
+                    if ex is not None:
+                        ex.lease_expires_at = _now() + timedelta(seconds=engine.lease_s)
+                    last_renewal = time.monotonic()
+
+    async def _run(
+        self,
+        claim: Claim,
+        graph: ValidGraph,
+        run: RunState,
+        cancel: asyncio.Event,
+        lost: asyncio.Event,
+    ) -> str:
+        merge_any = merge_any_nodes(graph.configs)
+        continue_on_error = frozenset(
+            n for n, node in graph.nodes.items() if node.continue_on_error
+        )
+        start = next(
+            (
+                n
+                for n, cfg in graph.configs.items()
+                if graph.nodes[n].type == "trigger"
+                and getattr(cfg, "kind", None) == claim.trigger_type
+            ),
+            None,
+        )
+        limit = asyncio.Semaphore(min(graph.settings.max_concurrency, 64))
+        running: dict[str, asyncio.Task[None]] = {}
+        variables = dict(claim.variables)
+        deadline = claim.started_at + timedelta(seconds=graph.settings.timeout_s)
+
+        while True:
+            if cancel.is_set():
+                break
+            if _now() > deadline:
+                for task in running.values():
+                    task.cancel()
+                await asyncio.gather(*running.values(), return_exceptions=True)
+                await self._close(
+                    claim,
+                    E.FAILED,
+                    run=run,
+                    error={"message": f"execution timed out after {graph.settings.timeout_s} s"},
+                )
+                return E.FAILED
+            ready, settled = skip_closure(graph.graph, run.states, merge_any, start)
+            skipped = [
+                n for n, s in settled.items() if s.status == N.SKIPPED and run.states.get(n) != s
+            ]
+            await self._skip(claim.id, skipped)
+            run.states.update(settled)
+            now = _now()
+            due = [n for n, at in run.retry_at.items() if at <= now and n not in running]
+            for node_id in [*ready, *due]:
+                if node_id in running:
+                    continue
+                run.retry_at.pop(node_id, None)
+                run.states[node_id] = NodeState(N.RUNNING)
+                running[node_id] = asyncio.create_task(
+                    self._run_node(claim, graph, run, node_id, variables, limit)
+                )
+            fatal = failed_nodes(run.states, continue_on_error)
+            if fatal and not running:
+                break
+            if not running:
+                if run.retry_at:
+                    await self._park(claim, run, min(run.retry_at.values()))
+                    return "parked"
+                break
+            waiters: set[asyncio.Future[Any]] = set(running.values())
+            cancel_wait = asyncio.ensure_future(cancel.wait())
+            waiters.add(cancel_wait)
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            cancel_wait.cancel()
+            for node_id, task in list(running.items()):
+                if task.done():
+                    del running[node_id]
+                    with contextlib.suppress(asyncio.CancelledError):
+                        task.result()
+            if failed_nodes(run.states, continue_on_error):
+                # Let siblings in flight finish their checkpoint, start nothing new.
+                await asyncio.gather(*running.values(), return_exceptions=True)
+                running.clear()
+                break
+
+        if cancel.is_set():
+            for task in running.values():
+                task.cancel()
+            await asyncio.gather(*running.values(), return_exceptions=True)
+            if lost.is_set():
+                # Someone else holds the run now (our lease lapsed): leave it to them.
+                return "lost_lease"
+            await self._close(claim, E.CANCELLED, run=run, error={"message": "cancelled"})
+            return E.CANCELLED
+        fatal = failed_nodes(run.states, continue_on_error)
+        if fatal:
+            first = fatal[0]
+            await self._close(
+                claim, E.FAILED, run=run, error={"node_id": first, **run.errors.get(first, {})}
+            )
+            return E.FAILED
+        if not is_finished(graph.graph, run.states):
+            await self._close(
+                claim,
+                E.FAILED,
+                run=run,
+                error={"message": "the run stopped with nodes that can never run"},
+            )
+            return E.FAILED
+        sinks = [
+            n
+            for n in graph.graph.nodes
+            if graph.graph.out_degree(n) == 0 and run.states[n].status == N.COMPLETED
+        ]
+        await self._close(
+            claim,
+            E.COMPLETED,
+            run=run,
+            output={n: run.outputs.get(n) for n in sinks},
+            variables=variables,
+        )
+        return E.COMPLETED
+
+    async def _run_node(
+        self,
+        claim: Claim,
+        graph: ValidGraph,
+        run: RunState,
+        node_id: str,
+        variables: dict[str, Any],
+        limit: asyncio.Semaphore,
+    ) -> None:
+        node = graph.nodes[node_id]
+        config = graph.configs[node_id]
+        policy = node.retry
+        handler = HANDLERS[node.type]
+        upstream = list(graph.graph.predecessors(node_id))
+        scope = {
+            "trigger": claim.trigger_data,
+            "nodes": {n: {"output": run.outputs.get(n)} for n in run.outputs},
+            "vars": variables,
+            "execution": {
+                "id": str(claim.id),
+                "workflow_id": str(claim.workflow_id),
+                "version": claim.version,
+            },
+            "inputs": [
+                p for p in upstream if run.states.get(p, NodeState(N.PENDING)).status == N.COMPLETED
+            ],
+        }
+        ctx = NodeContext(
+            node=node,
+            config=config,
+            execution_id=claim.id,
+            workspace_id=claim.workspace_id,
+            settings=self.settings,
+            scope=scope,
+            http=self.http,
+            sessionmaker=self.sessionmaker,
+        )
+        async with limit:
+            while True:
+                attempt = run.attempts.get(node_id, 0) + 1
+                run.attempts[node_id] = attempt
+                started = _now()
+                t0 = time.perf_counter()
+                try:
+                    timeout = node.timeout_s or graph.settings.timeout_s
+                    async with asyncio.timeout(timeout):
+                        result = await handler(ctx)
+                    self._check_size(result)
+                except asyncio.CancelledError:
+                    await self._checkpoint(
+                        claim.id,
+                        node_id,
+                        {
+                            "status": N.CANCELLED,
+                            "attempt": attempt,
+                            "started_at": started,
+                            "finished_at": _now(),
+                        },
+                    )
+                    run.states[node_id] = NodeState(N.CANCELLED)
+                    raise
+                except Exception as exc:
+                    failure = classify(exc)
+                    delay = retry_delay(
+                        failure,
+                        attempt=attempt,
+                        max_retries=policy.max_retries,
+                        backoff_s=policy.backoff_s,
+                        retry_on=list(policy.on),
+                        max_countdown_s=self.settings.celery.max_countdown_s,
+                    )
+                    error = {
+                        "message": failure.message,
+                        "class": failure.error_class,
+                        "attempt": attempt,
+                    }
+                    run.errors[node_id] = error
+                    elapsed = round((time.perf_counter() - t0) * 1000, 3)
+                    if delay is not None and delay <= self.settings.engine.inline_retry_max_s:
+                        await asyncio.sleep(delay)
+                        continue
+                    if delay is not None:
+                        at = _now() + timedelta(seconds=delay)
+                        await self._checkpoint(
+                            claim.id,
+                            node_id,
+                            {
+                                "status": N.RETRYING,
+                                "attempt": attempt,
+                                "error": error,
+                                "next_attempt_at": at,
+                                "started_at": started,
+                                "duration_ms": elapsed,
+                            },
+                        )
+                        run.states[node_id] = NodeState(N.RETRYING)
+                        run.retry_at[node_id] = at
+                        return
+                    branch = "error" if node.continue_on_error else None
+                    await self._checkpoint(
+                        claim.id,
+                        node_id,
+                        {
+                            "status": N.FAILED,
+                            "branch": branch,
+                            "attempt": attempt,
+                            "error": error,
+                            "input": {"config": node.config},
+                            "started_at": started,
+                            "finished_at": _now(),
+                            "duration_ms": elapsed,
+                        },
+                    )
+                    run.states[node_id] = NodeState(N.FAILED, branch)
+                    return
+                elapsed = round((time.perf_counter() - t0) * 1000, 3)
+                variables.update(result.variables)
+                await self._checkpoint(
+                    claim.id,
+                    node_id,
+                    {
+                        "status": N.COMPLETED,
+                        "branch": result.branch,
+                        "attempt": attempt,
+                        "output": result.output,
+                        "input": {"config": node.config},
+                        "error": None,
+                        "next_attempt_at": None,
+                        "started_at": started,
+                        "finished_at": _now(),
+                        "duration_ms": elapsed,
+                        "input_tokens": result.input_tokens,
+                        "output_tokens": result.output_tokens,
+                        "cost_usd": result.cost_usd,
+                    },
+                )
+                run.outputs[node_id] = result.output
+                run.states[node_id] = NodeState(N.COMPLETED, result.branch)
+                return
+
+    def _check_size(self, result: NodeResult) -> None:
+        size = len(json.dumps(result.output, default=str))
+        if size > self.settings.engine.max_output_bytes:
+            raise NodeFailure(
+                f"output is {size} bytes, over the {self.settings.engine.max_output_bytes} limit",
+                "permanent",
+            )
+
+    async def _park(self, claim: Claim, run: RunState, at: datetime) -> None:
+        """Release the worker slot until `at`: back to pending, re-enqueued with a countdown."""
+        async with UnitOfWork(self.sessionmaker) as uow:
+            ex = await uow.session.get(WorkflowExecution, claim.id, with_for_update=True)
+            if ex is None or ex.status != E.RUNNING:
+                return
+            transition("execution", ex.status, E.PENDING, at=_now(), reason="retry wait")
+            ex.status = E.PENDING
+            ex.resume_at = at
+            ex.lease_owner = None
+            ex.lease_expires_at = None
+            # A parked run is not a failed delivery: the next claim is expected.
+            ex.deliveries = max(0, ex.deliveries - 1)
+            countdown = max(0.0, (at - _now()).total_seconds())
+            uow.after_commit(lambda: self.enqueue(claim.id, countdown))
+
+    async def _close(
+        self, claim: Claim, status: ExecutionStatus, *, run: RunState | None = None, **values: Any
+    ) -> None:
+        async with UnitOfWork(self.sessionmaker) as uow:
+            ex = await uow.session.get(WorkflowExecution, claim.id, with_for_update=True)
+            if ex is None or ex.status in TERMINAL_EXECUTION:
+                return
+            if status == E.CANCELLED:
+                # Nodes that never started are cancelled too, so the picture is whole.
+                pending = await uow.session.scalars(
+                    select(NodeExecution).where(
+                        NodeExecution.execution_id == claim.id,
+                        NodeExecution.status.in_([N.RETRYING]),
+                    )
+                )
+                for row in pending.all():
+                    row.status = N.CANCELLED
+            totals = (
+                await uow.session.execute(
+                    select(
+                        func.coalesce(func.sum(NodeExecution.input_tokens), 0),
+                        func.coalesce(func.sum(NodeExecution.output_tokens), 0),
+                        func.coalesce(func.sum(NodeExecution.cost_usd), 0.0),
+                    ).where(NodeExecution.execution_id == claim.id)
+                )
+            ).one()
+            self._finish(
+                ex,
+                status,
+                _now(),
+                input_tokens=int(totals[0]),
+                output_tokens=int(totals[1]),
+                cost_usd=float(totals[2]),
+                **values,
+            )
+        log.info("execution.finished", execution_id=str(claim.id), status=str(status))

@@ -1,0 +1,114 @@
+"""Action nodes: HTTP requests through the SSRF guard, with credentials injected at
+send time (never part of the node's recorded input or output)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import httpx
+
+from backend.credentials.service import reveal
+from backend.kit.http_guard import BlockedAddress, ResponseTooLarge, TooManyRedirects, fetch
+from backend.models import Credential
+from backend.workflows.graph import HttpRequestAction
+from workers.engine.retry import NodeFailure, classify_status
+from workers.nodes.base import NodeContext, NodeResult
+
+
+async def _credential_headers(ctx: NodeContext, credential_id: Any) -> dict[str, str]:
+    async with ctx.sessionmaker() as session:
+        credential = await session.get(Credential, credential_id)
+        if credential is None or credential.workspace_id != ctx.workspace_id:
+            raise NodeFailure("credential not found in this workspace", "permanent")
+        secret = reveal(ctx.settings, credential)
+    kind = secret.get("type")
+    if kind == "bearer":
+        return {"Authorization": f"Bearer {secret['token']}"}
+    if kind == "api_key":
+        return {secret.get("header") or "X-API-Key": secret["key"]}
+    if kind == "basic":
+        pair = f"{secret['username']}:{secret['password']}".encode()
+        return {"Authorization": "Basic " + base64.b64encode(pair).decode()}
+    if kind == "headers":
+        return {str(k): str(v) for k, v in secret["headers"].items()}
+    raise NodeFailure(f"credential type {kind!r} cannot be used for HTTP", "permanent")
+
+
+def _body(response: httpx.Response, raw: bytes) -> Any:
+    text = raw.decode(response.encoding or "utf-8", errors="replace")
+    if "json" in response.headers.get("content-type", ""):
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+    return text
+
+
+async def http_request(ctx: NodeContext, config: HttpRequestAction) -> NodeResult:
+    url = ctx.render(config.url)
+    headers = {k: ctx.render(v) for k, v in config.headers.items()}
+    params = {k: ctx.render(v) for k, v in config.query.items()}
+    content: bytes | None = None
+    if isinstance(config.body, str):
+        rendered = ctx.render_json(config.body)
+        content = (json.dumps(rendered) if not isinstance(rendered, str) else rendered).encode()
+    elif config.body is not None:
+        content = json.dumps(_render_tree(ctx, config.body)).encode()
+    if content is not None and not any(k.lower() == "content-type" for k in headers):
+        headers["Content-Type"] = "application/json"
+    if config.credential_id is not None:
+        headers.update(await _credential_headers(ctx, config.credential_id))
+    try:
+        request = ctx.http.build_request(
+            config.method,
+            url,
+            headers=headers,
+            params=params,
+            content=content,
+            timeout=config.timeout_s,
+        )
+        response, raw = await fetch(
+            ctx.http,
+            request,
+            max_redirects=ctx.settings.http.max_redirects,
+            max_bytes=config.max_response_bytes,
+        )
+    except BlockedAddress as exc:
+        raise NodeFailure(str(exc), "permanent") from exc
+    except (ResponseTooLarge, TooManyRedirects) as exc:
+        raise NodeFailure(str(exc), "permanent") from exc
+    except httpx.InvalidURL as exc:
+        raise NodeFailure(f"invalid URL: {exc}", "permanent") from exc
+    output = {
+        "status": response.status_code,
+        "headers": dict(response.headers),
+        "body": _body(response, raw),
+    }
+    if response.status_code >= 400:
+        retry_after = response.headers.get("retry-after")
+        raise NodeFailure(
+            f"HTTP {response.status_code} from {request.url.host}",
+            classify_status(response.status_code, raw[:2000].decode(errors="replace")),
+            float(retry_after) if retry_after and retry_after.isdigit() else None,
+        )
+    return NodeResult(output=output)
+
+
+def _render_tree(ctx: NodeContext, value: Any) -> Any:
+    if isinstance(value, str):
+        return ctx.render_json(value)
+    if isinstance(value, dict):
+        return {k: _render_tree(ctx, v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_render_tree(ctx, v) for v in value]
+    return value
+
+
+async def run(ctx: NodeContext) -> NodeResult:
+    if isinstance(ctx.config, HttpRequestAction):
+        return await http_request(ctx, ctx.config)
+    raise NodeFailure(
+        f"action kind {ctx.config.kind!r} is not supported by this engine yet", "permanent"
+    )

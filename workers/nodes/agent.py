@@ -1,0 +1,82 @@
+"""Agent nodes: one turn of the agent runtime (the same the API's agent test uses), with
+the node's overrides; tokens and cost go on the node and the run."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from backend.agents import runtime
+from backend.agents.service import build_spec
+from backend.models import Agent
+from backend.workflows.graph import AgentConfig
+from workers.engine.retry import NodeFailure, classify
+from workers.nodes.base import NodeContext, NodeResult
+
+
+async def run(ctx: NodeContext) -> NodeResult:
+    config: AgentConfig = ctx.config
+    prompt = ctx.render(config.prompt)
+    settings = ctx.settings
+    client = runtime.client_for(settings)
+    budget = runtime.Budget(max_calls=settings.anthropic.max_calls_per_run)
+    result = runtime.AgentResult(output="", stop_reason="", iterations=0, model=config.model or "")
+    subs = runtime.AgentResult(output="", stop_reason="", iterations=0, model=config.model or "")
+    try:
+        if config.agent_id is not None:
+            async with ctx.sessionmaker() as session:
+                agent = await session.get(Agent, config.agent_id)
+                if agent is None or agent.workspace_id != ctx.workspace_id:
+                    raise NodeFailure("agent not found in this workspace", "permanent")
+                spec = await build_spec(
+                    session,
+                    client,
+                    agent,
+                    max_iterations=config.max_iterations,
+                    budget=budget,
+                    spent=subs,
+                )
+        else:
+            spec = runtime.AgentSpec(
+                model=config.model or settings.anthropic.default_model,
+                system_prompt="",
+                max_tokens=1024,
+                temperature=None,
+                tools=[],
+                max_iterations=config.max_iterations,
+            )
+        overrides: dict[str, Any] = {
+            "model": config.model,
+            "system_prompt": ctx.render(config.system_prompt) if config.system_prompt else None,
+            "temperature": config.temperature,
+            "max_tokens": config.max_tokens,
+        }
+        spec = dataclasses.replace(spec, **{k: v for k, v in overrides.items() if v is not None})
+        result.model = spec.model
+        await runtime.run(client, spec, prompt, budget=budget, result=result)
+    except NodeFailure:
+        raise
+    except runtime.BudgetExceeded as exc:
+        raise NodeFailure(str(exc), "permanent") from exc
+    except Exception as exc:
+        raise classify(exc) from exc
+    finally:
+        await client.close()
+    tokens_in = result.usage.input_tokens + subs.usage.input_tokens
+    tokens_out = result.usage.output_tokens + subs.usage.output_tokens
+    cost = (result.cost or 0.0) + (subs.cost or 0.0)
+    if result.stop_reason == "max_iterations":
+        # A loop that hit its cap ends as a failure, not as a quiet success.
+        raise NodeFailure(f"agent stopped at max_iterations ({config.max_iterations})", "permanent")
+    return NodeResult(
+        output={
+            "text": result.output,
+            "stop_reason": result.stop_reason,
+            "iterations": result.iterations,
+            "model": result.model,
+            "tool_calls": [dataclasses.asdict(c) for c in result.tool_calls],
+        },
+        input_tokens=tokens_in,
+        output_tokens=tokens_out,
+        cost_usd=cost,
+    )

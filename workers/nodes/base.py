@@ -1,0 +1,67 @@
+"""What a node handler gets and gives back."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from backend.config import Settings
+from backend.workflows.graph import Node
+from backend.workflows.templates import evaluate, render
+from workers.engine.retry import NodeFailure
+
+
+@dataclass
+class NodeResult:
+    output: Any = None
+    # if/switch choose the branch their outgoing connections carry.
+    branch: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    # Variables a `set` node adds to the run's `vars`.
+    variables: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class NodeContext:
+    node: Node
+    config: Any
+    execution_id: uuid.UUID
+    workspace_id: uuid.UUID
+    settings: Settings
+    # trigger, nodes (id -> {"output": ...}), vars, execution: what templates see.
+    scope: dict[str, Any]
+    http: httpx.AsyncClient
+    sessionmaker: async_sessionmaker[AsyncSession]
+
+    def render(self, source: str) -> str:
+        try:
+            return render(source, self.scope)
+        except Exception as exc:
+            raise NodeFailure(f"template failed: {type(exc).__name__}: {exc}", "permanent") from exc
+
+    def evaluate(self, expression: str) -> Any:
+        try:
+            return evaluate(expression, self.scope)
+        except Exception as exc:
+            raise NodeFailure(
+                f"expression failed: {type(exc).__name__}: {exc}", "permanent"
+            ) from exc
+
+    def render_json(self, source: str) -> Any:
+        """A template meant to produce JSON; plain text stays text."""
+        text = self.render(source)
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+
+
+Handler = Callable[[NodeContext], Awaitable[NodeResult]]
