@@ -10,6 +10,7 @@ exactly one of these dependencies, and the route-table test fails a route that d
 from __future__ import annotations
 
 import inspect
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -192,6 +193,11 @@ async def _grant(
     return workspace, role
 
 
+def _kind(model: type[Any]) -> str:
+    """'WorkflowExecution' -> 'workflow execution', for messages."""
+    return re.sub(r"(?<!^)(?=[A-Z])", " ", model.__name__).lower()
+
+
 WorkspaceHeader = Annotated[
     uuid.UUID | None,
     Header(alias="X-Workspace-ID", description="The workspace to act in (API keys: their own)"),
@@ -216,7 +222,7 @@ def require(
     """
     if resource is not None and scope == "body":
         assert param, "a body-scoped permission names its body field"
-        kind = resource.__name__.lower()
+        kind = _kind(resource)
 
         async def by_body(
             request: Request, principal: PrincipalDep, session: SessionDep
@@ -241,7 +247,7 @@ def require(
         dependency: Any = by_body
     elif resource is not None:
         assert param, "a resource-scoped permission names its path parameter"
-        kind = resource.__name__.lower()
+        kind = _kind(resource)
 
         async def by_resource(
             principal: Principal, session: AsyncSession, **path: uuid.UUID

@@ -32,6 +32,7 @@ NOT_FOUND_DETAILS = (
     "workflow not found",
     "agent not found",
     "credential not found",
+    "workflow execution not found",
 )
 
 
@@ -42,6 +43,7 @@ class RouteCase:
     access: Any  # "public" | "authenticated" | Permission
     scope: str = "path"  # where a permission route finds its workspace
     resource: Any = None
+    param: str | None = None
 
     def __str__(self) -> str:
         return f"{self.method} {self.path}"
@@ -81,6 +83,7 @@ def route_cases() -> list[RouteCase]:
                     getattr(call, "__access__", None),
                     getattr(call, "__scope__", "path"),
                     getattr(call, "__resource__", None),
+                    getattr(call, "__param__", None),
                 )
             )
     return cases
@@ -106,7 +109,7 @@ def test_every_permission_route_knows_where_its_workspace_is() -> None:
     for case in WORKSPACE_CASES:
         if case.scope == "path":
             assert "{workspace_id}" in case.path, case
-        elif case.scope == "resource":
+        elif case.scope in ("resource", "body"):
             assert case.resource in FACTORIES, f"{case}: add a factory for {case.resource}"
         else:
             assert case.scope == "header", case
@@ -131,7 +134,9 @@ def _url(case: RouteCase, target: Target) -> str:
 async def call(
     client: httpx.AsyncClient, case: RouteCase, target: Target, headers: dict[str, str]
 ) -> httpx.Response:
-    body = {} if case.method in ("POST", "PUT", "PATCH") else None
+    body: dict[str, Any] | None = {} if case.method in ("POST", "PUT", "PATCH") else None
+    if case.scope == "body" and case.param:
+        body = {case.param: str(target.resources[case.resource])}
     if case.scope == "header" and "X-Workspace-ID" not in headers:
         headers = {**headers, "X-Workspace-ID": str(target.workspace.id)}
     return await client.request(case.method, _url(case, target), headers=headers, json=body)

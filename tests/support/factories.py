@@ -10,7 +10,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.config import get_settings
 from backend.kit.crypto import SecretBox
-from backend.models import Agent, Credential, Workflow, WorkflowVersion, Workspace
+from backend.models import (
+    Agent,
+    Credential,
+    Workflow,
+    WorkflowExecution,
+    WorkflowVersion,
+    Workspace,
+)
 
 MINIMAL: dict[str, Any] = {
     "nodes": [
@@ -91,9 +98,26 @@ async def make_credential(
     return credential
 
 
+async def make_execution(
+    session: AsyncSession, workspace: Workspace, *, status: str = "failed"
+) -> WorkflowExecution:
+    workflow = await make_workflow(session, workspace)
+    execution = WorkflowExecution(
+        workspace_id=workspace.id,
+        workflow_id=workflow.id,
+        version=1,
+        trigger_type="manual",
+        status=status,
+    )
+    session.add(execution)
+    await session.flush()
+    return execution
+
+
 # Resource model -> factory, for tests that need "some row of this kind" in a workspace.
 FACTORIES: dict[type[Any], Callable[[AsyncSession, Workspace], Awaitable[Any]]] = {
     Workflow: make_workflow,
     Agent: make_agent,
     Credential: make_credential,
+    WorkflowExecution: make_execution,
 }
