@@ -65,7 +65,8 @@ async def http_request(ctx: NodeContext, config: HttpRequestAction) -> NodeResul
             config.method,
             url,
             headers=headers,
-            params=params,
+            # An empty dict would replace the query string the URL already carries.
+            params=params or None,
             content=content,
             timeout=config.timeout_s,
         )

@@ -1,0 +1,452 @@
+"""The runner against real PostgreSQL, called directly (no broker): checkpoints,
+branches, retries (in place and parked), failures, cancel, resume after a crash,
+leases, and the SSRF guard on HTTP nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from backend.config import Settings
+from backend.kit.db import UnitOfWork
+from backend.kit.http_guard import guarded_client
+from backend.models import (
+    NodeExecution,
+    User,
+    Workflow,
+    WorkflowExecution,
+    WorkflowVersion,
+    Workspace,
+)
+from workers.engine.runner import Runner
+from tests.support.target import Target, http_target
+
+pytestmark = pytest.mark.xdist_group("engine")
+
+
+@pytest.fixture(scope="module")
+def target() -> Iterator[Target]:
+    with http_target() as t:
+        yield t
+
+
+@pytest.fixture
+def maker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    # Committed data: the runner opens its own transactions, as in a worker.
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+@pytest.fixture
+async def workspace(maker: async_sessionmaker[AsyncSession]) -> Workspace:
+    async with UnitOfWork(maker) as uow:
+        ws = Workspace(name="Engine", slug=f"engine-{uuid.uuid4().hex[:10]}")
+        uow.session.add(ws)
+    return ws
+
+
+class Enqueued(list[tuple[uuid.UUID, float]]):
+    def __call__(self, execution_id: uuid.UUID, countdown: float) -> None:
+        self.append((execution_id, countdown))
+
+
+@pytest.fixture
+async def runner(
+    settings: Settings, maker: async_sessionmaker[AsyncSession]
+) -> AsyncIterator[Runner]:
+    local = settings.model_copy(
+        update={
+            "http": settings.http.model_copy(update={"allow_private_networks": ["127.0.0.1/32"]}),
+            "engine": settings.engine.model_copy(update={"watch_interval_s": 0.1}),
+        }
+    )
+    async with guarded_client(["127.0.0.1/32"]) as http:
+        yield Runner(local, maker, http, f"test-{uuid.uuid4().hex[:6]}", Enqueued())
+
+
+async def start(
+    maker: async_sessionmaker[AsyncSession],
+    workspace: Workspace,
+    definition: dict[str, Any],
+    trigger: dict[str, Any] | None = None,
+) -> uuid.UUID:
+    async with UnitOfWork(maker) as uow:
+        wf = Workflow(id=uuid.uuid4(), workspace_id=workspace.id, name="t", current_version=1)
+        uow.session.add(wf)
+        await uow.session.flush()
+        uow.session.add(WorkflowVersion(workflow_id=wf.id, number=1, definition=definition))
+        ex = WorkflowExecution(
+            workspace_id=workspace.id,
+            workflow_id=wf.id,
+            version=1,
+            trigger_type="manual",
+            trigger_data=trigger or {},
+        )
+        uow.session.add(ex)
+        await uow.session.flush()
+        return ex.id
+
+
+async def state(
+    maker: async_sessionmaker[AsyncSession], execution_id: uuid.UUID
+) -> tuple[WorkflowExecution, dict[str, NodeExecution]]:
+    async with maker() as session:
+        ex = await session.get(WorkflowExecution, execution_id)
+        assert ex is not None
+        rows = (
+            await session.scalars(
+                select(NodeExecution).where(NodeExecution.execution_id == execution_id)
+            )
+        ).all()
+        return ex, {r.node_id: r for r in rows}
+
+
+def trig() -> dict[str, Any]:
+    return {"id": "start", "type": "trigger", "config": {"kind": "manual"}}
+
+
+def chain(n: int) -> dict[str, Any]:
+    nodes = [trig()]
+    conns = []
+    previous = "start"
+    for i in range(n):
+        source = "{{ trigger.x }}" if i == 0 else "{{ nodes.n%d.output + 1 }}" % (i - 1)
+        nodes.append(
+            {
+                "id": f"n{i}",
+                "type": "logic",
+                "config": {"kind": "transform", "template": source if i else "{{ trigger.x + 1 }}"},
+            }
+        )
+        conns.append({"source": previous, "target": f"n{i}"})
+        previous = f"n{i}"
+    return {"nodes": nodes, "connections": conns, "settings": {}}
+
+
+async def test_a_chain_runs_to_completion_with_every_node_checkpointed(
+    runner: Runner, maker: async_sessionmaker[AsyncSession], workspace: Workspace
+) -> None:
+    execution_id = await start(maker, workspace, chain(10), {"x": 1})
+    assert await runner.execute(execution_id) == "completed"
+    ex, rows = await state(maker, execution_id)
+    assert ex.status == "completed"
+    assert ex.output == {"n9": 11}
+    assert ex.lease_owner is None
+    assert ex.duration_ms is not None
+    assert {r.status for r in rows.values()} == {"completed"}
+    assert len(rows) == 11
+    assert rows["n4"].output == 6
+    # A second delivery of a finished run does nothing.
+    assert await runner.execute(execution_id) == "not_claimed"
+
+
+async def test_if_runs_one_branch_and_skips_the_other(
+    runner: Runner, maker: async_sessionmaker[AsyncSession], workspace: Workspace
+) -> None:
+    d = {
+        "nodes": [
+            trig(),
+            {
+                "id": "check",
+                "type": "logic",
+                "config": {"kind": "if", "condition": "trigger.amount > 100"},
+            },
+            {"id": "big", "type": "logic", "config": {"kind": "transform", "template": '"big"'}},
+            {
+                "id": "small",
+                "type": "logic",
+                "config": {"kind": "transform", "template": '"small"'},
+            },
+            {
+                "id": "after_small",
+                "type": "logic",
+                "config": {"kind": "set", "variables": {"seen": "1"}},
+            },
+            {"id": "join", "type": "logic", "config": {"kind": "merge", "mode": "all"}},
+        ],
+        "connections": [
+            {"source": "start", "target": "check"},
+            {"source": "check", "target": "big", "branch": "true"},
+            {"source": "check", "target": "small", "branch": "false"},
+            {"source": "small", "target": "after_small"},
+            {"source": "big", "target": "join"},
+            {"source": "after_small", "target": "join"},
+        ],
+    }
+    execution_id = await start(maker, workspace, d, {"amount": 500})
+    assert await runner.execute(execution_id) == "completed"
+    ex, rows = await state(maker, execution_id)
+    assert {n: r.status for n, r in rows.items()} == {
+        "start": "completed",
+        "check": "completed",
+        "big": "completed",
+        "small": "skipped",
+        "after_small": "skipped",
+        "join": "completed",
+    }
+    assert rows["check"].branch == "true"
+    assert ex.output == {"join": {"big": "big"}}
+
+
+def http_node(url: str, **extra: Any) -> dict[str, Any]:
+    return {"id": "call", "type": "action", "config": {"kind": "http_request", "url": url}, **extra}
+
+
+def one_call(url: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "nodes": [trig(), http_node(url, **extra)],
+        "connections": [{"source": "start", "target": "call"}],
+    }
+
+
+async def test_a_transient_failure_is_retried_in_place_then_succeeds(
+    runner: Runner, maker: async_sessionmaker[AsyncSession], workspace: Workspace, target: Target
+) -> None:
+    key = uuid.uuid4().hex[:8]
+    d = one_call(f"{target.base}/flaky/{key}/2", retry={"max_retries": 3, "backoff_s": [0.05]})
+    execution_id = await start(maker, workspace, d)
+    assert await runner.execute(execution_id) == "completed"
+    _, rows = await state(maker, execution_id)
+    assert rows["call"].attempt == 3
+    assert rows["call"].output["status"] == 200
+    assert target.hits[f"flaky/{key}/2"] == 3
+
+
+async def test_a_long_retry_wait_parks_the_run_instead_of_holding_the_worker(
+    runner: Runner, maker: async_sessionmaker[AsyncSession], workspace: Workspace, target: Target
+) -> None:
+    key = uuid.uuid4().hex[:8]
+    d = one_call(f"{target.base}/flaky/{key}/1", retry={"max_retries": 2, "backoff_s": [30]})
+    execution_id = await start(maker, workspace, d)
+    assert await runner.execute(execution_id) == "parked"
+    ex, rows = await state(maker, execution_id)
+    assert (ex.status, ex.lease_owner, rows["call"].status) == ("pending", None, "retrying")
+    assert ex.resume_at is not None
+    enqueued = runner.enqueue
+    assert isinstance(enqueued, Enqueued)
+    assert enqueued[-1][0] == execution_id
+    assert 25 <= enqueued[-1][1] <= 30
+    # Too early: a delivery before resume_at does nothing.
+    assert await runner.execute(execution_id) == "not_claimed"
+    async with UnitOfWork(maker) as uow:
+        past = ex.resume_at.replace(year=2000)
+        await uow.session.execute(
+            update(WorkflowExecution)
+            .where(WorkflowExecution.id == execution_id)
+            .values(resume_at=past)
+        )
+        await uow.session.execute(
+            update(NodeExecution)
+            .where(NodeExecution.execution_id == execution_id)
+            .values(next_attempt_at=past)
+        )
+    assert await runner.execute(execution_id) == "completed"
+    _, rows = await state(maker, execution_id)
+    assert rows["call"].attempt == 2
+
+
+async def test_a_permanent_failure_fails_the_run_at_once(
+    runner: Runner, maker: async_sessionmaker[AsyncSession], workspace: Workspace, target: Target
+) -> None:
+    d = one_call(f"{target.base}/status/404")
+    d["nodes"].append(
+        {"id": "never", "type": "logic", "config": {"kind": "transform", "template": "x"}}
+    )
+    d["connections"].append({"source": "call", "target": "never"})
+    execution_id = await start(maker, workspace, d)
+    assert await runner.execute(execution_id) == "failed"
+    ex, rows = await state(maker, execution_id)
+    assert rows["call"].attempt == 1
+    assert rows["call"].error["class"] == "permanent"
+    assert ex.error["node_id"] == "call"
+    assert "never" not in rows or rows["never"].status != "completed"
+
+
+async def test_continue_on_error_takes_the_error_branch(
+    runner: Runner, maker: async_sessionmaker[AsyncSession], workspace: Workspace, target: Target
+) -> None:
+    d = one_call(f"{target.base}/status/400", continue_on_error=True)
+    d["nodes"] += [
+        {
+            "id": "fallback",
+            "type": "logic",
+            "config": {"kind": "transform", "template": '"handled"'},
+        },
+        {"id": "happy", "type": "logic", "config": {"kind": "transform", "template": '"ok"'}},
+    ]
+    d["connections"] += [
+        {"source": "call", "target": "fallback", "branch": "error"},
+        {"source": "call", "target": "happy"},
+    ]
+    execution_id = await start(maker, workspace, d)
+    assert await runner.execute(execution_id) == "completed"
+    ex, rows = await state(maker, execution_id)
+    assert (rows["fallback"].status, rows["happy"].status) == ("completed", "skipped")
+    assert ex.output == {"fallback": "handled"}
+
+
+async def test_cancel_is_prompt_and_aborts_the_call_in_flight(
+    runner: Runner, maker: async_sessionmaker[AsyncSession], workspace: Workspace, target: Target
+) -> None:
+    execution_id = await start(maker, workspace, one_call(f"{target.base}/slow/10"))
+    task = asyncio.create_task(runner.execute(execution_id))
+    await asyncio.sleep(0.5)
+    requested = time.monotonic()
+    async with UnitOfWork(maker) as uow:
+        await uow.session.execute(
+            update(WorkflowExecution)
+            .where(WorkflowExecution.id == execution_id)
+            .values(cancel_requested_at=WorkflowExecution.created_at)
+        )
+    assert await asyncio.wait_for(task, 5) == "cancelled"
+    assert time.monotonic() - requested < 1.0
+    ex, rows = await state(maker, execution_id)
+    assert (ex.status, rows["call"].status) == ("cancelled", "cancelled")
+
+
+async def test_a_redelivered_run_resumes_from_its_checkpoints(
+    runner: Runner, maker: async_sessionmaker[AsyncSession], workspace: Workspace, target: Target
+) -> None:
+    key = uuid.uuid4().hex[:8]
+    d = {
+        "nodes": [
+            trig(),
+            *[
+                {
+                    "id": f"c{i}",
+                    "type": "action",
+                    "config": {"kind": "http_request", "url": f"{target.base}/side/{key}/{i}"},
+                }
+                for i in range(4)
+            ],
+        ],
+        "connections": [
+            {"source": "start", "target": "c0"},
+            *[{"source": f"c{i}", "target": f"c{i + 1}"} for i in range(3)],
+        ],
+    }
+    execution_id = await start(maker, workspace, d)
+    assert await runner.execute(execution_id) == "completed"
+    # Pretend the worker died after c1: its later checkpoints vanish, the run is running
+    # again with a lapsed lease (what the reaper then hands on).
+    async with UnitOfWork(maker) as uow:
+        await uow.session.execute(
+            NodeExecution.__table__.delete().where(
+                NodeExecution.execution_id == execution_id, NodeExecution.node_id.in_(["c2", "c3"])
+            )
+        )
+        await uow.session.execute(
+            update(WorkflowExecution)
+            .where(WorkflowExecution.id == execution_id)
+            .values(
+                status="running",
+                finished_at=None,
+                lease_owner="dead-worker",
+                lease_expires_at=WorkflowExecution.created_at,
+            )
+        )
+    assert await runner.execute(execution_id) == "completed"
+    assert [target.hits[f"side/{key}/{i}"] for i in range(4)] == [1, 1, 2, 2]
+
+
+async def test_a_live_lease_makes_a_second_delivery_a_no_op(
+    runner: Runner, maker: async_sessionmaker[AsyncSession], workspace: Workspace, target: Target
+) -> None:
+    execution_id = await start(maker, workspace, one_call(f"{target.base}/slow/1"))
+    first = asyncio.create_task(runner.execute(execution_id))
+    await asyncio.sleep(0.3)
+    other = Runner(runner.settings, maker, runner.http, "another-worker", Enqueued())
+    assert await other.execute(execution_id) == "not_claimed"
+    assert await first == "completed"
+    assert target.hits["slow/1"] == 1
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.2:9/",
+        "http://[::1]:9/",
+        "http://169.254.169.254/latest/meta-data",
+        "http://10.1.2.3/",
+    ],
+)
+async def test_private_addresses_are_refused(
+    runner: Runner, maker: async_sessionmaker[AsyncSession], workspace: Workspace, url: str
+) -> None:
+    execution_id = await start(maker, workspace, one_call(url))
+    assert await runner.execute(execution_id) == "failed"
+    _, rows = await state(maker, execution_id)
+    assert "may not reach" in rows["call"].error["message"]
+    assert rows["call"].attempt == 1
+
+
+async def test_a_redirect_to_a_private_address_is_refused(
+    maker: async_sessionmaker[AsyncSession], runner: Runner, workspace: Workspace
+) -> None:
+    # The target on 127.0.0.2 is allowed; it redirects to 127.0.0.1, which is not.
+    with http_target("127.0.0.2") as allowed, http_target() as forbidden:
+        settings = runner.settings.model_copy(
+            update={
+                "http": runner.settings.http.model_copy(
+                    update={"allow_private_networks": ["127.0.0.2/32"]}
+                )
+            }
+        )
+        async with guarded_client(["127.0.0.2/32"]) as http:
+            guarded = Runner(settings, maker, http, "redirect-test", Enqueued())
+            execution_id = await start(
+                maker, workspace, one_call(f"{allowed.base}/redirect?to={forbidden.base}/ok")
+            )
+            assert await guarded.execute(execution_id) == "failed"
+        _, rows = await state(maker, execution_id)
+        assert "127.0.0.1" in rows["call"].error["message"]
+        assert forbidden.hits["ok"] == 0
+        assert allowed.hits["redirect"] == 1
+
+
+async def test_retry_from_a_failed_run_reuses_completed_nodes(
+    maker: async_sessionmaker[AsyncSession], runner: Runner, workspace: Workspace, target: Target
+) -> None:
+    from backend.executions import service
+    from backend.auth.dependencies import Principal, WorkspaceAccess
+    from backend.auth.permissions import Role
+
+    key = uuid.uuid4().hex[:8]
+    d = {
+        "nodes": [
+            trig(),
+            {
+                "id": "once",
+                "type": "action",
+                "config": {"kind": "http_request", "url": f"{target.base}/once/{key}"},
+            },
+            http_node(f"{target.base}/status/500", retry={"max_retries": 0}),
+        ],
+        "connections": [
+            {"source": "start", "target": "once"},
+            {"source": "once", "target": "call"},
+        ],
+    }
+    execution_id = await start(maker, workspace, d)
+    assert await runner.execute(execution_id) == "failed"
+    async with UnitOfWork(maker) as uow:
+        source = await uow.session.get(WorkflowExecution, execution_id)
+        user = User(email=f"u-{uuid.uuid4().hex[:8]}@example.com")
+        uow.session.add(user)
+        await uow.session.flush()
+        access = WorkspaceAccess(Principal(user=user), workspace, Role.OWNER, resource=source)
+        retried = await service.retry(uow, access)
+        uow._after_commit.clear()  # no broker here: the test runs it directly
+    copy_of = copy.copy(retried.id)
+    assert await runner.execute(copy_of) == "failed"
+    _, rows = await state(maker, copy_of)
+    assert rows["once"].status == "completed"
+    assert target.hits[f"once/{key}"] == 1
+    assert rows["call"].attempt == 1
