@@ -26,8 +26,8 @@ from backend.models import (
     WorkflowVersion,
     Workspace,
 )
-from workers.engine.runner import Runner
 from tests.support.target import Target, http_target
+from workers.engine.runner import Runner
 
 pytestmark = pytest.mark.xdist_group("engine")
 
@@ -117,12 +117,12 @@ def chain(n: int) -> dict[str, Any]:
     conns = []
     previous = "start"
     for i in range(n):
-        source = "{{ trigger.x }}" if i == 0 else "{{ nodes.n%d.output + 1 }}" % (i - 1)
+        source = "{{ trigger.x + 1 }}" if i == 0 else "{{ nodes.n" + str(i - 1) + ".output + 1 }}"
         nodes.append(
             {
                 "id": f"n{i}",
                 "type": "logic",
-                "config": {"kind": "transform", "template": source if i else "{{ trigger.x + 1 }}"},
+                "config": {"kind": "transform", "template": source},
             }
         )
         conns.append({"source": previous, "target": f"n{i}"})
@@ -414,9 +414,9 @@ async def test_a_redirect_to_a_private_address_is_refused(
 async def test_retry_from_a_failed_run_reuses_completed_nodes(
     maker: async_sessionmaker[AsyncSession], runner: Runner, workspace: Workspace, target: Target
 ) -> None:
-    from backend.executions import service
     from backend.auth.dependencies import Principal, WorkspaceAccess
     from backend.auth.permissions import Role
+    from backend.executions import service
 
     key = uuid.uuid4().hex[:8]
     d = {
