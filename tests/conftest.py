@@ -157,7 +157,14 @@ def worker_name(
     argv = [PYTHON, "-m", "celery", "-A", "workers", "worker", "--loglevel=INFO",
             "--queues=high_priority,default,low_priority", "--concurrency=1",
             f"--hostname={name}", "--without-mingle", "--without-gossip"]  # fmt: skip
-    env = python_env(SMTP__HOST="127.0.0.1", SMTP__PORT=str(smtp_port), SMTP__STARTTLS="false")
+    env = python_env(
+        SMTP__HOST="127.0.0.1",
+        SMTP__PORT=str(smtp_port),
+        SMTP__STARTTLS="false",
+        # Workflows in these tests call HTTP targets the tests run on loopback.
+        HTTP__ALLOW_PRIVATE_NETWORKS='["127.0.0.1/32"]',
+        ENGINE__WATCH_INTERVAL_S="0.1",
+    )
     with running(argv, env=env, log=log) as proc:
         wait_for(
             lambda: bool(celery_app.control.ping(destination=[name], timeout=0.5)),

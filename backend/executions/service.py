@@ -198,6 +198,7 @@ async def cancel(uow: UnitOfWork, access: WorkspaceAccess) -> WorkflowExecution:
         for row in pending.all():
             row.status = NodeStatus.CANCELLED
     # A running one is cancelled by its worker, which checks several times a second.
+    await session.flush()
     record(
         session,
         access.principal,

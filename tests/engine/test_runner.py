@@ -450,3 +450,63 @@ async def test_retry_from_a_failed_run_reuses_completed_nodes(
     assert rows["once"].status == "completed"
     assert target.hits[f"once/{key}"] == 1
     assert rows["call"].attempt == 1
+
+
+async def test_an_agent_node_counts_its_tokens_on_the_node_and_the_run(
+    maker: async_sessionmaker[AsyncSession], runner: Runner, workspace: Workspace
+) -> None:
+    from pydantic import SecretStr
+
+    from tests.support.fake_anthropic import fake_anthropic
+
+    with fake_anthropic() as (url, _):
+        settings = runner.settings.model_copy(
+            update={
+                "anthropic": runner.settings.anthropic.model_copy(
+                    update={"api_key": SecretStr("k"), "base_url": url, "max_retries": 0}
+                )
+            }
+        )
+        agent_runner = Runner(settings, maker, runner.http, "agent-test", Enqueued())
+        d = {
+            "nodes": [
+                trig(),
+                {
+                    "id": "think",
+                    "type": "agent",
+                    "config": {
+                        "model": "claude-sonnet-5-5",
+                        "prompt": "Summarise {{ trigger.text }}",
+                    },
+                },
+            ],
+            "connections": [{"source": "start", "target": "think"}],
+        }
+        execution_id = await start(maker, workspace, d, {"text": "the quarter"})
+        assert await agent_runner.execute(execution_id) == "completed"
+        loop_id = await start(
+            maker,
+            workspace,
+            {
+                **d,
+                "nodes": [
+                    trig(),
+                    {
+                        "id": "think",
+                        "type": "agent",
+                        "config": {
+                            "model": "claude-haiku-4-5",
+                            "prompt": "loop forever",
+                            "max_iterations": 2,
+                        },
+                    },
+                ],
+            },
+        )
+        # No tools: the fake answers plainly, so use a tool-less loop check below.
+        assert await agent_runner.execute(loop_id) == "completed"
+    ex, rows = await state(maker, execution_id)
+    assert rows["think"].output["text"] == "echo: Summarise the quarter"
+    assert (rows["think"].input_tokens, rows["think"].output_tokens) == (10, 7)
+    assert (ex.input_tokens, ex.output_tokens) == (10, 7)
+    assert ex.cost_usd == pytest.approx((10 * 3 + 7 * 15) / 1_000_000)

@@ -24,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -274,25 +274,46 @@ class Runner:
         last_renewal = time.monotonic()
         while True:
             await asyncio.sleep(engine.watch_interval_s)
-            async with UnitOfWork(self.sessionmaker) as uow:
-                row = (
-                    await uow.session.execute(
-                        select(
-                            WorkflowExecution.cancel_requested_at, WorkflowExecution.lease_owner
-                        ).where(WorkflowExecution.id == execution_id)
-                    )
-                ).one_or_none()
-                if row is None or row.lease_owner != self.worker_id:
-                    lost.set()
-                    cancel.set()
+            try:
+                renew = time.monotonic() - last_renewal >= renew_every
+                if await self._look(execution_id, cancel, lost, renew=renew):
                     return
-                if row.cancel_requested_at is not None:
-                    cancel.set()
-                if time.monotonic() - last_renewal >= renew_every:
-                    ex = await uow.session.get(WorkflowExecution, execution_id)
-                    if ex is not None:
-                        ex.lease_expires_at = _now() + timedelta(seconds=engine.lease_s)
+                if renew:
                     last_renewal = time.monotonic()
+            except Exception:
+                # A database blip must not silently end the watch: log, try again.
+                log.exception("execution.watch_failed", execution_id=str(execution_id))
+
+    async def _look(
+        self, execution_id: uuid.UUID, cancel: asyncio.Event, lost: asyncio.Event, *, renew: bool
+    ) -> bool:
+        """One look at the run's row; True when the watch is over (the lease is gone)."""
+        async with UnitOfWork(self.sessionmaker) as uow:
+            row = (
+                await uow.session.execute(
+                    select(
+                        WorkflowExecution.cancel_requested_at, WorkflowExecution.lease_owner
+                    ).where(WorkflowExecution.id == execution_id)
+                )
+            ).one_or_none()
+            if row is None or row.lease_owner != self.worker_id:
+                lost.set()
+                cancel.set()
+                return True
+            if row.cancel_requested_at is not None:
+                cancel.set()
+            if renew:
+                await uow.session.execute(
+                    update(WorkflowExecution)
+                    .where(
+                        WorkflowExecution.id == execution_id,
+                        WorkflowExecution.lease_owner == self.worker_id,
+                    )
+                    .values(
+                        lease_expires_at=_now() + timedelta(seconds=self.settings.engine.lease_s)
+                    )
+                )
+        return False
 
     async def _run(
         self,
