@@ -87,6 +87,13 @@ def _safe(check: Callable[[], bool]) -> bool:
         return False
 
 
+def uvicorn(port: int) -> list[str]:
+    return [
+        *(sys.executable, "-m", "uvicorn", "backend.main:app", "--host", "127.0.0.1"),
+        *("--port", str(port), "--no-access-log", "--log-level", "warning"),
+    ]
+
+
 def free_port() -> int:
     import socket
 
@@ -205,6 +212,59 @@ def main() -> int:
 
         raw = timed(raw_insert)
     row("checkpoint write (UnitOfWork, ORM insert)", orm, raw, "psycopg insert+commit")
+
+    # 4. The engine, end to end through the public API with a real worker.
+    from bench.engine import celery_floor, measure, owner_headers
+
+    worker = [
+        *(sys.executable, "-m", "celery", "-A", "workers", "worker", "--loglevel=WARNING"),
+        *("--queues=high_priority,default", "--concurrency=2", "--without-mingle"),
+        *("--without-gossip", "--hostname=bench-engine@127.0.0.1"),
+    ]
+    port = free_port()
+    web = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "backend.main:app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+    base = f"http://127.0.0.1:{port}"
+    headers = owner_headers(db_url)
+    with (
+        process(
+            worker,
+            env,
+            lambda: bool(
+                celery_app.control.ping(destination=["bench-engine@127.0.0.1"], timeout=0.5)
+            ),
+        ),
+        process(web, env, lambda: httpx.get(f"{base}/health").status_code == 200),
+    ):
+        floor = celery_floor()
+        figures = asyncio.run(measure(base, headers))
+    print()
+    print(f"{'engine (median of 5 after a warm-up)':<44} {'wall, via API':>14} {'server side':>12}")
+    for name in ("chain40", "fanout40"):
+        wall, server = figures[name]
+        print(f"{name:<44} {wall * 1000:11.1f} ms {server * 1000:9.1f} ms")
+    wall40, server40 = figures["chain40"]
+    print(
+        f"{'per-node overhead (chain40 / 40)':<44} {wall40 / 40 * 1000:11.2f} ms {server40 / 40 * 1000:9.2f} ms"
+    )
+    print(f"{'plain Celery chain of 40 no-op tasks':<44} {floor * 1000:11.1f} ms")
+    print(
+        f"{'ratio chain40 / Celery chain (target < 1.0)':<44} {wall40 / floor:11.2f}x {server40 / floor:9.2f}x"
+    )
+    print(
+        f"{'throughput, 3-node chains (target >= 100/s)':<44} {figures['throughput']:11.1f} runs/s"
+    )
 
     with psycopg.connect(plain.render_as_string(hide_password=False), autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")

@@ -11,9 +11,10 @@ of another node's output is visible to the validator.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
-from jinja2 import TemplateSyntaxError, nodes
+from jinja2 import Template, TemplateSyntaxError, nodes
 from jinja2.exceptions import SecurityError
 from jinja2.parser import Parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -152,10 +153,22 @@ def parse_expression(source: str) -> Parsed:
 MAX_RENDER_CHARS = 1_000_000
 
 
+@lru_cache(maxsize=4096)
+def _compiled(source: str) -> Template:
+    # Compiling is most of a render's cost; a run renders the same sources again and
+    # again (every run of a workflow, every item of a loop).
+    return environment.from_string(source)
+
+
+@lru_cache(maxsize=4096)
+def _compiled_expression(source: str) -> Any:
+    return environment.compile_expression(source, undefined_to_none=True)
+
+
 def render(source: str, context: dict[str, Any], *, max_chars: int = MAX_RENDER_CHARS) -> str:
     """Render a template in the sandbox; output beyond `max_chars` is an error, not a
     truncation (a half JSON document is worse than none)."""
-    out = environment.from_string(source).render(**context)
+    out = _compiled(source).render(**context)
     if len(out) > max_chars:
         raise ExpressionError(f"rendered output is longer than {max_chars} characters")
     return out
@@ -163,4 +176,4 @@ def render(source: str, context: dict[str, Any], *, max_chars: int = MAX_RENDER_
 
 def evaluate(expression: str, context: dict[str, Any]) -> Any:
     """The value of a condition or items expression, in the sandbox."""
-    return environment.compile_expression(expression, undefined_to_none=True)(**context)
+    return _compiled_expression(expression)(**context)

@@ -214,8 +214,11 @@ class Runner:
         await asyncio.shield(self._write(stmt))
 
     async def _write(self, stmt: Any) -> None:
-        async with UnitOfWork(self.sessionmaker) as uow:
-            await uow.session.execute(stmt)
+        # A checkpoint is one statement in its own transaction, straight on a pooled
+        # connection: no ORM session to build for a single upsert on the hot path.
+        engine = self.sessionmaker.kw["bind"]
+        async with engine.begin() as conn:
+            await conn.execute(stmt)
 
     async def _skip(self, execution_id: uuid.UUID, nodes: list[str]) -> None:
         if not nodes:

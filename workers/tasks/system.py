@@ -21,3 +21,8 @@ def ping() -> dict[str, Any]:
         "pid": os.getpid(),
         "request_id": current_request_id(),
     }
+
+
+@celery_app.task(name="system.noop", ignore_result=False)
+def noop(*_: Any) -> None:
+    """Does nothing: the floor a benchmark compares a workflow step against."""
