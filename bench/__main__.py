@@ -255,13 +255,11 @@ def main() -> int:
         wall, server = figures[name]
         print(f"{name:<44} {wall * 1000:11.1f} ms {server * 1000:9.1f} ms")
     wall40, server40 = figures["chain40"]
-    print(
-        f"{'per-node overhead (chain40 / 40)':<44} {wall40 / 40 * 1000:11.2f} ms {server40 / 40 * 1000:9.2f} ms"
-    )
+    per_node = (wall40 / 40 * 1000, server40 / 40 * 1000)
+    print(f"{'per-node overhead (chain40 / 40)':<44} {per_node[0]:11.2f} ms {per_node[1]:9.2f} ms")
     print(f"{'plain Celery chain of 40 no-op tasks':<44} {floor * 1000:11.1f} ms")
-    print(
-        f"{'ratio chain40 / Celery chain (target < 1.0)':<44} {wall40 / floor:11.2f}x {server40 / floor:9.2f}x"
-    )
+    ratio = (wall40 / floor, server40 / floor)
+    print(f"{'ratio chain40 / Celery chain (target < 1.0)':<44} {ratio[0]:11.2f}x {ratio[1]:9.2f}x")
     print(
         f"{'throughput, 3-node chains (target >= 100/s)':<44} {figures['throughput']:11.1f} runs/s"
     )
