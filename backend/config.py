@@ -35,6 +35,9 @@ class DatabaseSettings(BaseModel):
     # Statements that run longer than this are cancelled by PostgreSQL itself.
     statement_timeout_ms: int = Field(default=30_000, ge=0)
     echo: bool = False
+    # Test each pooled connection before use (a round trip per checkout): survives a
+    # PostgreSQL restart without one failed request per stale connection.
+    pool_pre_ping: bool = True
 
 
 class RedisSettings(BaseModel):

@@ -35,7 +35,7 @@ def create_engine(settings: Settings) -> AsyncEngine:
         max_overflow=settings.db.max_overflow,
         pool_timeout=settings.db.pool_timeout_s,
         # A connection dropped by a PostgreSQL restart is replaced, not handed out.
-        pool_pre_ping=True,
+        pool_pre_ping=settings.db.pool_pre_ping,
         echo=settings.db.echo,
         connect_args={
             "options": f"-c statement_timeout={settings.db.statement_timeout_ms}",

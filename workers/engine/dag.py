@@ -48,6 +48,16 @@ def edge_state(graph: nx.DiGraph, source: str, target: str, states: Mapping[str,
     return "live" if label == state.branch else "dead"
 
 
+def topological_order(graph: nx.DiGraph) -> list[str]:  # type: ignore[type-arg]
+    """Computed once per graph object (validated graphs are cached and never change),
+    not once per generation of every run."""
+    order: list[str] | None = graph.graph.get("_order")
+    if order is None:
+        order = list(nx.topological_sort(graph))
+        graph.graph["_order"] = order
+    return order
+
+
 def next_steps(
     graph: nx.DiGraph,  # type: ignore[type-arg]
     states: Mapping[str, NodeState],
@@ -60,7 +70,7 @@ def next_steps(
     """
     ready: list[str] = []
     skipped: list[str] = []
-    for node in nx.topological_sort(graph):
+    for node in topological_order(graph):
         if states.get(node, NodeState(N.PENDING)).status != N.PENDING:
             continue
         incoming = list(graph.predecessors(node))

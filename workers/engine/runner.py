@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from backend.config import Settings
@@ -48,6 +49,28 @@ _GRAPHS: dict[tuple[uuid.UUID, int], ValidGraph] = {}
 _GRAPH_CACHE_SIZE = 256
 # The (execution, node, iteration) unique constraint checkpoints upsert on.
 NODE_KEY = "uq_node_executions_execution_id_node_id_iteration"
+# A checkpoint writes the node's whole state; built once, executed with parameters
+# (building an insert per node cost more than the round trip to PostgreSQL).
+CHECKPOINT_DEFAULTS: dict[str, Any] = {
+    "status": None,
+    "branch": None,
+    "attempt": 0,
+    "input": None,
+    "output": None,
+    "error": None,
+    "next_attempt_at": None,
+    "started_at": None,
+    "finished_at": None,
+    "duration_ms": None,
+    "input_tokens": 0,
+    "output_tokens": 0,
+    "cost_usd": 0.0,
+}
+_upsert = insert(NodeExecution)
+CHECKPOINT = _upsert.on_conflict_do_update(
+    constraint=NODE_KEY,
+    set_={**{c: _upsert.excluded[c] for c in CHECKPOINT_DEFAULTS}, "updated_at": func.now()},
+)
 
 
 def _now() -> datetime:
@@ -203,22 +226,26 @@ class Runner:
     async def _checkpoint(
         self, execution_id: uuid.UUID, node_id: str, values: dict[str, Any]
     ) -> None:
-        stmt = insert(NodeExecution).values(
-            id=uuid.uuid4(), execution_id=execution_id, node_id=node_id, iteration=0, **values
-        )
-        stmt = stmt.on_conflict_do_update(
-            constraint=NODE_KEY, set_={**values, "updated_at": func.now()}
-        )
+        params = {**CHECKPOINT_DEFAULTS, **values}
+        params.update(id=uuid.uuid4(), execution_id=execution_id, node_id=node_id, iteration=0)
         # Shielded: a cancel arriving mid-commit must not leave the row half-written
         # in the runner's view (the database itself is atomic either way).
-        await asyncio.shield(self._write(stmt))
+        await asyncio.shield(self._write(CHECKPOINT, params))
 
-    async def _write(self, stmt: Any) -> None:
+    async def _write(self, stmt: Any, params: dict[str, Any] | None = None) -> None:
         # A checkpoint is one statement in its own transaction, straight on a pooled
         # connection: no ORM session to build for a single upsert on the hot path.
         engine = self.sessionmaker.kw["bind"]
-        async with engine.begin() as conn:
-            await conn.execute(stmt)
+        for attempt in (1, 2):
+            try:
+                async with engine.begin() as conn:
+                    await conn.execute(stmt, params)
+                return
+            except DBAPIError as exc:
+                # Workers skip the pool's pre-ping (a round trip per node): a connection
+                # PostgreSQL dropped fails once, is discarded, and the write goes again.
+                if not exc.connection_invalidated or attempt == 2:
+                    raise
 
     async def _skip(self, execution_id: uuid.UUID, nodes: list[str]) -> None:
         if not nodes:

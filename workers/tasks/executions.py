@@ -33,7 +33,13 @@ class _Process:
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
         settings = get_settings()
-        self.engine = create_engine(settings)
+        # No pre-ping on the worker's hot path: the runner retries a checkpoint whose
+        # connection turned out dead instead (see Runner._write).
+        self.engine = create_engine(
+            settings.model_copy(
+                update={"db": settings.db.model_copy(update={"pool_pre_ping": False})}
+            )
+        )
         self.sessionmaker = create_sessionmaker(self.engine)
         self.http = guarded_client(
             settings.http.allow_private_networks, user_agent=settings.http.user_agent
