@@ -22,6 +22,8 @@ from tests.support.procs import free_port
 class Target:
     def __init__(self, host: str) -> None:
         self.hits: Counter[str] = Counter()
+        # Hits by the `n` query parameter, for callers that tag their requests.
+        self.query_hits: Counter[str] = Counter()
         self.host = host
         self.port = free_port()
         self.base = f"http://{host}:{self.port}"
@@ -34,6 +36,8 @@ class Target:
         @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE"])
         async def anything(path: str, request: Request) -> Any:
             target.hits[path] += 1
+            if "n" in request.query_params:
+                target.query_hits[request.query_params["n"]] += 1
             parts = path.split("/")
             body = await request.body()
             echo = {
