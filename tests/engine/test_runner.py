@@ -510,3 +510,128 @@ async def test_an_agent_node_counts_its_tokens_on_the_node_and_the_run(
     assert (rows["think"].input_tokens, rows["think"].output_tokens) == (10, 7)
     assert (ex.input_tokens, ex.output_tokens) == (10, 7)
     assert ex.cost_usd == pytest.approx((10 * 3 + 7 * 15) / 1_000_000)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "status", "attempts", "error_class"),
+    [
+        ("ratelimit-once please", "completed", 2, None),
+        ("overloaded", "failed", 2, "overloaded"),
+        ("spend it all", "failed", 1, "permanent"),
+    ],
+)
+async def test_agent_node_retries_what_is_transient_only(
+    maker: async_sessionmaker[AsyncSession],
+    runner: Runner,
+    workspace: Workspace,
+    prompt: str,
+    status: str,
+    attempts: int,
+    error_class: str | None,
+) -> None:
+    from pydantic import SecretStr
+
+    from tests.support.fake_anthropic import fake_anthropic
+
+    with fake_anthropic() as (url, _):
+        settings = runner.settings.model_copy(
+            update={
+                "anthropic": runner.settings.anthropic.model_copy(
+                    update={"api_key": SecretStr("k"), "base_url": url, "max_retries": 0}
+                )
+            }
+        )
+        agent_runner = Runner(settings, maker, runner.http, "agent-retry", Enqueued())
+        node = {
+            "id": "think",
+            "type": "agent",
+            "config": {"model": "claude-sonnet-5-5", "prompt": prompt},
+            "retry": {"max_retries": 1, "backoff_s": [0.01]},
+        }
+        execution_id = await start(
+            maker,
+            workspace,
+            {"nodes": [trig(), node], "connections": [{"source": "start", "target": "think"}]},
+        )
+        assert await agent_runner.execute(execution_id) == status
+    _, rows = await state(maker, execution_id)
+    assert rows["think"].attempt == attempts
+    if error_class:
+        assert rows["think"].error["class"] == error_class
+
+
+async def test_agent_node_at_max_iterations_fails_clearly(
+    maker: async_sessionmaker[AsyncSession], runner: Runner, workspace: Workspace
+) -> None:
+    from pydantic import SecretStr
+
+    from backend.models import Agent
+    from tests.support.fake_anthropic import fake_anthropic
+
+    async with UnitOfWork(maker) as uow:
+        agent = Agent(
+            workspace_id=workspace.id,
+            name="looper",
+            model="claude-sonnet-5-5",
+            max_tokens=100,
+            tools=[{"type": "builtin", "name": "current_time"}],
+        )
+        uow.session.add(agent)
+        await uow.session.flush()
+    with fake_anthropic() as (url, _):
+        settings = runner.settings.model_copy(
+            update={
+                "anthropic": runner.settings.anthropic.model_copy(
+                    update={"api_key": SecretStr("k"), "base_url": url, "max_retries": 0}
+                )
+            }
+        )
+        agent_runner = Runner(settings, maker, runner.http, "agent-loop", Enqueued())
+        node = {
+            "id": "think",
+            "type": "agent",
+            "config": {"agent_id": str(agent.id), "prompt": "loop forever", "max_iterations": 3},
+        }
+        execution_id = await start(
+            maker,
+            workspace,
+            {"nodes": [trig(), node], "connections": [{"source": "start", "target": "think"}]},
+        )
+        assert await agent_runner.execute(execution_id) == "failed"
+    ex, rows = await state(maker, execution_id)
+    assert "max_iterations" in rows["think"].error["message"]
+    assert ex.status == "failed"
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+        "{{ '{0.__class__}'.format(trigger) }}",
+        "{{ trigger|attr('__class__') }}",
+        "{{ range(10**9)|list|length }}",
+        "{{ 'a' * 10**8 }}",
+        "{{ cycler.__init__.__globals__ }}",
+        "{{ lipsum.__globals__['os'] }}",
+    ],
+)
+async def test_template_escapes_are_refused_quickly(
+    maker: async_sessionmaker[AsyncSession], runner: Runner, workspace: Workspace, source: str
+) -> None:
+    d = {
+        "nodes": [
+            trig(),
+            {"id": "t", "type": "logic", "config": {"kind": "transform", "template": source}},
+        ],
+        "connections": [{"source": "start", "target": "t"}],
+    }
+    execution_id = await start(maker, workspace, d)
+    began = time.monotonic()
+    status = await runner.execute(execution_id)
+    assert time.monotonic() - began < 2.0
+    _, rows = await state(maker, execution_id)
+    if status == "completed":
+        # Undefined in the sandbox renders as nothing: no class, no globals leaked.
+        assert "class" not in str(rows["t"].output) and "module" not in str(rows["t"].output)
+    else:
+        assert rows["t"].status == "failed"

@@ -5,6 +5,8 @@ real `anthropic` SDK to talk to on 127.0.0.1. Its answers are scripted by the pr
   once the tool_result comes back, a text answer quoting it;
 - "loop forever": a tool_use turn every time (to hit the iteration cap);
 - "overloaded": HTTP 529, as the real API answers when overloaded;
+- "ratelimit-once": HTTP 429 the first time, then an answer;
+- "spend": HTTP 429 with the spend-limit message (not worth retrying);
 - anything else: "echo: <prompt>".
 Every request is kept, so tests can check what the SDK actually sent.
 """
@@ -54,6 +56,25 @@ def build_app(requests: list[dict[str, Any]]) -> FastAPI:
                 }
             )  # fmt: skip
 
+        if "ratelimit-once" in first and not any(
+            "ratelimit-once" in str(r["body"]) for r in requests[:-1]
+        ):
+            return JSONResponse(
+                {"type": "error", "error": {"type": "rate_limit_error", "message": "Rate limited"}},
+                status_code=429,
+                headers={"retry-after": "0"},
+            )
+        if "spend" in first:
+            return JSONResponse(
+                {
+                    "type": "error",
+                    "error": {
+                        "type": "rate_limit_error",
+                        "message": "Your credit balance is too low",
+                    },
+                },
+                status_code=429,
+            )
         if "overloaded" in first:
             return JSONResponse(
                 {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}},
