@@ -107,12 +107,8 @@ async def list_agents(
 ) -> tuple[Sequence[Agent], int]:
     stmt = select(Agent).where(Agent.workspace_id == access.workspace.id)
     if q:
-        stmt = stmt.where(
-            Agent.name.ilike(
-                "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%",
-                escape="\\",
-            )
-        )
+        # autoescape: a % or _ in the query is a character, not a wildcard.
+        stmt = stmt.where(Agent.name.icontains(q, autoescape=True))
     return await AgentRepository(uow.session).paginate(
         stmt.order_by(Agent.name, Agent.id), limit=limit, offset=offset
     )

@@ -225,11 +225,11 @@ async def list_workflows(
         # Array containment: served by the GIN index on tags.
         stmt = stmt.where(Workflow.tags.contains(cast([tag], Workflow.tags.type)))
     if q:
-        pattern = "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        # autoescape: a % or _ in the query is a character, not a wildcard.
         stmt = stmt.where(
             or_(
-                Workflow.name.ilike(pattern, escape="\\"),
-                Workflow.description.ilike(pattern, escape="\\"),
+                Workflow.name.icontains(q, autoescape=True),
+                Workflow.description.icontains(q, autoescape=True),
             )
         )
     column = getattr(Workflow, sort.lstrip("-"))
