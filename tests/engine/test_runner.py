@@ -635,3 +635,93 @@ async def test_template_escapes_are_refused_quickly(
         assert "class" not in str(rows["t"].output) and "module" not in str(rows["t"].output)
     else:
         assert rows["t"].status == "failed"
+
+
+def for_each(
+    items: str,
+    body_nodes: list[dict[str, Any]],
+    body_connections: list[dict[str, Any]] | None = None,
+    **config: Any,
+) -> dict[str, Any]:
+    return {
+        "nodes": [
+            trig(),
+            {
+                "id": "each",
+                "type": "logic",
+                "config": {
+                    "kind": "for_each",
+                    "items": items,
+                    "body": {"nodes": body_nodes, "connections": body_connections or []},
+                    **config,
+                },
+            },
+        ],
+        "connections": [{"source": "start", "target": "each"}],
+    }
+
+
+async def test_for_each_over_20_items_checkpoints_every_iteration(
+    maker: async_sessionmaker[AsyncSession], runner: Runner, workspace: Workspace
+) -> None:
+    body = [
+        {
+            "id": "double",
+            "type": "logic",
+            "config": {"kind": "transform", "template": "{{ item * 2 }}"},
+        },
+        {
+            "id": "label",
+            "type": "logic",
+            "config": {
+                "kind": "transform",
+                "template": '{"i": {{ index }}, "v": {{ nodes.double.output }}}',
+            },
+        },
+    ]
+    d = for_each(
+        "trigger.numbers", body, [{"source": "double", "target": "label"}], max_concurrency=4
+    )
+    execution_id = await start(maker, workspace, d, {"numbers": list(range(20))})
+    status = await runner.execute(execution_id)
+    ex, _ = await state(maker, execution_id)
+    assert status == "completed", ex.error
+    assert ex.output == {"each": [{"i": i, "v": i * 2} for i in range(20)]}
+    async with maker() as session:
+        iterations = (
+            await session.scalars(
+                select(NodeExecution.iteration).where(
+                    NodeExecution.execution_id == execution_id,
+                    NodeExecution.node_id == "each.label",
+                )
+            )
+        ).all()
+    assert sorted(iterations) == list(range(1, 21))
+
+
+async def test_a_failing_iteration_fails_the_loop_and_stops_the_rest(
+    maker: async_sessionmaker[AsyncSession], runner: Runner, workspace: Workspace, target: Target
+) -> None:
+    key = uuid.uuid4().hex[:8]
+    body = [
+        {
+            "id": "call",
+            "type": "action",
+            "config": {
+                "kind": "http_request",
+                "url": target.base
+                + "/status/{{ 500 if item == 3 else 200 }}?n="
+                + key
+                + "-{{ item }}",
+            },
+            "retry": {"max_retries": 0},
+        }
+    ]
+    d = for_each("trigger.numbers", body)
+    d["nodes"][1]["retry"] = {"max_retries": 0}
+    execution_id = await start(maker, workspace, d, {"numbers": [1, 2, 3, 4]})
+    assert await runner.execute(execution_id) == "failed"
+    _, rows = await state(maker, execution_id)
+    assert "item 2" in rows["each"].error["message"]
+    assert target.query_hits[f"{key}-1"] == 1
+    assert target.query_hits[f"{key}-4"] == 0  # sequential: never reached

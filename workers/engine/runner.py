@@ -18,7 +18,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -34,7 +34,7 @@ from backend.executions.state import TERMINAL_EXECUTION, ExecutionStatus, NodeSt
 from backend.kit.db import UnitOfWork
 from backend.kit.logging import get_logger
 from backend.models import NodeExecution, WorkflowExecution, WorkflowVersion
-from backend.workflows.graph import GraphInvalid, ValidGraph, validate
+from backend.workflows.graph import Context, ForEachLogic, GraphInvalid, ValidGraph, validate
 from backend.workflows.service import validation_context
 from workers.engine.dag import NodeState, failed_nodes, is_finished, merge_any_nodes, skip_closure
 from workers.engine.retry import NodeFailure, classify, retry_delay
@@ -224,10 +224,12 @@ class Runner:
     # Checkpoints --------------------------------------------------------------------------
 
     async def _checkpoint(
-        self, execution_id: uuid.UUID, node_id: str, values: dict[str, Any]
+        self, execution_id: uuid.UUID, node_id: str, values: dict[str, Any], iteration: int = 0
     ) -> None:
         params = {**CHECKPOINT_DEFAULTS, **values}
-        params.update(id=uuid.uuid4(), execution_id=execution_id, node_id=node_id, iteration=0)
+        params.update(
+            id=uuid.uuid4(), execution_id=execution_id, node_id=node_id, iteration=iteration
+        )
         # Shielded: a cancel arriving mid-commit must not leave the row half-written
         # in the runner's view (the database itself is atomic either way).
         await asyncio.shield(self._write(CHECKPOINT, params))
@@ -500,6 +502,8 @@ class Runner:
             http=self.http,
             sessionmaker=self.sessionmaker,
         )
+        if isinstance(config, ForEachLogic) and config.body is not None:
+            ctx.run_body = await self._body_runner(claim, graph, node_id, config, scope)
         async with limit:
             while True:
                 attempt = run.attempts.get(node_id, 0) + 1
@@ -602,6 +606,163 @@ class Runner:
                 run.outputs[node_id] = result.output
                 run.states[node_id] = NodeState(N.COMPLETED, result.branch)
                 return
+
+    async def _body_runner(
+        self,
+        claim: Claim,
+        graph: ValidGraph,
+        parent: str,
+        config: ForEachLogic,
+        scope: dict[str, Any],
+    ) -> Callable[[int, Any], Awaitable[Any]]:
+        """How a for_each node runs its body for one item. Body nodes are checkpointed as
+        `<parent>.<node>` with iteration = index + 1, so a resumed loop reuses every
+        iteration that finished."""
+        assert config.body is not None
+        bodies: dict[str, ValidGraph] = graph.graph.graph.setdefault("_bodies", {})
+        body = bodies.get(parent)
+        if body is None:
+            ctx = Context(workflow_id=claim.workflow_id)
+            body = validate(
+                config.body.model_dump(),
+                ctx,
+                require_trigger=False,
+                extra_roots=frozenset({"item", "index"}),
+            )
+            bodies[parent] = body
+        done: dict[tuple[str, int], tuple[Any, str | None]] = {}
+        async with self.sessionmaker() as session:
+            rows = await session.execute(
+                select(
+                    NodeExecution.node_id,
+                    NodeExecution.iteration,
+                    NodeExecution.output,
+                    NodeExecution.branch,
+                ).where(
+                    NodeExecution.execution_id == claim.id,
+                    NodeExecution.node_id.startswith(parent + "."),
+                    NodeExecution.status == N.COMPLETED,
+                )
+            )
+            for node_id, iteration, output, branch in rows.all():
+                done[(node_id.split(".", 1)[1], iteration)] = (output, branch)
+
+        async def run_item(index: int, item: Any) -> Any:
+            states: dict[str, NodeState] = {}
+            outputs: dict[str, Any] = {}
+            while True:
+                ready, states = skip_closure(body.graph, states)
+                if not ready:
+                    break
+                for node_id in ready:
+                    if (node_id, index + 1) in done:
+                        outputs[node_id], branch = done[(node_id, index + 1)]
+                        states[node_id] = NodeState(N.COMPLETED, branch)
+                        continue
+                    item_scope = {
+                        **scope,
+                        "item": item,
+                        "index": index,
+                        "nodes": {
+                            **scope["nodes"],
+                            **{n: {"output": o} for n, o in outputs.items()},
+                        },
+                    }
+                    result = await self._body_step(
+                        claim, body, parent, node_id, index + 1, item_scope
+                    )
+                    outputs[node_id] = result.output
+                    states[node_id] = NodeState(N.COMPLETED, result.branch)
+            sinks = [n for n in body.graph.nodes if body.graph.out_degree(n) == 0 and n in outputs]
+            return outputs[sinks[0]] if len(sinks) == 1 else {n: outputs[n] for n in sinks}
+
+        return run_item
+
+    async def _body_step(
+        self,
+        claim: Claim,
+        body: ValidGraph,
+        parent: str,
+        node_id: str,
+        iteration: int,
+        scope: dict[str, Any],
+    ) -> NodeResult:
+        """One body node for one item. Short retry waits happen here; a failure (or a
+        long wait) goes up to the for_each node, whose own policy retries or parks it."""
+        node, config = body.nodes[node_id], body.configs[node_id]
+        ctx = NodeContext(
+            node=node,
+            config=config,
+            execution_id=claim.id,
+            workspace_id=claim.workspace_id,
+            settings=self.settings,
+            scope=scope,
+            http=self.http,
+            sessionmaker=self.sessionmaker,
+        )
+        key = f"{parent}.{node_id}"
+        attempt = 0
+        while True:
+            attempt += 1
+            started = _now()
+            try:
+                async with asyncio.timeout(node.timeout_s or body.settings.timeout_s):
+                    result = await HANDLERS[node.type](ctx)
+                self._check_size(result)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failure = classify(exc)
+                delay = retry_delay(
+                    failure,
+                    attempt=attempt,
+                    max_retries=node.retry.max_retries,
+                    backoff_s=node.retry.backoff_s,
+                    retry_on=list(node.retry.on),
+                    max_countdown_s=self.settings.celery.max_countdown_s,
+                )
+                if delay is not None and delay <= self.settings.engine.inline_retry_max_s:
+                    await asyncio.sleep(delay)
+                    continue
+                error = {
+                    "message": failure.message,
+                    "class": failure.error_class,
+                    "attempt": attempt,
+                }
+                await self._checkpoint(
+                    claim.id,
+                    key,
+                    {
+                        "status": N.FAILED,
+                        "attempt": attempt,
+                        "error": error,
+                        "started_at": started,
+                        "finished_at": _now(),
+                    },
+                    iteration,
+                )
+                raise NodeFailure(
+                    f"{node_id} (item {iteration - 1}): {failure.message}",
+                    failure.error_class,
+                    delay,
+                ) from exc
+            await self._checkpoint(
+                claim.id,
+                key,
+                {
+                    "status": N.COMPLETED,
+                    "branch": result.branch,
+                    "attempt": attempt,
+                    "output": result.output,
+                    "started_at": started,
+                    "finished_at": _now(),
+                    "input_tokens": result.input_tokens,
+                    "output_tokens": result.output_tokens,
+                    "cost_usd": result.cost_usd,
+                },
+                iteration,
+            )
+            return result
 
     def _check_size(self, result: NodeResult) -> None:
         size = len(json.dumps(result.output, default=str))

@@ -40,6 +40,8 @@ class NodeContext:
     scope: dict[str, Any]
     http: httpx.AsyncClient
     sessionmaker: async_sessionmaker[AsyncSession]
+    # Set for a for_each node with a body: runs the body for (index, item).
+    run_body: Callable[[int, Any], Awaitable[Any]] | None = None
 
     def render(self, source: str) -> str:
         try:
