@@ -222,6 +222,8 @@ async def retry(uow: UnitOfWork, access: WorkspaceAccess) -> WorkflowExecution:
     workflow = await uow.session.get(Workflow, source.workflow_id)
     if workflow is None:
         raise NotFound("workflow not found")
+    if workflow.status == "archived":
+        raise Conflict("an archived workflow cannot run; move it back to draft first")
     execution = await _new_run(
         uow,
         access,

@@ -20,6 +20,9 @@ import httpcore
 import httpx
 
 METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
+# Ranges Python's is_global has called global in some versions but that are not the
+# open internet: IETF protocol assignments (Oracle's old metadata at 192.0.0.192).
+NOT_PUBLIC = [ipaddress.ip_network("192.0.0.0/24"), ipaddress.ip_network("100.64.0.0/10")]
 
 
 class BlockedAddress(httpx.TransportError):
@@ -34,8 +37,13 @@ def _allowed(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, allow: Iterable[
         return True
     if ip in METADATA:
         return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return _allowed(ip.ipv4_mapped, allow)
+    if isinstance(ip, ipaddress.IPv6Address):
+        # An IPv6 address that carries an IPv4 one is judged by the IPv4 one.
+        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if embedded is not None:
+            return _allowed(embedded, allow)
+    if any(ip in net for net in NOT_PUBLIC if net.version == ip.version):
+        return False
     return ip.is_global and not (ip.is_multicast or ip.is_reserved)
 
 
@@ -111,7 +119,12 @@ def guarded_client(
 
 
 async def fetch(
-    client: httpx.AsyncClient, request: httpx.Request, *, max_redirects: int, max_bytes: int
+    client: httpx.AsyncClient,
+    request: httpx.Request,
+    *,
+    max_redirects: int,
+    max_bytes: int,
+    secret_headers: set[str] | frozenset[str] = frozenset(),
 ) -> tuple[httpx.Response, bytes]:
     """Send, follow redirects hop by hop, and read at most `max_bytes` of the body."""
     for _ in range(max_redirects + 1):
@@ -119,9 +132,11 @@ async def fetch(
         if response.is_redirect and response.next_request is not None:
             await response.aclose()
             request = response.next_request
-            # Credentials never follow a redirect to another host.
-            if request.url.host != response.request.url.host:
-                for name in ("authorization", "x-api-key", "cookie"):
+            # Credentials never follow a redirect to another origin (scheme, host or
+            # port): not to another site, and not from https down to http.
+            before, after = response.request.url, request.url
+            if (before.scheme, before.host, before.port) != (after.scheme, after.host, after.port):
+                for name in {"authorization", "x-api-key", "cookie", *secret_headers}:
                     request.headers.pop(name, None)
             continue
         body = bytearray()

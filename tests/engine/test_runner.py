@@ -371,6 +371,8 @@ async def test_a_live_lease_makes_a_second_delivery_a_no_op(
 @pytest.mark.parametrize(
     "url",
     [
+        "http://192.0.0.192/",
+        "http://[2002:a9fe:a9fe::1]/",
         "http://127.0.0.2:9/",
         "http://[::1]:9/",
         "http://169.254.169.254/latest/meta-data",
@@ -725,3 +727,66 @@ async def test_a_failing_iteration_fails_the_loop_and_stops_the_rest(
     assert "item 2" in rows["each"].error["message"]
     assert target.query_hits[f"{key}-1"] == 1
     assert target.query_hits[f"{key}-4"] == 0  # sequential: never reached
+
+
+async def test_a_worker_that_lost_its_lease_writes_nothing(
+    maker: async_sessionmaker[AsyncSession], runner: Runner, workspace: Workspace, target: Target
+) -> None:
+    execution_id = await start(maker, workspace, one_call(f"{target.base}/slow/3"))
+    task = asyncio.create_task(runner.execute(execution_id))
+    await asyncio.sleep(0.5)
+    # Another worker took the run over (the reaper decided this one was dead).
+    async with UnitOfWork(maker) as uow:
+        await uow.session.execute(
+            update(WorkflowExecution)
+            .where(WorkflowExecution.id == execution_id)
+            .values(lease_owner="the-new-owner")
+        )
+    assert await asyncio.wait_for(task, 5) == "lost_lease"
+    ex, rows = await state(maker, execution_id)
+    # No cancelled checkpoint, no close: the run is the new owner's to finish.
+    assert (ex.status, ex.lease_owner) == ("running", "the-new-owner")
+    assert "call" not in rows
+
+
+async def test_set_variables_survive_a_parked_retry(
+    maker: async_sessionmaker[AsyncSession], runner: Runner, workspace: Workspace, target: Target
+) -> None:
+    key = uuid.uuid4().hex[:8]
+    d = {
+        "nodes": [
+            trig(),
+            {
+                "id": "remember",
+                "type": "logic",
+                "config": {"kind": "set", "variables": {"who": '"ada"'}},
+            },
+            http_node(f"{target.base}/flaky/{key}/1", retry={"max_retries": 2, "backoff_s": [30]}),
+            {
+                "id": "greet",
+                "type": "logic",
+                "config": {"kind": "transform", "template": '"hi {{ vars.who }}"'},
+            },
+        ],
+        "connections": [
+            {"source": "start", "target": "remember"},
+            {"source": "remember", "target": "call"},
+            {"source": "call", "target": "greet"},
+        ],
+    }
+    execution_id = await start(maker, workspace, d)
+    assert await runner.execute(execution_id) == "parked"
+    async with UnitOfWork(maker) as uow:
+        await uow.session.execute(
+            update(WorkflowExecution)
+            .where(WorkflowExecution.id == execution_id)
+            .values(resume_at=WorkflowExecution.created_at)
+        )
+        await uow.session.execute(
+            update(NodeExecution)
+            .where(NodeExecution.execution_id == execution_id)
+            .values(next_attempt_at=NodeExecution.created_at)
+        )
+    assert await runner.execute(execution_id) == "completed"
+    ex, _ = await state(maker, execution_id)
+    assert ex.output == {"greet": "hi ada"}

@@ -24,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, exists, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -34,9 +34,23 @@ from backend.executions.state import TERMINAL_EXECUTION, ExecutionStatus, NodeSt
 from backend.kit.db import UnitOfWork
 from backend.kit.logging import get_logger
 from backend.models import NodeExecution, WorkflowExecution, WorkflowVersion
-from backend.workflows.graph import Context, ForEachLogic, GraphInvalid, ValidGraph, validate
+from backend.workflows.graph import (
+    Context,
+    ForEachLogic,
+    GraphInvalid,
+    SetLogic,
+    ValidGraph,
+    validate,
+)
 from backend.workflows.service import validation_context
-from workers.engine.dag import NodeState, failed_nodes, is_finished, merge_any_nodes, skip_closure
+from workers.engine.dag import (
+    NodeState,
+    failed_nodes,
+    is_finished,
+    merge_any_nodes,
+    skip_closure,
+    topological_order,
+)
 from workers.engine.retry import NodeFailure, classify, retry_delay
 from workers.nodes import HANDLERS
 from workers.nodes.base import NodeContext, NodeResult
@@ -66,11 +80,34 @@ CHECKPOINT_DEFAULTS: dict[str, Any] = {
     "output_tokens": 0,
     "cost_usd": 0.0,
 }
-_upsert = insert(NodeExecution)
+_COLUMNS = ["id", "execution_id", "node_id", "iteration", *CHECKPOINT_DEFAULTS]
+_TABLE = NodeExecution.__table__
+# Fenced: the row is written only while this claim still holds the run's lease (the
+# lease row is share-locked, so a reaper or a new claim cannot slip in between), and
+# never over a node that already completed or was skipped. A zombie worker whose lease
+# lapsed writes nothing.
+_LEASED = (
+    select(WorkflowExecution.id)
+    .where(
+        WorkflowExecution.id == bindparam("execution_id"),
+        WorkflowExecution.lease_owner == bindparam("lease"),
+    )
+    .with_for_update(read=True)
+)
+_upsert = insert(NodeExecution).from_select(
+    _COLUMNS,
+    select(*[bindparam(c, type_=_TABLE.c[c].type) for c in _COLUMNS]).where(exists(_LEASED)),
+)
 CHECKPOINT = _upsert.on_conflict_do_update(
     constraint=NODE_KEY,
     set_={**{c: _upsert.excluded[c] for c in CHECKPOINT_DEFAULTS}, "updated_at": func.now()},
+    # Literal SQL: an expanding IN list cannot be used with executemany (batched skips).
+    where=text("node_executions.status NOT IN ('completed', 'skipped')"),
 )
+
+
+class LeaseLost(Exception):
+    """This worker no longer holds the run: another one does, or will."""
 
 
 def _now() -> datetime:
@@ -87,6 +124,10 @@ class Claim:
     trigger_data: dict[str, Any]
     variables: dict[str, Any]
     started_at: datetime
+    # This claim's lease token: the worker plus a nonce, so two claims by the same
+    # process (or a process reusing a pid) can never mistake each other's lease.
+    token: str = ""
+    claimed_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -125,12 +166,7 @@ class Runner:
             ex = await uow.session.get(WorkflowExecution, execution_id, with_for_update=True)
             if ex is None or ex.status in TERMINAL_EXECUTION:
                 return None
-            if (
-                ex.lease_owner
-                and ex.lease_owner != self.worker_id
-                and ex.lease_expires_at
-                and ex.lease_expires_at > now
-            ):
+            if ex.lease_owner and ex.lease_expires_at and ex.lease_expires_at > now:
                 log.info(
                     "execution.lease_held", execution_id=str(execution_id), owner=ex.lease_owner
                 )
@@ -153,7 +189,8 @@ class Runner:
                 transition("execution", ex.status, E.RUNNING, at=now)
                 ex.status = E.RUNNING
             ex.started_at = ex.started_at or now
-            ex.lease_owner = self.worker_id
+            token = f"{self.worker_id}/{uuid.uuid4().hex[:12]}"
+            ex.lease_owner = token
             ex.lease_expires_at = now + timedelta(seconds=engine.lease_s)
             ex.resume_at = None
             return Claim(
@@ -165,6 +202,7 @@ class Runner:
                 trigger_data=ex.trigger_data,
                 variables=dict(ex.variables),
                 started_at=ex.started_at,
+                token=token,
             )
 
     def _finish(
@@ -211,8 +249,9 @@ class Runner:
             )
             for row in rows.all():
                 status = NodeStatus(row.status)
-                # A node that was running when its worker died runs again.
-                if status == N.RUNNING:
+                # A node that was running (or cancelled in flight) when its worker lost
+                # the run runs again: a cancelled run is terminal and never loaded.
+                if status in (N.RUNNING, N.CANCELLED):
                     continue
                 run.states[row.node_id] = NodeState(status, row.branch)
                 run.outputs[row.node_id] = row.output
@@ -224,49 +263,47 @@ class Runner:
     # Checkpoints --------------------------------------------------------------------------
 
     async def _checkpoint(
-        self, execution_id: uuid.UUID, node_id: str, values: dict[str, Any], iteration: int = 0
+        self, claim: Claim, node_id: str, values: dict[str, Any], iteration: int = 0
     ) -> None:
         params = {**CHECKPOINT_DEFAULTS, **values}
         params.update(
-            id=uuid.uuid4(), execution_id=execution_id, node_id=node_id, iteration=iteration
-        )
+            id=uuid.uuid4(), execution_id=claim.id, node_id=node_id, iteration=iteration,
+            lease=claim.token,
+        )  # fmt: skip
         # Shielded: a cancel arriving mid-commit must not leave the row half-written
         # in the runner's view (the database itself is atomic either way).
-        await asyncio.shield(self._write(CHECKPOINT, params))
+        if await asyncio.shield(self._write(CHECKPOINT, params)) == 0:
+            raise LeaseLost(f"lost the lease on {claim.id} before checkpointing {node_id}")
 
-    async def _write(self, stmt: Any, params: dict[str, Any] | None = None) -> None:
+    async def _write(self, stmt: Any, params: Any = None) -> int:
         # A checkpoint is one statement in its own transaction, straight on a pooled
         # connection: no ORM session to build for a single upsert on the hot path.
         engine = self.sessionmaker.kw["bind"]
         for attempt in (1, 2):
             try:
                 async with engine.begin() as conn:
-                    await conn.execute(stmt, params)
-                return
+                    result = await conn.execute(stmt, params)
+                return int(result.rowcount)
             except DBAPIError as exc:
                 # Workers skip the pool's pre-ping (a round trip per node): a connection
                 # PostgreSQL dropped fails once, is discarded, and the write goes again.
                 if not exc.connection_invalidated or attempt == 2:
                     raise
+        raise AssertionError("unreachable")
 
-    async def _skip(self, execution_id: uuid.UUID, nodes: list[str]) -> None:
+    async def _skip(self, claim: Claim, nodes: list[str]) -> None:
         if not nodes:
             return
         now = _now()
         rows = [
             {
-                "id": uuid.uuid4(),
-                "execution_id": execution_id,
-                "node_id": n,
-                "iteration": 0,
-                "status": N.SKIPPED,
-                "started_at": now,
-                "finished_at": now,
+                **CHECKPOINT_DEFAULTS, "id": uuid.uuid4(), "execution_id": claim.id, "node_id": n,
+                "iteration": 0, "status": N.SKIPPED, "started_at": now, "finished_at": now,
+                "lease": claim.token,
             }
             for n in nodes
-        ]
-        stmt = insert(NodeExecution).values(rows).on_conflict_do_nothing(constraint=NODE_KEY)
-        await asyncio.shield(self._write(stmt))
+        ]  # fmt: skip
+        await asyncio.shield(self._write(CHECKPOINT, rows))
 
     # Running ------------------------------------------------------------------------------
 
@@ -289,18 +326,34 @@ class Runner:
         run = await self._load(claim.id)
         cancel = asyncio.Event()
         lost = asyncio.Event()
-        watcher = asyncio.create_task(self._watch(claim.id, cancel, lost))
+        watcher = asyncio.create_task(self._watch(claim, cancel, lost))
         try:
-            outcome = await self._run(claim, graph, run, cancel, lost)
+            return await self._run(claim, graph, run, cancel, lost)
+        except LeaseLost:
+            log.warning("execution.lease_lost", execution_id=str(claim.id))
+            return "lost_lease"
+        except BaseException:
+            # Something unexpected (a database outage): hand the run back at once
+            # rather than after the lease runs out; its checkpoints make that safe.
+            with contextlib.suppress(Exception):
+                await self._release(claim)
+            raise
         finally:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
-        return outcome
 
-    async def _watch(
-        self, execution_id: uuid.UUID, cancel: asyncio.Event, lost: asyncio.Event
-    ) -> None:
+    async def _release(self, claim: Claim) -> None:
+        async with UnitOfWork(self.sessionmaker) as uow:
+            await uow.session.execute(
+                update(WorkflowExecution)
+                .where(
+                    WorkflowExecution.id == claim.id, WorkflowExecution.lease_owner == claim.token
+                )
+                .values(lease_expires_at=func.now())
+            )
+
+    async def _watch(self, claim: Claim, cancel: asyncio.Event, lost: asyncio.Event) -> None:
         engine = self.settings.engine
         renew_every = engine.lease_s / 3
         last_renewal = time.monotonic()
@@ -308,17 +361,18 @@ class Runner:
             await asyncio.sleep(engine.watch_interval_s)
             try:
                 renew = time.monotonic() - last_renewal >= renew_every
-                if await self._look(execution_id, cancel, lost, renew=renew):
+                if await self._look(claim, cancel, lost, renew=renew):
                     return
                 if renew:
                     last_renewal = time.monotonic()
             except Exception:
                 # A database blip must not silently end the watch: log, try again.
-                log.exception("execution.watch_failed", execution_id=str(execution_id))
+                log.exception("execution.watch_failed", execution_id=str(claim.id))
 
     async def _look(
-        self, execution_id: uuid.UUID, cancel: asyncio.Event, lost: asyncio.Event, *, renew: bool
+        self, claim: Claim, cancel: asyncio.Event, lost: asyncio.Event, *, renew: bool
     ) -> bool:
+        execution_id = claim.id
         """One look at the run's row; True when the watch is over (the lease is gone)."""
         async with UnitOfWork(self.sessionmaker) as uow:
             row = (
@@ -328,7 +382,7 @@ class Runner:
                     ).where(WorkflowExecution.id == execution_id)
                 )
             ).one_or_none()
-            if row is None or row.lease_owner != self.worker_id:
+            if row is None or row.lease_owner != claim.token:
                 lost.set()
                 cancel.set()
                 return True
@@ -339,7 +393,7 @@ class Runner:
                     update(WorkflowExecution)
                     .where(
                         WorkflowExecution.id == execution_id,
-                        WorkflowExecution.lease_owner == self.worker_id,
+                        WorkflowExecution.lease_owner == claim.token,
                     )
                     .values(
                         lease_expires_at=_now() + timedelta(seconds=self.settings.engine.lease_s)
@@ -355,6 +409,26 @@ class Runner:
         cancel: asyncio.Event,
         lost: asyncio.Event,
     ) -> str:
+        running: dict[str, asyncio.Task[None]] = {}
+        try:
+            return await self._loop(claim, graph, run, cancel, lost, running)
+        finally:
+            # Whatever way the loop ended, no node task outlives it: the worker's event
+            # loop is reused by the next task, and a stray task would write later.
+            leftover = [task for task in running.values() if not task.done()]
+            for task in leftover:
+                task.cancel()
+            await asyncio.gather(*leftover, return_exceptions=True)
+
+    async def _loop(
+        self,
+        claim: Claim,
+        graph: ValidGraph,
+        run: RunState,
+        cancel: asyncio.Event,
+        lost: asyncio.Event,
+        running: dict[str, asyncio.Task[None]],
+    ) -> str:
         merge_any = merge_any_nodes(graph.configs)
         continue_on_error = frozenset(
             n for n, node in graph.nodes.items() if node.continue_on_error
@@ -369,8 +443,18 @@ class Runner:
             None,
         )
         limit = asyncio.Semaphore(min(graph.settings.max_concurrency, 64))
-        running: dict[str, asyncio.Task[None]] = {}
+        # `vars` as the completed `set` nodes left them (a resumed run re-runs none).
         variables = dict(claim.variables)
+        for node_id in topological_order(graph.graph):
+            state = run.states.get(node_id)
+            if (
+                state
+                and state.status == N.COMPLETED
+                and isinstance(graph.configs[node_id], SetLogic)
+            ):
+                output = run.outputs.get(node_id)
+                if isinstance(output, dict):
+                    variables.update(output)
         deadline = claim.started_at + timedelta(seconds=graph.settings.timeout_s)
 
         while True:
@@ -391,7 +475,7 @@ class Runner:
             skipped = [
                 n for n, s in settled.items() if s.status == N.SKIPPED and run.states.get(n) != s
             ]
-            await self._skip(claim.id, skipped)
+            await self._skip(claim, skipped)
             run.states.update(settled)
             now = _now()
             due = [n for n, at in run.retry_at.items() if at <= now and n not in running]
@@ -414,7 +498,11 @@ class Runner:
             waiters: set[asyncio.Future[Any]] = set(running.values())
             cancel_wait = asyncio.ensure_future(cancel.wait())
             waiters.add(cancel_wait)
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            # Wake for the run's deadline too, not only when a node finishes.
+            remaining = max(0.0, (deadline - _now()).total_seconds())
+            await asyncio.wait(
+                waiters, timeout=remaining + 0.01, return_when=asyncio.FIRST_COMPLETED
+            )
             cancel_wait.cancel()
             for node_id, task in list(running.items()):
                 if task.done():
@@ -511,21 +599,24 @@ class Runner:
                 started = _now()
                 t0 = time.perf_counter()
                 try:
-                    timeout = node.timeout_s or graph.settings.timeout_s
+                    timeout = self._node_timeout(claim, graph, node.timeout_s)
                     async with asyncio.timeout(timeout):
                         result = await handler(ctx)
                     self._check_size(result)
                 except asyncio.CancelledError:
-                    await self._checkpoint(
-                        claim.id,
-                        node_id,
-                        {
-                            "status": N.CANCELLED,
-                            "attempt": attempt,
-                            "started_at": started,
-                            "finished_at": _now(),
-                        },
-                    )
+                    # With the lease gone this writes nothing, and must not: the new
+                    # owner runs the node again.
+                    with contextlib.suppress(LeaseLost):
+                        await self._checkpoint(
+                            claim,
+                            node_id,
+                            {
+                                "status": N.CANCELLED,
+                                "attempt": attempt,
+                                "started_at": started,
+                                "finished_at": _now(),
+                            },
+                        )
                     run.states[node_id] = NodeState(N.CANCELLED)
                     raise
                 except Exception as exc:
@@ -551,7 +642,7 @@ class Runner:
                     if delay is not None:
                         at = _now() + timedelta(seconds=delay)
                         await self._checkpoint(
-                            claim.id,
+                            claim,
                             node_id,
                             {
                                 "status": N.RETRYING,
@@ -567,7 +658,7 @@ class Runner:
                         return
                     branch = "error" if node.continue_on_error else None
                     await self._checkpoint(
-                        claim.id,
+                        claim,
                         node_id,
                         {
                             "status": N.FAILED,
@@ -585,7 +676,7 @@ class Runner:
                 elapsed = round((time.perf_counter() - t0) * 1000, 3)
                 variables.update(result.variables)
                 await self._checkpoint(
-                    claim.id,
+                    claim,
                     node_id,
                     {
                         "status": N.COMPLETED,
@@ -671,6 +762,8 @@ class Runner:
                     result = await self._body_step(
                         claim, body, parent, node_id, index + 1, item_scope
                     )
+                    # Remembered, so an in-place retry of the loop skips it too.
+                    done[(node_id, index + 1)] = (result.output, result.branch)
                     outputs[node_id] = result.output
                     states[node_id] = NodeState(N.COMPLETED, result.branch)
             sinks = [n for n in body.graph.nodes if body.graph.out_degree(n) == 0 and n in outputs]
@@ -706,7 +799,7 @@ class Runner:
             attempt += 1
             started = _now()
             try:
-                async with asyncio.timeout(node.timeout_s or body.settings.timeout_s):
+                async with asyncio.timeout(self._node_timeout(claim, body, node.timeout_s)):
                     result = await HANDLERS[node.type](ctx)
                 self._check_size(result)
             except asyncio.CancelledError:
@@ -730,7 +823,7 @@ class Runner:
                     "attempt": attempt,
                 }
                 await self._checkpoint(
-                    claim.id,
+                    claim,
                     key,
                     {
                         "status": N.FAILED,
@@ -747,7 +840,7 @@ class Runner:
                     delay,
                 ) from exc
             await self._checkpoint(
-                claim.id,
+                claim,
                 key,
                 {
                     "status": N.COMPLETED,
@@ -764,6 +857,17 @@ class Runner:
             )
             return result
 
+    def _node_timeout(self, claim: Claim, graph: ValidGraph, node_timeout: float | None) -> float:
+        """A node never outlives its run's deadline, nor Celery's soft limit for this
+        delivery (a hard-limit kill would restart the node from scratch)."""
+        left_in_run = (
+            claim.started_at + timedelta(seconds=graph.settings.timeout_s) - _now()
+        ).total_seconds()
+        left_in_task = (
+            self.settings.celery.task_soft_time_limit_s - 30 - (time.monotonic() - claim.claimed_at)
+        )
+        return max(0.1, min(node_timeout or graph.settings.timeout_s, left_in_run, left_in_task))
+
     def _check_size(self, result: NodeResult) -> None:
         size = len(json.dumps(result.output, default=str))
         if size > self.settings.engine.max_output_bytes:
@@ -775,8 +879,10 @@ class Runner:
     async def _park(self, claim: Claim, run: RunState, at: datetime) -> None:
         """Release the worker slot until `at`: back to pending, re-enqueued with a countdown."""
         async with UnitOfWork(self.sessionmaker) as uow:
-            ex = await uow.session.get(WorkflowExecution, claim.id, with_for_update=True)
-            if ex is None or ex.status != E.RUNNING:
+            ex = await uow.session.get(
+                WorkflowExecution, claim.id, with_for_update=True, populate_existing=True
+            )
+            if ex is None or ex.status != E.RUNNING or ex.lease_owner != claim.token:
                 return
             transition("execution", ex.status, E.PENDING, at=_now(), reason="retry wait")
             ex.status = E.PENDING
@@ -792,8 +898,11 @@ class Runner:
         self, claim: Claim, status: ExecutionStatus, *, run: RunState | None = None, **values: Any
     ) -> None:
         async with UnitOfWork(self.sessionmaker) as uow:
-            ex = await uow.session.get(WorkflowExecution, claim.id, with_for_update=True)
-            if ex is None or ex.status in TERMINAL_EXECUTION:
+            ex = await uow.session.get(
+                WorkflowExecution, claim.id, with_for_update=True, populate_existing=True
+            )
+            # Only the lease holder closes a run: a worker that lost it stays silent.
+            if ex is None or ex.status in TERMINAL_EXECUTION or ex.lease_owner != claim.token:
                 return
             if status == E.CANCELLED:
                 # Nodes that never started are cancelled too, so the picture is whole.

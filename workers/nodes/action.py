@@ -58,8 +58,11 @@ async def http_request(ctx: NodeContext, config: HttpRequestAction) -> NodeResul
         content = json.dumps(_render_tree(ctx, config.body)).encode()
     if content is not None and not any(k.lower() == "content-type" for k in headers):
         headers["Content-Type"] = "application/json"
+    secret_headers: set[str] = set()
     if config.credential_id is not None:
-        headers.update(await _credential_headers(ctx, config.credential_id))
+        injected = await _credential_headers(ctx, config.credential_id)
+        secret_headers = {name.lower() for name in injected}
+        headers.update(injected)
     try:
         request = ctx.http.build_request(
             config.method,
@@ -74,7 +77,9 @@ async def http_request(ctx: NodeContext, config: HttpRequestAction) -> NodeResul
             ctx.http,
             request,
             max_redirects=ctx.settings.http.max_redirects,
-            max_bytes=config.max_response_bytes,
+            secret_headers=secret_headers,
+            # Never read more than a node may output: a 100 MB body is refused early.
+            max_bytes=min(config.max_response_bytes, ctx.settings.engine.max_output_bytes),
         )
     except BlockedAddress as exc:
         raise NodeFailure(str(exc), "permanent") from exc

@@ -7,11 +7,11 @@ import asyncio
 import os
 import socket
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from celery import signals
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select
 
 from backend.config import get_settings
 from backend.executions.state import ExecutionStatus, transition
@@ -88,14 +88,18 @@ def reap() -> dict[str, int]:
 async def _reap() -> dict[str, int]:
     """Nothing stays running or pending forever: a run whose lease lapsed goes back to
     pending and is re-enqueued (its checkpoints make that safe); a pending run nobody
-    claimed in time is re-enqueued (its message was lost). The claim's delivery cap
-    fails a run that keeps dying."""
+    claimed in time is re-enqueued (its message was lost), at most once per grace
+    period. The claim's delivery cap fails a run that keeps dying. Times are the
+    database's, so workers' clocks never decide whose lease lapsed."""
     settings = get_settings()
-    now = datetime.now(UTC)
+    grace = timedelta(seconds=settings.engine.pending_grace_s)
     requeue: list[uuid.UUID] = []
     p = process()
     async with UnitOfWork(p.sessionmaker) as uow:
-        stale = await uow.session.scalars(
+        session = uow.session
+        now = await session.scalar(select(func.now()))
+        assert now is not None
+        stale = await session.scalars(
             select(WorkflowExecution)
             .where(
                 WorkflowExecution.status == ExecutionStatus.RUNNING,
@@ -112,20 +116,23 @@ async def _reap() -> dict[str, int]:
             ex.lease_owner = None
             ex.lease_expires_at = None
             requeue.append(ex.id)
-        lost = await uow.session.scalars(
-            select(WorkflowExecution.id)
+        lost = await session.scalars(
+            select(WorkflowExecution)
             .where(
                 WorkflowExecution.status == ExecutionStatus.PENDING,
-                WorkflowExecution.updated_at
-                < now - timedelta(seconds=settings.engine.pending_grace_s),
+                WorkflowExecution.updated_at < now - grace,
                 or_(WorkflowExecution.resume_at.is_(None), WorkflowExecution.resume_at <= now),
             )
             .limit(500)
+            .with_for_update(skip_locked=True)
         )
-        lost_ids = list(lost.all())
-        requeue += lost_ids
+        lost_rows = list(lost.all())
+        for ex in lost_rows:
+            # Touched, so the next tick leaves it alone for another grace period.
+            ex.updated_at = now
+            requeue.append(ex.id)
     for execution_id in requeue:
         enqueue(execution_id)
     if requeue:
         log.warning("executions.reaped", count=len(requeue))
-    return {"requeued": len(requeue), "lost_messages": len(lost_ids)}
+    return {"requeued": len(requeue), "lost_messages": len(lost_rows)}
