@@ -188,4 +188,5 @@ async def rotate_all(session: AsyncSession, settings: Settings, *, batch: int = 
 
 
 def touch(credential: Credential) -> None:
+    """Mark a credential used (shown in its metadata), within the caller's transaction."""
     credential.last_used_at = datetime.now(UTC)

@@ -790,3 +790,41 @@ async def test_set_variables_survive_a_parked_retry(
     assert await runner.execute(execution_id) == "completed"
     ex, _ = await state(maker, execution_id)
     assert ex.output == {"greet": "hi ada"}
+
+
+async def test_a_credential_is_injected_at_send_time_and_never_recorded(
+    maker: async_sessionmaker[AsyncSession], runner: Runner, workspace: Workspace, target: Target
+) -> None:
+    import json
+
+    from backend.kit.crypto import SecretBox
+    from backend.models import Credential
+
+    canary = "canary-" + uuid.uuid4().hex
+    async with UnitOfWork(maker) as uow:
+        credential = Credential(
+            id=uuid.uuid4(),
+            workspace_id=workspace.id,
+            name=f"c-{canary[-6:]}",
+            type="bearer",
+            secret_encrypted="",
+        )
+        payload = {
+            "id": str(credential.id),
+            "workspace_id": str(workspace.id),
+            "data": {"type": "bearer", "token": canary},
+        }
+        credential.secret_encrypted = SecretBox(runner.settings).seal(json.dumps(payload))
+        uow.session.add(credential)
+    d = one_call(f"{target.base}/echo")
+    d["nodes"][1]["config"]["credential_id"] = str(credential.id)
+    execution_id = await start(maker, workspace, d)
+    assert await runner.execute(execution_id) == "completed"
+    _, rows = await state(maker, execution_id)
+    # The target got it...
+    assert rows["call"].output["body"]["auth"] == f"Bearer {canary}"
+    # ...but that is the target's echo; the node's own record of its input has no secret.
+    assert canary not in json.dumps(rows["call"].input)
+    async with maker() as session:
+        used = await session.get(Credential, credential.id)
+        assert used is not None and used.last_used_at is not None

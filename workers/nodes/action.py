@@ -9,7 +9,8 @@ from typing import Any
 
 import httpx
 
-from backend.credentials.service import reveal
+from backend.credentials.service import reveal, touch
+from backend.kit.db import UnitOfWork
 from backend.kit.http_guard import BlockedAddress, ResponseTooLarge, TooManyRedirects, fetch
 from backend.models import Credential
 from backend.workflows.graph import HttpRequestAction
@@ -18,11 +19,12 @@ from workers.nodes.base import NodeContext, NodeResult
 
 
 async def _credential_headers(ctx: NodeContext, credential_id: Any) -> dict[str, str]:
-    async with ctx.sessionmaker() as session:
-        credential = await session.get(Credential, credential_id)
+    async with UnitOfWork(ctx.sessionmaker) as uow:
+        credential = await uow.session.get(Credential, credential_id)
         if credential is None or credential.workspace_id != ctx.workspace_id:
             raise NodeFailure("credential not found in this workspace", "permanent")
         secret = reveal(ctx.settings, credential)
+        touch(credential)
     kind = secret.get("type")
     if kind == "bearer":
         return {"Authorization": f"Bearer {secret['token']}"}
