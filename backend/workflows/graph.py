@@ -441,21 +441,33 @@ def _recurses(
     return False
 
 
+REFERENCE_FIELDS = ("agent_id", "credential_id", "workflow_id", "server_id")
+
+
+def node_configs(definition: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every node's raw config, for_each bodies included; anything malformed is passed
+    over (the validator explains it elsewhere)."""
+    out: list[dict[str, Any]] = []
+    nodes = definition.get("nodes")
+    for node in nodes if isinstance(nodes, list) else []:
+        config = node.get("config") if isinstance(node, dict) else None
+        if isinstance(config, dict):
+            out.append(config)
+            body = config.get("body")
+            if isinstance(body, dict):
+                out += node_configs(body)
+    return out
+
+
 def referenced_workflows(definition: dict[str, Any]) -> set[uuid.UUID]:
     """Sub-workflow ids a definition calls (sub_workflow nodes and for_each bodies)."""
     out: set[uuid.UUID] = set()
-    for raw in definition.get("nodes", []):
-        if not isinstance(raw, dict):
-            continue
-        cfg = raw.get("config") or {}
+    for cfg in node_configs(definition):
         if cfg.get("kind") in ("sub_workflow", "for_each") and cfg.get("workflow_id"):
             try:
                 out.add(uuid.UUID(str(cfg["workflow_id"])))
             except ValueError:
                 continue
-        body = cfg.get("body")
-        if isinstance(body, dict):
-            out |= referenced_workflows(body)
     return out
 
 
@@ -628,9 +640,6 @@ def validate(
         graph=graph,
         settings=settings,
     )
-
-
-REFERENCE_FIELDS = ("agent_id", "credential_id", "workflow_id", "server_id")
 
 
 def _canonical(definition: dict[str, Any], configs: dict[str, Any]) -> dict[str, Any]:

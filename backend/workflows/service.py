@@ -19,9 +19,11 @@ from backend.kit.errors import Conflict, InvalidTransition, NotFound, Validation
 from backend.kit.repository import Repository
 from backend.models import Agent, Credential, Workflow, WorkflowVersion
 from backend.workflows.graph import (
+    REFERENCE_FIELDS,
     Context,
     GraphInvalid,
     ValidGraph,
+    node_configs,
     referenced_workflows,
     validate,
 )
@@ -40,7 +42,6 @@ TRANSITIONS = {
     "published": {"archived"},
     "archived": {"draft"},
 }
-REFERENCE_FIELDS = ("agent_id", "credential_id", "workflow_id", "server_id")
 
 
 class WorkflowRepository(Repository[Workflow]):
@@ -301,7 +302,8 @@ async def update(
 
 async def delete(uow: UnitOfWork, access: WorkspaceAccess) -> None:
     workflow: Workflow = access.resource
-    users = await _referencing_workflows(uow.session, workflow.workspace_id, workflow.id)
+    # Sub-workflow calls, for_each bodies and event triggers all name it by workflow_id.
+    users = await workflows_using(uow.session, workflow.workspace_id, "workflow_id", workflow.id)
     if users:
         raise Conflict(f"other workflows call this one: {', '.join(users)}", workflows=users)
     record(
@@ -315,23 +317,6 @@ async def delete(uow: UnitOfWork, access: WorkspaceAccess) -> None:
     )
     await uow.session.delete(workflow)
     await uow.session.flush()
-
-
-async def _referencing_workflows(
-    session: AsyncSession, workspace_id: uuid.UUID, target: uuid.UUID
-) -> list[str]:
-    rows = await session.execute(
-        select(Workflow.id, Workflow.name, WorkflowVersion.definition)
-        .join(
-            WorkflowVersion,
-            (WorkflowVersion.workflow_id == Workflow.id)
-            & (WorkflowVersion.number == Workflow.current_version),
-        )
-        .where(Workflow.workspace_id == workspace_id, Workflow.id != target)
-    )
-    return sorted(
-        name for _, name, definition in rows.all() if target in referenced_workflows(definition)
-    )
 
 
 async def change_status(uow: UnitOfWork, access: WorkspaceAccess, status: str) -> WorkflowRead:
@@ -396,7 +381,7 @@ async def get_version(uow: UnitOfWork, access: WorkspaceAccess, number: int) -> 
 
 def _references(definition: dict[str, Any]) -> dict[str, list[uuid.UUID]]:
     found: dict[str, set[uuid.UUID]] = {name: set() for name in REFERENCE_FIELDS}
-    for config in _configs(definition):
+    for config in node_configs(definition):
         for name in REFERENCE_FIELDS:
             value = config.get(name)
             if value:
@@ -405,18 +390,6 @@ def _references(definition: dict[str, Any]) -> dict[str, list[uuid.UUID]]:
                 except ValueError:
                     continue
     return {name: sorted(ids, key=str) for name, ids in found.items() if ids}
-
-
-def _configs(definition: dict[str, Any]) -> list[dict[str, Any]]:
-    out = []
-    for node in definition.get("nodes", []):
-        config = node.get("config") if isinstance(node, dict) else None
-        if isinstance(config, dict):
-            out.append(config)
-            body = config.get("body")
-            if isinstance(body, dict):
-                out += _configs(body)
-    return out
 
 
 async def export(uow: UnitOfWork, access: WorkspaceAccess) -> ExportDocument:
@@ -500,7 +473,7 @@ async def workflows_using(
     return sorted(
         name
         for name, definition in rows.all()
-        if any(c.get(field) == wanted for c in _configs(definition))
+        if any(c.get(field) == wanted for c in node_configs(definition))
     )
 
 

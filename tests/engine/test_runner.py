@@ -108,6 +108,24 @@ async def state(
         return ex, {r.node_id: r for r in rows}
 
 
+def model_runner(
+    runner: Runner, maker: async_sessionmaker[AsyncSession], url: str, name: str
+) -> Runner:
+    """A runner whose agent nodes talk to the local Messages-API server at `url`."""
+    from pydantic import SecretStr
+
+    anthropic = runner.settings.anthropic.model_copy(
+        update={"api_key": SecretStr("k"), "base_url": url, "max_retries": 0}
+    )
+    return Runner(
+        runner.settings.model_copy(update={"anthropic": anthropic}),
+        maker,
+        runner.http,
+        name,
+        Enqueued(),
+    )
+
+
 def trig() -> dict[str, Any]:
     return {"id": "start", "type": "trigger", "config": {"kind": "manual"}}
 
@@ -457,19 +475,11 @@ async def test_retry_from_a_failed_run_reuses_completed_nodes(
 async def test_an_agent_node_counts_its_tokens_on_the_node_and_the_run(
     maker: async_sessionmaker[AsyncSession], runner: Runner, workspace: Workspace
 ) -> None:
-    from pydantic import SecretStr
 
     from tests.support.fake_anthropic import fake_anthropic
 
     with fake_anthropic() as (url, _):
-        settings = runner.settings.model_copy(
-            update={
-                "anthropic": runner.settings.anthropic.model_copy(
-                    update={"api_key": SecretStr("k"), "base_url": url, "max_retries": 0}
-                )
-            }
-        )
-        agent_runner = Runner(settings, maker, runner.http, "agent-test", Enqueued())
+        agent_runner = model_runner(runner, maker, url, "agent-test")
         d = {
             "nodes": [
                 trig(),
@@ -531,19 +541,11 @@ async def test_agent_node_retries_what_is_transient_only(
     attempts: int,
     error_class: str | None,
 ) -> None:
-    from pydantic import SecretStr
 
     from tests.support.fake_anthropic import fake_anthropic
 
     with fake_anthropic() as (url, _):
-        settings = runner.settings.model_copy(
-            update={
-                "anthropic": runner.settings.anthropic.model_copy(
-                    update={"api_key": SecretStr("k"), "base_url": url, "max_retries": 0}
-                )
-            }
-        )
-        agent_runner = Runner(settings, maker, runner.http, "agent-retry", Enqueued())
+        agent_runner = model_runner(runner, maker, url, "agent-retry")
         node = {
             "id": "think",
             "type": "agent",
@@ -565,7 +567,6 @@ async def test_agent_node_retries_what_is_transient_only(
 async def test_agent_node_at_max_iterations_fails_clearly(
     maker: async_sessionmaker[AsyncSession], runner: Runner, workspace: Workspace
 ) -> None:
-    from pydantic import SecretStr
 
     from backend.models import Agent
     from tests.support.fake_anthropic import fake_anthropic
@@ -581,14 +582,7 @@ async def test_agent_node_at_max_iterations_fails_clearly(
         uow.session.add(agent)
         await uow.session.flush()
     with fake_anthropic() as (url, _):
-        settings = runner.settings.model_copy(
-            update={
-                "anthropic": runner.settings.anthropic.model_copy(
-                    update={"api_key": SecretStr("k"), "base_url": url, "max_retries": 0}
-                )
-            }
-        )
-        agent_runner = Runner(settings, maker, runner.http, "agent-loop", Enqueued())
+        agent_runner = model_runner(runner, maker, url, "agent-loop")
         node = {
             "id": "think",
             "type": "agent",

@@ -137,6 +137,14 @@ class RunState:
     attempts: dict[str, int] = field(default_factory=dict)
     retry_at: dict[str, datetime] = field(default_factory=dict)
     errors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # What templates see as `nodes`, kept up to date as outputs arrive rather than
+    # rebuilt for every node (that was O(nodes) per node on the hot path). Sharing it
+    # between concurrent nodes is safe: the validator only lets a node read upstream.
+    scope_nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def record_output(self, node_id: str, output: Any) -> None:
+        self.outputs[node_id] = output
+        self.scope_nodes[node_id] = {"output": output}
 
 
 Enqueue = Callable[[uuid.UUID, float], None]
@@ -254,7 +262,7 @@ class Runner:
                 if status in (N.RUNNING, N.CANCELLED):
                     continue
                 run.states[row.node_id] = NodeState(status, row.branch)
-                run.outputs[row.node_id] = row.output
+                run.record_output(row.node_id, row.output)
                 run.attempts[row.node_id] = row.attempt
                 if status == N.RETRYING and row.next_attempt_at is not None:
                     run.retry_at[row.node_id] = row.next_attempt_at
@@ -569,7 +577,7 @@ class Runner:
         upstream = list(graph.graph.predecessors(node_id))
         scope = {
             "trigger": claim.trigger_data,
-            "nodes": {n: {"output": run.outputs.get(n)} for n in run.outputs},
+            "nodes": run.scope_nodes,
             "vars": variables,
             "execution": {
                 "id": str(claim.id),
@@ -694,7 +702,7 @@ class Runner:
                         "cost_usd": result.cost_usd,
                     },
                 )
-                run.outputs[node_id] = result.output
+                run.record_output(node_id, result.output)
                 run.states[node_id] = NodeState(N.COMPLETED, result.branch)
                 return
 
