@@ -22,6 +22,7 @@ from backend.kit.errors import Conflict, InvalidTransition, NotFound
 from backend.kit.repository import Repository
 from backend.kit.tasks import enqueue_after_commit
 from backend.models import NodeExecution, Workflow, WorkflowExecution
+from backend.triggers.hooks import execution_finished
 
 EXECUTE_TASK = "workflow.execute"
 E = ExecutionStatus
@@ -197,6 +198,7 @@ async def cancel(uow: UnitOfWork, access: WorkspaceAccess) -> WorkflowExecution:
         )
         for row in pending.all():
             row.status = NodeStatus.CANCELLED
+        await execution_finished(uow, execution)
     # A running one is cancelled by its worker, which checks several times a second.
     await session.flush()
     record(

@@ -1,7 +1,7 @@
 """Every ORM model, imported here so Alembic and the mappers see them all at once."""
 
 from backend.models.base import Base, RecordModel
-from backend.models.executions import NodeExecution, WorkflowExecution
+from backend.models.executions import ExecutionEvent, NodeExecution, WorkflowExecution
 from backend.models.identity import (
     ActivityLog,
     ApiKey,
@@ -21,6 +21,7 @@ __all__ = [
     "AuthSession",
     "Base",
     "Credential",
+    "ExecutionEvent",
     "Invitation",
     "NodeExecution",
     "OtpCode",

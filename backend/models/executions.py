@@ -6,11 +6,11 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Float, ForeignKey, Index, Integer, String, UniqueConstraint, text
+from sqlalchemy import BigInteger, Float, ForeignKey, Index, Integer, String, UniqueConstraint, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
-from backend.models.base import RecordModel
+from backend.models.base import Base, RecordModel
 
 
 class WorkflowExecution(RecordModel):
@@ -40,8 +40,12 @@ class WorkflowExecution(RecordModel):
     error: Mapped[dict[str, Any] | None]
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     parent_execution_id: Mapped[uuid.UUID | None] = mapped_column(
-        ForeignKey("workflow_executions.id", ondelete="SET NULL")
+        ForeignKey("workflow_executions.id", ondelete="SET NULL"), index=True
     )
+    # The parent's node that started this run (sub_workflow) and how deep the chain of
+    # parents goes: children are cancelled with their parent, and depth is capped.
+    parent_node_id: Mapped[str | None] = mapped_column(String(200))
+    depth: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     # Set by retry: the run whose completed nodes this one reuses.
     retry_of: Mapped[uuid.UUID | None]
     created_by: Mapped[uuid.UUID | None] = mapped_column(
@@ -90,3 +94,16 @@ class NodeExecution(RecordModel):
     input_tokens: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     output_tokens: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     cost_usd: Mapped[float] = mapped_column(Float, server_default=text("0"))
+
+
+class ExecutionEvent(Base):
+    """An execution's event log, archived from the Redis stream when the run ends, so a
+    client resuming after the stream expired still gets exactly the events it missed."""
+
+    __tablename__ = "execution_events"
+
+    execution_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("workflow_executions.id", ondelete="CASCADE"), primary_key=True
+    )
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    event: Mapped[dict[str, Any]]

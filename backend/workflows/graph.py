@@ -181,10 +181,18 @@ class SwitchLogic(Strict):
 
 
 class Body(Strict):
-    """A for_each body: a small graph of its own, run once per item."""
+    """A loop body: a small graph of its own, run once per item (for_each) or per pass
+    (while)."""
 
     nodes: list[dict[str, Any]] = Field(min_length=1)
     connections: list[dict[str, Any]] = Field(default_factory=list)
+
+
+# What a loop's body (and a while condition) may read besides the usual roots.
+LOOP_ROOTS: dict[str, frozenset[str]] = {
+    "for_each": frozenset({"item", "index"}),
+    "while": frozenset({"iteration", "last"}),
+}
 
 
 class ForEachLogic(Strict):
@@ -203,10 +211,22 @@ class ForEachLogic(Strict):
 
 
 class WhileLogic(Strict):
+    """Runs its body (a graph, or another workflow) again while `condition` holds; the
+    condition sees `iteration` (0, 1, ...) and `last`, the previous pass's output."""
+
     kind: Literal["while"]
     condition: Condition
-    # Mandatory: a loop that cannot end is a bug, not a feature.
+    body: Body | None = None
+    workflow_id: uuid.UUID | None = None
+    # Mandatory: a loop that cannot end is a bug, not a feature. Reaching it fails the
+    # node rather than passing off a half-finished loop as done.
     max_iterations: int = Field(ge=1, le=10_000)
+
+    @model_validator(mode="after")
+    def _one_body(self) -> WhileLogic:
+        if (self.body is None) == (self.workflow_id is None):
+            raise ValueError("body: give exactly one of `body` or `workflow_id`")
+        return self
 
 
 class MergeLogic(Strict):
@@ -463,7 +483,7 @@ def referenced_workflows(definition: dict[str, Any]) -> set[uuid.UUID]:
     """Sub-workflow ids a definition calls (sub_workflow nodes and for_each bodies)."""
     out: set[uuid.UUID] = set()
     for cfg in node_configs(definition):
-        if cfg.get("kind") in ("sub_workflow", "for_each") and cfg.get("workflow_id"):
+        if cfg.get("kind") in ("sub_workflow", "for_each", "while") and cfg.get("workflow_id"):
             try:
                 out.add(uuid.UUID(str(cfg["workflow_id"])))
             except ValueError:
@@ -603,11 +623,12 @@ def validate(
             except ExpressionError as exc:
                 problems.append(Problem(str(exc), node_id=node_id, field=f"config.{field_name}"))
                 continue
-            unknown_roots = parsed.roots - {"trigger", "nodes", "vars", "execution"} - roots
-            if unknown_roots & {"item", "index"}:
+            allowed = roots | (LOOP_ROOTS["while"] if isinstance(config, WhileLogic) else set())
+            unknown_roots = parsed.roots - {"trigger", "nodes", "vars", "execution"} - allowed
+            if unknown_roots & (LOOP_ROOTS["for_each"] | LOOP_ROOTS["while"]):
                 problems.append(
                     Problem(
-                        f"{sorted(unknown_roots)[0]!r} exists only inside a for_each body",
+                        f"{sorted(unknown_roots)[0]!r} exists only inside a loop body",
                         node_id=node_id,
                         field=f"config.{field_name}",
                     )
@@ -698,15 +719,18 @@ def _check_references(node_id: str, config: Any, ctx: Context, problems: list[Pr
             )
         else:
             _check_workflow_ref(node_id, config.workflow_id, ctx, problems, recursion=False)
-    if isinstance(config, SubWorkflowIntegration | ForEachLogic) and config.workflow_id is not None:
+    if (
+        isinstance(config, SubWorkflowIntegration | ForEachLogic | WhileLogic)
+        and config.workflow_id is not None
+    ):
         _check_workflow_ref(node_id, config.workflow_id, ctx, problems, recursion=True)
-    if isinstance(config, ForEachLogic) and config.body is not None:
+    if isinstance(config, ForEachLogic | WhileLogic) and config.body is not None:
         try:
             validate(
                 config.body.model_dump(),
                 ctx,
                 require_trigger=False,
-                extra_roots=frozenset({"item", "index"}),
+                extra_roots=LOOP_ROOTS[config.kind],
             )
         except GraphInvalid as exc:
             for p in exc.problems:

@@ -20,7 +20,7 @@ from jinja2.parser import Parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 ROOTS = frozenset({"trigger", "nodes", "vars", "execution"})
-LOOP_ROOTS = frozenset({"item", "index"})
+LOOP_ROOTS = frozenset({"item", "index", "iteration", "last"})
 CONTEXT_ROOTS = ROOTS | LOOP_ROOTS | {"loop"}
 MAX_SOURCE_CHARS = 20_000
 # Render-time bounds on the two operators that can build huge values from tiny input.

@@ -34,6 +34,7 @@ from backend.executions.state import TERMINAL_EXECUTION, ExecutionStatus, NodeSt
 from backend.kit.db import UnitOfWork
 from backend.kit.logging import get_logger
 from backend.models import NodeExecution, WorkflowExecution, WorkflowVersion
+from backend.triggers.hooks import execution_finished
 from backend.workflows.graph import (
     Context,
     ForEachLogic,
@@ -183,6 +184,7 @@ class Runner:
                 return None
             if ex.cancel_requested_at is not None:
                 self._finish(ex, E.CANCELLED, now, error={"message": "cancelled before it ran"})
+                await execution_finished(uow, ex)
                 return None
             ex.deliveries += 1
             if ex.deliveries > engine.max_deliveries:
@@ -192,6 +194,7 @@ class Runner:
                     now,
                     error={"message": f"gave up after {engine.max_deliveries} deliveries"},
                 )
+                await execution_finished(uow, ex)
                 return None
             if ex.status == E.PENDING:
                 transition("execution", ex.status, E.RUNNING, at=now)
@@ -726,7 +729,7 @@ class Runner:
                 config.body.model_dump(),
                 ctx,
                 require_trigger=False,
-                extra_roots=frozenset({"item", "index"}),
+                extra_roots=LOOP_ROOTS[config.kind],
             )
             bodies[parent] = body
         done: dict[tuple[str, int], tuple[Any, str | None]] = {}
@@ -940,4 +943,5 @@ class Runner:
                 cost_usd=float(totals[2]),
                 **values,
             )
+            await execution_finished(uow, ex)
         log.info("execution.finished", execution_id=str(claim.id), status=str(status))
