@@ -36,6 +36,7 @@ from backend.kit.logging import get_logger
 from backend.models import NodeExecution, WorkflowExecution, WorkflowVersion
 from backend.triggers.hooks import execution_finished
 from backend.workflows.graph import (
+    LOOP_ROOTS,
     Context,
     ForEachLogic,
     GraphInvalid,
