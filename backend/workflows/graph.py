@@ -623,8 +623,8 @@ def validate(
             except ExpressionError as exc:
                 problems.append(Problem(str(exc), node_id=node_id, field=f"config.{field_name}"))
                 continue
-            allowed = roots | (LOOP_ROOTS["while"] if isinstance(config, WhileLogic) else set())
-            unknown_roots = parsed.roots - {"trigger", "nodes", "vars", "execution"} - allowed
+            visible = roots | (LOOP_ROOTS["while"] if isinstance(config, WhileLogic) else set())
+            unknown_roots = parsed.roots - {"trigger", "nodes", "vars", "execution"} - visible
             if unknown_roots & (LOOP_ROOTS["for_each"] | LOOP_ROOTS["while"]):
                 problems.append(
                     Problem(
