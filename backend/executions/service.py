@@ -179,28 +179,11 @@ async def cancel(uow: UnitOfWork, access: WorkspaceAccess) -> WorkflowExecution:
     )
     if execution is None:
         raise NotFound("execution not found")
-    now = datetime.now(UTC)
     if execution.status in TERMINAL_EXECUTION:
         raise InvalidTransition(
             f"a {execution.status} execution cannot be cancelled", field="status"
         )
-    execution.cancel_requested_at = now
-    if execution.status == E.PENDING:
-        # Nobody runs it: cancelled at once (a worker that claims it later sees this).
-        transition("execution", execution.status, E.CANCELLED, at=now)
-        execution.status = E.CANCELLED
-        execution.finished_at = now
-        pending = await session.scalars(
-            select(NodeExecution).where(
-                NodeExecution.execution_id == execution.id,
-                NodeExecution.status == NodeStatus.RETRYING,
-            )
-        )
-        for row in pending.all():
-            row.status = NodeStatus.CANCELLED
-        await execution_finished(uow, execution)
-    # A running one is cancelled by its worker, which checks several times a second.
-    await session.flush()
+    await cancel_tree(uow, execution, datetime.now(UTC))
     record(
         session,
         access.principal,
@@ -210,6 +193,57 @@ async def cancel(uow: UnitOfWork, access: WorkspaceAccess) -> WorkflowExecution:
         resource_id=execution.id,
     )
     return execution
+
+
+async def cancel_tree(uow: UnitOfWork, execution: WorkflowExecution, now: datetime) -> None:
+    """Ask a run and every unfinished sub-run under it to stop. Runs nobody is running
+    (pending, or whose worker let go) are cancelled here and now; a running one is
+    cancelled by its worker, which checks several times a second."""
+    session = uow.session
+    tree = (
+        select(WorkflowExecution.id)
+        .where(WorkflowExecution.parent_execution_id == execution.id)
+        .cte("tree", recursive=True)
+    )
+    tree = tree.union_all(
+        select(WorkflowExecution.id).where(WorkflowExecution.parent_execution_id == tree.c.id)
+    )
+    children = await session.scalars(
+        select(WorkflowExecution)
+        .where(
+            WorkflowExecution.id.in_(select(tree.c.id)),
+            WorkflowExecution.status.not_in(TERMINAL_EXECUTION),
+        )
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    for run in [execution, *children.all()]:
+        run.cancel_requested_at = run.cancel_requested_at or now
+        live_lease = run.lease_owner is not None and (
+            run.lease_expires_at is None or run.lease_expires_at > now
+        )
+        if run.status == E.PENDING or not live_lease:
+            await cancel_now(uow, run, now)
+    await session.flush()
+
+
+async def cancel_now(uow: UnitOfWork, execution: WorkflowExecution, now: datetime) -> None:
+    """Cancel a run that no worker holds, with its retry waits."""
+    transition("execution", execution.status, E.CANCELLED, at=now)
+    execution.status = E.CANCELLED
+    execution.finished_at = now
+    execution.lease_owner = None
+    execution.lease_expires_at = None
+    execution.error = execution.error or {"message": "cancelled"}
+    pending = await uow.session.scalars(
+        select(NodeExecution).where(
+            NodeExecution.execution_id == execution.id,
+            NodeExecution.status == NodeStatus.RETRYING,
+        )
+    )
+    for row in pending.all():
+        row.status = NodeStatus.CANCELLED
+    await execution_finished(uow, execution)
 
 
 async def retry(uow: UnitOfWork, access: WorkspaceAccess) -> WorkflowExecution:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
 import uuid
@@ -30,10 +31,11 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from backend.config import Settings
+from backend.executions.service import cancel_tree
 from backend.executions.state import TERMINAL_EXECUTION, ExecutionStatus, NodeStatus, transition
 from backend.kit.db import UnitOfWork
 from backend.kit.logging import get_logger
-from backend.models import NodeExecution, WorkflowExecution, WorkflowVersion
+from backend.models import NodeExecution, Workflow, WorkflowExecution, WorkflowVersion
 from backend.triggers.hooks import execution_finished
 from backend.workflows.graph import (
     LOOP_ROOTS,
@@ -41,7 +43,9 @@ from backend.workflows.graph import (
     ForEachLogic,
     GraphInvalid,
     SetLogic,
+    SubWorkflowIntegration,
     ValidGraph,
+    WhileLogic,
     validate,
 )
 from backend.workflows.service import validation_context
@@ -55,7 +59,7 @@ from workers.engine.dag import (
 )
 from workers.engine.retry import NodeFailure, classify, retry_delay
 from workers.nodes import HANDLERS
-from workers.nodes.base import NodeContext, NodeResult
+from workers.nodes.base import NodeContext, NodeResult, SubRun
 
 log = get_logger(__name__)
 E, N = ExecutionStatus, NodeStatus
@@ -65,6 +69,7 @@ _GRAPHS: dict[tuple[uuid.UUID, int], ValidGraph] = {}
 _GRAPH_CACHE_SIZE = 256
 # The (execution, node, iteration) unique constraint checkpoints upsert on.
 NODE_KEY = "uq_node_executions_execution_id_node_id_iteration"
+IDEMPOTENCY_KEY = "uq_workflow_executions_workspace_id_idempotency_key"
 # A checkpoint writes the node's whole state; built once, executed with parameters
 # (building an insert per node cost more than the round trip to PostgreSQL).
 CHECKPOINT_DEFAULTS: dict[str, Any] = {
@@ -126,6 +131,7 @@ class Claim:
     trigger_data: dict[str, Any]
     variables: dict[str, Any]
     started_at: datetime
+    depth: int = 0
     # This claim's lease token: the worker plus a nonce, so two claims by the same
     # process (or a process reusing a pid) can never mistake each other's lease.
     token: str = ""
@@ -214,6 +220,7 @@ class Runner:
                 trigger_data=ex.trigger_data,
                 variables=dict(ex.variables),
                 started_at=ex.started_at,
+                depth=ex.depth,
                 token=token,
             )
 
@@ -602,8 +609,10 @@ class Runner:
             http=self.http,
             sessionmaker=self.sessionmaker,
         )
-        if isinstance(config, ForEachLogic) and config.body is not None:
-            ctx.run_body = await self._body_runner(claim, graph, node_id, config, scope)
+        if isinstance(config, ForEachLogic | WhileLogic):
+            ctx.run_body = await self._body_runner(claim, graph, node_id, config, scope, ctx)
+        elif isinstance(config, SubWorkflowIntegration):
+            ctx.run_workflow = functools.partial(self._sub_run, claim, node_id, 0, ctx)
         async with limit:
             while True:
                 attempt = run.attempts.get(node_id, 0) + 1
@@ -687,6 +696,11 @@ class Runner:
                     return
                 elapsed = round((time.perf_counter() - t0) * 1000, 3)
                 variables.update(result.variables)
+                # Child runs' spend counts on the node that started them, so the run's
+                # totals include everything it caused.
+                result.input_tokens += int(ctx.usage[0])
+                result.output_tokens += int(ctx.usage[1])
+                result.cost_usd += ctx.usage[2]
                 await self._checkpoint(
                     claim,
                     node_id,
@@ -715,20 +729,36 @@ class Runner:
         claim: Claim,
         graph: ValidGraph,
         parent: str,
-        config: ForEachLogic,
+        config: ForEachLogic | WhileLogic,
         scope: dict[str, Any],
-    ) -> Callable[[int, Any], Awaitable[Any]]:
-        """How a for_each node runs its body for one item. Body nodes are checkpointed as
+        ctx: NodeContext,
+    ) -> Callable[[int, dict[str, Any]], Awaitable[Any]]:
+        """How a loop runs its body for pass `index` (with the loop's names, `item` and
+        `index` or `iteration` and `last`). A body graph's nodes are checkpointed as
         `<parent>.<node>` with iteration = index + 1, so a resumed loop reuses every
-        iteration that finished."""
+        pass that finished; a body workflow runs as one child run per pass."""
+        if config.workflow_id is not None:
+            workflow_id = config.workflow_id
+
+            async def run_child(index: int, names: dict[str, Any]) -> Any:
+                child = await self._sub_run(claim, parent, index + 1, ctx, workflow_id, names, True)
+                if child.status != E.COMPLETED:
+                    reason = (child.error or {}).get("message", "")
+                    raise NodeFailure(
+                        f"pass {index}: sub-workflow run {child.execution_id} {child.status}: "
+                        f"{reason}".rstrip(": "),
+                        "permanent",
+                    )
+                return child.output
+
+            return run_child
         assert config.body is not None
         bodies: dict[str, ValidGraph] = graph.graph.graph.setdefault("_bodies", {})
         body = bodies.get(parent)
         if body is None:
-            ctx = Context(workflow_id=claim.workflow_id)
             body = validate(
                 config.body.model_dump(),
-                ctx,
+                Context(workflow_id=claim.workflow_id),
                 require_trigger=False,
                 extra_roots=LOOP_ROOTS[config.kind],
             )
@@ -750,7 +780,7 @@ class Runner:
             for node_id, iteration, output, branch in rows.all():
                 done[(node_id.split(".", 1)[1], iteration)] = (output, branch)
 
-        async def run_item(index: int, item: Any) -> Any:
+        async def run_pass(index: int, names: dict[str, Any]) -> Any:
             states: dict[str, NodeState] = {}
             outputs: dict[str, Any] = {}
             while True:
@@ -762,17 +792,16 @@ class Runner:
                         outputs[node_id], branch = done[(node_id, index + 1)]
                         states[node_id] = NodeState(N.COMPLETED, branch)
                         continue
-                    item_scope = {
+                    pass_scope = {
                         **scope,
-                        "item": item,
-                        "index": index,
+                        **names,
                         "nodes": {
                             **scope["nodes"],
                             **{n: {"output": o} for n, o in outputs.items()},
                         },
                     }
                     result = await self._body_step(
-                        claim, body, parent, node_id, index + 1, item_scope
+                        claim, body, parent, node_id, index + 1, pass_scope
                     )
                     # Remembered, so an in-place retry of the loop skips it too.
                     done[(node_id, index + 1)] = (result.output, result.branch)
@@ -781,7 +810,95 @@ class Runner:
             sinks = [n for n in body.graph.nodes if body.graph.out_degree(n) == 0 and n in outputs]
             return outputs[sinks[0]] if len(sinks) == 1 else {n: outputs[n] for n in sinks}
 
-        return run_item
+        return run_pass
+
+    async def _sub_run(
+        self,
+        claim: Claim,
+        node_id: str,
+        iteration: int,
+        ctx: NodeContext,
+        workflow_id: uuid.UUID,
+        trigger_data: dict[str, Any],
+        wait: bool,
+    ) -> SubRun:
+        """Start (or find again, after a crash) the child run of `node_id`, pass
+        `iteration`, and unless not waiting, run it here until it ends. Running it in
+        this task rather than through the queue means a parent never waits for a free
+        worker slot that other waiting parents hold (a classic pool deadlock)."""
+        depth = claim.depth + 1
+        limit = self.settings.engine.max_sub_workflow_depth
+        if depth > limit:
+            raise NodeFailure(f"sub-workflows nest deeper than {limit} levels", "permanent")
+        key = f"sub:{claim.id}:{node_id}:{iteration}"
+        async with UnitOfWork(self.sessionmaker) as uow:
+            workflow = await uow.session.scalar(
+                select(Workflow).where(
+                    Workflow.id == workflow_id, Workflow.workspace_id == claim.workspace_id
+                )
+            )
+            if workflow is None:
+                raise NodeFailure("sub-workflow not found in this workspace", "permanent")
+            if workflow.status == "archived":
+                raise NodeFailure("the sub-workflow is archived", "permanent")
+            # The idempotency key makes a redelivered parent find its child again
+            # instead of starting a second one.
+            child_id = await uow.session.scalar(
+                insert(WorkflowExecution)
+                .values(
+                    id=uuid.uuid4(),
+                    workspace_id=claim.workspace_id,
+                    workflow_id=workflow.id,
+                    version=workflow.current_version,
+                    status=E.PENDING,
+                    trigger_type="sub_workflow",
+                    trigger_data=trigger_data,
+                    idempotency_key=key,
+                    parent_execution_id=claim.id,
+                    parent_node_id=node_id,
+                    depth=depth,
+                )
+                .on_conflict_do_nothing(constraint=IDEMPOTENCY_KEY)
+                .returning(WorkflowExecution.id)
+            )
+            if child_id is None:
+                child_id = await uow.session.scalar(
+                    select(WorkflowExecution.id).where(
+                        WorkflowExecution.workspace_id == claim.workspace_id,
+                        WorkflowExecution.idempotency_key == key,
+                    )
+                )
+        assert child_id is not None
+        if not wait:
+            self.enqueue(child_id, 0.0)
+            return SubRun(child_id, E.PENDING)
+        try:
+            while True:
+                async with self.sessionmaker() as session:
+                    child = await session.get(WorkflowExecution, child_id)
+                    assert child is not None
+                if child.status in TERMINAL_EXECUTION:
+                    ctx.usage[0] += child.input_tokens
+                    ctx.usage[1] += child.output_tokens
+                    ctx.usage[2] += child.cost_usd
+                    return SubRun(child.id, child.status, child.output, child.error)
+                # Claims nothing while another worker holds it or a retry wait parks
+                # it; then look again shortly.
+                if await self.execute(child_id) == "not_claimed":
+                    await asyncio.sleep(0.2)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._cancel_child(child_id))
+            raise
+
+    async def _cancel_child(self, child_id: uuid.UUID) -> None:
+        """The parent stopped (cancelled, or its run ended): so does the child, now if
+        no worker holds it, otherwise by its worker at its next look."""
+        async with UnitOfWork(self.sessionmaker) as uow:
+            child = await uow.session.get(
+                WorkflowExecution, child_id, with_for_update=True, populate_existing=True
+            )
+            if child is not None and child.status not in TERMINAL_EXECUTION:
+                await cancel_tree(uow, child, _now())
 
     async def _body_step(
         self,

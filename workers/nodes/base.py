@@ -29,6 +29,14 @@ class NodeResult:
     variables: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class SubRun:
+    execution_id: uuid.UUID
+    status: str
+    output: Any = None
+    error: dict[str, Any] | None = None
+
+
 @dataclass
 class NodeContext:
     node: Node
@@ -40,8 +48,14 @@ class NodeContext:
     scope: dict[str, Any]
     http: httpx.AsyncClient
     sessionmaker: async_sessionmaker[AsyncSession]
-    # Set for a for_each node with a body: runs the body for (index, item).
-    run_body: Callable[[int, Any], Awaitable[Any]] | None = None
+    # Set for a loop (for_each, while): runs the body for pass `index` with the loop's
+    # names (item/index or iteration/last) added to the scope; returns its output.
+    run_body: Callable[[int, dict[str, Any]], Awaitable[Any]] | None = None
+    # Set for a sub_workflow node: starts (or finds) the child run for this node and
+    # returns its execution row once it ended (or at once when not waiting).
+    run_workflow: Callable[[uuid.UUID, dict[str, Any], bool], Awaitable[SubRun]] | None = None
+    # Tokens and cost spent by child runs this node waited for, added to its own.
+    usage: list[float] = field(default_factory=lambda: [0, 0, 0.0])
 
     def render(self, source: str) -> str:
         try:

@@ -1,6 +1,6 @@
-"""Logic nodes: if, switch, merge, set, transform, and for_each over a body graph
-(run by the engine, one checkpointed iteration per item). `while` and for_each over a
-sub-workflow arrive with sub-runs; until then they fail clearly instead of pretending."""
+"""Logic nodes: if, switch, merge, set, transform, and the loops: for_each (once per
+item) and while (while a condition holds, up to max_iterations). A loop's body is a
+small graph or another workflow; the engine runs it and checkpoints every pass."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from backend.workflows.graph import (
     SetLogic,
     SwitchLogic,
     TransformLogic,
+    WhileLogic,
 )
+from backend.workflows.templates import evaluate
 from workers.engine.retry import NodeFailure
 from workers.nodes.base import NodeContext, NodeResult
 
@@ -38,16 +40,43 @@ async def run(ctx: NodeContext) -> NodeResult:
         return NodeResult(output=values, variables=values)
     if isinstance(config, TransformLogic):
         return NodeResult(output=ctx.render_json(config.template))
-    if isinstance(config, ForEachLogic) and ctx.run_body is not None:
+    if isinstance(config, ForEachLogic | WhileLogic) and ctx.run_body is not None:
+        if isinstance(config, WhileLogic):
+            return await _while(ctx, config, ctx.run_body)
         return await _for_each(ctx, config, ctx.run_body)
+    raise NodeFailure(f"logic kind {config.kind!r} has no body to run", "permanent")
+
+
+RunBody = Callable[[int, dict[str, Any]], Awaitable[Any]]
+
+
+async def _while(ctx: NodeContext, config: WhileLogic, run_body: RunBody) -> NodeResult:
+    """Pass i sees `iteration` = i and `last` = the previous pass's output. A resumed run
+    replays finished passes from their checkpoints, so the condition sees the same
+    values again and the loop picks up where it stopped."""
+    last: Any = None
+    for iteration in range(config.max_iterations + 1):
+        loop_scope = {"iteration": iteration, "last": last}
+        try:
+            holds = bool(evaluate(config.condition, {**ctx.scope, **loop_scope}))
+        except Exception as exc:
+            raise NodeFailure(
+                f"condition failed: {type(exc).__name__}: {exc}", "permanent"
+            ) from exc
+        if not holds:
+            return NodeResult(output={"iterations": iteration, "last": last})
+        if iteration == config.max_iterations:
+            break
+        last = await run_body(iteration, loop_scope)
+    # A loop stopped by its bound did not finish its job: say so instead of passing
+    # off the last pass as the answer.
     raise NodeFailure(
-        f"logic kind {config.kind!r} is not supported by this engine yet", "permanent"
+        f"while: the condition still held after max_iterations ({config.max_iterations})",
+        "permanent",
     )
 
 
-async def _for_each(
-    ctx: NodeContext, config: ForEachLogic, run_body: Callable[[int, Any], Awaitable[Any]]
-) -> NodeResult:
+async def _for_each(ctx: NodeContext, config: ForEachLogic, run_body: RunBody) -> NodeResult:
     items = ctx.evaluate(config.items)
     if isinstance(items, dict):
         items = list(items.items())
@@ -59,7 +88,7 @@ async def _for_each(
 
     async def one(index: int, item: Any) -> Any:
         async with limit:
-            return await run_body(index, item)
+            return await run_body(index, {"item": item, "index": index})
 
     # A task group cancels the other items as soon as one fails; results keep order.
     try:
