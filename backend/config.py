@@ -7,6 +7,7 @@ else lives in nested groups addressed with a double underscore, e.g.
 
 from __future__ import annotations
 
+from datetime import date
 from functools import lru_cache
 from typing import Literal
 
@@ -114,6 +115,58 @@ class AuthSettings(BaseModel):
     invite_limit: str = "50 per hour"
 
 
+class ModelPrice(BaseModel):
+    """USD per million tokens for models whose name starts with `model`, in force from
+    `since`. Cache writes and reads default to Anthropic's 1.25x and 0.1x of input."""
+
+    model: str = Field(min_length=1)
+    since: date
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+    cache_write_per_mtok: float | None = Field(default=None, ge=0)
+    cache_read_per_mtok: float | None = Field(default=None, ge=0)
+
+    @property
+    def cache_write(self) -> float:
+        return (
+            self.input_per_mtok * 1.25
+            if self.cache_write_per_mtok is None
+            else self.cache_write_per_mtok
+        )
+
+    @property
+    def cache_read(self) -> float:
+        return (
+            self.input_per_mtok * 0.1
+            if self.cache_read_per_mtok is None
+            else self.cache_read_per_mtok
+        )
+
+
+def _price(model: str, since: str, input_per_mtok: float, output_per_mtok: float) -> ModelPrice:
+    return ModelPrice(
+        model=model,
+        since=date.fromisoformat(since),
+        input_per_mtok=input_per_mtok,
+        output_per_mtok=output_per_mtok,
+    )
+
+
+# Published list prices as checked on the date given; the longest matching prefix in
+# force on the day of the call wins, so a price change is a new dated row, and old
+# runs keep the cost they were reported with. Operators override the whole table with
+# ANTHROPIC__PRICES (JSON).
+DEFAULT_PRICES: tuple[ModelPrice, ...] = (
+    _price("claude-3-opus", "2024-03-04", 15.0, 75.0),
+    _price("claude-opus-4-0", "2025-05-22", 15.0, 75.0),
+    _price("claude-opus-4-1", "2025-08-05", 15.0, 75.0),
+    _price("claude-opus", "2025-11-24", 5.0, 25.0),
+    _price("claude-sonnet", "2024-06-20", 3.0, 15.0),
+    _price("claude-3-5-haiku", "2024-11-04", 0.8, 4.0),
+    _price("claude-haiku", "2025-10-15", 1.0, 5.0),
+)
+
+
 class AnthropicSettings(BaseModel):
     # Unset: ANTHROPIC_API_KEY from the environment, as the SDK reads it.
     api_key: SecretStr | None = None
@@ -127,6 +180,7 @@ class AnthropicSettings(BaseModel):
     test_timeout_s: float = Field(default=60.0, gt=0, le=600)
     # Model calls one agent run may make, sub-agents included.
     max_calls_per_run: int = Field(default=50, ge=1, le=10_000)
+    prices: list[ModelPrice] = Field(default_factory=lambda: list(DEFAULT_PRICES))
 
 
 class EngineSettings(BaseModel):

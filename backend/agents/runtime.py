@@ -8,43 +8,41 @@ call is kept with its input and result, and every token is counted.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import anthropic
 
-from backend.config import Settings
+from backend.config import DEFAULT_PRICES, ModelPrice, Settings
 from backend.kit.errors import NotConfigured
 
 ToolHandler = Callable[[dict[str, Any]], Awaitable[Any]]
 
-# USD per million tokens (input, output) by model prefix, first match wins; an estimate
-# for reports, not a bill (published list prices, 2026-11). Unknown models report no
-# cost rather than a wrong one.
-PRICES_PER_MTOK: list[tuple[str, tuple[float, float]]] = [
-    ("claude-opus-4-0", (15.0, 75.0)),
-    ("claude-opus-4-1", (15.0, 75.0)),
-    ("claude-opus-4-2", (15.0, 75.0)),
-    ("claude-3-opus", (15.0, 75.0)),
-    ("claude-opus", (5.0, 25.0)),
-    ("claude-sonnet", (3.0, 15.0)),
-    ("claude-3-5-haiku", (0.8, 4.0)),
-    ("claude-haiku", (1.0, 5.0)),
-]
 
-
-def price_of(model: str, usage: Any) -> float | None:
-    for prefix, (inp, out) in PRICES_PER_MTOK:
-        if model.startswith(prefix):
-            tokens_in = (usage.input_tokens or 0) + (
-                getattr(usage, "cache_creation_input_tokens", 0) or 0
-            ) * 1.25
-            tokens_in += (getattr(usage, "cache_read_input_tokens", 0) or 0) * 0.1
-            return (tokens_in * inp + (usage.output_tokens or 0) * out) / 1_000_000
-    return None
+def price_of(
+    prices: Sequence[ModelPrice], model: str, usage: Any, on: date | None = None
+) -> float | None:
+    """The cost of one call, from the dated price table in settings: the entry with the
+    longest matching model prefix that was in force on `on` (today by default). An
+    estimate for reports, not a bill; an unknown model reports no cost rather than a
+    wrong one."""
+    day = on or datetime.now(UTC).date()
+    matches = [p for p in prices if model.startswith(p.model) and p.since <= day]
+    if not matches:
+        return None
+    price = max(matches, key=lambda p: (len(p.model), p.since))
+    per_token = 1 / 1_000_000
+    cache_write = getattr(usage, "cache_creation_input_tokens", 0) or 0
+    cache_read = getattr(usage, "cache_read_input_tokens", 0) or 0
+    return (
+        (usage.input_tokens or 0) * price.input_per_mtok
+        + cache_write * price.cache_write
+        + cache_read * price.cache_read
+        + (usage.output_tokens or 0) * price.output_per_mtok
+    ) * per_token
 
 
 class BudgetExceeded(RuntimeError):
@@ -58,6 +56,7 @@ class Budget:
 
     max_calls: int = 50
     calls: int = 0
+    prices: Sequence[ModelPrice] = DEFAULT_PRICES
 
     def spend(self) -> None:
         if self.calls >= self.max_calls:
@@ -121,9 +120,9 @@ class AgentResult:
     def cost_usd(self) -> float | None:
         return round(self.cost, 6) if self.cost is not None else None
 
-    def charge(self, model: str, usage: Any) -> None:
+    def charge(self, model: str, usage: Any, prices: Sequence[ModelPrice]) -> None:
         self.usage.add(usage)
-        price = price_of(model, usage)
+        price = price_of(prices, model, usage)
         self.cost = None if price is None or self.cost is None else self.cost + price
 
 
@@ -194,7 +193,7 @@ async def run(
             **extra,
         )
         result.model = response.model or spec.model
-        result.charge(result.model, response.usage)
+        result.charge(result.model, response.usage, budget.prices)
         result.output = "".join(b.text for b in response.content if b.type == "text")
         result.stop_reason = response.stop_reason or "end_turn"
         uses = [b for b in response.content if b.type == "tool_use"]

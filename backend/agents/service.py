@@ -254,7 +254,9 @@ async def test(
     agent: Agent = access.resource
     timeout = settings.anthropic.test_timeout_s
     client = runtime.client_for(settings, timeout_s=timeout)
-    budget = runtime.Budget(max_calls=settings.anthropic.max_calls_per_run)
+    budget = runtime.Budget(
+        max_calls=settings.anthropic.max_calls_per_run, prices=settings.anthropic.prices
+    )
     subs = runtime.AgentResult(output="", stop_reason="", iterations=0, model=agent.model)
     result = runtime.AgentResult(output="", stop_reason="", iterations=0, model=agent.model)
     try:

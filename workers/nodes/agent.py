@@ -19,7 +19,9 @@ async def run(ctx: NodeContext) -> NodeResult:
     prompt = ctx.render(config.prompt)
     settings = ctx.settings
     client = runtime.client_for(settings)
-    budget = runtime.Budget(max_calls=settings.anthropic.max_calls_per_run)
+    budget = runtime.Budget(
+        max_calls=settings.anthropic.max_calls_per_run, prices=settings.anthropic.prices
+    )
     result = runtime.AgentResult(output="", stop_reason="", iterations=0, model=config.model or "")
     subs = runtime.AgentResult(output="", stop_reason="", iterations=0, model=config.model or "")
     try:
