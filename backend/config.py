@@ -251,6 +251,39 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _psycopg_driver(cls, url: str) -> str:
+class StorageSettings(BaseModel):
+    """Workspace files for the file_read / file_write nodes. Each workspace sees only
+    its own directory (local) or key prefix (S3); nothing outside it is reachable."""
+
+    backend: Literal["local", "s3"] = "local"
+    # Relative to the working directory. Local storage is per host: with workers on
+    # several hosts, use a shared volume or S3.
+    local_root: str = ".data/files"
+    max_read_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
+    max_write_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
+    # Any S3-compatible service (AWS, MinIO, R2, ...); unset endpoint: AWS itself.
+    s3_endpoint_url: str | None = None
+    s3_bucket: str | None = None
+    s3_region: str | None = None
+    # Unset: boto3's own chain (environment, instance or pod role).
+    s3_access_key_id: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = None
+    # Keys are <s3_prefix><workspace_id>/<path>, so one bucket can serve several uses.
+    s3_prefix: str = ""
+    s3_addressing_style: Literal["auto", "virtual", "path"] = "auto"
+    s3_timeout_s: float = Field(default=30.0, gt=0, le=600)
+
+    @model_validator(mode="after")
+    def _s3_needs_a_bucket(self) -> StorageSettings:
+        if self.backend == "s3" and not self.s3_bucket:
+            raise ValueError("STORAGE__S3_BUCKET must be set when STORAGE__BACKEND=s3")
+        if (self.s3_access_key_id is None) != (self.s3_secret_access_key is None):
+            raise ValueError(
+                "STORAGE__S3_ACCESS_KEY_ID and STORAGE__S3_SECRET_ACCESS_KEY go together"
+            )
+        return self
+
+
         """Accept the URL forms platforms hand out and pin the psycopg 3 driver."""
         for prefix in ("postgres://", "postgresql://", "postgresql+psycopg2://"):
             if url.startswith(prefix):
@@ -281,6 +314,7 @@ class Settings(BaseSettings):
         short = [
             name
             for name, (value, _) in defaults.items()
+    storage: StorageSettings = StorageSettings()
             if name.startswith("SECURITY__") and len(value.get_secret_value()) < 32
         ]
         if unsafe:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import uuid
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from backend.auth.schemas import Name, StrictInput
 
@@ -35,8 +36,28 @@ class HeadersSecret(StrictInput):
     headers: dict[HeaderName, SecretStr] = Field(min_length=1, max_length=20)
 
 
+class WebhookSecret(StrictInput):
+    """The signing secret of outgoing webhooks (notify nodes), Standard Webhooks style:
+    `whsec_<base64>` as their libraries print it, or any long random string."""
+
+    type: Literal["webhook_secret"]
+    secret: SecretStr = Field(min_length=16, max_length=1024)
+
+    @field_validator("secret")
+    @classmethod
+    def _decodable(cls, value: SecretStr) -> SecretStr:
+        raw = value.get_secret_value()
+        if raw.startswith("whsec_"):
+            try:
+                base64.b64decode(raw.removeprefix("whsec_"), validate=True)
+            except ValueError:
+                raise ValueError("a whsec_ secret must be base64 after the prefix") from None
+        return value
+
+
 Secret = Annotated[
-    ApiKeySecret | BearerSecret | BasicSecret | HeadersSecret, Field(discriminator="type")
+    ApiKeySecret | BearerSecret | BasicSecret | HeadersSecret | WebhookSecret,
+    Field(discriminator="type"),
 ]
 
 
