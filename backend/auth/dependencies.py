@@ -42,6 +42,8 @@ class Principal:
     user: User
     session_id: uuid.UUID | None = None
     api_key: ApiKey | None = None
+    # When the credential lapses (a WebSocket is closed then); None: it does not.
+    expires_at: datetime | None = None
 
 
 @dataclass(slots=True)
@@ -85,7 +87,7 @@ async def _from_api_key(session: SessionDep, key: str) -> Principal:
         raise Unauthenticated("invalid API key")
     if api_key.last_used_at is None or now - api_key.last_used_at > ACTIVITY_RESOLUTION:
         api_key.last_used_at = now
-    return Principal(user=user, api_key=api_key)
+    return Principal(user=user, api_key=api_key, expires_at=api_key.expires_at)
 
 
 async def _from_access_token(session: SessionDep, settings: Settings, token: str) -> Principal:
@@ -104,7 +106,8 @@ async def _from_access_token(session: SessionDep, settings: Settings, token: str
         raise Unauthenticated("invalid token")
     if now - auth_session.last_activity_at > ACTIVITY_RESOLUTION:
         auth_session.last_activity_at = now
-    return Principal(user=user, session_id=auth_session.id)
+    expires_at = min(claims.expires_at or auth_session.expires_at, auth_session.expires_at)
+    return Principal(user=user, session_id=auth_session.id, expires_at=expires_at)
 
 
 async def get_principal(
@@ -115,6 +118,14 @@ async def get_principal(
     x_api_key: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> Principal:
     credential = x_api_key or (bearer.credentials if bearer else None)
+    return await authenticate(session, settings, limiter, credential)
+
+
+async def authenticate(
+    session: AsyncSession, settings: Settings, limiter: RateLimiter, credential: str | None
+) -> Principal:
+    """Who an access token or API key belongs to (also used by WebSockets, which carry
+    their credential in the first message or the subprotocol header)."""
     if not credential:
         raise Unauthenticated("missing credentials: send Authorization: Bearer <token>")
     if credential.startswith(API_KEY_PREFIX):
@@ -191,6 +202,10 @@ async def _grant(
     if workspace is None:
         raise NotFound(not_found)
     return workspace, role
+
+
+# Public for the WebSocket routes, which check access outside FastAPI's dependencies.
+grant = _grant
 
 
 def _kind(model: type[Any]) -> str:

@@ -23,6 +23,8 @@ class Claims:
     session_id: uuid.UUID
     jti: str
     type: TokenType
+    # When the token stops being valid: live connections close then.
+    expires_at: datetime | None = None
 
 
 def issue(
@@ -62,6 +64,7 @@ def decode(settings: Settings, token: str, *, expected: TokenType) -> Claims:
             session_id=uuid.UUID(payload["sid"]),
             jti=str(payload["jti"]),
             type=expected,
+            expires_at=datetime.fromtimestamp(int(payload["exp"]), UTC),
         )
     except jwt.ExpiredSignatureError as exc:
         raise Unauthenticated("token expired") from exc

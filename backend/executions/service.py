@@ -22,6 +22,7 @@ from backend.kit.errors import Conflict, InvalidTransition, NotFound
 from backend.kit.repository import Repository
 from backend.kit.tasks import enqueue_after_commit
 from backend.models import NodeExecution, Workflow, WorkflowExecution
+from backend.realtime.events import publish_after_commit
 from backend.triggers.hooks import execution_finished
 
 EXECUTE_TASK = "workflow.execute"
@@ -243,6 +244,7 @@ async def cancel_now(uow: UnitOfWork, execution: WorkflowExecution, now: datetim
     )
     for row in pending.all():
         row.status = NodeStatus.CANCELLED
+    publish_after_commit(uow, execution)
     await execution_finished(uow, execution)
 
 

@@ -36,6 +36,14 @@ from backend.executions.state import TERMINAL_EXECUTION, ExecutionStatus, NodeSt
 from backend.kit.db import UnitOfWork
 from backend.kit.logging import get_logger
 from backend.models import NodeExecution, Workflow, WorkflowExecution, WorkflowVersion
+from backend.realtime.events import (
+    EXECUTION_STATUS,
+    NODE_STATUS,
+    Emitter,
+    event,
+    event_log,
+    publish_after_commit,
+)
 from backend.triggers.hooks import execution_finished
 from backend.workflows.graph import (
     LOOP_ROOTS,
@@ -67,6 +75,8 @@ E, N = ExecutionStatus, NodeStatus
 # once per process is enough (references are checked again by the nodes that use them).
 _GRAPHS: dict[tuple[uuid.UUID, int], ValidGraph] = {}
 _GRAPH_CACHE_SIZE = 256
+# Node outputs up to this size ride along in their node.status event.
+EVENT_OUTPUT_MAX = 16_384
 # The (execution, node, iteration) unique constraint checkpoints upsert on.
 NODE_KEY = "uq_node_executions_execution_id_node_id_iteration"
 IDEMPOTENCY_KEY = "uq_workflow_executions_workspace_id_idempotency_key"
@@ -172,6 +182,47 @@ class Runner:
         self.http = http
         self.worker_id = worker_id
         self.enqueue = enqueue
+        self.events = Emitter()
+
+    def _emit(
+        self,
+        claim: Claim,
+        type_: str,
+        *,
+        node_id: str | None = None,
+        status: str | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        self.events.emit(
+            claim.id,
+            claim.workspace_id,
+            event(type_, claim.id, node_id=node_id, status=status, data=data),
+        )
+
+    def _node_event(
+        self, claim: Claim, node_id: str, values: dict[str, Any], iteration: int = 0
+    ) -> None:
+        """A checkpoint, as followers see it (big outputs stay in the node's row)."""
+        data = {
+            k: values[k]
+            for k in ("attempt", "duration_ms", "error", "branch", "next_attempt_at")
+            if values.get(k) is not None
+        }
+        if iteration:
+            data["iteration"] = iteration
+        if values.get("input_tokens") or values.get("output_tokens"):
+            data.update(
+                input_tokens=values["input_tokens"],
+                output_tokens=values["output_tokens"],
+                cost_usd=values["cost_usd"],
+            )
+        if "output" in values and values["status"] == N.COMPLETED:
+            size = len(json.dumps(values["output"], default=str))
+            if size <= EVENT_OUTPUT_MAX:
+                data["output"] = values["output"]
+            else:
+                data["output_bytes"] = size
+        self._emit(claim, NODE_STATUS, node_id=node_id, status=str(values["status"]), data=data)
 
     # Claiming and releasing -------------------------------------------------------------
 
@@ -191,6 +242,7 @@ class Runner:
                 return None
             if ex.cancel_requested_at is not None:
                 self._finish(ex, E.CANCELLED, now, error={"message": "cancelled before it ran"})
+                publish_after_commit(uow, ex)
                 await execution_finished(uow, ex)
                 return None
             ex.deliveries += 1
@@ -201,6 +253,7 @@ class Runner:
                     now,
                     error={"message": f"gave up after {engine.max_deliveries} deliveries"},
                 )
+                publish_after_commit(uow, ex)
                 await execution_finished(uow, ex)
                 return None
             if ex.status == E.PENDING:
@@ -293,6 +346,7 @@ class Runner:
         # in the runner's view (the database itself is atomic either way).
         if await asyncio.shield(self._write(CHECKPOINT, params)) == 0:
             raise LeaseLost(f"lost the lease on {claim.id} before checkpointing {node_id}")
+        self._node_event(claim, node_id, values, iteration)
 
     async def _write(self, stmt: Any, params: Any = None) -> int:
         # A checkpoint is one statement in its own transaction, straight on a pooled
@@ -323,6 +377,8 @@ class Runner:
             for n in nodes
         ]  # fmt: skip
         await asyncio.shield(self._write(CHECKPOINT, rows))
+        for node_id in nodes:
+            self._emit(claim, NODE_STATUS, node_id=node_id, status=N.SKIPPED)
 
     # Running ------------------------------------------------------------------------------
 
@@ -330,6 +386,18 @@ class Runner:
         claim = await self._claim(execution_id)
         if claim is None:
             return "not_claimed"
+        try:
+            return await self._execute(claim)
+        finally:
+            await self.events.drain(claim.id)
+
+    async def _execute(self, claim: Claim) -> str:
+        self._emit(
+            claim,
+            EXECUTION_STATUS,
+            status=E.RUNNING,
+            data={"workflow_id": str(claim.workflow_id), "workspace_id": str(claim.workspace_id)},
+        )
         try:
             graph = await self._graph(claim)
         except GraphInvalid as exc:
@@ -617,6 +685,9 @@ class Runner:
             while True:
                 attempt = run.attempts.get(node_id, 0) + 1
                 run.attempts[node_id] = attempt
+                self._emit(
+                    claim, NODE_STATUS, node_id=node_id, status=N.RUNNING, data={"attempt": attempt}
+                )
                 started = _now()
                 t0 = time.perf_counter()
                 try:
@@ -1021,11 +1092,16 @@ class Runner:
             # A parked run is not a failed delivery: the next claim is expected.
             ex.deliveries = max(0, ex.deliveries - 1)
             countdown = max(0.0, (at - _now()).total_seconds())
+            await self.events.drain(claim.id)
+            publish_after_commit(uow, ex)
             uow.after_commit(lambda: self.enqueue(claim.id, countdown))
 
     async def _close(
         self, claim: Claim, status: ExecutionStatus, *, run: RunState | None = None, **values: Any
     ) -> None:
+        # Every node event goes out before the run's last one.
+        await self.events.drain(claim.id)
+        closed = False
         async with UnitOfWork(self.sessionmaker) as uow:
             ex = await uow.session.get(
                 WorkflowExecution, claim.id, with_for_update=True, populate_existing=True
@@ -1061,5 +1137,14 @@ class Runner:
                 cost_usd=float(totals[2]),
                 **values,
             )
+            publish_after_commit(uow, ex)
             await execution_finished(uow, ex)
+            closed = True
         log.info("execution.finished", execution_id=str(claim.id), status=str(status))
+        if closed:
+            try:
+                await event_log().archive(self.sessionmaker.kw["bind"], claim.id)
+            except Exception:
+                # The stream still holds the log for days; losing the archive loses
+                # only replays asked for after that.
+                log.exception("events.archive_failed", execution_id=str(claim.id))

@@ -20,6 +20,7 @@ from backend.kit.db import UnitOfWork, create_engine, create_sessionmaker
 from backend.kit.http_guard import guarded_client
 from backend.kit.logging import get_logger
 from backend.models import WorkflowExecution
+from backend.realtime.events import publish_after_commit
 from workers.engine.runner import Runner
 
 log = get_logger(__name__)
@@ -115,6 +116,7 @@ async def _reap() -> dict[str, int]:
             ex.status = ExecutionStatus.PENDING
             ex.lease_owner = None
             ex.lease_expires_at = None
+            publish_after_commit(uow, ex)
             requeue.append(ex.id)
         lost = await session.scalars(
             select(WorkflowExecution)

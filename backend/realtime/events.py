@@ -1,0 +1,280 @@
+"""Execution events: a gap-free, replayable log per execution.
+
+Every event of an execution gets the next `seq` from a Redis counter and is appended,
+in one atomic Lua call, to the execution's Redis stream (stream id `<seq>-0`, capped in
+length, expiring some days after its last event) and published on its pub/sub channel
+for live followers. Pub/sub alone loses what a follower was away for; the stream is the
+replay log, and when a run ends its log is archived to PostgreSQL (`execution_events`),
+so a client resuming after the stream expired still gets exactly what it missed.
+
+Events are published after the state they describe is committed, except `node.status`
+`running` (a node starting is not checkpointed, to save a round trip per node) and
+`agent.delta` (text as it is written).
+
+Shape (DESIGN.md): {seq, id, type, execution_id, node_id?, status?, timestamp, data}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import uuid
+import weakref
+from collections import deque
+from datetime import UTC, datetime
+from typing import Any
+
+from redis.asyncio import Redis
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from backend.config import get_settings
+from backend.kit.logging import get_logger
+from backend.models import ExecutionEvent, WorkflowExecution
+
+log = get_logger(__name__)
+
+EXECUTION_STATUS, NODE_STATUS, NODE_LOG, AGENT_DELTA = (
+    "execution.status",
+    "node.status",
+    "node.log",
+    "agent.delta",
+)
+# Streams are capped; a run with more events than this (long agent streams) keeps its
+# newest ones in Redis and all of them in PostgreSQL once it ends.
+STREAM_MAXLEN = 20_000
+STREAM_TTL_S = 7 * 24 * 3600
+_SEQ = re.compile(rb'^\{"seq":(\d+),')
+
+# KEYS: counter, stream. ARGV: maxlen, ttl, channel, workspace channel, events...
+# Each event is a JSON object without `seq`; the script puts it first, so followers can
+# read it without parsing the whole event. execution.status events also go to the
+# workspace channel (live counters, workflow lists).
+_PUBLISH = """
+local n = #ARGV - 4
+local seq = redis.call('INCRBY', KEYS[1], n) - n
+for i = 5, #ARGV do
+  seq = seq + 1
+  local ev = '{"seq":' .. seq .. ',' .. string.sub(ARGV[i], 2)
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], seq .. '-0', 'e', ev)
+  redis.call('PUBLISH', ARGV[3], ev)
+  if ARGV[4] ~= '' and string.find(ARGV[i], '"type":"execution.status"', 1, true) then
+    redis.call('PUBLISH', ARGV[4], ev)
+  end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return seq
+"""
+
+
+def seq_key(execution_id: uuid.UUID | str) -> str:
+    # One hash tag per execution: counter and stream live on the same cluster slot.
+    return f"ev:{{{execution_id}}}:seq"
+
+
+def stream_key(execution_id: uuid.UUID | str) -> str:
+    return f"ev:{{{execution_id}}}:log"
+
+
+def channel(execution_id: uuid.UUID | str) -> str:
+    return f"ev:{execution_id}"
+
+
+def workspace_channel(workspace_id: uuid.UUID | str) -> str:
+    return f"ws:{workspace_id}"
+
+
+def seq_of(raw: bytes | str) -> int:
+    data = raw.encode() if isinstance(raw, str) else raw
+    match = _SEQ.match(data)
+    if match is None:
+        raise ValueError("not an execution event")
+    return int(match.group(1))
+
+
+def event(
+    type_: str,
+    execution_id: uuid.UUID,
+    *,
+    node_id: str | None = None,
+    status: str | None = None,
+    data: dict[str, Any] | None = None,
+) -> str:
+    body: dict[str, Any] = {
+        "id": uuid.uuid4().hex,
+        "type": type_,
+        "execution_id": str(execution_id),
+    }
+    if node_id is not None:
+        body["node_id"] = node_id
+    if status is not None:
+        body["status"] = status
+    body["timestamp"] = datetime.now(UTC).isoformat()
+    body["data"] = data or {}
+    return json.dumps(body, separators=(",", ":"), default=str)
+
+
+def status_event(execution: WorkflowExecution) -> str:
+    data: dict[str, Any] = {
+        "workflow_id": str(execution.workflow_id),
+        "workspace_id": str(execution.workspace_id),
+    }
+    if execution.error:
+        data["error"] = execution.error
+    if execution.finished_at is not None:
+        data.update(
+            output=execution.output,
+            duration_ms=execution.duration_ms,
+            input_tokens=execution.input_tokens,
+            output_tokens=execution.output_tokens,
+            cost_usd=execution.cost_usd,
+        )
+    return event(EXECUTION_STATUS, execution.id, status=str(execution.status), data=data)
+
+
+class EventLog:
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self._publish = redis.register_script(_PUBLISH)
+
+    async def publish(
+        self, execution_id: uuid.UUID, workspace_id: uuid.UUID | None, events: list[str]
+    ) -> int:
+        """Append events in order; returns the last seq."""
+        args: list[Any] = [
+            STREAM_MAXLEN,
+            STREAM_TTL_S,
+            channel(execution_id),
+            workspace_channel(workspace_id) if workspace_id else "",
+            *events,
+        ]
+        return int(
+            await self._publish(keys=[seq_key(execution_id), stream_key(execution_id)], args=args)
+        )
+
+    async def last_seq(self, execution_id: uuid.UUID) -> int:
+        value = await self.redis.get(seq_key(execution_id))
+        return int(value or 0)
+
+    async def read(
+        self,
+        execution_id: uuid.UUID,
+        after: int,
+        upto: int | None = None,
+        engine: AsyncEngine | None = None,
+    ) -> list[str]:
+        """The events with after < seq <= upto, in order: from the stream, and from the
+        PostgreSQL archive for whatever the stream no longer holds."""
+        entries: Any = await self.redis.xrange(
+            stream_key(execution_id), min=f"{after + 1}-0", max=f"{upto}-0" if upto else "+"
+        )
+        out = [_text(fields[b"e"]) for _, fields in entries]
+        first = seq_of(out[0]) if out else (upto + 1 if upto else None)
+        if engine is not None and (first is None or first > after + 1):
+            async with engine.connect() as conn:
+                stmt = select(ExecutionEvent.event).where(
+                    ExecutionEvent.execution_id == execution_id, ExecutionEvent.seq > after
+                )
+                if first is not None:
+                    stmt = stmt.where(ExecutionEvent.seq < first)
+                rows = await conn.execute(stmt.order_by(ExecutionEvent.seq))
+                older = [json.dumps(r[0], separators=(",", ":")) for r in rows]
+            out = [_seq_first(e) for e in older] + out
+        return out
+
+    async def archive(self, engine: AsyncEngine, execution_id: uuid.UUID) -> int:
+        """Copy the stream to PostgreSQL (idempotent): the log outlives the stream."""
+        entries: Any = await self.redis.xrange(stream_key(execution_id))
+        rows = [
+            {"execution_id": execution_id, "seq": seq_of(f[b"e"]), "event": json.loads(f[b"e"])}
+            for _, f in entries
+        ]
+        if rows:
+            async with engine.begin() as conn:
+                await conn.execute(insert(ExecutionEvent).on_conflict_do_nothing(), rows)
+        return len(rows)
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+def _seq_first(text: str) -> str:
+    """PostgreSQL's JSONB does not keep key order; put seq first again."""
+    body = json.loads(text)
+    seq = body.pop("seq")
+    return json.dumps({"seq": seq, **body}, separators=(",", ":"))
+
+
+# One client per event loop: the API has one loop, a worker process one, and tests one
+# per test; a client must not outlive the loop its connections belong to.
+_logs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, EventLog] = weakref.WeakKeyDictionary()
+
+
+def event_log() -> EventLog:
+    loop = asyncio.get_running_loop()
+    current = _logs.get(loop)
+    if current is None:
+        settings = get_settings()
+        redis = Redis.from_url(
+            settings.redis_url,
+            socket_timeout=settings.redis.socket_timeout_s,
+            socket_connect_timeout=settings.redis.socket_connect_timeout_s,
+        )
+        current = _logs[loop] = EventLog(redis)
+    return current
+
+
+def publish_after_commit(uow: Any, execution: WorkflowExecution) -> None:
+    """Queue the execution's current status as an event once the unit of work commits."""
+    text = status_event(execution)
+    execution_id, workspace_id = execution.id, execution.workspace_id
+
+    async def publish() -> None:
+        await event_log().publish(execution_id, workspace_id, [text])
+
+    publish.__name__ = "publish:execution.status"
+    uow.after_commit(publish)
+
+
+class Emitter:
+    """The runner's side: events are queued without waiting and sent in order, in
+    batches, by one task per execution, so publishing never sits on the hot path
+    between a checkpoint and the next node. `drain` waits for everything queued."""
+
+    def __init__(self) -> None:
+        self._queues: dict[uuid.UUID, deque[str]] = {}
+        self._tasks: dict[uuid.UUID, asyncio.Task[None]] = {}
+        self._workspaces: dict[uuid.UUID, uuid.UUID] = {}
+
+    def emit(self, execution_id: uuid.UUID, workspace_id: uuid.UUID, text: str) -> None:
+        queue = self._queues.setdefault(execution_id, deque())
+        queue.append(text)
+        self._workspaces[execution_id] = workspace_id
+        task = self._tasks.get(execution_id)
+        if task is None or task.done():
+            self._tasks[execution_id] = asyncio.get_running_loop().create_task(
+                self._flush(execution_id)
+            )
+
+    async def _flush(self, execution_id: uuid.UUID) -> None:
+        queue = self._queues[execution_id]
+        while queue:
+            batch = list(queue)
+            queue.clear()
+            try:
+                await event_log().publish(execution_id, self._workspaces[execution_id], batch)
+            except Exception:
+                # Live progress is lost for these events, the run's state is not: a
+                # follower's next snapshot shows it. Never fail a run over events.
+                log.exception("events.publish_failed", execution_id=str(execution_id))
+
+    async def drain(self, execution_id: uuid.UUID) -> None:
+        task = self._tasks.pop(execution_id, None)
+        if task is not None:
+            await asyncio.shield(task)
+        self._queues.pop(execution_id, None)
+        self._workspaces.pop(execution_id, None)
