@@ -114,7 +114,8 @@ class LocalStorage:
         return rel, real_area, real
 
     async def read(self, workspace_id: uuid.UUID, path: str, *, max_bytes: int) -> bytes:
-        return await asyncio.to_thread(self._read, workspace_id, path, max_bytes)
+        with _os_errors():
+            return await asyncio.to_thread(self._read, workspace_id, path, max_bytes)
 
     def _read(self, workspace_id: uuid.UUID, path: str, max_bytes: int) -> bytes:
         rel, _, real = self._resolve(workspace_id, path)
@@ -127,11 +128,12 @@ class LocalStorage:
             raise FileMissing(f"no file {rel!r} in this workspace") from None
         except OSError as exc:
             raise PathRefused(f"cannot open {rel!r}: {exc.strerror}") from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise PathRefused(f"{rel!r} is not a regular file")
+        size = info.st_size
         with os.fdopen(fd, "rb") as handle:
-            info = os.fstat(handle.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                raise PathRefused(f"{rel!r} is not a regular file")
-            size = info.st_size
             if size > max_bytes:
                 raise FileTooLarge(f"{rel!r} is {size} bytes; the limit is {max_bytes}")
             data = handle.read(max_bytes + 1)
@@ -140,7 +142,8 @@ class LocalStorage:
         return data
 
     async def write(self, workspace_id: uuid.UUID, path: str, data: bytes) -> int:
-        return await asyncio.to_thread(self._write, workspace_id, path, data)
+        with _os_errors():
+            return await asyncio.to_thread(self._write, workspace_id, path, data)
 
     def _write(self, workspace_id: uuid.UUID, path: str, data: bytes) -> int:
         if len(data) > self.max_write_bytes:
@@ -290,6 +293,16 @@ class S3Storage:
 
 
 @contextlib.contextmanager
+def _os_errors() -> Iterator[None]:
+    """A disk that is full or a folder we may not write: the operator's to fix, so worth
+    another attempt later. The message leaves out the host's own paths."""
+    try:
+        yield
+    except OSError as exc:
+        raise StorageUnavailable(f"local storage failed: {exc.strerror or exc}") from None
+
+
+@contextlib.contextmanager
 def _s3_errors(rel: str) -> Iterator[None]:
     """botocore's errors as ours: missing and refused are permanent, the rest transient."""
     from botocore.exceptions import BotoCoreError, ClientError
@@ -300,6 +313,8 @@ def _s3_errors(rel: str) -> Iterator[None]:
         error = exc.response.get("Error", {})
         code = str(error.get("Code", ""))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+        if code == "NoSuchBucket":
+            raise StorageError("the storage bucket does not exist (STORAGE__S3_BUCKET)") from None
         if code in ("NoSuchKey", "404", "NotFound") or status == 404:
             raise FileMissing(f"no file {rel!r} in this workspace") from None
         if status >= 500 or status == 429 or code in ("SlowDown", "Throttling"):

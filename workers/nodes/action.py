@@ -13,8 +13,14 @@ from backend.credentials.service import reveal, touch
 from backend.kit.db import UnitOfWork
 from backend.kit.http_guard import BlockedAddress, ResponseTooLarge, TooManyRedirects, fetch
 from backend.models import Credential
-from backend.workflows.graph import HttpRequestAction
+from backend.workflows.graph import (
+    FileReadAction,
+    FileWriteAction,
+    HttpRequestAction,
+    NotifyAction,
+)
 from workers.engine.retry import NodeFailure, classify_status
+from workers.nodes import files, notify
 from workers.nodes.base import NodeContext, NodeResult
 
 
@@ -117,6 +123,12 @@ def _render_tree(ctx: NodeContext, value: Any) -> Any:
 async def run(ctx: NodeContext) -> NodeResult:
     if isinstance(ctx.config, HttpRequestAction):
         return await http_request(ctx, ctx.config)
+    if isinstance(ctx.config, FileReadAction):
+        return await files.file_read(ctx, ctx.config)
+    if isinstance(ctx.config, FileWriteAction):
+        return await files.file_write(ctx, ctx.config)
+    if isinstance(ctx.config, NotifyAction):
+        return await notify.run(ctx, ctx.config)
     raise NodeFailure(
         f"action kind {ctx.config.kind!r} is not supported by this engine yet", "permanent"
     )
