@@ -273,3 +273,25 @@ def test_webhook_secret_credentials_are_checked_on_input() -> None:
             CredentialCreate.model_validate(
                 {"name": "hook", "secret": {"type": "webhook_secret", "secret": bad}}
             )
+
+
+async def test_each_pass_of_a_loop_is_its_own_webhook_message(
+    runner: Runner,
+    maker: async_sessionmaker[AsyncSession],
+    workspace: Workspace,
+    receiver: Receiver,
+) -> None:
+    body = {"nodes": [notify(channel="webhook", url=f"{receiver.base}/ok", message="{{ item }}")]}
+    d = one(
+        {
+            "id": "each",
+            "type": "logic",
+            "config": {"kind": "for_each", "items": "trigger.names", "body": body},
+        }
+    )
+    execution_id = await start(maker, workspace, d, {"names": ["ada", "grace", "edsger"]})
+    assert await runner.execute(execution_id) == "completed"
+    deliveries = receiver.to("ok")
+    assert sorted(json.loads(x.body)["message"] for x in deliveries) == ["ada", "edsger", "grace"]
+    # Receivers drop repeats by webhook-id: three passes must not look like one.
+    assert len({x.headers["webhook-id"] for x in deliveries}) == 3
