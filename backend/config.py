@@ -208,6 +208,51 @@ class HttpSettings(BaseModel):
     user_agent: str = "OrchestrationStudio/0.1"
 
 
+class TriggerSettings(BaseModel):
+    # How often beat runs triggers.dispatch_due; a slot fires at most this late.
+    dispatch_interval_s: float = Field(default=15.0, ge=1, le=300)
+    # A slot older than this when the dispatcher sees it was missed (beat was down);
+    # the trigger's misfire policy decides (skip, or fire once).
+    misfire_grace_s: int = Field(default=60, ge=1)
+    # Due schedules one dispatch tick claims per transaction.
+    dispatch_batch: int = Field(default=200, ge=1, le=10_000)
+    webhook_max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # Longest ?wait= a webhook caller may ask for (and when_finished's default).
+    webhook_max_wait_s: float = Field(default=30.0, gt=0, le=300)
+    # Per webhook token; the endpoint is public.
+    webhook_rate_limit: str = "600 per minute"
+
+
+class NotificationSettings(BaseModel):
+    max_retries: int = Field(default=5, ge=0, le=20)
+    # Exponential backoff between attempts: base, doubled each time, capped.
+    backoff_s: float = Field(default=10.0, gt=0)
+    backoff_max_s: float = Field(default=600.0, gt=0)
+    timeout_s: float = Field(default=10.0, gt=0, le=120)
+
+
+class MaintenanceSettings(BaseModel):
+    # Executions (and their node rows) older than this are deleted, unless the
+    # workspace's settings say otherwise ({"retention_days": n}).
+    retention_days: int = Field(default=30, ge=1, le=3650)
+    retention_batch: int = Field(default=1000, ge=1, le=100_000)
+    interval_s: float = Field(default=3600.0, ge=10)
+
+
+class RealtimeSettings(BaseModel):
+    # Application-level ping on idle WebSockets and SSE streams.
+    heartbeat_s: float = Field(default=20.0, gt=0, le=300)
+    # A connection is closed after this long (4000: reconnect and resume); one whose
+    # credential expires sooner is closed then (4401).
+    max_connection_s: float = Field(default=3600.0, gt=0)
+    # Events queued for one client before it counts as too slow (closed with 4408).
+    queue_size: int = Field(default=1000, ge=10, le=100_000)
+    # How often the API checks followed executions for events pub/sub dropped.
+    poll_s: float = Field(default=1.0, gt=0, le=60)
+    # How long a new WebSocket has to send its first message.
+    hello_timeout_s: float = Field(default=10.0, gt=0, le=120)
+
+
 class SmtpSettings(BaseModel):
     # Unset host: mail is written to the log instead (development and tests only).
     host: str | None = None
@@ -220,37 +265,6 @@ class SmtpSettings(BaseModel):
     timeout_s: float = Field(default=15.0, gt=0)
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_nested_delimiter="__",
-        case_sensitive=False,
-        extra="ignore",
-    )
-
-    environment: Environment = "development"
-    app_name: str = "Orchestration Studio"
-    # Placeholders for the development launcher to replace; never used unset in earnest
-    # because scripts/devstack.py exports real URLs before anything starts.
-    database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    # How long /health/ready waits for each dependency before calling it down.
-    health_timeout_s: float = Field(default=2.0, gt=0, le=30)
-
-    log: LogSettings = LogSettings()
-    db: DatabaseSettings = DatabaseSettings()
-    redis: RedisSettings = RedisSettings()
-    celery: CelerySettings = CelerySettings()
-    flower: FlowerSettings = FlowerSettings()
-    security: SecuritySettings = SecuritySettings()
-    auth: AuthSettings = AuthSettings()
-    smtp: SmtpSettings = SmtpSettings()
-    anthropic: AnthropicSettings = AnthropicSettings()
-    engine: EngineSettings = EngineSettings()
-    http: HttpSettings = HttpSettings()
-
-    @field_validator("database_url")
-    @classmethod
-    def _psycopg_driver(cls, url: str) -> str:
 class StorageSettings(BaseModel):
     """Workspace files for the file_read / file_write nodes. Each workspace sees only
     its own directory (local) or key prefix (S3); nothing outside it is reachable."""
@@ -284,6 +298,42 @@ class StorageSettings(BaseModel):
         return self
 
 
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_nested_delimiter="__",
+        case_sensitive=False,
+        extra="ignore",
+    )
+
+    environment: Environment = "development"
+    app_name: str = "Orchestration Studio"
+    # Placeholders for the development launcher to replace; never used unset in earnest
+    # because scripts/devstack.py exports real URLs before anything starts.
+    database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # How long /health/ready waits for each dependency before calling it down.
+    health_timeout_s: float = Field(default=2.0, gt=0, le=30)
+
+    log: LogSettings = LogSettings()
+    db: DatabaseSettings = DatabaseSettings()
+    redis: RedisSettings = RedisSettings()
+    celery: CelerySettings = CelerySettings()
+    flower: FlowerSettings = FlowerSettings()
+    security: SecuritySettings = SecuritySettings()
+    auth: AuthSettings = AuthSettings()
+    smtp: SmtpSettings = SmtpSettings()
+    anthropic: AnthropicSettings = AnthropicSettings()
+    engine: EngineSettings = EngineSettings()
+    triggers: TriggerSettings = TriggerSettings()
+    notifications: NotificationSettings = NotificationSettings()
+    maintenance: MaintenanceSettings = MaintenanceSettings()
+    http: HttpSettings = HttpSettings()
+    realtime: RealtimeSettings = RealtimeSettings()
+    storage: StorageSettings = StorageSettings()
+
+    @field_validator("database_url")
+    @classmethod
+    def _psycopg_driver(cls, url: str) -> str:
         """Accept the URL forms platforms hand out and pin the psycopg 3 driver."""
         for prefix in ("postgres://", "postgresql://", "postgresql+psycopg2://"):
             if url.startswith(prefix):
@@ -314,7 +364,6 @@ class StorageSettings(BaseModel):
         short = [
             name
             for name, (value, _) in defaults.items()
-    storage: StorageSettings = StorageSettings()
             if name.startswith("SECURITY__") and len(value.get_secret_value()) < 32
         ]
         if unsafe:

@@ -28,6 +28,8 @@ from backend.kit.db import create_engine, create_sessionmaker
 from backend.kit.logging import REQUEST_ID_KEY, configure_logging, current_request_id, get_logger
 from backend.kit.middleware import RequestContextMiddleware
 from backend.kit.ratelimit import RateLimiter
+from backend.realtime.hub import Hub
+from backend.realtime.router import router as realtime_router
 from backend.workflows.router import router as workflows_router
 from backend.workspaces.router import invitations as invitations_router
 from backend.workspaces.router import router as workspaces_router
@@ -168,9 +170,24 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
         app.state.redis = redis
         app.state.celery = celery or celery_app
         app.state.limiter = RateLimiter(settings.redis_url)
+        # Pub/sub waits on its socket indefinitely: no read timeout on this client.
+        hub_redis = Redis.from_url(
+            settings.redis_url,
+            socket_connect_timeout=settings.redis.socket_connect_timeout_s,
+            health_check_interval=30,
+        )
+        app.state.hub = Hub(
+            hub_redis,
+            engine,
+            poll_s=settings.realtime.poll_s,
+            queue_size=settings.realtime.queue_size,
+        )
+        await app.state.hub.start()
         try:
             yield
         finally:
+            await app.state.hub.stop()
+            await hub_redis.aclose()
             await redis.aclose()
             await engine.dispose()
 
@@ -213,6 +230,7 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
         credentials_router,
         agents_router,
         executions_router,
+        realtime_router,
     )
     for router in routers:
         app.include_router(router, prefix=API_PREFIX)

@@ -125,8 +125,13 @@ def status_event(execution: WorkflowExecution) -> str:
     if execution.error:
         data["error"] = execution.error
     if execution.finished_at is not None:
+        size = len(json.dumps(execution.output, default=str))
+        if size <= 16_384:
+            data["output"] = execution.output
+        else:
+            # Big outputs stay in the execution row (GET /executions/{id}).
+            data["output_bytes"] = size
         data.update(
-            output=execution.output,
             duration_ms=execution.duration_ms,
             input_tokens=execution.input_tokens,
             output_tokens=execution.output_tokens,

@@ -35,6 +35,10 @@ def api(database: str, crossprocess_logs: Path) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def owner(database: str, settings: Settings) -> dict[str, str]:
+    return signed_in_owner(database, settings)
+
+
+def signed_in_owner(database: str, settings: Settings) -> dict[str, str]:
     """A committed owner of a committed workspace, signed in."""
     from backend.auth import tokens
     from backend.kit.crypto import hash_token

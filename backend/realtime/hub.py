@@ -1,0 +1,245 @@
+"""The API process's fan-out: one Redis pub/sub connection for every follower.
+
+A *feed* per followed execution knows the last seq it passed on; each follower has a
+bounded queue, so a slow client only ever fills its own (and is told to resume when it
+falls too far behind) while the others carry on. Nothing is lost between the pieces:
+
+- a follower first catches up from the stream (the replay log) up to the feed's seq,
+  then joins the feed, with no await in between;
+- a message whose seq skips ahead makes the feed read the gap from the stream first;
+- a poll of the feeds' counters every `poll_s` catches anything pub/sub dropped (a
+  reconnect, a slow subscriber buffer), so the last event always arrives.
+
+Workspace channels (`ws:<id>`) carry best-effort notices (workflow edits, members,
+execution status for live counters) with no seq: their followers refetch on a gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from backend.kit.logging import get_logger
+from backend.realtime.events import EventLog, channel, seq_key, seq_of, workspace_channel
+
+log = get_logger(__name__)
+
+
+class Lagging(Exception):
+    """The follower's queue is full: it must reconnect and resume from its last seq."""
+
+
+@dataclass(eq=False)
+class Follower:
+    """One client's view of one execution's events (or of a workspace channel)."""
+
+    queue: asyncio.Queue[str]
+    last: int = 0
+    lagging: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set for a multiplexed socket: wraps each event with its channel name, or filters
+    # it out (None).
+    wrap: Callable[[str], str | None] | None = None
+
+    def offer(self, seq: int, text: str) -> None:
+        if seq <= self.last or self.lagging.is_set():
+            return
+        out = self.wrap(text) if self.wrap else text
+        if out is not None:
+            try:
+                self.queue.put_nowait(out)
+            except asyncio.QueueFull:
+                self.lagging.set()
+                return
+        self.last = seq
+
+
+@dataclass(eq=False)
+class Feed:
+    execution_id: uuid.UUID
+    last: int = 0
+    followers: set[Follower] = field(default_factory=set)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass(eq=False)
+class Notices:
+    followers: set[Follower] = field(default_factory=set)
+
+
+class Hub:
+    def __init__(
+        self, redis: Redis, engine: AsyncEngine, *, poll_s: float = 1.0, queue_size: int = 1000
+    ) -> None:
+        self.redis = redis
+        self.engine = engine
+        self.log = EventLog(redis)
+        self.poll_s = poll_s
+        self.queue_size = queue_size
+        self.feeds: dict[uuid.UUID, Feed] = {}
+        self.notices: dict[str, Notices] = {}
+        self._pubsub: PubSub | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ready = asyncio.Event()
+
+    # Lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._read_forever(), name="hub.read"),
+            asyncio.create_task(self._poll_forever(), name="hub.poll"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def follower(self, wrap: Callable[[str], str | None] | None = None) -> Follower:
+        return Follower(asyncio.Queue(self.queue_size), wrap=wrap)
+
+    # Execution feeds -------------------------------------------------------------------------
+
+    async def last_seq(self, execution_id: uuid.UUID) -> int:
+        return await self.log.last_seq(execution_id)
+
+    async def follow(self, execution_id: uuid.UUID, follower: Follower) -> None:
+        """Deliver every event after `follower.last`, then everything live."""
+        feed = self.feeds.get(execution_id)
+        if feed is None:
+            feed = self.feeds[execution_id] = Feed(execution_id)
+            await self._subscribe(channel(execution_id))
+            # After subscribing: anything published from now on reaches the reader,
+            # anything before is in the stream.
+            feed.last = max(feed.last, await self.log.last_seq(execution_id))
+        async with feed.lock:
+            while follower.last < feed.last:
+                events = await self.log.read(
+                    execution_id, follower.last, feed.last, engine=self.engine
+                )
+                if not events:
+                    break
+                for text in events:
+                    follower.offer(seq_of(text), text)
+                if follower.lagging.is_set():
+                    raise Lagging()
+            feed.followers.add(follower)
+
+    async def unfollow(self, execution_id: uuid.UUID, follower: Follower) -> None:
+        feed = self.feeds.get(execution_id)
+        if feed is None:
+            return
+        feed.followers.discard(follower)
+        if not feed.followers and not feed.lock.locked():
+            del self.feeds[execution_id]
+            await self._unsubscribe(channel(execution_id))
+
+    async def _deliver(self, feed: Feed, seq: int, text: str | None) -> None:
+        if seq <= feed.last:
+            return
+        async with feed.lock:
+            if seq <= feed.last:
+                return
+            if text is None or seq > feed.last + 1:
+                # A gap (or a poll found news): read it from the log, in order.
+                events = await self.log.read(feed.execution_id, feed.last, seq, engine=self.engine)
+            else:
+                events = [text]
+            for item in events:
+                item_seq = seq_of(item)
+                if item_seq <= feed.last:
+                    continue
+                for follower in list(feed.followers):
+                    follower.offer(item_seq, item)
+                feed.last = item_seq
+
+    # Workspace notices -----------------------------------------------------------------------
+
+    async def listen(self, workspace_id: uuid.UUID, follower: Follower) -> None:
+        name = workspace_channel(workspace_id)
+        notices = self.notices.get(name)
+        if notices is None:
+            notices = self.notices[name] = Notices()
+            await self._subscribe(name)
+        notices.followers.add(follower)
+
+    async def unlisten(self, workspace_id: uuid.UUID, follower: Follower) -> None:
+        name = workspace_channel(workspace_id)
+        notices = self.notices.get(name)
+        if notices is None:
+            return
+        notices.followers.discard(follower)
+        if not notices.followers:
+            del self.notices[name]
+            await self._unsubscribe(name)
+
+    # Redis -------------------------------------------------------------------------------------
+
+    async def _subscribe(self, name: str) -> None:
+        await self._ready.wait()
+        assert self._pubsub is not None
+        await self._pubsub.subscribe(name)
+
+    async def _unsubscribe(self, name: str) -> None:
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await self._pubsub.unsubscribe(name)
+
+    async def _read_forever(self) -> None:
+        while True:
+            try:
+                self._pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                # Resubscribe after a reconnect; the poll fills whatever was missed.
+                names = [channel(e) for e in self.feeds] + list(self.notices)
+                await self._pubsub.subscribe("hub:alive", *names)
+                self._ready.set()
+                async for message in self._pubsub.listen():
+                    if message.get("type") == "message":
+                        await self._dispatch(message["channel"], message["data"])
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("hub.read_failed")
+                self._ready.clear()
+                await asyncio.sleep(0.5)
+
+    async def _dispatch(self, raw_channel: bytes | str, data: bytes | str) -> None:
+        name = raw_channel.decode() if isinstance(raw_channel, bytes) else raw_channel
+        text = data.decode() if isinstance(data, bytes) else data
+        if name.startswith("ev:"):
+            feed = self.feeds.get(uuid.UUID(name[3:]))
+            if feed is not None:
+                await self._deliver(feed, seq_of(text), text)
+        elif name.startswith("ws:"):
+            notices = self.notices.get(name)
+            for follower in list(notices.followers if notices else ()):
+                follower.offer(follower.last + 1, text)
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            try:
+                await self.poll()
+            except Exception:
+                log.exception("hub.poll_failed")
+
+    async def poll(self) -> None:
+        feeds = list(self.feeds.values())
+        if not feeds:
+            return
+        values: list[Any] = await self.redis.mget([seq_key(feed.execution_id) for feed in feeds])
+        for feed, value in zip(feeds, values, strict=True):
+            if value is not None and int(value) > feed.last:
+                await self._deliver(feed, int(value), None)
