@@ -55,7 +55,9 @@ def row(
 
 
 @contextmanager
-def process(argv: list[str], env: dict[str, str], ready: Callable[[], bool]) -> Iterator[None]:
+def process(
+    argv: list[str], env: dict[str, str], ready: Callable[[], bool]
+) -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(
         argv,
         env=env,
@@ -70,7 +72,7 @@ def process(argv: list[str], env: dict[str, str], ready: Callable[[], bool]) -> 
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{argv[:4]} did not start")
             time.sleep(0.2)
-        yield
+        yield proc
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -263,6 +265,45 @@ def main() -> int:
     print(
         f"{'throughput, 3-node chains (target >= 100/s)':<44} {figures['throughput']:11.1f} runs/s"
     )
+
+    # 5. Live progress: N WebSocket clients following runs, events lost and latency.
+    from bench.realtime import measure_streams, slow_server
+
+    stream_env = dict(env, HTTP__ALLOW_PRIVATE_NETWORKS='["127.0.0.1/32"]')
+    worker = [
+        *(sys.executable, "-m", "celery", "-A", "workers", "worker", "--loglevel=WARNING"),
+        *("--queues=high_priority,default", "--concurrency=2", "--without-mingle"),
+        *("--without-gossip", "--hostname=bench-streams@127.0.0.1"),
+    ]
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    streams = []
+    with (
+        slow_server() as slow,
+        process(
+            worker,
+            stream_env,
+            lambda: bool(
+                celery_app.control.ping(destination=["bench-streams@127.0.0.1"], timeout=0.5)
+            ),
+        ),
+        process(
+            uvicorn(port), stream_env, lambda: httpx.get(f"{base}/health").status_code == 200
+        ) as web_proc,
+    ):
+        for clients in (100, 1000):
+            streams.append(asyncio.run(measure_streams(base, headers, web_proc.pid, slow, clients)))
+    print()
+    print(
+        f"{'live progress (WebSocket, 2 runs followed)':<44} {'delivered':>10} {'lost':>5}"
+        f" {'p50':>8} {'p95':>8} {'KB/conn':>8}"
+    )
+    for f in streams:
+        print(
+            f"{str(f['clients']) + ' clients (targets: 0 lost, p95 < 50 ms)':<44}"
+            f" {f['delivered']:>10} {f['lost']:>5} {f['p50_ms']:>5.1f} ms {f['p95_ms']:>5.1f} ms"
+            f" {f['kb_per_conn']:>8.1f}"
+        )
 
     with psycopg.connect(plain.render_as_string(hide_password=False), autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")

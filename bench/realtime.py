@@ -1,0 +1,163 @@
+"""Live-progress benchmark (issue: live progress): N concurrent WebSocket clients follow
+executions through a real uvicorn and worker; events delivered and lost, latency from
+the event's commit-time timestamp to the client, and the API process's memory per
+idle connection.
+
+Each run waits a few seconds on a local slow HTTP endpoint first, so every client is
+connected before the interesting part of the run; clients ask for `resume_from: 0`, so
+a client that connected late still must receive every event (lost must be 0)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import psutil
+import websockets
+
+EXECUTIONS = 2
+CHAIN = 10
+
+
+@contextmanager
+def slow_server() -> Iterator[str]:
+    class Slow(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            time.sleep(float(self.path.rsplit("/", 1)[-1]))
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *_: Any) -> None:
+            return None
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def definition(slow: str, pause_s: float) -> dict[str, Any]:
+    nodes: list[dict[str, Any]] = [
+        {"id": "start", "type": "trigger", "config": {"kind": "manual"}},
+        {
+            "id": "wait",
+            "type": "action",
+            "config": {"kind": "http_request", "url": f"{slow}/{pause_s}"},
+        },
+    ]
+    conns = [{"source": "start", "target": "wait"}]
+    previous = "wait"
+    for i in range(CHAIN):
+        template = "{{ " + str(i) + " }}"
+        nodes.append(
+            {"id": f"n{i}", "type": "logic", "config": {"kind": "transform", "template": template}}
+        )
+        conns.append({"source": previous, "target": f"n{i}"})
+        previous = f"n{i}"
+    return {"nodes": nodes, "connections": conns}
+
+
+async def _client(
+    url: str, token: str, connected: asyncio.Event, results: list[dict[str, Any]]
+) -> None:
+    received: list[int] = []
+    latencies: list[tuple[float, float]] = []
+    final: int | None = None
+    async with websockets.connect(url, max_size=None, open_timeout=60) as ws:
+        await ws.send(json.dumps({"token": token, "resume_from": 0}))
+        connected.set()
+        try:
+            while True:
+                raw = await asyncio.wait_for(ws.recv(), 60)
+                now = time.time()
+                body = json.loads(raw)
+                if "seq" not in body:
+                    continue
+                received.append(body["seq"])
+                latencies.append((now, datetime.fromisoformat(body["timestamp"]).timestamp()))
+                if body["type"] == "execution.status" and body["status"] in (
+                    "completed",
+                    "failed",
+                    "cancelled",
+                ):
+                    final = body["seq"]
+        except websockets.ConnectionClosed:
+            pass
+    results.append({"received": received, "latencies": latencies, "final": final})
+
+
+async def measure_streams(
+    base: str, headers: dict[str, str], api_pid: int, slow: str, clients: int
+) -> dict[str, Any]:
+    token = headers["Authorization"].removeprefix("Bearer ")
+    api = psutil.Process(api_pid)
+    pause = 3.0 + clients / 250
+    async with httpx.AsyncClient(base_url=base, timeout=60) as http:
+        r = await http.post(
+            "/api/v1/workflows",
+            headers=headers,
+            json={"name": f"bench streams {clients}", **definition(slow, pause)},
+        )
+        r.raise_for_status()
+        wf = r.json()["id"]
+        rss_before = api.memory_info().rss
+        ids = []
+        for _ in range(EXECUTIONS):
+            r = await http.post("/api/v1/executions", headers=headers, json={"workflow_id": wf})
+            r.raise_for_status()
+            ids.append(r.json()["id"])
+    ws_base = base.replace("http://", "ws://")
+    results: list[dict[str, Any]] = []
+    events = [asyncio.Event() for _ in range(clients)]
+    tasks = []
+    t0 = time.monotonic()
+    for i in range(clients):
+        url = f"{ws_base}/api/v1/ws/executions/{ids[i % EXECUTIONS]}"
+        tasks.append(asyncio.create_task(_client(url, token, events[i], results)))
+        if i % 50 == 49:
+            await asyncio.sleep(0)  # let the handshakes progress
+    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), pause + 30)
+    connected_at = time.time()
+    connect_s = time.monotonic() - t0
+    await asyncio.sleep(0.5)
+    rss_connected = api.memory_info().rss
+    await asyncio.gather(*tasks, return_exceptions=True)
+    delivered = sum(len(res["received"]) for res in results)
+    lost = 0
+    for res in results:
+        expected = res["final"] or 0
+        if expected == 0:
+            lost += 1  # never saw the end: at least the last event is missing
+        lost += len(set(range(1, expected + 1)) - set(res["received"]))
+    live = [
+        (recv - sent) * 1000
+        for res in results
+        for recv, sent in res["latencies"]
+        if sent >= connected_at
+    ]
+    live.sort()
+    return {
+        "clients": clients,
+        "delivered": delivered,
+        "lost": lost,
+        "finished": sum(1 for res in results if res["final"]),
+        "p50_ms": statistics.median(live) if live else float("nan"),
+        "p95_ms": live[int(len(live) * 0.95)] if live else float("nan"),
+        "connect_s": connect_s,
+        "kb_per_conn": (rss_connected - rss_before) / 1024 / clients,
+    }
