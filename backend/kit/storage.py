@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import stat
 import tempfile
 import uuid
@@ -66,7 +67,7 @@ def normalise(path: str) -> str:
     stripped = path.strip()
     if not stripped:
         raise PathRefused("path is empty")
-    if stripped.startswith("/") or (len(stripped) > 1 and stripped[1] == ":"):
+    if stripped.startswith("/") or re.match(r"[A-Za-z]:", stripped):
         raise PathRefused(f"path {path!r} is absolute; give a path inside the workspace")
     parts = [p for p in PurePosixPath(stripped).parts if p not in ("", ".")]
     if ".." in parts:
