@@ -15,6 +15,7 @@ from backend.auth.dependencies import Principal
 from backend.kit.middleware import request_meta
 from backend.kit.repository import Repository
 from backend.models import ActivityLog
+from backend.realtime.events import announce
 
 
 class ActivityRepository(Repository[ActivityLog]):
@@ -46,6 +47,19 @@ def record(
             details=details or {},
         )
     )
+    if workspace_id is not None:
+        announce(
+            session,
+            workspace_id,
+            {
+                "type": action,
+                "workspace_id": str(workspace_id),
+                "resource_type": resource_type,
+                "resource_id": str(resource_id) if resource_id is not None else None,
+                "actor": str(principal.user.id) if principal else None,
+                "data": details or {},
+            },
+        )
 
 
 async def list_for_workspace(

@@ -162,9 +162,11 @@ async def run(
     *,
     budget: Budget | None = None,
     result: AgentResult | None = None,
+    on_text: Callable[[str], None] | None = None,
 ) -> AgentResult:
     """Run one turn. Pass `result` to have usage land in it even if the run raises
-    (partial usage is still usage: it was billed)."""
+    (partial usage is still usage: it was billed); pass `on_text` to stream the model's
+    text to it as it arrives."""
     budget = budget or Budget()
     started = time.perf_counter()
     tools = {t.name: t for t in spec.tools}
@@ -186,12 +188,19 @@ async def run(
             break
         result.iterations += 1
         budget.spend()
-        response = await client.messages.create(
-            model=spec.model,
-            max_tokens=spec.max_tokens,
-            messages=messages,
-            **extra,
-        )
+        if on_text is None:
+            response = await client.messages.create(
+                model=spec.model, max_tokens=spec.max_tokens, messages=messages, **extra
+            )
+        else:
+            # Streamed, so the text reaches followers as it is written; the final
+            # message (and its usage) is the same as create() would return.
+            async with client.messages.stream(
+                model=spec.model, max_tokens=spec.max_tokens, messages=messages, **extra
+            ) as stream:
+                async for text in stream.text_stream:
+                    on_text(text)
+                response = await stream.get_final_message()
         result.model = response.model or spec.model
         result.charge(result.model, response.usage, budget.prices)
         result.output = "".join(b.text for b in response.content if b.type == "text")

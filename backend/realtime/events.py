@@ -26,9 +26,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from redis.asyncio import Redis
+from sqlalchemy import event as sa_event
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.orm import Session
 
 from backend.config import get_settings
 from backend.kit.logging import get_logger
@@ -243,6 +245,53 @@ def publish_after_commit(uow: Any, execution: WorkflowExecution) -> None:
 
     publish.__name__ = "publish:execution.status"
     uow.after_commit(publish)
+
+
+# Workspace notices ----------------------------------------------------------------------
+# Every change a service records in the activity log is also announced, after commit, on
+# the workspace's channel: the multiplexed socket's `workflows` and `workspace:<id>`
+# channels are built from these. Best effort (no seq): a client that missed some
+# refetches the list it shows.
+
+_NOTICES = "orch_notices"
+_inflight: set[asyncio.Task[None]] = set()
+
+
+def announce(session: Any, workspace_id: uuid.UUID, notice: dict[str, Any]) -> None:
+    """Queue a notice on the session; it goes out if, and only if, the session commits."""
+    session.info.setdefault(_NOTICES, []).append((workspace_id, notice))
+
+
+@sa_event.listens_for(Session, "after_commit")
+def _send_notices(session: Session) -> None:
+    notices = session.info.pop(_NOTICES, None)
+    if not notices:
+        return
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+
+    async def send() -> None:
+        try:
+            redis = event_log().redis
+            for workspace_id, notice in notices:
+                body = {"timestamp": datetime.now(UTC).isoformat(), **notice}
+                await redis.publish(
+                    workspace_channel(workspace_id),
+                    json.dumps(body, separators=(",", ":"), default=str),
+                )
+        except Exception:
+            log.warning("notices.publish_failed", exc_info=True)
+
+    task = loop.create_task(send())
+    _inflight.add(task)
+    task.add_done_callback(_inflight.discard)
+
+
+@sa_event.listens_for(Session, "after_rollback")
+def _drop_notices(session: Session) -> None:
+    session.info.pop(_NOTICES, None)
 
 
 class Emitter:

@@ -36,7 +36,13 @@ from backend.config import Settings
 from backend.executions import service
 from backend.executions.schemas import ExecutionRead
 from backend.executions.state import TERMINAL_EXECUTION
-from backend.kit.errors import DomainError, NotFound, PermissionDenied, Unauthenticated
+from backend.kit.errors import (
+    DomainError,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    ValidationFailed,
+)
 from backend.kit.logging import get_logger
 from backend.models import WorkflowExecution
 from backend.realtime.hub import Follower, Hub, Lagging
@@ -154,7 +160,9 @@ async def execution_socket(websocket: WebSocket, execution_id: uuid.UUID) -> Non
         await _can_read_execution(app, principal, execution_id)
         resume_from = hello.get("resume_from")
         if resume_from is not None and (not isinstance(resume_from, int) or resume_from < 0):
-            raise DomainError("resume_from must be a seq (an integer >= 0)")
+            raise ValidationFailed(
+                "resume_from must be a seq (an integer >= 0)", field="resume_from"
+            )
     except WebSocketDisconnect:
         return
     except DomainError as exc:
@@ -261,7 +269,7 @@ async def execution_events(
         try:
             start = int(last_event_id)
         except ValueError:
-            raise DomainError("Last-Event-ID must be a seq", field="Last-Event-ID") from None
+            raise ValidationFailed("Last-Event-ID must be a seq", field="Last-Event-ID") from None
     deadline = _deadline(settings, access.principal)
 
     async def stream() -> AsyncIterator[str]:

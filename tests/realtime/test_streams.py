@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -261,3 +262,61 @@ async def test_a_stalled_client_does_not_delay_a_fast_one(
         assert messages[-1]["status"] == "completed"
         assert_contiguous(seqs(messages), messages[0]["seq"] + 1)
         assert fast_s < 15
+
+
+async def test_one_socket_carries_runs_workflow_changes_and_live_counters(
+    api: str, owner: dict[str, str], target: Target
+) -> None:
+    workspace_id = owner["X-Workspace-ID"]
+    async with websockets.connect(ws_url(api, "/api/v1/ws")) as ws:
+        await ws.send(json.dumps({"token": bearer(owner), "workspace_id": workspace_id}))
+
+        async def next_message(pred: Any) -> dict[str, Any]:
+            while True:
+                body = json.loads(await asyncio.wait_for(ws.recv(), 20))
+                if pred(body):
+                    return dict(body)
+
+        for channel in ("workflows", "analytics"):
+            await ws.send(json.dumps({"action": "subscribe", "channel": channel}))
+        counters = await next_message(lambda b: b.get("channel") == "analytics" and "event" in b)
+        before = counters["event"]["data"]["completed"]
+
+        wf = await asyncio.to_thread(workflow, api, owner, slow_flow(target, 0.3))
+        created = await next_message(lambda b: b.get("channel") == "workflows" and "event" in b)
+        assert created["event"]["type"] == "workflow.create"
+        assert created["event"]["resource_id"] == wf
+
+        execution_id = await asyncio.to_thread(start, api, owner, wf)
+        name = f"executions:{execution_id}"
+        await ws.send(json.dumps({"action": "subscribe", "channel": name, "resume_from": 0}))
+        events = []
+        while True:
+            body = await next_message(lambda b: b.get("channel") == name and "event" in b)
+            events.append(body["event"])
+            if (
+                body["event"].get("type") == "execution.status"
+                and body["event"]["status"] == "completed"
+            ):
+                break
+        assert_contiguous([e["seq"] for e in events], 1)
+        updated = await next_message(
+            lambda b: (
+                b.get("channel") == "analytics"
+                and "event" in b
+                and b["event"]["data"]["completed"] > before
+            )
+        )
+        assert updated["event"]["data"]["completed"] == before + 1
+
+        # Mistakes are answered on the socket, which stays open.
+        await ws.send(json.dumps({"action": "subscribe", "channel": "nonsense"}))
+        error = await next_message(lambda b: b.get("type") == "error")
+        assert error["channel"] == "nonsense"
+        other = f"executions:{uuid.uuid4()}"
+        await ws.send(json.dumps({"action": "subscribe", "channel": other}))
+        error = await next_message(lambda b: b.get("type") == "error")
+        assert (error["channel"], error["code"]) == (other, "not_found")
+        await ws.send(json.dumps({"action": "unsubscribe", "channel": "workflows"}))
+        done = await next_message(lambda b: b.get("type") == "unsubscribed")
+        assert done["channel"] == "workflows"

@@ -7,7 +7,9 @@ real `anthropic` SDK to talk to on 127.0.0.1. Its answers are scripted by the pr
 - "overloaded": HTTP 529, as the real API answers when overloaded;
 - "ratelimit-once": HTTP 429 the first time, then an answer;
 - "spend": HTTP 429 with the spend-limit message (not worth retrying);
+- "long answer": a 3000-character answer (streamed in small deltas when asked to);
 - anything else: "echo: <prompt>".
+With `"stream": true` the same answers come as the API's server-sent events.
 Every request is kept, so tests can check what the SDK actually sent.
 """
 
@@ -17,13 +19,13 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tests.support.procs import free_port
 
@@ -38,7 +40,7 @@ def build_app(requests: list[dict[str, Any]]) -> FastAPI:
     app = FastAPI()
 
     @app.post("/v1/messages")
-    async def messages(request: Request) -> JSONResponse:
+    async def messages(request: Request) -> Response:
         body = await request.json()
         requests.append({"body": body, "headers": dict(request.headers)})
         msgs = body["messages"]
@@ -47,14 +49,15 @@ def build_app(requests: list[dict[str, Any]]) -> FastAPI:
         usage = {"input_tokens": 10 * len(msgs), "output_tokens": 7}
         tools = {t["name"] for t in body.get("tools", [])}
 
-        def reply(content: list[dict[str, Any]], stop: str) -> JSONResponse:
-            return JSONResponse(
-                {
-                    "id": f"msg_{uuid.uuid4().hex[:12]}", "type": "message", "role": "assistant",
-                    "model": body["model"], "content": content, "stop_reason": stop,
-                    "stop_sequence": None, "usage": usage,
-                }
-            )  # fmt: skip
+        def reply(content: list[dict[str, Any]], stop: str) -> Response:
+            message = {
+                "id": f"msg_{uuid.uuid4().hex[:12]}", "type": "message", "role": "assistant",
+                "model": body["model"], "content": content, "stop_reason": stop,
+                "stop_sequence": None, "usage": usage,
+            }  # fmt: skip
+            if body.get("stream"):
+                return StreamingResponse(_stream(message), media_type="text/event-stream")
+            return JSONResponse(message)
 
         if "ratelimit-once" in first and not any(
             "ratelimit-once" in str(r["body"]) for r in requests[:-1]
@@ -88,7 +91,7 @@ def build_app(requests: list[dict[str, Any]]) -> FastAPI:
             tool_input = (
                 {"task": "say hi"} if name.startswith("agent_") else {"timezone": "Europe/Paris"}
             )
-            use = {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:10]}"}
+            use: dict[str, Any] = {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:10]}"}
             use |= {"name": name, "input": tool_input}
             return reply([{"type": "text", "text": "Let me check."}, use], "tool_use")
         if answered:
@@ -104,9 +107,52 @@ def build_app(requests: list[dict[str, Any]]) -> FastAPI:
                 ],
                 "end_turn",
             )
+        if "long answer" in first:
+            words = " ".join(f"word{i:04d}" for i in range(400))
+            return reply([{"type": "text", "text": words[:3000]}], "end_turn")
         return reply([{"type": "text", "text": f"echo: {first}"}], "end_turn")
 
     return app
+
+
+def _sse(kind: str, data: dict[str, Any]) -> str:
+    return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+
+
+async def _stream(message: dict[str, Any]) -> AsyncIterator[str]:
+    """A message as the Messages API streams it: start, blocks in deltas, delta, stop."""
+    start = {**message, "content": [], "stop_reason": None}
+    start["usage"] = {**message["usage"], "output_tokens": 1}
+    yield _sse("message_start", {"type": "message_start", "message": start})
+    for index, block in enumerate(message["content"]):
+        if block["type"] == "text":
+            opening: dict[str, Any] = {"type": "text", "text": ""}
+            deltas = [
+                {"type": "text_delta", "text": block["text"][i : i + 7]}
+                for i in range(0, len(block["text"]), 7)
+            ]
+        else:
+            opening = {**block, "input": {}}
+            deltas = [{"type": "input_json_delta", "partial_json": json.dumps(block["input"])}]
+        yield _sse(
+            "content_block_start",
+            {"type": "content_block_start", "index": index, "content_block": opening},
+        )
+        for delta in deltas:
+            yield _sse(
+                "content_block_delta",
+                {"type": "content_block_delta", "index": index, "delta": delta},
+            )
+        yield _sse("content_block_stop", {"type": "content_block_stop", "index": index})
+    yield _sse(
+        "message_delta",
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": message["stop_reason"], "stop_sequence": None},
+            "usage": {"output_tokens": message["usage"]["output_tokens"]},
+        },
+    )
+    yield _sse("message_stop", {"type": "message_stop"})
 
 
 @contextmanager

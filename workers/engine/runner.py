@@ -199,6 +199,9 @@ class Runner:
             event(type_, claim.id, node_id=node_id, status=status, data=data),
         )
 
+    def _node_emit(self, claim: Claim, node_id: str, type_: str, data: dict[str, Any]) -> None:
+        self._emit(claim, type_, node_id=node_id, data=data)
+
     def _node_event(
         self, claim: Claim, node_id: str, values: dict[str, Any], iteration: int = 0
     ) -> None:
@@ -677,6 +680,7 @@ class Runner:
             http=self.http,
             sessionmaker=self.sessionmaker,
         )
+        ctx.emit = functools.partial(self._node_emit, claim, node_id)
         if isinstance(config, ForEachLogic | WhileLogic):
             ctx.run_body = await self._body_runner(claim, graph, node_id, config, scope, ctx)
         elif isinstance(config, SubWorkflowIntegration):
@@ -994,6 +998,7 @@ class Runner:
             sessionmaker=self.sessionmaker,
         )
         key = f"{parent}.{node_id}"
+        ctx.emit = functools.partial(self._node_emit, claim, key)
         attempt = 0
         while True:
             attempt += 1

@@ -95,6 +95,12 @@ async def http_request(ctx: NodeContext, config: HttpRequestAction) -> NodeResul
         raise NodeFailure(str(exc), "permanent") from exc
     except httpx.InvalidURL as exc:
         raise NodeFailure(f"invalid URL: {exc}", "permanent") from exc
+    # Host and path only: query strings and headers may carry secrets.
+    ctx.log(
+        f"{config.method} {request.url.host}{request.url.path} -> {response.status_code}",
+        status=response.status_code,
+        bytes=len(raw),
+    )
     output = {
         "status": response.status_code,
         "headers": dict(response.headers),

@@ -4,6 +4,7 @@ the node's overrides; tokens and cost go on the node and the run."""
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 from backend.agents import runtime
@@ -12,6 +13,35 @@ from backend.models import Agent
 from backend.workflows.graph import AgentConfig
 from workers.engine.retry import NodeFailure, classify
 from workers.nodes.base import NodeContext, NodeResult
+
+
+class Deltas:
+    """The model's text as it is written, as `agent.delta` events: batched by size and
+    time, so a long answer is tens of events, not thousands (the node's output stays
+    the whole message)."""
+
+    MAX_CHARS = 400
+    MAX_WAIT_S = 0.1
+
+    def __init__(self, ctx: NodeContext) -> None:
+        self.ctx = ctx
+        self.parts: list[str] = []
+        self.size = 0
+        self.sent = 0
+        self.since = time.monotonic()
+
+    def add(self, text: str) -> None:
+        self.parts.append(text)
+        self.size += len(text)
+        if self.size >= self.MAX_CHARS or time.monotonic() - self.since >= self.MAX_WAIT_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.parts and self.ctx.emit is not None:
+            text = "".join(self.parts)
+            self.ctx.emit("agent.delta", {"text": text, "offset": self.sent})
+            self.sent += len(text)
+        self.parts, self.size, self.since = [], 0, time.monotonic()
 
 
 async def run(ctx: NodeContext) -> NodeResult:
@@ -55,7 +85,19 @@ async def run(ctx: NodeContext) -> NodeResult:
         }
         spec = dataclasses.replace(spec, **{k: v for k, v in overrides.items() if v is not None})
         result.model = spec.model
-        await runtime.run(client, spec, prompt, budget=budget, result=result)
+        deltas = Deltas(ctx) if ctx.emit is not None else None
+        try:
+            await runtime.run(
+                client,
+                spec,
+                prompt,
+                budget=budget,
+                result=result,
+                on_text=deltas.add if deltas else None,
+            )
+        finally:
+            if deltas:
+                deltas.flush()
     except NodeFailure:
         raise
     except runtime.BudgetExceeded as exc:

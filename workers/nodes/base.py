@@ -56,6 +56,13 @@ class NodeContext:
     run_workflow: Callable[[uuid.UUID, dict[str, Any], bool], Awaitable[SubRun]] | None = None
     # Tokens and cost spent by child runs this node waited for, added to its own.
     usage: list[float] = field(default_factory=lambda: [0, 0, 0.0])
+    # Sends an event about this node to the run's followers (type, data).
+    emit: Callable[[str, dict[str, Any]], None] | None = None
+
+    def log(self, message: str, **data: Any) -> None:
+        """A line for the run's followers (a `node.log` event); never secrets."""
+        if self.emit is not None:
+            self.emit("node.log", {"message": message, **data})
 
     def render(self, source: str) -> str:
         try:
