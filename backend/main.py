@@ -30,6 +30,8 @@ from backend.kit.middleware import RequestContextMiddleware
 from backend.kit.ratelimit import RateLimiter
 from backend.realtime.hub import Hub
 from backend.realtime.router import router as realtime_router
+from backend.triggers.router import hooks as hooks_router
+from backend.triggers.router import router as triggers_router
 from backend.workflows.router import router as workflows_router
 from backend.workspaces.router import invitations as invitations_router
 from backend.workspaces.router import router as workspaces_router
@@ -231,6 +233,8 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
         agents_router,
         executions_router,
         realtime_router,
+        triggers_router,
+        hooks_router,
     )
     for router in routers:
         app.include_router(router, prefix=API_PREFIX)

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -121,6 +122,42 @@ async def start(
         details={"workflow_id": str(workflow.id), "version": execution.version},
     )
     return execution, True
+
+
+async def start_unattended(
+    uow: UnitOfWork,
+    workflow: Workflow,
+    *,
+    trigger_type: str,
+    trigger_data: dict[str, Any],
+    trigger_id: uuid.UUID | None = None,
+    scheduled_for: datetime | None = None,
+    idempotency_key: str | None = None,
+) -> uuid.UUID | None:
+    """A run nobody started in person (a schedule, webhook or event trigger): pinned to
+    the workflow's current version, no user, enqueued after commit. None when the slot
+    (trigger_id, scheduled_for) or the idempotency key already has its run: the unique
+    constraints decide, so two dispatchers can never both fire one slot."""
+    execution_id = await uow.session.scalar(
+        pg_insert(WorkflowExecution)
+        .values(
+            id=uuid.uuid4(),
+            workspace_id=workflow.workspace_id,
+            workflow_id=workflow.id,
+            version=workflow.current_version,
+            trigger_type=trigger_type,
+            trigger_data=trigger_data,
+            trigger_id=trigger_id,
+            scheduled_for=scheduled_for,
+            idempotency_key=idempotency_key,
+            status=E.PENDING,
+        )
+        .on_conflict_do_nothing()
+        .returning(WorkflowExecution.id)
+    )
+    if execution_id is not None:
+        enqueue_after_commit(uow, EXECUTE_TASK, str(execution_id))
+    return execution_id
 
 
 async def node_rows(session: AsyncSession, execution_id: uuid.UUID) -> Sequence[NodeExecution]:

@@ -87,6 +87,23 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 # A tick that could not run in time is dropped, not stacked up.
                 "options": {"expires": settings.engine.reaper_interval_s},
             },
+            # One tick fires every due schedule; the database, not beat, remembers what
+            # fired (a second beat would find nothing left to fire).
+            "dispatch-triggers": {
+                "task": "triggers.dispatch_due",
+                "schedule": settings.triggers.dispatch_interval_s,
+                "options": {"expires": settings.triggers.dispatch_interval_s},
+            },
+            "retention": {
+                "task": "maintenance.retention",
+                "schedule": settings.maintenance.interval_s,
+                "options": {"expires": settings.maintenance.interval_s},
+            },
+            "purge-expired": {
+                "task": "maintenance.purge",
+                "schedule": settings.maintenance.interval_s,
+                "options": {"expires": settings.maintenance.interval_s},
+            },
         },
         "timezone": "UTC",
         "enable_utc": True,

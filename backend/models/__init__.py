@@ -12,6 +12,7 @@ from backend.models.identity import (
     Workspace,
     WorkspaceMember,
 )
+from backend.models.triggers import Notification, NotificationSecret, Trigger
 from backend.models.workflows import Agent, Credential, Workflow, WorkflowVersion
 
 __all__ = [
@@ -24,8 +25,11 @@ __all__ = [
     "ExecutionEvent",
     "Invitation",
     "NodeExecution",
+    "Notification",
+    "NotificationSecret",
     "OtpCode",
     "RecordModel",
+    "Trigger",
     "User",
     "Workflow",
     "WorkflowExecution",

@@ -17,6 +17,8 @@ class WorkflowExecution(RecordModel):
     __tablename__ = "workflow_executions"
     __table_args__ = (
         UniqueConstraint("workspace_id", "idempotency_key"),
+        # A schedule slot fires once, however many dispatchers saw it due.
+        UniqueConstraint("trigger_id", "scheduled_for"),
         Index("ix_workflow_executions_workspace_id_created_at", "workspace_id", "created_at"),
         Index("ix_workflow_executions_workflow_id_created_at", "workflow_id", "created_at"),
         # The reaper's scan: unfinished runs by lease expiry.
@@ -51,6 +53,12 @@ class WorkflowExecution(RecordModel):
     created_by: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("users.id", ondelete="SET NULL")
     )
+    # The trigger record that started this run (schedule, webhook, event) and, for a
+    # schedule, the slot it fired for.
+    trigger_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("triggers.id", ondelete="SET NULL")
+    )
+    scheduled_for: Mapped[datetime | None]
     # Lease: the worker that holds the run, until when. A second delivery of the same
     # message finds a live lease and does nothing.
     lease_owner: Mapped[str | None] = mapped_column(String(200))

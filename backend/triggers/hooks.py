@@ -2,16 +2,140 @@
 
 `execution_finished` is called inside the transaction that moves an execution to a
 terminal status (the runner's close, a cancel of a pending run, the delivery cap), so
-anything it inserts commits, or rolls back, with that status change.
+anything it inserts commits, or rolls back, with that status change; tasks are
+enqueued only after that commit.
+
+It is on the engine's hot path (every run ends here), so it costs one indexed query
+for listeners (`ix_triggers_listeners`, a partial index over enabled, active event
+triggers) and nothing more when the workflow has no notifications: a version's
+settings never change, so they are cached per (workflow, version) in the process.
 """
 
 from __future__ import annotations
 
+import uuid
+from collections import OrderedDict
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
 from backend.kit.db import UnitOfWork
-from backend.models import WorkflowExecution
+from backend.kit.tasks import enqueue_after_commit
+from backend.models import Notification, Trigger, Workflow, WorkflowExecution, WorkflowVersion
+from backend.workflows.graph import WorkflowSettings
+
+DELIVER_TASK = "notifications.deliver"
+OUTCOMES = ("completed", "failed")
+
+# (channel, target, outcomes) per (workflow id, version); bounded, versions are immutable.
+Targets = tuple[tuple[str, str, frozenset[str]], ...]
+_CACHE_SIZE = 4096
+_targets_cache: OrderedDict[tuple[uuid.UUID, int], Targets] = OrderedDict()
+
+
+def notification_targets(settings: WorkflowSettings) -> Targets:
+    out: list[tuple[str, str, frozenset[str]]] = [
+        ("email", address, frozenset({"failed"})) for address in settings.notify_on_failure
+    ]
+    n = settings.notifications
+    if n is not None:
+        on = frozenset(n.on)
+        out += [("email", address, on) for address in n.emails]
+        out += [("webhook", hook.url, on) for hook in n.webhooks]
+    return tuple(out)
+
+
+async def _targets(uow: UnitOfWork, workflow_id: uuid.UUID, version: int) -> Targets:
+    key = (workflow_id, version)
+    cached = _targets_cache.get(key)
+    if cached is not None:
+        _targets_cache.move_to_end(key)
+        return cached
+    raw = await uow.session.scalar(
+        select(WorkflowVersion.definition["settings"]).where(
+            WorkflowVersion.workflow_id == workflow_id, WorkflowVersion.number == version
+        )
+    )
+    try:
+        settings = WorkflowSettings.model_validate(raw or {})
+    except ValueError:
+        settings = WorkflowSettings()
+    targets = notification_targets(settings)
+    _targets_cache[key] = targets
+    if len(_targets_cache) > _CACHE_SIZE:
+        _targets_cache.popitem(last=False)
+    return targets
+
+
+def _summary(execution: WorkflowExecution) -> dict[str, Any]:
+    return {
+        "workflow_id": str(execution.workflow_id),
+        "execution_id": str(execution.id),
+        "status": str(execution.status),
+        "output": execution.output,
+        "error": execution.error,
+    }
+
+
+async def _start_listeners(uow: UnitOfWork, execution: WorkflowExecution, outcome: str) -> None:
+    rows = await uow.session.execute(
+        select(Trigger, Workflow)
+        .join(Workflow, Workflow.id == Trigger.workflow_id)
+        .where(
+            Trigger.source_workflow_id == execution.workflow_id,
+            Trigger.kind == "event",
+            Trigger.enabled,
+            Trigger.active,
+            Trigger.workspace_id == execution.workspace_id,
+        )
+    )
+    # Here, not at the top: the executions service calls this module.
+    from backend.executions import service as executions
+
+    for trigger, workflow in rows.all():
+        if outcome not in trigger.config.get("on", ["completed"]):
+            continue
+        await executions.start_unattended(
+            uow,
+            workflow,
+            trigger_type="event",
+            # The source run's output is the input; templates read trigger.output.
+            trigger_data=_summary(execution),
+            trigger_id=trigger.id,
+            # One run per (listener, source run), whatever happens to this hook.
+            idempotency_key=f"event:{trigger.id}:{execution.id}",
+        )
+
+
+async def _queue_notifications(uow: UnitOfWork, execution: WorkflowExecution, outcome: str) -> None:
+    targets = await _targets(uow, execution.workflow_id, execution.version)
+    for channel, target, on in targets:
+        if outcome not in on:
+            continue
+        notification_id = await uow.session.scalar(
+            pg_insert(Notification)
+            .values(
+                id=uuid.uuid4(),
+                workspace_id=execution.workspace_id,
+                workflow_id=execution.workflow_id,
+                execution_id=execution.id,
+                event=outcome,
+                channel=channel,
+                target=target,
+            )
+            .on_conflict_do_nothing()
+            .returning(Notification.id)
+        )
+        if notification_id is not None:
+            enqueue_after_commit(uow, DELIVER_TASK, str(notification_id))
 
 
 async def execution_finished(uow: UnitOfWork, execution: WorkflowExecution) -> None:
     """Start the workflows whose event triggers listen for this outcome and queue the
-    workflow's notifications. (Filled in by the triggers issue.)"""
-    return None
+    workflow's notifications. Cancelled runs do neither: someone chose to stop them."""
+    outcome = str(execution.status)
+    if outcome not in OUTCOMES:
+        return
+    await _start_listeners(uow, execution, outcome)
+    await _queue_notifications(uow, execution, outcome)

@@ -39,9 +39,14 @@ class ManualTrigger(Strict):
 
 
 class ScheduleTrigger(Strict):
+    """A cron expression in an IANA time zone, or a fixed interval."""
+
     kind: Literal["schedule"]
-    cron: str
+    cron: str | None = None
     timezone: str = "UTC"
+    # Seconds between runs; at least a minute, like cron's precision.
+    interval_s: int | None = Field(default=None, ge=60, le=366 * 86_400)
+    # Slots missed while beat was down: none of them run (skip), or one run (fire_once).
     misfire: Literal["skip", "fire_once"] = "skip"
 
     @model_validator(mode="after")
@@ -49,13 +54,17 @@ class ScheduleTrigger(Strict):
         from datetime import UTC, datetime
         from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-        # Five fields (minute precision): beat ticks every few seconds, not every one.
-        if len(self.cron.split()) != 5 or not croniter.is_valid(self.cron):
-            raise ValueError(f"cron: {self.cron!r} is not a valid 5-field cron expression")
+        if (self.cron is None) == (self.interval_s is None):
+            raise ValueError("cron: give exactly one of `cron` or `interval_s`")
         try:
             ZoneInfo(self.timezone)
         except (ZoneInfoNotFoundError, ValueError) as exc:
             raise ValueError(f"timezone: unknown time zone {self.timezone!r}") from exc
+        if self.cron is None:
+            return self
+        # Five fields (minute precision): beat ticks every few seconds, not every one.
+        if len(self.cron.split()) != 5 or not croniter.is_valid(self.cron):
+            raise ValueError(f"cron: {self.cron!r} is not a valid 5-field cron expression")
         try:
             croniter(self.cron, datetime.now(UTC)).get_next(datetime)
         except (CroniterBadDateError, ValueError) as exc:
@@ -327,10 +336,29 @@ class Connection(Strict):
     branch: str | None = None
 
 
+class NotificationWebhook(Strict):
+    # Signed with the workflow's notification secret (Standard Webhooks headers).
+    url: str = Field(pattern=r"^https?://", max_length=2000)
+
+
+class Notifications(Strict):
+    """Who hears about a run's end: emails and/or signed webhooks, on the outcomes in
+    `on` (failure by default; add "completed" for success too)."""
+
+    on: list[Literal["failed", "completed"]] = Field(default=["failed"], min_length=1)
+    emails: list[Annotated[str, Field(pattern=r"^[^@\s]+@[^@\s]+$", max_length=320)]] = Field(
+        default_factory=list, max_length=20
+    )
+    webhooks: list[NotificationWebhook] = Field(default_factory=list, max_length=10)
+
+
 class WorkflowSettings(Strict):
     timeout_s: int = Field(default=3600, ge=1, le=86_400)
     max_concurrency: int = Field(default=4, ge=1, le=64)
+    # Kept for older definitions: addresses mailed when a run fails. Same as
+    # notifications.emails with on=["failed"].
     notify_on_failure: list[str] = Field(default_factory=list)
+    notifications: Notifications | None = None
 
 
 class Definition(Strict):
@@ -370,6 +398,8 @@ class Context:
     mcp_server_ids: frozenset[uuid.UUID] | None = None
     # Sub-workflows each workflow of the workspace references, by its current version.
     references: Callable[[uuid.UUID], Iterable[uuid.UUID]] = field(default=lambda _: ())
+    # The workflows whose runs start each workflow of the workspace (event triggers).
+    event_sources: Callable[[uuid.UUID], Iterable[uuid.UUID]] = field(default=lambda _: ())
 
 
 @dataclass
@@ -491,6 +521,20 @@ def referenced_workflows(definition: dict[str, Any]) -> set[uuid.UUID]:
         if cfg.get("kind") in ("sub_workflow", "for_each", "while") and cfg.get("workflow_id"):
             try:
                 out.add(uuid.UUID(str(cfg["workflow_id"])))
+            except ValueError:
+                continue
+    return out
+
+
+def event_sources(definition: dict[str, Any]) -> set[uuid.UUID]:
+    """The workflows whose runs start this one (its event trigger nodes)."""
+    out: set[uuid.UUID] = set()
+    nodes = definition.get("nodes")
+    for node in nodes if isinstance(nodes, list) else []:
+        config = node.get("config") if isinstance(node, dict) else None
+        if isinstance(config, dict) and config.get("kind") == "event":
+            try:
+                out.add(uuid.UUID(str(config.get("workflow_id"))))
             except ValueError:
                 continue
     return out
@@ -718,6 +762,19 @@ def _check_references(node_id: str, config: Any, ctx: Context, problems: list[Pr
             problems.append(
                 Problem(
                     "a workflow cannot be triggered by its own runs (it would loop)",
+                    node_id=node_id,
+                    field="config.workflow_id",
+                )
+            )
+        elif ctx.workflow_id is not None and _recurses(
+            config.workflow_id, ctx.workflow_id, ctx.event_sources
+        ):
+            # This workflow's runs would, through other event triggers, start its source
+            # again: A -> B -> A, at any length.
+            problems.append(
+                Problem(
+                    "event triggers would loop: this workflow's runs lead back to "
+                    f"workflow {config.workflow_id}",
                     node_id=node_id,
                     field="config.workflow_id",
                 )

@@ -18,11 +18,13 @@ from backend.kit.db import UnitOfWork
 from backend.kit.errors import Conflict, InvalidTransition, NotFound, ValidationFailed
 from backend.kit.repository import Repository
 from backend.models import Agent, Credential, Workflow, WorkflowVersion
+from backend.triggers import service as triggers
 from backend.workflows.graph import (
     REFERENCE_FIELDS,
     Context,
     GraphInvalid,
     ValidGraph,
+    event_sources,
     node_configs,
     referenced_workflows,
     validate,
@@ -74,7 +76,9 @@ async def validation_context(
         )
         .where(Workflow.workspace_id == workspace_id)
     )
-    refs = {wid: referenced_workflows(definition) for wid, definition in rows.all()}
+    definitions = rows.all()
+    refs = {wid: referenced_workflows(definition) for wid, definition in definitions}
+    sources = {wid: event_sources(definition) for wid, definition in definitions}
     agents = await session.scalars(select(Agent.id).where(Agent.workspace_id == workspace_id))
     credentials = await session.scalars(
         select(Credential.id).where(Credential.workspace_id == workspace_id)
@@ -85,6 +89,7 @@ async def validation_context(
         agent_ids=frozenset(agents.all()),
         credential_ids=frozenset(credentials.all()),
         references=lambda wid: refs.get(wid, ()),
+        event_sources=lambda wid: sources.get(wid, ()),
     )
 
 
@@ -184,6 +189,7 @@ async def _create(
         )
     )
     await session.flush()
+    await triggers.sync(session, workflow, valid.definition)
     record(
         session,
         access.principal,
@@ -288,6 +294,8 @@ async def update(
         changed.append("tags")
     if changed:
         await session.flush()
+        if "definition" in changed:
+            await triggers.sync(session, workflow, definition)
         record(
             session,
             access.principal,
@@ -335,6 +343,8 @@ async def change_status(uow: UnitOfWork, access: WorkspaceAccess, status: str) -
         await check(session, workflow.workspace_id, workflow.id, definition)
     old, workflow.status = workflow.status, status
     await session.flush()
+    # Triggers fire only for published workflows.
+    await triggers.sync(session, workflow, definition)
     record(
         session,
         access.principal,
