@@ -88,6 +88,7 @@ class Hub:
         self._pubsub: PubSub | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._ready = asyncio.Event()
+        self._stopping = False
 
     # Lifecycle -----------------------------------------------------------------------------
 
@@ -98,14 +99,16 @@ class Hub:
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        # redis-py's get_message can swallow a cancel while it waits on the socket:
+        # closing the connection under it is what reliably ends the read.
+        self._stopping = True
         if self._pubsub is not None:
             with contextlib.suppress(Exception):
-                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+                async with asyncio.timeout(2):
+                    await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.wait(self._tasks, timeout=2)
 
     def follower(self, wrap: Callable[[str], str | None] | None = None) -> Follower:
         return Follower(asyncio.Queue(self.queue_size), wrap=wrap)
@@ -198,19 +201,22 @@ class Hub:
                 await self._pubsub.unsubscribe(name)
 
     async def _read_forever(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 self._pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
                 # Resubscribe after a reconnect; the poll fills whatever was missed.
                 names = [channel(e) for e in self.feeds] + list(self.notices)
                 await self._pubsub.subscribe("hub:alive", *names)
                 self._ready.set()
-                async for message in self._pubsub.listen():
-                    if message.get("type") == "message":
+                while not self._stopping:
+                    message = await self._pubsub.get_message(timeout=1.0)
+                    if message is not None and message.get("type") == "message":
                         await self._dispatch(message["channel"], message["data"])
             except asyncio.CancelledError:
                 raise
             except Exception:
+                if self._stopping:
+                    return
                 log.exception("hub.read_failed")
                 self._ready.clear()
                 await asyncio.sleep(0.5)
