@@ -9,6 +9,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -145,11 +146,25 @@ def mailbox(smtp_port: int) -> Iterator[Mailbox]:
 
 
 @pytest.fixture(scope="session")
+def anthropic_api() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """The local Messages-API server the cross-process worker's agent nodes talk to."""
+    from tests.support.fake_anthropic import fake_anthropic
+
+    with fake_anthropic() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def worker_name(
-    database: str, mailbox: Mailbox, smtp_port: int, crossprocess_logs: Path
+    database: str,
+    mailbox: Mailbox,
+    smtp_port: int,
+    crossprocess_logs: Path,
+    anthropic_api: tuple[str, list[dict[str, Any]]],
 ) -> Iterator[str]:
     """A real Celery worker on this test worker's Redis database, delivering mail to
-    the test SMTP server."""
+    the test SMTP server, calling the local Messages API, keeping files in a temporary
+    directory."""
     from backend.kit.celery_app import celery_app
 
     name = f"test-{uuid.uuid4().hex[:8]}@127.0.0.1"
@@ -164,6 +179,10 @@ def worker_name(
         # Workflows in these tests call HTTP targets the tests run on loopback.
         HTTP__ALLOW_PRIVATE_NETWORKS='["127.0.0.1/32"]',
         ENGINE__WATCH_INTERVAL_S="0.1",
+        ANTHROPIC__BASE_URL=anthropic_api[0],
+        ANTHROPIC__API_KEY="test-key",
+        ANTHROPIC__MAX_RETRIES="0",
+        STORAGE__LOCAL_ROOT=str(crossprocess_logs / "files"),
     )
     with running(argv, env=env, log=log) as proc:
         wait_for(
