@@ -269,7 +269,12 @@ def main() -> int:
     # 5. Live progress: N WebSocket clients following runs, events lost and latency.
     from bench.realtime import measure_streams, slow_server
 
-    stream_env = dict(env, HTTP__ALLOW_PRIVATE_NETWORKS='["127.0.0.1/32"]')
+    # One bench user opens a thousand sockets: lift its per-user API rate limit.
+    stream_env = dict(
+        env,
+        HTTP__ALLOW_PRIVATE_NETWORKS='["127.0.0.1/32"]',
+        AUTH__API_RATE_LIMIT="1000000 per hour",
+    )
     worker = [
         *(sys.executable, "-m", "celery", "-A", "workers", "worker", "--loglevel=WARNING"),
         *("--queues=high_priority,default", "--concurrency=2", "--without-mingle"),

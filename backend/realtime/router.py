@@ -11,8 +11,8 @@
   `workspace:<id>`, `analytics`), with subscribe/unsubscribe messages.
 
 Close codes: 4400 bad message, 4401 not authenticated or credential expired, 4403
-forbidden, 4404 not found, 4408 too slow (resume from your last seq), 4000 maximum
-lifetime reached (reconnect and resume).
+forbidden, 4404 not found, 4429 rate limited, 4408 too slow (resume from your last
+seq), 4000 maximum lifetime reached (reconnect and resume).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from backend.kit.errors import (
     DomainError,
     NotFound,
     PermissionDenied,
+    RateLimited,
     Unauthenticated,
     ValidationFailed,
 )
@@ -59,6 +60,7 @@ CLOSE_BAD, CLOSE_AUTH, CLOSE_FORBIDDEN, CLOSE_NOT_FOUND, CLOSE_SLOW, CLOSE_LIFET
     4408,
     4000,
 )
+CLOSE_RATE_LIMITED = 4429
 
 
 def is_terminal(text: str) -> bool:
@@ -72,6 +74,8 @@ def _close_code(exc: Exception) -> int:
         return CLOSE_FORBIDDEN
     if isinstance(exc, NotFound):
         return CLOSE_NOT_FOUND
+    if isinstance(exc, RateLimited):
+        return CLOSE_RATE_LIMITED
     return CLOSE_BAD
 
 
