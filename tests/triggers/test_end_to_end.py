@@ -172,3 +172,38 @@ async def test_a_failure_notification_reaches_smtp_and_a_signed_webhook(
         assert time.monotonic() < deadline, rows
         await asyncio.sleep(0.1)
     assert all(n["attempts"] == 1 and n["last_error"] is None for n in rows["items"])
+
+
+async def test_notification_webhooks_are_retried_with_backoff_and_a_4xx_is_final(
+    live: httpx.AsyncClient, committed: Committed, settings: Settings
+) -> None:
+    maker, new_workspace = committed
+    owner = await committed_owner(maker, settings, await new_workspace())
+    key = uuid.uuid4().hex[:8]
+    with http_target() as target:
+        flaky, gone = f"{target.base}/flaky/{key}/1", f"{target.base}/status/404"
+        wf = await create(live, owner, {
+            "nodes": [
+                {"id": "start", "type": "trigger", "config": {"kind": "manual"}},
+                {"id": "shape", "type": "logic", "config": {"kind": "transform", "template": "1"}},
+            ],
+            "connections": [{"source": "start", "target": "shape"}],
+            "settings": {"notifications": {"on": ["completed"],
+                                           "webhooks": [{"url": flaky}, {"url": gone}]}},
+        })  # fmt: skip
+        r = await live.post("/api/v1/executions", headers=owner, json={"workflow_id": wf})
+        assert r.status_code == 202, r.text
+        deadline = time.monotonic() + 45
+        while True:
+            rows = (await live.get(f"/api/v1/workflows/{wf}/notifications", headers=owner)).json()
+            by_target = {n["target"]: n for n in rows["items"]}
+            if {n["status"] for n in by_target.values()} == {"sent", "failed"}:
+                break
+            assert time.monotonic() < deadline, rows
+            await asyncio.sleep(0.25)
+        # 503 first, then the retry (after the backoff) got through.
+        assert by_target[flaky]["status"] == "sent" and by_target[flaky]["attempts"] == 2
+        assert target.hits[f"flaky/{key}/1"] == 2
+        # A 404 will not change: one attempt, recorded, not retried.
+        assert by_target[gone]["status"] == "failed" and by_target[gone]["attempts"] == 1
+        assert "HTTP 404" in by_target[gone]["last_error"]
