@@ -133,26 +133,26 @@ class HttpRequestAction(Strict):
 class FileReadAction(Strict):
     kind: Literal["file_read"]
     path: Template
+    # Output the parsed JSON document instead of its text.
+    parse_json: bool = False
 
 
 class FileWriteAction(Strict):
     kind: Literal["file_write"]
     path: Template
     content: Template
+    # base64: the rendered content is decoded first (binary files, e.g. a file_read's
+    # base64 output written elsewhere).
+    encoding: Literal["text", "base64"] = "text"
 
 
 class NotifyAction(Strict):
-    # Output the parsed JSON document instead of its text.
-    parse_json: bool = False
     kind: Literal["notify"]
     channel: Literal["email", "webhook"]
     to: Template | None = None
     url: Template | None = None
     subject: Template = ""
     message: Template
-    # base64: the rendered content is decoded first (binary files, e.g. a file_read's
-    # base64 output written elsewhere).
-    encoding: Literal["text", "base64"] = "text"
     credential_id: uuid.UUID | None = None
 
     @model_validator(mode="after")
