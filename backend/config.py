@@ -198,6 +198,8 @@ class EngineSettings(BaseModel):
     inline_retry_max_s: float = Field(default=0.5, ge=0, le=5)
     max_output_bytes: int = Field(default=1_000_000, ge=1024)
     max_sub_workflow_depth: int = Field(default=5, ge=1, le=50)
+    # How often finished runs' event logs are copied from Redis to PostgreSQL.
+    archive_interval_s: float = Field(default=15.0, ge=1)
 
 
 class HttpSettings(BaseModel):

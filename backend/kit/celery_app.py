@@ -87,6 +87,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 # A tick that could not run in time is dropped, not stacked up.
                 "options": {"expires": settings.engine.reaper_interval_s},
             },
+            "archive-events": {
+                "task": "executions.archive_events",
+                "schedule": settings.engine.archive_interval_s,
+                "options": {"expires": settings.engine.archive_interval_s},
+            },
             # One tick fires every due schedule; the database, not beat, remembers what
             # fired (a second beat would find nothing left to fire).
             "dispatch-triggers": {

@@ -33,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
 
 from backend.config import get_settings
+from backend.executions.state import TERMINAL_EXECUTION
 from backend.kit.logging import get_logger
 from backend.models import ExecutionEvent, WorkflowExecution
 
@@ -49,15 +50,19 @@ EXECUTION_STATUS, NODE_STATUS, NODE_LOG, AGENT_DELTA = (
 STREAM_MAXLEN = 20_000
 STREAM_TTL_S = 7 * 24 * 3600
 _SEQ = re.compile(rb'^\{"seq":(\d+),')
+# Executions whose run ended and whose log awaits archiving (see `archive_pending`).
+ARCHIVE_SET = "ev:archive"
 
-# KEYS: counter, stream. ARGV: maxlen, ttl, channel, workspace channel, events...
+# KEYS: counter, stream, archive set. ARGV: maxlen, ttl, channel, workspace channel,
+# archive flag ('1' when the run ended: its log joins the set the archiver drains),
+# events...
 # Each event is a JSON object without `seq`; the script puts it first, so followers can
 # read it without parsing the whole event. execution.status events also go to the
 # workspace channel (live counters, workflow lists).
 _PUBLISH = """
-local n = #ARGV - 4
+local n = #ARGV - 5
 local seq = redis.call('INCRBY', KEYS[1], n) - n
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   seq = seq + 1
   local ev = '{"seq":' .. seq .. ',' .. string.sub(ARGV[i], 2)
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], seq .. '-0', 'e', ev)
@@ -68,6 +73,9 @@ for i = 5, #ARGV do
 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
+if ARGV[5] == '1' then
+  redis.call('SADD', KEYS[3], string.match(KEYS[2], '{(.*)}'))
+end
 return seq
 """
 
@@ -148,19 +156,25 @@ class EventLog:
         self._publish = redis.register_script(_PUBLISH)
 
     async def publish(
-        self, execution_id: uuid.UUID, workspace_id: uuid.UUID | None, events: list[str]
+        self,
+        execution_id: uuid.UUID,
+        workspace_id: uuid.UUID | None,
+        events: list[str],
+        *,
+        final: bool = False,
     ) -> int:
-        """Append events in order; returns the last seq."""
+        """Append events in order; returns the last seq. `final`: the run ended, so its
+        log is queued for archiving."""
         args: list[Any] = [
             STREAM_MAXLEN,
             STREAM_TTL_S,
             channel(execution_id),
             workspace_channel(workspace_id) if workspace_id else "",
+            "1" if final else "",
             *events,
         ]
-        return int(
-            await self._publish(keys=[seq_key(execution_id), stream_key(execution_id)], args=args)
-        )
+        keys = [seq_key(execution_id), stream_key(execution_id), ARCHIVE_SET]
+        return int(await self._publish(keys=keys, args=args))
 
     async def last_seq(self, execution_id: uuid.UUID) -> int:
         value = await self.redis.get(seq_key(execution_id))
@@ -192,17 +206,34 @@ class EventLog:
             out = [_seq_first(e) for e in older] + out
         return out
 
-    async def archive(self, engine: AsyncEngine, execution_id: uuid.UUID) -> int:
-        """Copy the stream to PostgreSQL (idempotent): the log outlives the stream."""
-        entries: Any = await self.redis.xrange(stream_key(execution_id))
-        rows = [
-            {"execution_id": execution_id, "seq": seq_of(f[b"e"]), "event": json.loads(f[b"e"])}
-            for _, f in entries
-        ]
-        if rows:
-            async with engine.begin() as conn:
-                await conn.execute(insert(ExecutionEvent).on_conflict_do_nothing(), rows)
-        return len(rows)
+    async def archive_pending(self, engine: AsyncEngine, batch: int = 200) -> int:
+        """Copy the logs of runs that ended to PostgreSQL, a batch at a time: one
+        pipelined read and one insert for many runs, off the runs' own path (this was a
+        round trip to each store per run when done at close). Idempotent; a batch that
+        fails to insert goes back into the set."""
+        done = 0
+        while True:
+            raw_ids: Any = await self.redis.spop(ARCHIVE_SET, batch)
+            if not raw_ids:
+                return done
+            ids = [uuid.UUID(_text(i)) for i in raw_ids]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for execution_id in ids:
+                    pipe.xrange(stream_key(execution_id))
+                streams: list[Any] = await pipe.execute()
+            rows = [
+                {"execution_id": eid, "seq": seq_of(f[b"e"]), "event": json.loads(f[b"e"])}
+                for eid, entries in zip(ids, streams, strict=True)
+                for _, f in entries
+            ]
+            try:
+                if rows:
+                    async with engine.begin() as conn:
+                        await conn.execute(insert(ExecutionEvent).on_conflict_do_nothing(), rows)
+            except Exception:
+                await self.redis.sadd(ARCHIVE_SET, *[str(i) for i in ids])
+                raise
+            done += len(ids)
 
 
 def _text(raw: bytes | str) -> str:
@@ -239,9 +270,10 @@ def publish_after_commit(uow: Any, execution: WorkflowExecution) -> None:
     """Queue the execution's current status as an event once the unit of work commits."""
     text = status_event(execution)
     execution_id, workspace_id = execution.id, execution.workspace_id
+    final = execution.status in TERMINAL_EXECUTION
 
     async def publish() -> None:
-        await event_log().publish(execution_id, workspace_id, [text])
+        await event_log().publish(execution_id, workspace_id, [text], final=final)
 
     publish.__name__ = "publish:execution.status"
     uow.after_commit(publish)

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from backend.models import ExecutionEvent, Workspace
-from backend.realtime.events import event_log
+from backend.realtime.events import event_log, stream_key
 from tests.engine.test_runner import chain, model_runner, start, state, trig
 from tests.support.fake_anthropic import fake_anthropic
 from tests.support.target import Target
@@ -25,7 +25,9 @@ pytestmark = pytest.mark.xdist_group("engine")
 async def story(maker: async_sessionmaker[AsyncSession], execution_id: uuid.UUID) -> list[Any]:
     events = [json.loads(e) for e in await event_log().read(execution_id, 0)]
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
-    # The archive holds the same log, so replays outlive the stream.
+    # The archiver (on beat) copies the log of a finished run to PostgreSQL, so replays
+    # outlive the stream.
+    assert await event_log().archive_pending(maker.kw["bind"]) >= 1
     async with maker() as session:
         archived = (
             await session.scalars(
@@ -66,6 +68,13 @@ async def test_a_run_publishes_its_story_in_order_and_archives_it(
     assert "s3cret" not in json.dumps(events)
     ex, _ = await state(maker, execution_id)
     assert events[-1]["data"]["output"] == ex.output
+    # Once the stream is gone (expired, trimmed), a resume is served from the archive:
+    # exactly the events after the seq asked for, seq first as always.
+    log = event_log()
+    await log.redis.delete(stream_key(execution_id))
+    later = await log.read(execution_id, 2, engine=maker.kw["bind"])
+    assert [json.loads(e) for e in later] == events[2:]
+    assert all(e.startswith('{"seq":') for e in later)
 
 
 async def test_agent_text_streams_as_batched_deltas(

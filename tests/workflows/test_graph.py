@@ -211,7 +211,7 @@ def test_unknown_names_and_loop_names_outside_a_loop() -> None:
     )
     d = all_five()
     d["nodes"][3]["config"]["prompt"] = "{{ item }}"
-    assert any(p[:2] == ("sum", "config.prompt") and "for_each body" in p[2] for p in problems(d))
+    assert any(p[:2] == ("sum", "config.prompt") and "loop body" in p[2] for p in problems(d))
 
 
 def test_a_workflow_needs_a_trigger_and_triggers_have_no_inputs() -> None:

@@ -41,7 +41,6 @@ from backend.realtime.events import (
     NODE_STATUS,
     Emitter,
     event,
-    event_log,
     publish_after_commit,
 )
 from backend.triggers.hooks import execution_finished
@@ -1106,7 +1105,6 @@ class Runner:
     ) -> None:
         # Every node event goes out before the run's last one.
         await self.events.drain(claim.id)
-        closed = False
         async with UnitOfWork(self.sessionmaker) as uow:
             ex = await uow.session.get(
                 WorkflowExecution, claim.id, with_for_update=True, populate_existing=True
@@ -1144,12 +1142,4 @@ class Runner:
             )
             publish_after_commit(uow, ex)
             await execution_finished(uow, ex)
-            closed = True
         log.info("execution.finished", execution_id=str(claim.id), status=str(status))
-        if closed:
-            try:
-                await event_log().archive(self.sessionmaker.kw["bind"], claim.id)
-            except Exception:
-                # The stream still holds the log for days; losing the archive loses
-                # only replays asked for after that.
-                log.exception("events.archive_failed", execution_id=str(claim.id))

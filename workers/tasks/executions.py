@@ -20,7 +20,7 @@ from backend.kit.db import UnitOfWork, create_engine, create_sessionmaker
 from backend.kit.http_guard import guarded_client
 from backend.kit.logging import get_logger
 from backend.models import WorkflowExecution
-from backend.realtime.events import publish_after_commit
+from backend.realtime.events import event_log, publish_after_commit
 from workers.engine.runner import Runner
 
 log = get_logger(__name__)
@@ -78,6 +78,13 @@ def enqueue(execution_id: uuid.UUID, countdown: float = 0.0) -> None:
 def execute(execution_id: str) -> str:
     p = process()
     return str(p.loop.run_until_complete(p.runner.execute(uuid.UUID(execution_id))))
+
+
+@celery_app.task(name="executions.archive_events")
+def archive_events() -> int:
+    """Copy the event logs of runs that ended to PostgreSQL (they outlive the streams)."""
+    p = process()
+    return p.loop.run_until_complete(event_log().archive_pending(p.engine))
 
 
 @celery_app.task(name="executions.reap")
