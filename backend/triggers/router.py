@@ -80,7 +80,7 @@ async def enable_trigger(
     uow: UnitOfWorkDep,
     access: WorkspaceAccess = _on(P.WORKFLOWS_WRITE),
 ) -> TriggerRead:
-    trigger = await service.set_enabled(uow.session, access.resource, trigger_id, True)
+    trigger = await service.set_enabled(access, uow.session, trigger_id, True)
     return _read(request, trigger, 5)
 
 
@@ -91,7 +91,7 @@ async def disable_trigger(
     uow: UnitOfWorkDep,
     access: WorkspaceAccess = _on(P.WORKFLOWS_WRITE),
 ) -> TriggerRead:
-    trigger = await service.set_enabled(uow.session, access.resource, trigger_id, False)
+    trigger = await service.set_enabled(access, uow.session, trigger_id, False)
     return _read(request, trigger)
 
 
@@ -104,7 +104,7 @@ async def rotate_trigger_secret(
 ) -> SecretCreated:
     """A new signing secret for a webhook trigger (the old one stops working). Shown
     only in this answer."""
-    _, secret = await service.rotate_secret(uow.session, settings, access.resource, trigger_id)
+    _, secret = await service.rotate_secret(access, uow.session, settings, trigger_id)
     return SecretCreated(secret=secret, header_names=HEADERS)
 
 
@@ -128,7 +128,7 @@ async def rotate_notification_secret(
     uow: UnitOfWorkDep, settings: SettingsDep, access: WorkspaceAccess = _on(P.WORKFLOWS_WRITE)
 ) -> SecretCreated:
     """A new key for this workflow's outgoing notification webhooks. Shown only here."""
-    secret = await service.rotate_notification_secret(uow.session, settings, access.resource)
+    secret = await service.rotate_notification_secret(access, uow.session, settings)
     return SecretCreated(secret=secret, header_names=HEADERS)
 
 

@@ -18,6 +18,8 @@ from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from backend.activity.service import record
+from backend.auth.dependencies import WorkspaceAccess
 from backend.config import Settings, get_settings
 from backend.executions import service as executions
 from backend.kit import signing
@@ -153,8 +155,9 @@ def next_fire_times(trigger: Trigger, count: int, now: datetime | None = None) -
 
 
 async def set_enabled(
-    session: AsyncSession, workflow: Workflow, trigger_id: uuid.UUID, enabled: bool
+    access: WorkspaceAccess, session: AsyncSession, trigger_id: uuid.UUID, enabled: bool
 ) -> Trigger:
+    workflow: Workflow = access.resource
     trigger = await session.scalar(
         select(Trigger)
         .where(Trigger.id == trigger_id, Trigger.workflow_id == workflow.id)
@@ -169,19 +172,35 @@ async def set_enabled(
         )
     trigger.enabled = enabled
     await session.flush()
+    _record(access, session, f"trigger.{'enable' if enabled else 'disable'}", trigger.id)
     return trigger
 
 
+def _record(
+    access: WorkspaceAccess, session: AsyncSession, action: str, resource_id: uuid.UUID
+) -> None:
+    record(
+        session,
+        access.principal,
+        workspace_id=access.workspace.id,
+        action=action,
+        resource_type="trigger",
+        resource_id=resource_id,
+        details={"workflow_id": str(access.resource.id)},
+    )
+
+
 async def rotate_secret(
-    session: AsyncSession, settings: Settings, workflow: Workflow, trigger_id: uuid.UUID
+    access: WorkspaceAccess, session: AsyncSession, settings: Settings, trigger_id: uuid.UUID
 ) -> tuple[Trigger, str]:
     """A new signing secret for a webhook trigger: answered once, stored sealed."""
-    trigger = await get(session, workflow, trigger_id)
+    trigger = await get(session, access.resource, trigger_id)
     if trigger.kind != "webhook":
         raise ValidationFailed("only webhook triggers have a signing secret", field="trigger_id")
     secret = signing.new_secret()
     trigger.secret_encrypted = SecretBox(settings).seal(secret)
     await session.flush()
+    _record(access, session, "trigger.secret_rotated", trigger.id)
     return trigger, secret
 
 
@@ -201,13 +220,14 @@ async def _notification_secret(
 
 
 async def rotate_notification_secret(
-    session: AsyncSession, settings: Settings, workflow: Workflow
+    access: WorkspaceAccess, session: AsyncSession, settings: Settings
 ) -> str:
-    row = await _notification_secret(session, workflow, create=True)
+    row = await _notification_secret(session, access.resource, create=True)
     assert row is not None
     secret = signing.new_secret()
     row.secret_encrypted = SecretBox(settings).seal(secret)
     await session.flush()
+    _record(access, session, "notifications.secret_rotated", access.resource.id)
     return secret
 
 

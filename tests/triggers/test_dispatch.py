@@ -70,7 +70,8 @@ async def test_a_draft_or_disabled_schedule_does_not_fire(
     live = await published(session, workspace, definition, now=T0)
     trigger = await session.scalar(select(Trigger).where(Trigger.workflow_id == live.id))
     assert trigger is not None
-    await service.set_enabled(session, live, trigger.id, False)
+    trigger.enabled = False
+    await session.flush()
     await tick(sessionmaker, settings, T0 + timedelta(minutes=3))
     assert await slots_of(session, draft.id) == []
     assert await slots_of(session, live.id) == []

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from backend.auth.permissions import Role
 from backend.config import Settings
 from backend.kit import signing
-from backend.models import Trigger, Workflow, WorkflowExecution
+from backend.models import ActivityLog, Trigger, Workflow, WorkflowExecution
 from tests.support.identity import Actor, make_workspace, member
 from tests.triggers.conftest import published, with_trigger
 
@@ -153,6 +153,12 @@ async def test_unknown_disabled_and_unpublished_hooks_are_404(
         f"/api/v1/workflows/{workflow.id}/triggers/{trigger.id}/disable", headers=actor.headers
     )
     assert r.status_code == 200 and r.json()["enabled"] is False
+    logged = await session.scalar(
+        select(ActivityLog).where(
+            ActivityLog.action == "trigger.disable", ActivityLog.resource_id == str(trigger.id)
+        )
+    )
+    assert logged is not None and logged.user_id == actor.user.id
     assert (await client.post(f"/api/v1/hooks/{trigger.token}", json={})).status_code == 404
     await client.post(
         f"/api/v1/workflows/{workflow.id}/triggers/{trigger.id}/enable", headers=actor.headers
