@@ -8,7 +8,7 @@ import json
 import threading
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -16,6 +16,7 @@ from pathlib import Path
 import boto3
 import pytest
 from moto.server import ThreadedMotoServer
+from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from backend.config import Settings, StorageSettings
@@ -183,22 +184,33 @@ def receiver() -> Iterator[Receiver]:
         thread.join(10)
 
 
+CredentialMaker = Callable[[Workspace, dict[str, object]], Awaitable[uuid.UUID]]
+
+
+@pytest.fixture
 async def add_credential(
-    maker: async_sessionmaker[AsyncSession],
-    settings: Settings,
-    workspace: Workspace,
-    data: dict[str, object],
-) -> uuid.UUID:
-    """A credential row sealed the way the credentials service seals it."""
+    maker: async_sessionmaker[AsyncSession], settings: Settings
+) -> AsyncIterator[CredentialMaker]:
+    """Makes credential rows sealed the way the credentials service seals them, and
+    deletes them afterwards: they are committed, and other tests (key rotation) read
+    every credential in the database."""
+    made: list[uuid.UUID] = []
+
+    async def add(workspace: Workspace, data: dict[str, object]) -> uuid.UUID:
+        async with UnitOfWork(maker) as uow:
+            credential = Credential(
+                id=uuid.uuid4(),
+                workspace_id=workspace.id,
+                name=f"c-{uuid.uuid4().hex[:8]}",
+                type=str(data["type"]),
+                secret_encrypted="",
+            )
+            payload = {"id": str(credential.id), "workspace_id": str(workspace.id), "data": data}
+            credential.secret_encrypted = SecretBox(settings).seal(json.dumps(payload))
+            uow.session.add(credential)
+        made.append(credential.id)
+        return credential.id
+
+    yield add
     async with UnitOfWork(maker) as uow:
-        credential = Credential(
-            id=uuid.uuid4(),
-            workspace_id=workspace.id,
-            name=f"c-{uuid.uuid4().hex[:8]}",
-            type=str(data["type"]),
-            secret_encrypted="",
-        )
-        payload = {"id": str(credential.id), "workspace_id": str(workspace.id), "data": data}
-        credential.secret_encrypted = SecretBox(settings).seal(json.dumps(payload))
-        uow.session.add(credential)
-    return credential.id
+        await uow.session.execute(delete(Credential).where(Credential.id.in_(made)))

@@ -17,7 +17,7 @@ from backend.kit.signing import SignatureError, new_secret, verify
 from backend.models import Workspace
 from tests.engine.conftest import Enqueued
 from tests.engine.test_runner import start, state
-from tests.nodes.conftest import Receiver, add_credential
+from tests.nodes.conftest import CredentialMaker, Receiver
 from tests.support.mail import Mailbox, body_of
 from tests.support.procs import free_port
 from workers.engine.runner import Runner
@@ -126,15 +126,14 @@ async def test_an_unreachable_mail_server_is_transient_and_retried(
 
 
 async def test_signed_webhook_verifies_and_carries_the_run(
+    add_credential: CredentialMaker,
     runner: Runner,
     maker: async_sessionmaker[AsyncSession],
     workspace: Workspace,
     receiver: Receiver,
 ) -> None:
     secret = new_secret()
-    credential_id = await add_credential(
-        maker, runner.settings, workspace, {"type": "webhook_secret", "secret": secret}
-    )
+    credential_id = await add_credential(workspace, {"type": "webhook_secret", "secret": secret})
     d = one(
         notify(
             channel="webhook",
@@ -240,13 +239,14 @@ async def test_a_webhook_to_a_blocked_address_never_leaves(
 
 
 async def test_a_credential_of_another_type_cannot_sign(
+    add_credential: CredentialMaker,
     runner: Runner,
     maker: async_sessionmaker[AsyncSession],
     workspace: Workspace,
     receiver: Receiver,
 ) -> None:
     credential_id = await add_credential(
-        maker, runner.settings, workspace, {"type": "bearer", "token": "tok-" + uuid.uuid4().hex}
+        workspace, {"type": "bearer", "token": "tok-" + uuid.uuid4().hex}
     )
     d = one(
         notify(
