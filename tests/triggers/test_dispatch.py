@@ -177,3 +177,17 @@ async def test_a_schedule_in_a_time_zone_fires_at_local_time_across_dst(
         datetime(2026, 3, 30, 7, tzinfo=UTC),
         datetime(2026, 3, 31, 7, tzinfo=UTC),
     ]
+
+
+async def test_an_interval_schedule_fires_every_interval_from_when_it_started(
+    session: AsyncSession, sessionmaker: async_sessionmaker[AsyncSession], settings: Settings
+) -> None:
+    workspace = await make_workspace(session)
+    wf = await published(
+        session, workspace, with_trigger({"kind": "schedule", "interval_s": 300}), now=T0
+    )
+    now = T0
+    while now < T0 + timedelta(minutes=16):
+        await tick(sessionmaker, settings, now)
+        now += timedelta(seconds=15)
+    assert await slots_of(session, wf.id) == [T0 + timedelta(minutes=5 * i) for i in (1, 2, 3)]
