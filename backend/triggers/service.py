@@ -45,6 +45,40 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+# Signing secrets are sealed together with the id of the row they belong to (a trigger,
+# or a workflow for notification keys), so a ciphertext copied onto another row does
+# not open there.
+def seal_secret(settings: Settings, owner_id: uuid.UUID, secret: str) -> str:
+    return SecretBox(settings).seal(f"{owner_id}:{secret}")
+
+
+def open_secret(settings: Settings, owner_id: uuid.UUID, sealed: str) -> str:
+    owner, _, secret = SecretBox(settings).open(sealed).partition(":")
+    if owner != str(owner_id):
+        raise ValueError("this secret belongs to another row")
+    return secret
+
+
+async def rotate_encryption(session: AsyncSession, settings: Settings) -> int:
+    """Re-encrypt every webhook and notification signing secret under the current key
+    (the companion of credentials' rotate_all, for SECURITY__ENCRYPTION_KEY rotation)."""
+    box = SecretBox(settings)
+    count = 0
+    triggers = await session.scalars(
+        select(Trigger).where(Trigger.secret_encrypted.is_not(None)).with_for_update()
+    )
+    for trigger in triggers.all():
+        assert trigger.secret_encrypted is not None
+        trigger.secret_encrypted = box.rotate(trigger.secret_encrypted)
+        count += 1
+    keys = await session.scalars(select(NotificationSecret).with_for_update())
+    for key in keys.all():
+        key.secret_encrypted = box.rotate(key.secret_encrypted)
+        count += 1
+    await session.flush()
+    return count
+
+
 def _trigger_nodes(definition: dict[str, Any]) -> dict[str, Any]:
     """node id -> validated config of every schedule/webhook/event trigger node (the
     definition was validated on save; anything odd is passed over)."""
@@ -198,7 +232,7 @@ async def rotate_secret(
     if trigger.kind != "webhook":
         raise ValidationFailed("only webhook triggers have a signing secret", field="trigger_id")
     secret = signing.new_secret()
-    trigger.secret_encrypted = SecretBox(settings).seal(secret)
+    trigger.secret_encrypted = seal_secret(settings, trigger.id, secret)
     await session.flush()
     _record(access, session, "trigger.secret_rotated", trigger.id)
     return trigger, secret
@@ -213,7 +247,7 @@ async def _notification_secret(
     if row is None and create:
         row = NotificationSecret(
             workflow_id=workflow.id,
-            secret_encrypted=SecretBox(get_settings()).seal(signing.new_secret()),
+            secret_encrypted=seal_secret(get_settings(), workflow.id, signing.new_secret()),
         )
         session.add(row)
     return row
@@ -225,7 +259,7 @@ async def rotate_notification_secret(
     row = await _notification_secret(session, access.resource, create=True)
     assert row is not None
     secret = signing.new_secret()
-    row.secret_encrypted = SecretBox(settings).seal(secret)
+    row.secret_encrypted = seal_secret(settings, access.resource.id, secret)
     await session.flush()
     _record(access, session, "notifications.secret_rotated", access.resource.id)
     return secret

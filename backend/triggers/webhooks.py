@@ -26,10 +26,10 @@ from backend.config import Settings
 from backend.executions import service as executions
 from backend.executions.state import TERMINAL_EXECUTION
 from backend.kit import signing
-from backend.kit.crypto import SecretBox
 from backend.kit.db import UnitOfWork
 from backend.kit.errors import Conflict, NotFound, Unauthenticated, ValidationFailed
 from backend.models import Trigger, Workflow, WorkflowExecution
+from backend.triggers.service import open_secret
 from backend.workflows.graph import WebhookTrigger
 
 
@@ -76,7 +76,7 @@ async def _check_signature(
             "this webhook requires signatures but has no secret yet; "
             "create one with POST .../triggers/{trigger_id}/secret"
         )
-    secret = SecretBox(settings).open(trigger.secret_encrypted)
+    secret = open_secret(settings, trigger.id, trigger.secret_encrypted)
     try:
         message_id = signing.verify(secret, headers, body)
     except signing.SignatureError as exc:

@@ -216,3 +216,42 @@ async def test_the_trigger_api_lists_webhook_urls_and_next_fire_times(
         f"/api/v1/workflows/{workflow.id}/triggers/{uuid.uuid4()}", headers=actor.headers
     )
     assert r.status_code == 404
+
+
+async def test_signing_secrets_are_bound_to_their_trigger_and_survive_key_rotation(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    from pydantic import SecretStr
+
+    from backend.triggers.service import open_secret, rotate_encryption
+
+    _, trigger, actor = await hook(session, settings, verify=True)
+    _, other, _ = await hook(session, settings, verify=True)
+    secret = await new_secret(client, trigger, actor)
+    await session.refresh(trigger)
+    assert trigger.secret_encrypted is not None
+    assert open_secret(settings, trigger.id, trigger.secret_encrypted) == secret
+    # A ciphertext copied onto another trigger does not open there.
+    try:
+        open_secret(settings, other.id, trigger.secret_encrypted)
+        raise AssertionError("a copied secret opened")
+    except ValueError:
+        pass
+    sealed_before = trigger.secret_encrypted
+    rotated = settings.model_copy(
+        update={
+            "security": settings.security.model_copy(
+                update={
+                    "encryption_key": SecretStr("a-brand-new-encryption-key-0123456789"),
+                    "previous_encryption_keys": [settings.security.encryption_key],
+                }
+            )
+        }
+    )
+    assert await rotate_encryption(session, rotated) >= 1
+    await session.refresh(trigger)
+    assert trigger.secret_encrypted != sealed_before
+    only_new = rotated.model_copy(
+        update={"security": rotated.security.model_copy(update={"previous_encryption_keys": []})}
+    )
+    assert open_secret(only_new, trigger.id, trigger.secret_encrypted) == secret

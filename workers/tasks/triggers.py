@@ -17,11 +17,11 @@ from sqlalchemy import select
 from backend.config import Settings, get_settings
 from backend.kit import signing
 from backend.kit.celery_app import celery_app
-from backend.kit.crypto import SecretBox
 from backend.kit.db import UnitOfWork
 from backend.kit.logging import get_logger
 from backend.models import Notification, NotificationSecret, Workflow, WorkflowExecution
 from backend.triggers.service import dispatch_due as dispatch_pass
+from backend.triggers.service import open_secret
 from workers.tasks.executions import process
 from workers.tasks.notifications import deliver as deliver_mail
 
@@ -103,7 +103,7 @@ async def _load(settings: Settings, notification_id: uuid.UUID) -> Delivery | No
             attempts=row.attempts,
             payload=payload,
             workflow_name=workflow.name,
-            secret=SecretBox(settings).open(sealed) if sealed else None,
+            secret=open_secret(settings, workflow.id, sealed) if sealed else None,
         )
 
 
