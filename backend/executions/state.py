@@ -63,17 +63,22 @@ class Transition:
     reason: str | None = None
 
 
+# By plain string, built once: transition() is called on every status change.
+_TABLES: dict[str, dict[str, frozenset[str]]] = {
+    "execution": {
+        k.value: frozenset(v.value for v in vs) for k, vs in EXECUTION_TRANSITIONS.items()
+    },
+    "node": {k.value: frozenset(v.value for v in vs) for k, vs in NODE_TRANSITIONS.items()},
+}
+
+
 def transition(
     kind: str, old: str, new: str, *, at: datetime, reason: str | None = None
 ) -> Transition:
     """Check `old -> new` for an "execution" or a "node"; raise InvalidTransition if the
     table does not allow it. Staying in the same status is not a transition."""
-    table: dict[str, frozenset[str]]
-    if kind == "execution":
-        table = {k.value: frozenset(v.value for v in vs) for k, vs in EXECUTION_TRANSITIONS.items()}
-    elif kind == "node":
-        table = {k.value: frozenset(v.value for v in vs) for k, vs in NODE_TRANSITIONS.items()}
-    else:
+    table = _TABLES.get(kind)
+    if table is None:
         raise ValueError(f"unknown state machine {kind!r}")
     if old not in table or new not in table:
         raise InvalidTransition(f"unknown {kind} status {old if old not in table else new!r}")

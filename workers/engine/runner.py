@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-from sqlalchemy import bindparam, exists, func, select, text, update
+from sqlalchemy import bindparam, exists, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -229,6 +229,63 @@ class Runner:
     # Claiming and releasing -------------------------------------------------------------
 
     async def _claim(self, execution_id: uuid.UUID) -> Claim | None:
+        return await self._claim_fast(execution_id) or await self._claim_slow(execution_id)
+
+    async def _claim_fast(self, execution_id: uuid.UUID) -> Claim | None:
+        """The common case in one statement: a run nobody holds, not parked, not
+        cancelled, under the delivery cap. Anything else goes the slow way, which says
+        why it cannot be claimed (or ends the run)."""
+        now = _now()
+        engine = self.settings.engine
+        token = f"{self.worker_id}/{uuid.uuid4().hex[:12]}"
+        ex = WorkflowExecution
+        async with UnitOfWork(self.sessionmaker) as uow:
+            row = (
+                await uow.session.execute(
+                    update(ex)
+                    .where(
+                        ex.id == execution_id,
+                        ex.status.in_([E.PENDING, E.RUNNING]),
+                        or_(
+                            ex.lease_owner.is_(None),
+                            ex.lease_expires_at.is_(None),
+                            ex.lease_expires_at <= now,
+                        ),
+                        or_(ex.resume_at.is_(None), ex.resume_at <= now),
+                        ex.cancel_requested_at.is_(None),
+                        ex.deliveries < engine.max_deliveries,
+                    )
+                    .values(
+                        status=E.RUNNING,
+                        deliveries=ex.deliveries + 1,
+                        started_at=func.coalesce(ex.started_at, now),
+                        lease_owner=token,
+                        lease_expires_at=now + timedelta(seconds=engine.lease_s),
+                        resume_at=None,
+                    )
+                    .returning(
+                        ex.workspace_id, ex.workflow_id, ex.version, ex.trigger_type,
+                        ex.trigger_data, ex.variables, ex.started_at, ex.depth,
+                    )
+                    .execution_options(synchronize_session=False)
+                )
+            ).one_or_none()  # fmt: skip
+        if row is None:
+            return None
+        return Claim(
+            id=execution_id,
+            workspace_id=row.workspace_id,
+            workflow_id=row.workflow_id,
+            version=row.version,
+            trigger_type=row.trigger_type,
+            trigger_data=row.trigger_data,
+            variables=dict(row.variables),
+            started_at=row.started_at,
+            depth=row.depth,
+            token=token,
+        )
+
+    async def _claim_slow(self, execution_id: uuid.UUID) -> Claim | None:
         now = _now()
         engine = self.settings.engine
         async with UnitOfWork(self.sessionmaker) as uow:
@@ -1105,41 +1162,55 @@ class Runner:
     ) -> None:
         # Every node event goes out before the run's last one.
         await self.events.drain(claim.id)
-        async with UnitOfWork(self.sessionmaker) as uow:
-            ex = await uow.session.get(
-                WorkflowExecution, claim.id, with_for_update=True, populate_existing=True
+        now = _now()
+        transition("execution", E.RUNNING, status, at=now)
+
+        def total(column: Any, empty: Any) -> Any:
+            return (
+                select(func.coalesce(func.sum(column), empty))
+                .where(NodeExecution.execution_id == claim.id)
+                .scalar_subquery()
             )
-            # Only the lease holder closes a run: a worker that lost it stays silent.
-            if ex is None or ex.status in TERMINAL_EXECUTION or ex.lease_owner != claim.token:
-                return
+
+        async with UnitOfWork(self.sessionmaker) as uow:
             if status == E.CANCELLED:
                 # Nodes that never started are cancelled too, so the picture is whole.
-                pending = await uow.session.scalars(
-                    select(NodeExecution).where(
-                        NodeExecution.execution_id == claim.id,
-                        NodeExecution.status.in_([N.RETRYING]),
-                    )
-                )
-                for row in pending.all():
-                    row.status = N.CANCELLED
-            totals = (
                 await uow.session.execute(
-                    select(
-                        func.coalesce(func.sum(NodeExecution.input_tokens), 0),
-                        func.coalesce(func.sum(NodeExecution.output_tokens), 0),
-                        func.coalesce(func.sum(NodeExecution.cost_usd), 0.0),
-                    ).where(NodeExecution.execution_id == claim.id)
+                    update(NodeExecution)
+                    .where(
+                        NodeExecution.execution_id == claim.id,
+                        NodeExecution.status == N.RETRYING,
+                        exists(_LEASED.params(execution_id=claim.id, lease=claim.token)),
+                    )
+                    .values(status=N.CANCELLED)
                 )
-            ).one()
-            self._finish(
-                ex,
-                status,
-                _now(),
-                input_tokens=int(totals[0]),
-                output_tokens=int(totals[1]),
-                cost_usd=float(totals[2]),
-                **values,
-            )
+            # One statement: only the lease holder of a running run closes it (a worker
+            # that lost the lease changes nothing), totals summed in the same go.
+            ex = (
+                await uow.session.scalars(
+                    update(WorkflowExecution)
+                    .where(
+                        WorkflowExecution.id == claim.id,
+                        WorkflowExecution.lease_owner == claim.token,
+                        WorkflowExecution.status == E.RUNNING,
+                    )
+                    .values(
+                        status=status,
+                        finished_at=now,
+                        duration_ms=round((now - claim.started_at).total_seconds() * 1000, 3),
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        input_tokens=total(NodeExecution.input_tokens, 0),
+                        output_tokens=total(NodeExecution.output_tokens, 0),
+                        cost_usd=total(NodeExecution.cost_usd, 0.0),
+                        **values,
+                    )
+                    .returning(WorkflowExecution),
+                    execution_options={"populate_existing": True},
+                )
+            ).one_or_none()
+            if ex is None:
+                return
             publish_after_commit(uow, ex)
             await execution_finished(uow, ex)
         log.info("execution.finished", execution_id=str(claim.id), status=str(status))
