@@ -96,7 +96,9 @@ def test_flower_lists_the_worker_behind_basic_auth(
         base = f"http://127.0.0.1:{port}"
         wait_for(
             lambda: httpx.get(f"{base}/healthcheck", timeout=2).status_code == 200,
-            timeout_s=60,
+            # Generous: under a loaded CI machine Flower's start (Celery, every task
+            # module) has been seen to take over a minute.
+            timeout_s=150,
             what="flower",
             proc=proc,
             log=log,
