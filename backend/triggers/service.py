@@ -26,6 +26,7 @@ from backend.kit import signing
 from backend.kit.crypto import SecretBox, new_token
 from backend.kit.db import UnitOfWork
 from backend.kit.errors import NotFound, ValidationFailed
+from backend.kit.repository import Repository
 from backend.models import Notification, NotificationSecret, Trigger, Workflow
 from backend.triggers import schedule
 from backend.workflows.graph import (
@@ -37,6 +38,12 @@ from backend.workflows.graph import (
 )
 
 KINDS = ("schedule", "webhook", "event")
+
+
+class NotificationRepository(Repository[Notification]):
+    model = Notification
+
+
 _CONFIG: TypeAdapter[Any] = TypeAdapter(TriggerConfig)
 TOKEN_PREFIX = "wh_"  # noqa: S105 - a prefix, not a secret
 
@@ -268,17 +275,12 @@ async def rotate_notification_secret(
 async def list_notifications(
     session: AsyncSession, workflow: Workflow, *, limit: int, offset: int
 ) -> tuple[Sequence[Notification], int]:
-    from backend.kit.repository import Repository
-
-    class Repo(Repository[Notification]):
-        model = Notification
-
     stmt = (
         select(Notification)
         .where(Notification.workflow_id == workflow.id)
         .order_by(Notification.created_at.desc(), Notification.id)
     )
-    return await Repo(session).paginate(stmt, limit=limit, offset=offset)
+    return await NotificationRepository(session).paginate(stmt, limit=limit, offset=offset)
 
 
 # Dispatch --------------------------------------------------------------------------------
