@@ -93,6 +93,9 @@ def uvicorn(port: int) -> list[str]:
     return [
         *(sys.executable, "-m", "uvicorn", "backend.main:app", "--host", "127.0.0.1"),
         *("--port", str(port), "--no-access-log", "--log-level", "warning"),
+        # As the Procfile runs it: events are small JSON, and deflating each one per
+        # connection costs more CPU than the bytes it saves when one event fans out.
+        *("--ws-per-message-deflate", "false"),
     ]
 
 
@@ -135,180 +138,201 @@ def main() -> int:
         flush=True,
     )
 
-    # 1. A broker hop: system.ping through Celery and back, against a bare Redis
-    #    LPUSH + BRPOP round trip on the same server (the floor any queue pays).
-    r = redis.Redis.from_url(os.environ["REDIS_URL"])
-    key = f"bench:{uuid.uuid4().hex}"
+    # BENCH_PARTS picks sections (default: all), e.g. BENCH_PARTS=streams make bench.
+    parts = set(os.environ.get("BENCH_PARTS", "foundation,engine,streams").split(","))
+    from bench.engine import owner_headers
 
-    def raw_hop() -> None:
-        r.lpush(key, b"x")
-        r.brpop([key], timeout=5)
-
-    worker = [
-        *(sys.executable, "-m", "celery", "-A", "workers", "worker", "--loglevel=WARNING"),
-        *("--queues=default", "--concurrency=1", "--pool=solo", "--without-mingle"),
-        *("--without-gossip", "--hostname=bench@127.0.0.1"),
-    ]
-    with process(
-        worker,
-        env,
-        lambda: bool(celery_app.control.ping(destination=["bench@127.0.0.1"], timeout=0.5)),
-    ):
-        ping = timed(lambda: celery_app.send_task("system.ping").get(timeout=10), n=min(N, 200))
-    row("celery round trip (system.ping, result)", ping, timed(raw_hop), "redis lpush+brpop")
-
-    # 2. One API request over real HTTP: /health (no I/O) and /health/ready (PostgreSQL,
-    #    Redis and the broker), against a bare TCP connect+request to the same server.
-    port = free_port()
-    web = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "backend.main:app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--no-access-log",
-        "--log-level",
-        "warning",
-    ]
-    base = f"http://127.0.0.1:{port}"
-    with (
-        process(web, env, lambda: httpx.get(f"{base}/health").status_code == 200),
-        httpx.Client(base_url=base) as client,
-    ):
-        openapi = timed(lambda: client.get("/openapi.json"))
-        health = timed(lambda: client.get("/health"))
-        ready = timed(lambda: client.get("/health/ready"), n=min(N, 200))
-    row("GET /health (middleware + routing)", health, openapi, "cached /openapi.json")
-    row("GET /health/ready (3 dependency checks)", ready, health, "/health")
-
-    # 3. One checkpoint-sized write: an ORM insert in our unit of work against a raw
-    #    psycopg INSERT + COMMIT of the same row.
-    from backend.config import Settings
-    from backend.kit.db import UnitOfWork, create_engine, create_sessionmaker
-    from backend.models import Workspace
-
-    async def orm_writes() -> list[float]:
-        engine = create_engine(Settings())
-        maker = create_sessionmaker(engine)
-        out = []
-        for i in range(N + 20):
-            start = time.perf_counter()
-            async with UnitOfWork(maker) as uow:
-                uow.session.add(Workspace(name="b", slug=f"orm-{i}-{uuid.uuid4().hex[:6]}"))
-            out.append((time.perf_counter() - start) * 1000)
-        await engine.dispose()
-        return out[20:]
-
-    orm = asyncio.run(orm_writes())
-    with psycopg.connect(db_url) as conn:
-
-        def raw_insert() -> None:
-            conn.execute(
-                "INSERT INTO workspaces (id, name, slug) VALUES (%s, 'b', %s)",
-                (uuid.uuid4(), uuid.uuid4().hex),
-            )
-            conn.commit()
-
-        raw = timed(raw_insert)
-    row("checkpoint write (UnitOfWork, ORM insert)", orm, raw, "psycopg insert+commit")
-
-    # 4. The engine, end to end through the public API with a real worker.
-    from bench.engine import celery_floor, measure, owner_headers
-
-    worker = [
-        *(sys.executable, "-m", "celery", "-A", "workers", "worker", "--loglevel=WARNING"),
-        *("--queues=high_priority,default", "--concurrency=2", "--without-mingle"),
-        *("--without-gossip", "--hostname=bench-engine@127.0.0.1"),
-    ]
-    port = free_port()
-    web = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "backend.main:app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--no-access-log",
-        "--log-level",
-        "warning",
-    ]
-    base = f"http://127.0.0.1:{port}"
     headers = owner_headers(db_url)
-    with (
-        process(
+    if "foundation" in parts:
+        # 1. A broker hop: system.ping through Celery and back, against a bare Redis
+        #    LPUSH + BRPOP round trip on the same server (the floor any queue pays).
+        r = redis.Redis.from_url(os.environ["REDIS_URL"])
+        key = f"bench:{uuid.uuid4().hex}"
+
+        def raw_hop() -> None:
+            r.lpush(key, b"x")
+            r.brpop([key], timeout=5)
+
+        worker = [
+            *(sys.executable, "-m", "celery", "-A", "workers", "worker", "--loglevel=WARNING"),
+            *("--queues=default", "--concurrency=1", "--pool=solo", "--without-mingle"),
+            *("--without-gossip", "--hostname=bench@127.0.0.1"),
+        ]
+        with process(
             worker,
             env,
-            lambda: bool(
-                celery_app.control.ping(destination=["bench-engine@127.0.0.1"], timeout=0.5)
-            ),
-        ),
-        process(web, env, lambda: httpx.get(f"{base}/health").status_code == 200),
-    ):
-        floor = celery_floor()
-        figures = asyncio.run(measure(base, headers))
-    print()
-    print(f"{'engine (median of 5 after a warm-up)':<44} {'wall, via API':>14} {'server side':>12}")
-    for name in ("chain40", "fanout40"):
-        wall, server = figures[name]
-        print(f"{name:<44} {wall * 1000:11.1f} ms {server * 1000:9.1f} ms")
-    wall40, server40 = figures["chain40"]
-    per_node = (wall40 / 40 * 1000, server40 / 40 * 1000)
-    print(f"{'per-node overhead (chain40 / 40)':<44} {per_node[0]:11.2f} ms {per_node[1]:9.2f} ms")
-    print(f"{'plain Celery chain of 40 no-op tasks':<44} {floor * 1000:11.1f} ms")
-    ratio = (wall40 / floor, server40 / floor)
-    print(f"{'ratio chain40 / Celery chain (target < 1.0)':<44} {ratio[0]:11.2f}x {ratio[1]:9.2f}x")
-    print(
-        f"{'throughput, 3-node chains (target >= 100/s)':<44} {figures['throughput']:11.1f} runs/s"
-    )
+            lambda: bool(celery_app.control.ping(destination=["bench@127.0.0.1"], timeout=0.5)),
+        ):
+            ping = timed(lambda: celery_app.send_task("system.ping").get(timeout=10), n=min(N, 200))
+        row("celery round trip (system.ping, result)", ping, timed(raw_hop), "redis lpush+brpop")
 
-    # 5. Live progress: N WebSocket clients following runs, events lost and latency.
-    from bench.realtime import measure_streams, slow_server
+        # 2. One API request over real HTTP: /health (no I/O) and /health/ready (PostgreSQL,
+        #    Redis and the broker), against a bare TCP connect+request to the same server.
+        port = free_port()
+        web = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "backend.main:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ]
+        base = f"http://127.0.0.1:{port}"
+        with (
+            process(web, env, lambda: httpx.get(f"{base}/health").status_code == 200),
+            httpx.Client(base_url=base) as client,
+        ):
+            openapi = timed(lambda: client.get("/openapi.json"))
+            health = timed(lambda: client.get("/health"))
+            ready = timed(lambda: client.get("/health/ready"), n=min(N, 200))
+        row("GET /health (middleware + routing)", health, openapi, "cached /openapi.json")
+        row("GET /health/ready (3 dependency checks)", ready, health, "/health")
 
-    # One bench user opens a thousand sockets: lift its per-user API rate limit.
-    stream_env = dict(
-        env,
-        HTTP__ALLOW_PRIVATE_NETWORKS='["127.0.0.1/32"]',
-        AUTH__API_RATE_LIMIT="1000000 per hour",
-    )
-    worker = [
-        *(sys.executable, "-m", "celery", "-A", "workers", "worker", "--loglevel=WARNING"),
-        *("--queues=high_priority,default", "--concurrency=2", "--without-mingle"),
-        *("--without-gossip", "--hostname=bench-streams@127.0.0.1"),
-    ]
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    streams = []
-    with (
-        slow_server() as slow,
-        process(
-            worker,
-            stream_env,
-            lambda: bool(
-                celery_app.control.ping(destination=["bench-streams@127.0.0.1"], timeout=0.5)
+        # 3. One checkpoint-sized write: an ORM insert in our unit of work against a raw
+        #    psycopg INSERT + COMMIT of the same row.
+        from backend.config import Settings
+        from backend.kit.db import UnitOfWork, create_engine, create_sessionmaker
+        from backend.models import Workspace
+
+        async def orm_writes() -> list[float]:
+            engine = create_engine(Settings())
+            maker = create_sessionmaker(engine)
+            out = []
+            for i in range(N + 20):
+                start = time.perf_counter()
+                async with UnitOfWork(maker) as uow:
+                    uow.session.add(Workspace(name="b", slug=f"orm-{i}-{uuid.uuid4().hex[:6]}"))
+                out.append((time.perf_counter() - start) * 1000)
+            await engine.dispose()
+            return out[20:]
+
+        orm = asyncio.run(orm_writes())
+        with psycopg.connect(db_url) as conn:
+
+            def raw_insert() -> None:
+                conn.execute(
+                    "INSERT INTO workspaces (id, name, slug) VALUES (%s, 'b', %s)",
+                    (uuid.uuid4(), uuid.uuid4().hex),
+                )
+                conn.commit()
+
+            raw = timed(raw_insert)
+        row("checkpoint write (UnitOfWork, ORM insert)", orm, raw, "psycopg insert+commit")
+
+    if "engine" in parts:
+        # 4. The engine, end to end through the public API with a real worker.
+        from bench.engine import celery_floor, measure
+
+        worker = [
+            *(sys.executable, "-m", "celery", "-A", "workers", "worker", "--loglevel=WARNING"),
+            *("--queues=high_priority,default", "--concurrency=2", "--without-mingle"),
+            *("--without-gossip", "--hostname=bench-engine@127.0.0.1"),
+        ]
+        port = free_port()
+        web = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "backend.main:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ]
+        base = f"http://127.0.0.1:{port}"
+        headers = owner_headers(db_url)
+        with (
+            process(
+                worker,
+                env,
+                lambda: bool(
+                    celery_app.control.ping(destination=["bench-engine@127.0.0.1"], timeout=0.5)
+                ),
             ),
-        ),
-        process(
-            uvicorn(port), stream_env, lambda: httpx.get(f"{base}/health").status_code == 200
-        ) as web_proc,
-    ):
-        for clients in (100, 1000):
-            streams.append(asyncio.run(measure_streams(base, headers, web_proc.pid, slow, clients)))
-    print()
-    print(
-        f"{'live progress (WebSocket, 2 runs followed)':<44} {'delivered':>10} {'lost':>5}"
-        f" {'p50':>8} {'p95':>8} {'KB/conn':>8}"
-    )
-    for f in streams:
+            process(web, env, lambda: httpx.get(f"{base}/health").status_code == 200),
+        ):
+            floor = celery_floor()
+            figures = asyncio.run(measure(base, headers))
+        print()
         print(
-            f"{str(f['clients']) + ' clients (targets: 0 lost, p95 < 50 ms)':<44}"
-            f" {f['delivered']:>10} {f['lost']:>5} {f['p50_ms']:>5.1f} ms {f['p95_ms']:>5.1f} ms"
-            f" {f['kb_per_conn']:>8.1f}"
+            f"{'engine (median of 5 after a warm-up)':<44}"
+            f" {'wall, via API':>14} {'server side':>12}"
         )
+        for name in ("chain40", "fanout40"):
+            wall, server = figures[name]
+            print(f"{name:<44} {wall * 1000:11.1f} ms {server * 1000:9.1f} ms")
+        wall40, server40 = figures["chain40"]
+        per_node = (wall40 / 40 * 1000, server40 / 40 * 1000)
+        print(
+            f"{'per-node overhead (chain40 / 40)':<44} {per_node[0]:11.2f} ms {per_node[1]:9.2f} ms"
+        )
+        print(f"{'plain Celery chain of 40 no-op tasks':<44} {floor * 1000:11.1f} ms")
+        ratio = (wall40 / floor, server40 / floor)
+        print(
+            f"{'ratio chain40 / Celery chain (target < 1.0)':<44}"
+            f" {ratio[0]:11.2f}x {ratio[1]:9.2f}x"
+        )
+        print(
+            f"{'throughput, 3-node chains (target >= 100/s)':<44}"
+            f" {figures['throughput']:11.1f} runs/s"
+        )
+
+    if "streams" in parts:
+        # 5. Live progress: N WebSocket clients following runs, events lost and latency.
+        from bench.realtime import measure_streams, slow_server
+
+        # One bench user opens a thousand sockets: lift its per-user API rate limit.
+        stream_env = dict(
+            env,
+            HTTP__ALLOW_PRIVATE_NETWORKS='["127.0.0.1/32"]',
+            AUTH__API_RATE_LIMIT="1000000 per hour",
+        )
+        worker = [
+            *(sys.executable, "-m", "celery", "-A", "workers", "worker", "--loglevel=WARNING"),
+            *("--queues=high_priority,default", "--concurrency=2", "--without-mingle"),
+            *("--without-gossip", "--hostname=bench-streams@127.0.0.1"),
+        ]
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        streams = []
+        with (
+            slow_server() as gate,
+            process(
+                worker,
+                stream_env,
+                lambda: bool(
+                    celery_app.control.ping(destination=["bench-streams@127.0.0.1"], timeout=0.5)
+                ),
+            ),
+            process(
+                uvicorn(port), stream_env, lambda: httpx.get(f"{base}/health").status_code == 200
+            ) as web_proc,
+        ):
+            counts = os.environ.get("BENCH_STREAM_CLIENTS", "100,1000")
+            for clients in (int(c) for c in counts.split(",")):
+                streams.append(
+                    asyncio.run(measure_streams(base, headers, web_proc.pid, gate, clients))
+                )
+        print()
+        print(
+            f"{'live progress (WebSocket, 2 runs followed)':<44} {'delivered':>10} {'lost':>5}"
+            f" {'p50':>8} {'p95':>8} {'KB/conn':>8} {'connect':>8}"
+        )
+        for f in streams:
+            print(
+                f"{str(f['clients']) + ' clients (targets: 0 lost, p95 < 50 ms)':<44}"
+                f" {f['delivered']:>10} {f['lost']:>5}"
+                f" {f['p50_ms']:>5.1f} ms {f['p95_ms']:>5.1f} ms"
+                f" {f['kb_per_conn']:>8.1f} {f['connect_s']:>6.1f} s"
+            )
 
     with psycopg.connect(plain.render_as_string(hide_password=False), autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")

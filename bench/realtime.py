@@ -3,9 +3,9 @@ executions through a real uvicorn and worker; events delivered and lost, latency
 the event's commit-time timestamp to the client, and the API process's memory per
 idle connection.
 
-Each run waits a few seconds on a local slow HTTP endpoint first, so every client is
-connected before the interesting part of the run; clients ask for `resume_from: 0`, so
-a client that connected late still must receive every event (lost must be 0)."""
+Each run first calls a local HTTP endpoint that answers only once every client is
+connected, so the rest of the run happens in front of all of them; clients ask for
+`resume_from: 0`, so each must receive every event of its run (lost must be 0)."""
 
 from __future__ import annotations
 
@@ -28,11 +28,24 @@ EXECUTIONS = 2
 CHAIN = 10
 
 
+class Gate:
+    """A local HTTP endpoint that holds every request until it is opened."""
+
+    def __init__(self) -> None:
+        self.opened = threading.Event()
+        self.url = ""
+
+    def reset(self) -> None:
+        self.opened.clear()
+
+
 @contextmanager
-def slow_server() -> Iterator[str]:
-    class Slow(BaseHTTPRequestHandler):
+def slow_server() -> Iterator[Gate]:
+    gate = Gate()
+
+    class Held(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            time.sleep(float(self.path.rsplit("/", 1)[-1]))
+            gate.opened.wait(300)
             self.send_response(200)
             self.send_header("Content-Length", "2")
             self.end_headers()
@@ -41,32 +54,30 @@ def slow_server() -> Iterator[str]:
         def log_message(self, *_: Any) -> None:
             return None
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Held)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    gate.url = f"http://127.0.0.1:{server.server_address[1]}/gate"
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield gate
     finally:
+        gate.opened.set()
         server.shutdown()
         server.server_close()
 
 
-def definition(slow: str, pause_s: float) -> dict[str, Any]:
+def definition(gate_url: str) -> dict[str, Any]:
+    wait = {"kind": "http_request", "url": gate_url, "timeout_s": 300}
     nodes: list[dict[str, Any]] = [
         {"id": "start", "type": "trigger", "config": {"kind": "manual"}},
-        {
-            "id": "wait",
-            "type": "action",
-            "config": {"kind": "http_request", "url": f"{slow}/{pause_s}"},
-        },
+        {"id": "wait", "type": "action", "config": wait, "timeout_s": 300},
     ]
     conns = [{"source": "start", "target": "wait"}]
     previous = "wait"
     for i in range(CHAIN):
         template = "{{ " + str(i) + " }}"
-        nodes.append(
-            {"id": f"n{i}", "type": "logic", "config": {"kind": "transform", "template": template}}
-        )
+        config = {"kind": "transform", "template": template}
+        nodes.append({"id": f"n{i}", "type": "logic", "config": config})
         conns.append({"source": previous, "target": f"n{i}"})
         previous = f"n{i}"
     return {"nodes": nodes, "connections": conns}
@@ -102,16 +113,16 @@ async def _client(
 
 
 async def measure_streams(
-    base: str, headers: dict[str, str], api_pid: int, slow: str, clients: int
+    base: str, headers: dict[str, str], api_pid: int, gate: Gate, clients: int
 ) -> dict[str, Any]:
     token = headers["Authorization"].removeprefix("Bearer ")
     api = psutil.Process(api_pid)
-    pause = 3.0 + clients / 250
+    gate.reset()
     async with httpx.AsyncClient(base_url=base, timeout=60) as http:
         r = await http.post(
             "/api/v1/workflows",
             headers=headers,
-            json={"name": f"bench streams {clients}", **definition(slow, pause)},
+            json={"name": f"bench streams {clients}", **definition(gate.url)},
         )
         r.raise_for_status()
         wf = r.json()["id"]
@@ -131,11 +142,12 @@ async def measure_streams(
         tasks.append(asyncio.create_task(_client(url, token, events[i], results)))
         if i % 50 == 49:
             await asyncio.sleep(0)  # let the handshakes progress
-    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), pause + 30)
-    connected_at = time.time()
+    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 240)
     connect_s = time.monotonic() - t0
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(1.0)  # every hello answered, the catch-up sent
     rss_connected = api.memory_info().rss
+    connected_at = time.time()
+    gate.opened.set()
     await asyncio.gather(*tasks, return_exceptions=True)
     delivered = sum(len(res["received"]) for res in results)
     lost = 0

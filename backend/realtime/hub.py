@@ -67,6 +67,8 @@ class Feed:
     last: int = 0
     followers: set[Follower] = field(default_factory=set)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Set once `last` holds the counter as of the subscription.
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass(eq=False)
@@ -120,32 +122,42 @@ class Hub:
 
     async def follow(self, execution_id: uuid.UUID, follower: Follower) -> None:
         """Deliver every event after `follower.last`, then everything live."""
-        feed = self.feeds.get(execution_id)
-        if feed is None:
-            feed = self.feeds[execution_id] = Feed(execution_id)
-            await self._subscribe(channel(execution_id))
-            # After subscribing: anything published from now on reaches the reader,
-            # anything before is in the stream.
-            feed.last = max(feed.last, await self.log.last_seq(execution_id))
-        async with feed.lock:
-            while follower.last < feed.last:
-                events = await self.log.read(
-                    execution_id, follower.last, feed.last, engine=self.engine
-                )
-                if not events:
-                    break
-                for text in events:
-                    follower.offer(seq_of(text), text)
-                if follower.lagging.is_set():
-                    raise Lagging()
-            feed.followers.add(follower)
+        while True:
+            feed = self.feeds.get(execution_id)
+            if feed is None:
+                feed = self.feeds[execution_id] = Feed(execution_id)
+                try:
+                    await self._subscribe(channel(execution_id))
+                    # After subscribing: anything published from now on reaches the
+                    # reader, anything before is in the stream.
+                    feed.last = max(feed.last, await self.log.last_seq(execution_id))
+                finally:
+                    feed.ready.set()
+            # Followers that arrive while the feed is being set up wait for its seq:
+            # joining at 0 would skip what came before it.
+            await feed.ready.wait()
+            async with feed.lock:
+                if self.feeds.get(execution_id) is not feed:
+                    continue  # it was torn down meanwhile: start over with a new one
+                while follower.last < feed.last:
+                    events = await self.log.read(
+                        execution_id, follower.last, feed.last, engine=self.engine
+                    )
+                    if not events:
+                        break
+                    for text in events:
+                        follower.offer(seq_of(text), text)
+                    if follower.lagging.is_set():
+                        raise Lagging()
+                feed.followers.add(follower)
+                return
 
     async def unfollow(self, execution_id: uuid.UUID, follower: Follower) -> None:
         feed = self.feeds.get(execution_id)
         if feed is None:
             return
         feed.followers.discard(follower)
-        if not feed.followers and not feed.lock.locked():
+        if not feed.followers and not feed.lock.locked() and feed.ready.is_set():
             del self.feeds[execution_id]
             await self._unsubscribe(channel(execution_id))
 
