@@ -93,9 +93,6 @@ def uvicorn(port: int) -> list[str]:
     return [
         *(sys.executable, "-m", "uvicorn", "backend.main:app", "--host", "127.0.0.1"),
         *("--port", str(port), "--no-access-log", "--log-level", "warning"),
-        # As the Procfile runs it: events are small JSON, and deflating each one per
-        # connection costs more CPU than the bytes it saves when one event fans out.
-        *("--ws-per-message-deflate", "false"),
     ]
 
 

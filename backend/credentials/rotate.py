@@ -1,4 +1,4 @@
-"""Re-encrypt every credential under the newest key.
+"""Re-encrypt every credential and signing secret under the newest key.
 
     SECURITY__ENCRYPTION_KEY=<new> SECURITY__PREVIOUS_ENCRYPTION_KEYS='["<old>"]' \
         python -m backend.credentials.rotate
@@ -13,17 +13,20 @@ import asyncio
 from backend.config import get_settings
 from backend.credentials.service import rotate_all
 from backend.kit.db import UnitOfWork, create_engine, create_sessionmaker
+from backend.triggers.service import rotate_encryption
 
 
 async def main() -> int:
     settings = get_settings()
     engine = create_engine(settings)
     try:
+        # One transaction: either every secret is under the new key, or none moved.
         async with UnitOfWork(create_sessionmaker(engine)) as uow:
             count = await rotate_all(uow.session, settings)
+            signing = await rotate_encryption(uow.session, settings)
     finally:
         await engine.dispose()
-    print(f"re-encrypted {count} credentials under the current key")
+    print(f"re-encrypted {count} credentials and {signing} signing secrets under the current key")
     return 0
 
 
