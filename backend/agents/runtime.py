@@ -7,6 +7,7 @@ call is kept with its input and result, and every token is counted.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -15,9 +16,11 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import anthropic
+import httpx
 
 from backend.config import DEFAULT_PRICES, ModelPrice, Settings
 from backend.kit.errors import NotConfigured
+from backend.kit.http_guard import fetch
 
 ToolHandler = Callable[[dict[str, Any]], Awaitable[Any]]
 
@@ -262,6 +265,60 @@ async def _current_time(args: dict[str, Any]) -> dict[str, str]:
     except (ZoneInfoNotFoundError, ValueError) as exc:
         raise ValueError(f"unknown time zone {name!r}") from exc
     return {"timezone": name, "now": datetime.now(UTC).astimezone(zone).isoformat()}
+
+
+HTTP_TOOL_MAX_BYTES = 256 * 1024
+HTTP_TOOL_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD")
+
+
+def http_tool(http: httpx.AsyncClient, settings: Settings) -> Tool:
+    """`http_request` for agents: through the same SSRF guard as HTTP nodes (checked
+    after DNS resolution and on every redirect), with a timeout and a response cap. A
+    refusal comes back to the model as a tool error, never as a request sent."""
+
+    async def handler(args: dict[str, Any]) -> dict[str, Any]:
+        method = str(args.get("method") or "GET").upper()
+        if method not in HTTP_TOOL_METHODS:
+            raise ValueError(f"method must be one of {', '.join(HTTP_TOOL_METHODS)}")
+        headers = {str(k): str(v) for k, v in (args.get("headers") or {}).items()}
+        body = args.get("body")
+        content = None
+        if body is not None:
+            content = (body if isinstance(body, str) else json.dumps(body)).encode()
+            headers.setdefault("Content-Type", "application/json")
+        request = http.build_request(
+            method, str(args["url"]), headers=headers, content=content, timeout=30.0
+        )
+        response, raw = await fetch(
+            http,
+            request,
+            max_redirects=settings.http.max_redirects,
+            max_bytes=HTTP_TOOL_MAX_BYTES,
+        )
+        return {
+            "status": response.status_code,
+            "content_type": response.headers.get("content-type", ""),
+            "body": raw.decode(errors="replace"),
+        }
+
+    return Tool(
+        name="http_request",
+        description=(
+            "Make an HTTP request to a public URL and get its status and body "
+            f"(at most {HTTP_TOOL_MAX_BYTES // 1024} KB)."
+        ),
+        input_schema={
+            "type": "object",
+            "properties": {
+                "url": {"type": "string"},
+                "method": {"type": "string", "enum": list(HTTP_TOOL_METHODS)},
+                "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+                "body": {"description": "JSON value or text"},
+            },
+            "required": ["url"],
+        },
+        handler=handler,
+    )
 
 
 BUILTINS: dict[str, Tool] = {

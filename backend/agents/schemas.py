@@ -13,7 +13,7 @@ from backend.auth.schemas import Name, StrictInput
 
 class BuiltinTool(StrictInput):
     type: Literal["builtin"] = "builtin"
-    name: Literal["current_time"]
+    name: Literal["current_time", "http_request"]
 
 
 AgentTool = Annotated[BuiltinTool, Field(discriminator="type")]

@@ -10,6 +10,7 @@ from dataclasses import asdict
 from typing import Any
 
 import anthropic
+import httpx
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -27,6 +28,7 @@ from backend.kit.errors import (
     UpstreamError,
     ValidationFailed,
 )
+from backend.kit.http_guard import guarded_client
 from backend.kit.repository import Repository
 from backend.models import Agent
 from backend.workflows.service import workflows_using
@@ -180,17 +182,23 @@ async def build_spec(
     spent: runtime.AgentResult,
     depth: int = 0,
     built: dict[tuple[uuid.UUID, int], runtime.AgentSpec] | None = None,
+    http: httpx.AsyncClient | None = None,
+    settings: Settings | None = None,
 ) -> runtime.AgentSpec:
     """The runtime spec of an agent: its built-in tools and its sub-agents as tools.
-    Sub-agent calls share the run's `budget` and add their usage and cost to `spent`."""
+    Sub-agent calls share the run's `budget` and add their usage and cost to `spent`.
+    `http_request` needs the guarded `http` client (and settings) to be offered."""
     built = {} if built is None else built
     if (agent.id, depth) in built:
         return built[(agent.id, depth)]
-    tools = [
-        runtime.BUILTINS[t["name"]]
-        for t in agent.tools
-        if t.get("type") == "builtin" and t.get("name") in runtime.BUILTINS
-    ]
+    tools: list[runtime.Tool] = []
+    for t in agent.tools:
+        if t.get("type") != "builtin":
+            continue
+        if t.get("name") == "http_request" and http is not None and settings is not None:
+            tools.append(runtime.http_tool(http, settings))
+        elif t.get("name") in runtime.BUILTINS:
+            tools.append(runtime.BUILTINS[t["name"]])
     if depth < MAX_SUB_AGENT_DEPTH and agent.sub_agents:
         subs = await session.scalars(
             select(Agent).where(
@@ -201,7 +209,7 @@ async def build_spec(
         for sub in subs.all():
             sub_spec = await build_spec(
                 session, client, sub, max_iterations=max_iterations, budget=budget,
-                spent=spent, depth=depth + 1, built=built,
+                spent=spent, depth=depth + 1, built=built, http=http, settings=settings,
             )  # fmt: skip
 
             async def call_sub(
@@ -259,6 +267,7 @@ async def test(
     )
     subs = runtime.AgentResult(output="", stop_reason="", iterations=0, model=agent.model)
     result = runtime.AgentResult(output="", stop_reason="", iterations=0, model=agent.model)
+    http = guarded_client(settings.http.allow_private_networks, user_agent=settings.http.user_agent)
     try:
         spec = await build_spec(
             uow.session,
@@ -267,6 +276,8 @@ async def test(
             max_iterations=data.max_iterations,
             budget=budget,
             spent=subs,
+            http=http,
+            settings=settings,
         )
         async with asyncio.timeout(timeout):
             await runtime.run(client, spec, data.input, budget=budget, result=result)
@@ -299,6 +310,7 @@ async def test(
         ) from exc
     finally:
         await client.close()
+        await http.aclose()
     _merge(result, subs)
     record(
         uow.session,

@@ -2,7 +2,8 @@
 real `anthropic` SDK to talk to on 127.0.0.1. Its answers are scripted by the prompt:
 
 - "use <tool>" in the first user turn, with that tool offered: a tool_use turn, then,
-  once the tool_result comes back, a text answer quoting it;
+  once the tool_result comes back, a text answer quoting it ("use http_request on
+  <url>" asks for that URL);
 - "loop forever": a tool_use turn every time (to hit the iteration cap);
 - "overloaded": HTTP 529, as the real API answers when overloaded;
 - "ratelimit-once": HTTP 429 the first time, then an answer;
@@ -88,9 +89,12 @@ def build_app(requests: list[dict[str, Any]]) -> FastAPI:
         answered = isinstance(last, list) and any(b.get("type") == "tool_result" for b in last)
         if (wanted or looping) and (looping or not answered):
             name = wanted or sorted(tools)[0]
-            tool_input = (
+            tool_input: dict[str, Any] = (
                 {"task": "say hi"} if name.startswith("agent_") else {"timezone": "Europe/Paris"}
             )
+            if name == "http_request":
+                # "use http_request on <url>"
+                tool_input = {"url": first.split(" on ", 1)[1].split()[0]}
             use: dict[str, Any] = {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:10]}"}
             use |= {"name": name, "input": tool_input}
             return reply([{"type": "text", "text": "Let me check."}, use], "tool_use")

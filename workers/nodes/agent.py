@@ -67,6 +67,8 @@ async def run(ctx: NodeContext) -> NodeResult:
                     max_iterations=config.max_iterations,
                     budget=budget,
                     spent=subs,
+                    http=ctx.http,
+                    settings=settings,
                 )
         else:
             spec = runtime.AgentSpec(
