@@ -27,7 +27,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from sqlalchemy import event as sa_event
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
@@ -45,9 +45,9 @@ EXECUTION_STATUS, NODE_STATUS, NODE_LOG, AGENT_DELTA = (
     "node.log",
     "agent.delta",
 )
-# Streams are capped; a run with more events than this (long agent streams) keeps its
-# newest ones in Redis and all of them in PostgreSQL once it ends.
-STREAM_MAXLEN = 20_000
+# Streams are capped (approximately). A run with more events than this loses its oldest
+# ones: the archive copies the stream when the run ends, not before (see the notes).
+STREAM_MAXLEN = 100_000
 STREAM_TTL_S = 7 * 24 * 3600
 _SEQ = re.compile(rb'^\{"seq":(\d+),')
 # Executions whose run ended and whose log awaits archiving (see `archive_pending`).
@@ -180,6 +180,17 @@ class EventLog:
         value = await self.redis.get(seq_key(execution_id))
         return int(value or 0)
 
+    async def archived_seq(self, engine: AsyncEngine | None, execution_id: uuid.UUID) -> int:
+        if engine is None:
+            return 0
+        async with engine.connect() as conn:
+            value = await conn.scalar(
+                select(func.max(ExecutionEvent.seq)).where(
+                    ExecutionEvent.execution_id == execution_id
+                )
+            )
+        return int(value or 0)
+
     async def read(
         self,
         execution_id: uuid.UUID,
@@ -213,7 +224,9 @@ class EventLog:
         fails to insert goes back into the set."""
         done = 0
         while True:
-            raw_ids: Any = await self.redis.spop(ARCHIVE_SET, batch)
+            # Read, insert, then remove: a worker killed in between leaves the ids in
+            # the set for the next tick (the insert is idempotent).
+            raw_ids: Any = await self.redis.srandmember(ARCHIVE_SET, batch)
             if not raw_ids:
                 return done
             ids = [uuid.UUID(_text(i)) for i in raw_ids]
@@ -226,13 +239,10 @@ class EventLog:
                 for eid, entries in zip(ids, streams, strict=True)
                 for _, f in entries
             ]
-            try:
-                if rows:
-                    async with engine.begin() as conn:
-                        await conn.execute(insert(ExecutionEvent).on_conflict_do_nothing(), rows)
-            except Exception:
-                await self.redis.sadd(ARCHIVE_SET, *[str(i) for i in ids])
-                raise
+            if rows:
+                async with engine.begin() as conn:
+                    await conn.execute(insert(ExecutionEvent).on_conflict_do_nothing(), rows)
+            await self.redis.srem(ARCHIVE_SET, *raw_ids)
             done += len(ids)
 
 

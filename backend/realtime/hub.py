@@ -118,10 +118,17 @@ class Hub:
     # Execution feeds -------------------------------------------------------------------------
 
     async def last_seq(self, execution_id: uuid.UUID) -> int:
-        return await self.log.last_seq(execution_id)
+        """The newest seq: Redis's counter, or the archive's once the keys expired."""
+        return await self.log.last_seq(execution_id) or await self.log.archived_seq(
+            self.engine, execution_id
+        )
 
-    async def follow(self, execution_id: uuid.UUID, follower: Follower) -> None:
-        """Deliver every event after `follower.last`, then everything live."""
+    async def follow(self, execution_id: uuid.UUID, follower: Follower) -> list[str]:
+        """Join the live feed after `follower.last`. Returns the backlog (the events
+        between `follower.last` and where the feed stood on joining), which the caller
+        sends before anything the follower's queue receives. The backlog is read mostly
+        without the feed's lock, so a client catching up a long way never holds up the
+        reader, and it does not count against the follower's queue."""
         while True:
             feed = self.feeds.get(execution_id)
             if feed is None:
@@ -129,35 +136,38 @@ class Hub:
                 try:
                     await self._subscribe(channel(execution_id))
                     # After subscribing: anything published from now on reaches the
-                    # reader, anything before is in the stream.
-                    feed.last = max(feed.last, await self.log.last_seq(execution_id))
+                    # reader, anything before is in the log.
+                    feed.last = max(feed.last, await self.last_seq(execution_id))
                 finally:
                     feed.ready.set()
             # Followers that arrive while the feed is being set up wait for its seq:
             # joining at 0 would skip what came before it.
             await feed.ready.wait()
+            after = follower.last
+            backlog: list[str] = []
+            if after < feed.last:
+                backlog = await self.log.read(execution_id, after, feed.last, engine=self.engine)
             async with feed.lock:
                 if self.feeds.get(execution_id) is not feed:
                     continue  # it was torn down meanwhile: start over with a new one
-                while follower.last < feed.last:
-                    events = await self.log.read(
-                        execution_id, follower.last, feed.last, engine=self.engine
+                upto = seq_of(backlog[-1]) if backlog else after
+                if upto < feed.last:
+                    # What arrived while reading: a few events at most.
+                    backlog += await self.log.read(
+                        execution_id, upto, feed.last, engine=self.engine
                     )
-                    if not events:
-                        break
-                    for text in events:
-                        follower.offer(seq_of(text), text)
-                    if follower.lagging.is_set():
-                        raise Lagging()
+                follower.last = max(after, feed.last)
                 feed.followers.add(follower)
-                return
+                return backlog
 
     async def unfollow(self, execution_id: uuid.UUID, follower: Follower) -> None:
         feed = self.feeds.get(execution_id)
         if feed is None:
             return
         feed.followers.discard(follower)
-        if not feed.followers and not feed.lock.locked() and feed.ready.is_set():
+        # Torn down even while a gap read holds the lock: that read then delivers to
+        # nobody, and a new follower builds a new feed.
+        if not feed.followers and feed.ready.is_set():
             del self.feeds[execution_id]
             await self._unsubscribe(channel(execution_id))
 
@@ -214,16 +224,22 @@ class Hub:
 
     async def _read_forever(self) -> None:
         while not self._stopping:
+            pubsub = self._pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
-                self._pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
                 # Resubscribe after a reconnect; the poll fills whatever was missed.
                 names = [channel(e) for e in self.feeds] + list(self.notices)
-                await self._pubsub.subscribe("hub:alive", *names)
+                await pubsub.subscribe("hub:alive", *names)
                 self._ready.set()
                 while not self._stopping:
-                    message = await self._pubsub.get_message(timeout=1.0)
-                    if message is not None and message.get("type") == "message":
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is None or message.get("type") != "message":
+                        continue
+                    try:
                         await self._dispatch(message["channel"], message["data"])
+                    except Exception:
+                        # One feed's trouble (a failed gap read) is not everyone's:
+                        # the poll retries it.
+                        log.exception("hub.dispatch_failed")
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -231,6 +247,8 @@ class Hub:
                     return
                 log.exception("hub.read_failed")
                 self._ready.clear()
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
                 await asyncio.sleep(0.5)
 
     async def _dispatch(self, raw_channel: bytes | str, data: bytes | str) -> None:

@@ -61,10 +61,26 @@ CLOSE_BAD, CLOSE_AUTH, CLOSE_FORBIDDEN, CLOSE_NOT_FOUND, CLOSE_SLOW, CLOSE_LIFET
     4000,
 )
 CLOSE_RATE_LIMITED = 4429
+# A client that cannot take one message in this long is too slow (closed with 4408).
+SEND_TIMEOUT_S = 10.0
 
 
 def is_terminal(text: str) -> bool:
-    return '"type":"execution.status"' in text and any(m in text for m in TERMINAL_MARKS)
+    """The run's last event? A cheap test first, then the event's own fields (a node
+    output could contain the same words)."""
+    if '"type":"execution.status"' not in text or not any(m in text for m in TERMINAL_MARKS):
+        return False
+    body = json.loads(text)
+    return bool(body.get("type") == "execution.status" and body.get("status") in TERMINAL_EXECUTION)
+
+
+async def _ended_before(app: Any, execution_id: uuid.UUID, seq: int, hub: Hub) -> bool:
+    """A resume at or past a finished run's last event: nothing more will come."""
+    async with app.state.sessionmaker() as session:
+        status = await session.scalar(
+            select(WorkflowExecution.status).where(WorkflowExecution.id == execution_id)
+        )
+    return status in TERMINAL_EXECUTION and seq >= await hub.last_seq(execution_id)
 
 
 def _close_code(exc: Exception) -> int:
@@ -178,7 +194,7 @@ async def execution_socket(websocket: WebSocket, execution_id: uuid.UUID) -> Non
         if resume_from is None:
             seq = await hub.last_seq(execution_id)
             text = await snapshot(app, execution_id, seq)
-            await websocket.send_text(text)
+            await _send(websocket, text)
             follower.last = seq
             # Finished before we came: the snapshot is the whole story, unless its last
             # event is still on its way (then it follows and ends the stream).
@@ -187,7 +203,14 @@ async def execution_socket(websocket: WebSocket, execution_id: uuid.UUID) -> Non
                 return
         else:
             follower.last = resume_from
-        await hub.follow(execution_id, follower)
+            if await _ended_before(app, execution_id, resume_from, hub):
+                await websocket.close(code=1000)
+                return
+        for text in await hub.follow(execution_id, follower):
+            await _send(websocket, text)
+            if is_terminal(text):
+                await websocket.close(code=1000)
+                return
         code = await _pump(websocket, follower, settings, deadline, is_terminal)
         await websocket.close(code=code)
     except Lagging:
@@ -231,13 +254,22 @@ async def _pump(
                     await websocket.send_text('{"type":"ping"}')
                     next_ping = time.monotonic() + settings.realtime.heartbeat_s
                 continue
-            await websocket.send_text(text)
+            await _send(websocket, text)
             if ends(text):
                 return 1000
     finally:
         receiver.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await receiver
+
+
+async def _send(websocket: WebSocket, text: str) -> None:
+    """A send that cannot hang forever on a peer that stopped reading."""
+    try:
+        async with asyncio.timeout(SEND_TIMEOUT_S):
+            await websocket.send_text(text)
+    except TimeoutError:
+        raise Lagging() from None
 
 
 async def _drain_client(websocket: WebSocket) -> None:
@@ -274,6 +306,8 @@ async def execution_events(
             start = int(last_event_id)
         except ValueError:
             raise ValidationFailed("Last-Event-ID must be a seq", field="Last-Event-ID") from None
+        if start < 0:
+            raise ValidationFailed("Last-Event-ID must be a seq", field="Last-Event-ID")
     deadline = _deadline(settings, access.principal)
 
     async def stream() -> AsyncIterator[str]:
@@ -288,7 +322,12 @@ async def execution_events(
                     return
             else:
                 follower.last = start
-            await hub.follow(execution_id, follower)
+                if await _ended_before(app, execution_id, start, hub):
+                    return
+            for text in await hub.follow(execution_id, follower):
+                yield _sse(text)
+                if is_terminal(text):
+                    return
             next_ping = time.monotonic() + settings.realtime.heartbeat_s
             while time.monotonic() < deadline[0]:
                 if follower.lagging.is_set():
@@ -341,8 +380,11 @@ class Mux:
         return follower
 
     def send(self, payload: dict[str, Any]) -> None:
+        self.put(json.dumps(payload, separators=(",", ":"), default=str))
+
+    def put(self, text: str) -> None:
         try:
-            self.queue.put_nowait(json.dumps(payload, separators=(",", ":"), default=str))
+            self.queue.put_nowait(text)
         except asyncio.QueueFull:
             self.lagging.set()
 
@@ -369,15 +411,22 @@ class Mux:
             await _can_read_execution(self.app, self.principal, execution_id)
             prefix = f'{{"channel":"{name}","event":'
             follower = self._follower(lambda text: prefix + text + "}")
+            if resume_from is not None and (
+                not isinstance(resume_from, int) or isinstance(resume_from, bool) or resume_from < 0
+            ):
+                raise ValidationFailed(
+                    "resume_from must be a seq (an integer >= 0)", field="resume_from"
+                )
             if resume_from is None:
                 seq = await self.hub.last_seq(execution_id)
                 text = await snapshot(self.app, execution_id, seq)
-                self.queue.put_nowait(prefix + text + "}")
+                self.put(prefix + text + "}")
                 follower.last = seq
             else:
                 follower.last = resume_from
             self.executions[execution_id] = follower
-            await self.hub.follow(execution_id, follower)
+            for text in await self.hub.follow(execution_id, follower):
+                self.put(prefix + text + "}")
         elif kind in ("workflows", "workspace", "analytics"):
             if name in self.notices:
                 return
@@ -490,7 +539,11 @@ async def multiplexed_socket(websocket: WebSocket) -> None:
             if not receive.done():
                 receive.cancel()
                 break
-            message = receive.result()
+            try:
+                message = receive.result()
+            except ValueError:
+                mux.send({"type": "error", "code": "bad_message", "message": "not JSON"})
+                continue
             action = message.get("action") if isinstance(message, dict) else None
             name = message.get("channel") if isinstance(message, dict) else None
             if action not in ("subscribe", "unsubscribe") or not isinstance(name, str):
@@ -547,4 +600,4 @@ async def _send_mux(
                 await websocket.send_text('{"type":"ping"}')
                 next_ping = time.monotonic() + settings.realtime.heartbeat_s
             continue
-        await websocket.send_text(text)
+        await _send(websocket, text)

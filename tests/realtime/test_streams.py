@@ -192,6 +192,10 @@ async def test_resume_misses_nothing_during_the_run_and_after_it(
     # And over WebSocket after the end: the tail, then a clean close.
     tail, code = await follow(api, owner, execution_id, resume_from=total - 2)
     assert (seqs(tail), code) == ([total - 1, total], 1000)
+    # Resuming at the end of a finished run: nothing more will come, closed at once.
+    opened = time.monotonic()
+    assert await follow(api, owner, execution_id, resume_from=total) == ([], 1000)
+    assert time.monotonic() - opened < 5
     # A fresh SSE client of a finished run gets the snapshot and the stream ends.
     async with httpx.AsyncClient(timeout=20) as client:
         r = await client.get(f"{api}/api/v1/executions/{execution_id}/events", headers=owner)
@@ -320,3 +324,16 @@ async def test_one_socket_carries_runs_workflow_changes_and_live_counters(
         await ws.send(json.dumps({"action": "unsubscribe", "channel": "workflows"}))
         done = await next_message(lambda b: b.get("type") == "unsubscribed")
         assert done["channel"] == "workflows"
+
+
+def test_only_the_runs_own_last_event_ends_a_stream() -> None:
+    from backend.realtime.router import is_terminal
+
+    done = '{"seq":9,"id":"x","type":"execution.status","execution_id":"e","status":"completed"}'
+    assert is_terminal(done)
+    # A node whose output happens to look like the end does not end anything.
+    lookalike = (
+        '{"seq":5,"id":"y","type":"node.status","execution_id":"e","node_id":"n",'
+        '"status":"completed","data":{"output":{"type":"execution.status","status":"failed"}}}'
+    )
+    assert not is_terminal(lookalike)

@@ -145,6 +145,10 @@ class Claim:
     # process (or a process reusing a pid) can never mistake each other's lease.
     token: str = ""
     claimed_at: float = field(default_factory=time.monotonic)
+    # Why this worker stopped running the run early: "cancel" (asked to), "deadline",
+    # "lost" (the lease went to someone else) or "abandoned" (an unexpected error).
+    # Sub-runs are cancelled with their parent only for the first two.
+    stop: str | None = None
 
 
 @dataclass
@@ -192,6 +196,8 @@ class Runner:
         status: str | None = None,
         data: dict[str, Any] | None = None,
     ) -> None:
+        if claim.stop == "lost":
+            return  # someone else runs it now: they tell the story
         self.events.emit(
             claim.id,
             claim.workspace_id,
@@ -435,7 +441,8 @@ class Runner:
             }
             for n in nodes
         ]  # fmt: skip
-        await asyncio.shield(self._write(CHECKPOINT, rows))
+        if await asyncio.shield(self._write(CHECKPOINT, rows)) == 0:
+            raise LeaseLost(f"lost the lease on {claim.id} before skipping {nodes[0]}")
         for node_id in nodes:
             self._emit(claim, NODE_STATUS, node_id=node_id, status=N.SKIPPED)
 
@@ -514,6 +521,13 @@ class Runner:
             except Exception:
                 # A database blip must not silently end the watch: log, try again.
                 log.exception("execution.watch_failed", execution_id=str(claim.id))
+                if time.monotonic() - last_renewal > engine.lease_s * 0.8:
+                    # The lease may lapse before we can renew it: stop before the
+                    # reaper hands the run to another worker, so nothing runs twice.
+                    claim.stop = "lost"
+                    lost.set()
+                    cancel.set()
+                    return
 
     async def _look(
         self, claim: Claim, cancel: asyncio.Event, lost: asyncio.Event, *, renew: bool
@@ -529,10 +543,12 @@ class Runner:
                 )
             ).one_or_none()
             if row is None or row.lease_owner != claim.token:
+                claim.stop = "lost"
                 lost.set()
                 cancel.set()
                 return True
             if row.cancel_requested_at is not None:
+                claim.stop = claim.stop or "cancel"
                 cancel.set()
             if renew:
                 await uow.session.execute(
@@ -562,6 +578,8 @@ class Runner:
             # Whatever way the loop ended, no node task outlives it: the worker's event
             # loop is reused by the next task, and a stray task would write later.
             leftover = [task for task in running.values() if not task.done()]
+            if leftover:
+                claim.stop = claim.stop or "abandoned"
             for task in leftover:
                 task.cancel()
             await asyncio.gather(*leftover, return_exceptions=True)
@@ -607,6 +625,7 @@ class Runner:
             if cancel.is_set():
                 break
             if _now() > deadline:
+                claim.stop = "deadline"
                 for task in running.values():
                     task.cancel()
                 await asyncio.gather(*running.values(), return_exceptions=True)
@@ -745,6 +764,7 @@ class Runner:
             while True:
                 attempt = run.attempts.get(node_id, 0) + 1
                 run.attempts[node_id] = attempt
+                ctx.attempt = attempt
                 self._emit(
                     claim, NODE_STATUS, node_id=node_id, status=N.RUNNING, data={"attempt": attempt}
                 )
@@ -961,7 +981,7 @@ class Runner:
         limit = self.settings.engine.max_sub_workflow_depth
         if depth > limit:
             raise NodeFailure(f"sub-workflows nest deeper than {limit} levels", "permanent")
-        key = f"sub:{claim.id}:{node_id}:{iteration}"
+        base = f"sub:{claim.id}:{node_id}:{iteration}#"
         async with UnitOfWork(self.sessionmaker) as uow:
             workflow = await uow.session.scalar(
                 select(Workflow).where(
@@ -973,7 +993,30 @@ class Runner:
             if workflow.status == "archived":
                 raise NodeFailure("the sub-workflow is archived", "permanent")
             # The idempotency key makes a redelivered parent find its child again
-            # instead of starting a second one.
+            # instead of starting a second one; a child that failed or was cancelled
+            # (the node timed out and is being retried) is followed by a fresh one.
+            latest = (
+                await uow.session.execute(
+                    select(
+                        WorkflowExecution.id,
+                        WorkflowExecution.status,
+                        WorkflowExecution.idempotency_key,
+                    )
+                    .where(
+                        WorkflowExecution.workspace_id == claim.workspace_id,
+                        WorkflowExecution.parent_execution_id == claim.id,
+                        WorkflowExecution.idempotency_key.startswith(base),
+                    )
+                    .order_by(WorkflowExecution.created_at.desc())
+                    .limit(1)
+                )
+            ).one_or_none()
+            attempt = 0
+            if latest is not None:
+                attempt = int(str(latest.idempotency_key).rsplit("#", 1)[1])
+                if latest.status in (E.FAILED, E.CANCELLED) and self._retrying(ctx):
+                    attempt += 1
+            key = f"{base}{attempt}"
             child_id = await uow.session.scalar(
                 insert(WorkflowExecution)
                 .values(
@@ -1018,8 +1061,17 @@ class Runner:
                 if await self.execute(child_id) == "not_claimed":
                     await asyncio.sleep(0.2)
         except asyncio.CancelledError:
-            await asyncio.shield(self._cancel_child(child_id))
+            # Cancelled with the parent, at its deadline or at the node's timeout; a
+            # parent that lost its lease or broke leaves the child to finish, and finds
+            # it again when it resumes.
+            if claim.stop not in ("lost", "abandoned"):
+                await asyncio.shield(self._cancel_child(child_id))
             raise
+
+    @staticmethod
+    def _retrying(ctx: NodeContext) -> bool:
+        """A node attempt after the first: its earlier child ended badly, start anew."""
+        return ctx.attempt > 1
 
     async def _cancel_child(self, child_id: uuid.UUID) -> None:
         """The parent stopped (cancelled, or its run ended): so does the child, now if

@@ -56,6 +56,8 @@ class NodeContext:
     run_workflow: Callable[[uuid.UUID, dict[str, Any], bool], Awaitable[SubRun]] | None = None
     # Tokens and cost spent by child runs this node waited for, added to its own.
     usage: list[float] = field(default_factory=lambda: [0, 0, 0.0])
+    # This node's attempt (1 for the first run of it).
+    attempt: int = 1
     # Sends an event about this node to the run's followers (type, data).
     emit: Callable[[str, dict[str, Any]], None] | None = None
 
