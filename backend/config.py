@@ -253,6 +253,8 @@ class RealtimeSettings(BaseModel):
     poll_s: float = Field(default=1.0, gt=0, le=60)
     # How long a new WebSocket has to send its first message.
     hello_timeout_s: float = Field(default=10.0, gt=0, le=120)
+    # A client that cannot take one message in this long is closed as too slow (4408).
+    send_timeout_s: float = Field(default=30.0, gt=0, le=600)
 
 
 class SmtpSettings(BaseModel):

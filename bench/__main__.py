@@ -321,14 +321,14 @@ def main() -> int:
         print()
         print(
             f"{'live progress (WebSocket, 2 runs followed)':<44} {'delivered':>10} {'lost':>5}"
-            f" {'p50':>8} {'p95':>8} {'KB/conn':>8} {'connect':>8}"
+            f" {'p50':>8} {'p95':>8} {'KB/conn':>8} {'connect':>8} {'closed':>6}"
         )
         for f in streams:
             print(
                 f"{str(f['clients']) + ' clients (targets: 0 lost, p95 < 50 ms)':<44}"
                 f" {f['delivered']:>10} {f['lost']:>5}"
                 f" {f['p50_ms']:>5.1f} ms {f['p95_ms']:>5.1f} ms"
-                f" {f['kb_per_conn']:>8.1f} {f['connect_s']:>6.1f} s"
+                f" {f['kb_per_conn']:>8.1f} {f['connect_s']:>6.1f} s {f['closed_early']:>6}"
             )
 
     with psycopg.connect(plain.render_as_string(hide_password=False), autocommit=True) as conn:

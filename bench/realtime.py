@@ -89,6 +89,7 @@ async def _client(
     received: list[int] = []
     latencies: list[tuple[float, float]] = []
     final: int | None = None
+    code: int | None = None
     async with websockets.connect(url, max_size=None, open_timeout=60) as ws:
         await ws.send(json.dumps({"token": token, "resume_from": 0}))
         connected.set()
@@ -107,9 +108,9 @@ async def _client(
                     "cancelled",
                 ):
                     final = body["seq"]
-        except websockets.ConnectionClosed:
-            pass
-    results.append({"received": received, "latencies": latencies, "final": final})
+        except websockets.ConnectionClosed as closed:
+            code = closed.rcvd.code if closed.rcvd else None
+    results.append({"received": received, "latencies": latencies, "final": final, "code": code})
 
 
 async def measure_streams(
@@ -168,6 +169,8 @@ async def measure_streams(
         "delivered": delivered,
         "lost": lost,
         "finished": sum(1 for res in results if res["final"]),
+        # Closed by the server before the end (4401 hello timeout, 4408 too slow, ...).
+        "closed_early": sum(1 for res in results if res["code"] not in (None, 1000)),
         "p50_ms": statistics.median(live) if live else float("nan"),
         "p95_ms": live[int(len(live) * 0.95)] if live else float("nan"),
         "connect_s": connect_s,

@@ -156,6 +156,9 @@ class Hub:
                     backlog += await self.log.read(
                         execution_id, upto, feed.last, engine=self.engine
                     )
+                if self.feeds.get(execution_id) is not feed:
+                    continue  # torn down while we read: joining it would hear nothing
+                # No await from the check to here: nobody can tear it down in between.
                 follower.last = max(after, feed.last)
                 feed.followers.add(follower)
                 return backlog
@@ -164,9 +167,11 @@ class Hub:
         feed = self.feeds.get(execution_id)
         if feed is None:
             return
+        if follower not in feed.followers:
+            return  # it never joined (refused, or gone before): not its feed to end
         feed.followers.discard(follower)
         # Torn down even while a gap read holds the lock: that read then delivers to
-        # nobody, and a new follower builds a new feed.
+        # nobody, and a follower joining meanwhile notices and builds a new feed.
         if not feed.followers and feed.ready.is_set():
             del self.feeds[execution_id]
             await self._unsubscribe(channel(execution_id))

@@ -61,8 +61,6 @@ CLOSE_BAD, CLOSE_AUTH, CLOSE_FORBIDDEN, CLOSE_NOT_FOUND, CLOSE_SLOW, CLOSE_LIFET
     4000,
 )
 CLOSE_RATE_LIMITED = 4429
-# A client that cannot take one message in this long is too slow (closed with 4408).
-SEND_TIMEOUT_S = 10.0
 
 
 def is_terminal(text: str) -> bool:
@@ -76,11 +74,13 @@ def is_terminal(text: str) -> bool:
 
 async def _ended_before(app: Any, execution_id: uuid.UUID, seq: int, hub: Hub) -> bool:
     """A resume at or past a finished run's last event: nothing more will come."""
+    if seq < await hub.last_seq(execution_id):
+        return False  # events to send: the common case costs no database query
     async with app.state.sessionmaker() as session:
         status = await session.scalar(
             select(WorkflowExecution.status).where(WorkflowExecution.id == execution_id)
         )
-    return status in TERMINAL_EXECUTION and seq >= await hub.last_seq(execution_id)
+    return status in TERMINAL_EXECUTION
 
 
 def _close_code(exc: Exception) -> int:
@@ -264,9 +264,10 @@ async def _pump(
 
 
 async def _send(websocket: WebSocket, text: str) -> None:
-    """A send that cannot hang forever on a peer that stopped reading."""
+    """A send that cannot hang forever on a peer that stopped reading (4408)."""
+    settings: Settings = websocket.app.state.settings
     try:
-        async with asyncio.timeout(SEND_TIMEOUT_S):
+        async with asyncio.timeout(settings.realtime.send_timeout_s):
             await websocket.send_text(text)
     except TimeoutError:
         raise Lagging() from None
