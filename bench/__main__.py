@@ -93,6 +93,8 @@ def uvicorn(port: int) -> list[str]:
     return [
         *(sys.executable, "-m", "uvicorn", "backend.main:app", "--host", "127.0.0.1"),
         *("--port", str(port), "--no-access-log", "--log-level", "warning"),
+        # As the Procfile runs it (see the README's live-progress section).
+        *("--ws-per-message-deflate", "false"),
     ]
 
 
