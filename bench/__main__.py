@@ -168,19 +168,7 @@ def main() -> int:
         # 2. One API request over real HTTP: /health (no I/O) and /health/ready (PostgreSQL,
         #    Redis and the broker), against a bare TCP connect+request to the same server.
         port = free_port()
-        web = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "backend.main:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-access-log",
-            "--log-level",
-            "warning",
-        ]
+        web = uvicorn(port)
         base = f"http://127.0.0.1:{port}"
         with (
             process(web, env, lambda: httpx.get(f"{base}/health").status_code == 200),
@@ -233,19 +221,7 @@ def main() -> int:
             *("--without-gossip", "--hostname=bench-engine@127.0.0.1"),
         ]
         port = free_port()
-        web = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "backend.main:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-access-log",
-            "--log-level",
-            "warning",
-        ]
+        web = uvicorn(port)
         base = f"http://127.0.0.1:{port}"
         headers = owner_headers(db_url)
         with (

@@ -29,6 +29,7 @@ from backend.credentials.service import reveal, touch
 from backend.kit.db import UnitOfWork
 from backend.kit.http_guard import BlockedAddress
 from backend.kit.logging import get_logger
+from backend.kit.mail import smtp_send
 from backend.kit.signing import ID_HEADER, sign
 from backend.models import Credential
 from backend.workflows.graph import NotifyAction
@@ -115,18 +116,7 @@ def _send(settings: Settings, message: EmailMessage) -> dict[str, Any]:
         )
         return {}
     try:
-        context = ssl.create_default_context()
-        client: smtplib.SMTP
-        if smtp.use_tls:
-            client = smtplib.SMTP_SSL(smtp.host, smtp.port, timeout=smtp.timeout_s, context=context)
-        else:
-            client = smtplib.SMTP(smtp.host, smtp.port, timeout=smtp.timeout_s)
-        with client:
-            if smtp.starttls and not smtp.use_tls:
-                client.starttls(context=context)
-            if smtp.username and smtp.password:
-                client.login(smtp.username, smtp.password.get_secret_value())
-            refused: dict[str, Any] = client.send_message(message)
+        refused = smtp_send(settings, message)
     except smtplib.SMTPRecipientsRefused as exc:
         raise NodeFailure(
             f"the mail server refused every recipient: {', '.join(sorted(exc.recipients))}",

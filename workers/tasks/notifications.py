@@ -4,13 +4,13 @@ written to the log, so `make run` works offline and a developer can read the cod
 from __future__ import annotations
 
 import smtplib
-import ssl
 from email.message import EmailMessage
 
 from backend.config import Settings, get_settings
 from backend.kit.celery_app import celery_app
 from backend.kit.crypto import SecretBox
 from backend.kit.logging import get_logger
+from backend.kit.mail import smtp_send
 
 log = get_logger(__name__)
 
@@ -25,18 +25,7 @@ def deliver(settings: Settings, to: str, subject: str, body: str) -> str:
     message["To"] = to
     message["Subject"] = subject
     message.set_content(body)
-    context = ssl.create_default_context()
-    client: smtplib.SMTP
-    if smtp.use_tls:
-        client = smtplib.SMTP_SSL(smtp.host, smtp.port, timeout=smtp.timeout_s, context=context)
-    else:
-        client = smtplib.SMTP(smtp.host, smtp.port, timeout=smtp.timeout_s)
-    with client:
-        if smtp.starttls and not smtp.use_tls:
-            client.starttls(context=context)
-        if smtp.username and smtp.password:
-            client.login(smtp.username, smtp.password.get_secret_value())
-        client.send_message(message)
+    smtp_send(settings, message)
     log.info("mail.sent", to=to, subject=subject)
     return "smtp"
 
