@@ -17,6 +17,7 @@ Shape (DESIGN.md): {seq, id, type, execution_id, node_id?, status?, timestamp, d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import uuid
@@ -349,6 +350,8 @@ class Emitter:
         self._queues: dict[uuid.UUID, deque[str]] = {}
         self._tasks: dict[uuid.UUID, asyncio.Task[None]] = {}
         self._workspaces: dict[uuid.UUID, uuid.UUID] = {}
+        # Set by drain: stop gathering and send now.
+        self._now: dict[uuid.UUID, asyncio.Event] = {}
 
     def emit(self, execution_id: uuid.UUID, workspace_id: uuid.UUID, text: str) -> None:
         queue = self._queues.setdefault(execution_id, deque())
@@ -356,16 +359,21 @@ class Emitter:
         self._workspaces[execution_id] = workspace_id
         task = self._tasks.get(execution_id)
         if task is None or task.done():
+            self._now[execution_id] = asyncio.Event()
             self._tasks[execution_id] = asyncio.get_running_loop().create_task(
                 self._flush(execution_id)
             )
 
     async def _flush(self, execution_id: uuid.UUID) -> None:
         queue = self._queues[execution_id]
+        now = self._now[execution_id]
         while queue:
             # A short window lets the events of the next few nodes join the batch:
             # one Redis call for many events costs the runner far less than one each.
-            await asyncio.sleep(COALESCE_S)
+            # A drain (the run is closing or parking) cuts the window short.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(COALESCE_S):
+                    await now.wait()
             batch = list(queue)
             queue.clear()
             try:
@@ -376,7 +384,11 @@ class Emitter:
                 log.exception("events.publish_failed", execution_id=str(execution_id))
 
     async def drain(self, execution_id: uuid.UUID) -> None:
+        """Send everything queued for the run, now, and wait until it is out."""
         task = self._tasks.pop(execution_id, None)
+        now = self._now.pop(execution_id, None)
+        if now is not None:
+            now.set()
         if task is not None:
             await asyncio.shield(task)
         self._queues.pop(execution_id, None)
