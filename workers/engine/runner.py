@@ -145,6 +145,8 @@ class Claim:
     # process (or a process reusing a pid) can never mistake each other's lease.
     token: str = ""
     claimed_at: float = field(default_factory=time.monotonic)
+    # First claim of a run that copied nothing (not a retry): no checkpoints to load.
+    fresh: bool = False
     # Why this worker stopped running the run early: "cancel" (asked to), "deadline",
     # "lost" (the lease went to someone else) or "abandoned" (an unexpected error).
     # Sub-runs are cancelled with their parent only for the first two.
@@ -271,7 +273,7 @@ class Runner:
                     )
                     .returning(
                         ex.workspace_id, ex.workflow_id, ex.version, ex.trigger_type,
-                        ex.trigger_data, ex.variables, ex.started_at, ex.depth,
+                        ex.trigger_data, ex.variables, ex.started_at, ex.depth, ex.retry_of,
                     )
                     .execution_options(synchronize_session=False)
                 )
@@ -289,6 +291,8 @@ class Runner:
             started_at=row.started_at,
             depth=row.depth,
             token=token,
+            # started_at was empty until now: never ran, so nothing was checkpointed.
+            fresh=row.started_at == now and row.retry_of is None,
         )
 
     async def _claim_slow(self, execution_id: uuid.UUID) -> Claim | None:
@@ -476,7 +480,7 @@ class Runner:
                 },
             )
             return E.FAILED
-        run = await self._load(claim.id)
+        run = RunState() if claim.fresh else await self._load(claim.id)
         cancel = asyncio.Event()
         lost = asyncio.Event()
         watcher = asyncio.create_task(self._watch(claim, cancel, lost))
