@@ -141,7 +141,16 @@ async def test_a_late_client_gets_a_snapshot_then_the_rest_without_gap_or_duplic
 ) -> None:
     wf = workflow(api, owner, slow_flow(target, 1.5))
     execution_id = start(api, owner, wf)
-    await asyncio.sleep(0.8)
+    # Join once the run is under way (a has finished, wait is in its 1.5 s call): on a
+    # loaded machine the worker may take a while to pick the run up.
+    async with httpx.AsyncClient(timeout=10) as client:
+        for _ in range(200):
+            rows = (
+                await client.get(f"{api}/api/v1/executions/{execution_id}/nodes", headers=owner)
+            ).json()
+            if any(r["node_id"] == "a" and r["status"] == "completed" for r in rows):
+                break
+            await asyncio.sleep(0.05)
     messages, code = await follow(api, owner, execution_id)
     assert code == 1000
     snap = messages[0]
