@@ -61,6 +61,7 @@ CLOSE_BAD, CLOSE_AUTH, CLOSE_FORBIDDEN, CLOSE_NOT_FOUND, CLOSE_SLOW, CLOSE_LIFET
     4000,
 )
 CLOSE_RATE_LIMITED = 4429
+PING = '{"type":"ping"}'
 
 
 def is_terminal(text: str) -> bool:
@@ -237,22 +238,18 @@ async def _pump(
     client too (to notice it leaving) and pings it every heartbeat."""
     receiver = asyncio.create_task(_drain_client(websocket))
     try:
-        next_ping = time.monotonic() + settings.realtime.heartbeat_s
+        beat = Heartbeat(settings.realtime.heartbeat_s)
         while True:
-            now = time.monotonic()
-            if now >= deadline[0]:
+            if time.monotonic() >= deadline[0]:
                 return deadline[1]
             if receiver.done():
                 raise WebSocketDisconnect()
             if follower.lagging.is_set():
                 raise Lagging()
-            try:
-                async with asyncio.timeout(max(0.01, min(deadline[0], next_ping) - now)):
-                    text = await follower.queue.get()
-            except TimeoutError:
-                if time.monotonic() >= next_ping:
-                    await websocket.send_text('{"type":"ping"}')
-                    next_ping = time.monotonic() + settings.realtime.heartbeat_s
+            text = await _next(follower.queue, deadline[0], beat)
+            if text is None:
+                if beat.due():
+                    await websocket.send_text(PING)
                 continue
             await _send(websocket, text)
             if ends(text):
@@ -261,6 +258,29 @@ async def _pump(
         receiver.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await receiver
+
+
+class Heartbeat:
+    """When the next ping is due on an idle stream."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self.at = time.monotonic() + interval_s
+
+    def due(self) -> bool:
+        if time.monotonic() < self.at:
+            return False
+        self.at = time.monotonic() + self.interval_s
+        return True
+
+
+async def _next(queue: asyncio.Queue[str], until: float, beat: Heartbeat) -> str | None:
+    """The next queued message, or None once a ping is due or `until` has come."""
+    try:
+        async with asyncio.timeout(max(0.01, min(until, beat.at) - time.monotonic())):
+            return await queue.get()
+    except TimeoutError:
+        return None
 
 
 async def _send(websocket: WebSocket, text: str) -> None:
@@ -329,22 +349,18 @@ async def execution_events(
                 yield _sse(text)
                 if is_terminal(text):
                     return
-            next_ping = time.monotonic() + settings.realtime.heartbeat_s
+            beat = Heartbeat(settings.realtime.heartbeat_s)
             while time.monotonic() < deadline[0]:
                 if follower.lagging.is_set():
                     yield "event: lagging\ndata: {}\n\n"
                     return
-                try:
-                    timeout = max(0.01, min(deadline[0], next_ping) - time.monotonic())
-                    async with asyncio.timeout(timeout):
-                        text = await follower.queue.get()
-                except TimeoutError:
-                    if time.monotonic() >= next_ping:
+                live = await _next(follower.queue, deadline[0], beat)
+                if live is None:
+                    if beat.due():
                         yield ": ping\n\n"
-                        next_ping = time.monotonic() + settings.realtime.heartbeat_s
                     continue
-                yield _sse(text)
-                if is_terminal(text):
+                yield _sse(live)
+                if is_terminal(live):
                     return
         except Lagging:
             yield "event: lagging\ndata: {}\n\n"
@@ -586,19 +602,15 @@ async def multiplexed_socket(websocket: WebSocket) -> None:
 async def _send_mux(
     websocket: WebSocket, mux: Mux, settings: Settings, deadline: tuple[float, int]
 ) -> int:
-    next_ping = time.monotonic() + settings.realtime.heartbeat_s
+    beat = Heartbeat(settings.realtime.heartbeat_s)
     while True:
-        now = time.monotonic()
-        if now >= deadline[0]:
+        if time.monotonic() >= deadline[0]:
             return deadline[1]
         if mux.lagging.is_set():
             return CLOSE_SLOW
-        try:
-            async with asyncio.timeout(max(0.01, min(deadline[0], next_ping) - now)):
-                text = await mux.queue.get()
-        except TimeoutError:
-            if time.monotonic() >= next_ping:
-                await websocket.send_text('{"type":"ping"}')
-                next_ping = time.monotonic() + settings.realtime.heartbeat_s
+        text = await _next(mux.queue, deadline[0], beat)
+        if text is None:
+            if beat.due():
+                await websocket.send_text(PING)
             continue
         await _send(websocket, text)

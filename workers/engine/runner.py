@@ -152,6 +152,23 @@ class Claim:
     # Sub-runs are cancelled with their parent only for the first two.
     stop: str | None = None
 
+    @classmethod
+    def of(cls, row: Any, token: str, *, fresh: bool = False) -> Claim:
+        """From a claimed execution (an ORM row or a RETURNING row)."""
+        return cls(
+            id=row.id,
+            workspace_id=row.workspace_id,
+            workflow_id=row.workflow_id,
+            version=row.version,
+            trigger_type=row.trigger_type,
+            trigger_data=row.trigger_data,
+            variables=dict(row.variables),
+            started_at=row.started_at,
+            depth=row.depth,
+            token=token,
+            fresh=fresh,
+        )
+
 
 @dataclass
 class RunState:
@@ -210,7 +227,12 @@ class Runner:
         self._emit(claim, type_, node_id=node_id, data=data)
 
     def _node_event(
-        self, claim: Claim, node_id: str, values: dict[str, Any], iteration: int = 0
+        self,
+        claim: Claim,
+        node_id: str,
+        values: dict[str, Any],
+        iteration: int = 0,
+        size: int | None = None,
     ) -> None:
         """A checkpoint, as followers see it (big outputs stay in the node's row)."""
         data = {
@@ -227,7 +249,8 @@ class Runner:
                 cost_usd=values["cost_usd"],
             )
         if "output" in values and values["status"] == N.COMPLETED:
-            size = len(json.dumps(values["output"], default=str))
+            if size is None:
+                size = len(json.dumps(values["output"], default=str))
             if size <= EVENT_OUTPUT_MAX:
                 data["output"] = values["output"]
             else:
@@ -272,7 +295,7 @@ class Runner:
                         resume_at=None,
                     )
                     .returning(
-                        ex.workspace_id, ex.workflow_id, ex.version, ex.trigger_type,
+                        ex.id, ex.workspace_id, ex.workflow_id, ex.version, ex.trigger_type,
                         ex.trigger_data, ex.variables, ex.started_at, ex.depth, ex.retry_of,
                     )
                     .execution_options(synchronize_session=False)
@@ -280,20 +303,8 @@ class Runner:
             ).one_or_none()  # fmt: skip
         if row is None:
             return None
-        return Claim(
-            id=execution_id,
-            workspace_id=row.workspace_id,
-            workflow_id=row.workflow_id,
-            version=row.version,
-            trigger_type=row.trigger_type,
-            trigger_data=row.trigger_data,
-            variables=dict(row.variables),
-            started_at=row.started_at,
-            depth=row.depth,
-            token=token,
-            # started_at was empty until now: never ran, so nothing was checkpointed.
-            fresh=row.started_at == now and row.retry_of is None,
-        )
+        # started_at was empty until now: never ran, so nothing was checkpointed.
+        return Claim.of(row, token, fresh=row.started_at == now and row.retry_of is None)
 
     async def _claim_slow(self, execution_id: uuid.UUID) -> Claim | None:
         now = _now()
@@ -333,18 +344,7 @@ class Runner:
             ex.lease_owner = token
             ex.lease_expires_at = now + timedelta(seconds=engine.lease_s)
             ex.resume_at = None
-            return Claim(
-                id=ex.id,
-                workspace_id=ex.workspace_id,
-                workflow_id=ex.workflow_id,
-                version=ex.version,
-                trigger_type=ex.trigger_type,
-                trigger_data=ex.trigger_data,
-                variables=dict(ex.variables),
-                started_at=ex.started_at,
-                depth=ex.depth,
-                token=token,
-            )
+            return Claim.of(ex, token)
 
     def _finish(
         self, ex: WorkflowExecution, status: ExecutionStatus, now: datetime, **values: Any
@@ -404,8 +404,15 @@ class Runner:
     # Checkpoints --------------------------------------------------------------------------
 
     async def _checkpoint(
-        self, claim: Claim, node_id: str, values: dict[str, Any], iteration: int = 0
+        self,
+        claim: Claim,
+        node_id: str,
+        values: dict[str, Any],
+        iteration: int = 0,
+        size: int | None = None,
     ) -> None:
+        """Write the node's state, fenced by the lease; `size`: the output's JSON size
+        when the caller already measured it (so the event need not measure again)."""
         params = {**CHECKPOINT_DEFAULTS, **values}
         params.update(
             id=uuid.uuid4(), execution_id=claim.id, node_id=node_id, iteration=iteration,
@@ -415,7 +422,7 @@ class Runner:
         # in the runner's view (the database itself is atomic either way).
         if await asyncio.shield(self._write(CHECKPOINT, params)) == 0:
             raise LeaseLost(f"lost the lease on {claim.id} before checkpointing {node_id}")
-        self._node_event(claim, node_id, values, iteration)
+        self._node_event(claim, node_id, values, iteration, size)
 
     async def _write(self, stmt: Any, params: Any = None) -> int:
         # A checkpoint is one statement in its own transaction, straight on a pooled
@@ -778,7 +785,7 @@ class Runner:
                     timeout = self._node_timeout(claim, graph, node.timeout_s)
                     async with asyncio.timeout(timeout):
                         result = await handler(ctx)
-                    self._check_size(result)
+                    size = self._check_size(result)
                 except asyncio.CancelledError:
                     # With the lease gone this writes nothing, and must not: the new
                     # owner runs the node again.
@@ -874,6 +881,7 @@ class Runner:
                         "output_tokens": result.output_tokens,
                         "cost_usd": result.cost_usd,
                     },
+                    size=size,
                 )
                 run.record_output(node_id, result.output)
                 run.states[node_id] = NodeState(N.COMPLETED, result.branch)
@@ -1118,7 +1126,7 @@ class Runner:
             try:
                 async with asyncio.timeout(self._node_timeout(claim, body, node.timeout_s)):
                     result = await HANDLERS[node.type](ctx)
-                self._check_size(result)
+                size = self._check_size(result)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -1171,6 +1179,7 @@ class Runner:
                     "cost_usd": result.cost_usd,
                 },
                 iteration,
+                size,
             )
             return result
 
@@ -1185,13 +1194,14 @@ class Runner:
         )
         return max(0.1, min(node_timeout or graph.settings.timeout_s, left_in_run, left_in_task))
 
-    def _check_size(self, result: NodeResult) -> None:
+    def _check_size(self, result: NodeResult) -> int:
         size = len(json.dumps(result.output, default=str))
         if size > self.settings.engine.max_output_bytes:
             raise NodeFailure(
                 f"output is {size} bytes, over the {self.settings.engine.max_output_bytes} limit",
                 "permanent",
             )
+        return size
 
     async def _park(self, claim: Claim, run: RunState, at: datetime) -> None:
         """Release the worker slot until `at`: back to pending, re-enqueued with a countdown."""

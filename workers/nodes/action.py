@@ -9,10 +9,7 @@ from typing import Any
 
 import httpx
 
-from backend.credentials.service import reveal, touch
-from backend.kit.db import UnitOfWork
 from backend.kit.http_guard import BlockedAddress, ResponseTooLarge, TooManyRedirects, fetch
-from backend.models import Credential
 from backend.workflows.graph import (
     FileReadAction,
     FileWriteAction,
@@ -25,12 +22,7 @@ from workers.nodes.base import NodeContext, NodeResult
 
 
 async def _credential_headers(ctx: NodeContext, credential_id: Any) -> dict[str, str]:
-    async with UnitOfWork(ctx.sessionmaker) as uow:
-        credential = await uow.session.get(Credential, credential_id)
-        if credential is None or credential.workspace_id != ctx.workspace_id:
-            raise NodeFailure("credential not found in this workspace", "permanent")
-        secret = reveal(ctx.settings, credential)
-        touch(credential)
+    secret = await ctx.secret(credential_id)
     kind = secret.get("type")
     if kind == "bearer":
         return {"Authorization": f"Bearer {secret['token']}"}

@@ -12,6 +12,9 @@ import httpx
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from backend.config import Settings
+from backend.credentials.service import reveal, touch
+from backend.kit.db import UnitOfWork
+from backend.models import Credential
 from backend.workflows.graph import Node
 from backend.workflows.templates import evaluate, render
 from workers.engine.retry import NodeFailure
@@ -60,6 +63,17 @@ class NodeContext:
     attempt: int = 1
     # Sends an event about this node to the run's followers (type, data).
     emit: Callable[[str, dict[str, Any]], None] | None = None
+
+    async def secret(self, credential_id: uuid.UUID) -> dict[str, Any]:
+        """A credential's secret, from this workspace only; marks the credential used.
+        Never put it in an output or a log."""
+        async with UnitOfWork(self.sessionmaker) as uow:
+            credential = await uow.session.get(Credential, credential_id)
+            if credential is None or credential.workspace_id != self.workspace_id:
+                raise NodeFailure("credential not found in this workspace", "permanent")
+            secret = reveal(self.settings, credential)
+            touch(credential)
+        return secret
 
     def log(self, message: str, **data: Any) -> None:
         """A line for the run's followers (a `node.log` event); never secrets."""

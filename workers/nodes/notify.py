@@ -25,13 +25,10 @@ import httpx
 from email_validator import EmailNotValidError, validate_email
 
 from backend.config import Settings
-from backend.credentials.service import reveal, touch
-from backend.kit.db import UnitOfWork
 from backend.kit.http_guard import BlockedAddress
 from backend.kit.logging import get_logger
 from backend.kit.mail import smtp_send
 from backend.kit.signing import ID_HEADER, sign
-from backend.models import Credential
 from backend.workflows.graph import NotifyAction
 from workers.engine.retry import ErrorClass, NodeFailure, classify_status
 from workers.nodes.base import NodeContext, NodeResult
@@ -161,12 +158,7 @@ def _message_id(ctx: NodeContext) -> str:
 
 
 async def _signing_secret(ctx: NodeContext, credential_id: uuid.UUID) -> str:
-    async with UnitOfWork(ctx.sessionmaker) as uow:
-        credential = await uow.session.get(Credential, credential_id)
-        if credential is None or credential.workspace_id != ctx.workspace_id:
-            raise NodeFailure("credential not found in this workspace", "permanent")
-        secret = reveal(ctx.settings, credential)
-        touch(credential)
+    secret = await ctx.secret(credential_id)
     if secret.get("type") != "webhook_secret":
         raise NodeFailure(
             f"credential type {secret.get('type')!r} cannot sign webhooks; "
