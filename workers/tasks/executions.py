@@ -84,7 +84,13 @@ def execute(execution_id: str) -> str:
 def archive_events() -> int:
     """Copy the event logs of runs that ended to PostgreSQL (they outlive the streams)."""
     p = process()
-    return p.loop.run_until_complete(event_log().archive_pending(p.engine))
+    return p.loop.run_until_complete(_archive(p))
+
+
+async def _archive(p: _Process) -> int:
+    # event_log() belongs to the running loop: it must be called inside the coroutine
+    # (called before run_until_complete, it raised "no running event loop" on every tick).
+    return await event_log().archive_pending(p.engine)
 
 
 @celery_app.task(name="executions.reap")
