@@ -11,9 +11,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from kombu.exceptions import OperationalError as BrokerUnavailable
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from backend.agents.router import router as agents_router
 from backend.auth.router import api_keys as api_keys_router
@@ -22,11 +26,11 @@ from backend.config import Settings, get_settings
 from backend.credentials.router import router as credentials_router
 from backend.executions.router import router as executions_router
 from backend.health.router import router as health_router
-from backend.kit import errors
+from backend.kit import bodies, errors, openapi
 from backend.kit.celery_app import celery_app
 from backend.kit.db import create_engine, create_sessionmaker
 from backend.kit.logging import REQUEST_ID_KEY, configure_logging, current_request_id, get_logger
-from backend.kit.middleware import RequestContextMiddleware
+from backend.kit.middleware import RequestContextMiddleware, rejected_body
 from backend.kit.ratelimit import RateLimiter
 from backend.realtime.hub import Hub
 from backend.realtime.router import router as realtime_router
@@ -142,15 +146,49 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+async def _input_rejected(_: Request, exc: Exception) -> JSONResponse:
+    # The middleware refuses these before routing; a route that parses input itself
+    # (the raw-body webhook) may still raise one.
+    assert isinstance(exc, bodies.InputRejected)
+    return JSONResponse(
+        status_code=422, content=rejected_body(exc.problem, current_request_id() or "")
+    )
+
+
+async def _dependency_down(_: Request, exc: Exception) -> JSONResponse:
+    # Redis or the broker did not answer where the request needed it (a webhook's
+    # replay guard, say). Nothing was admitted, so the client may simply retry.
+    log.warning("dependency_unavailable", exc_type=type(exc).__name__)
+    return JSONResponse(
+        status_code=503,
+        content=_body("dependency_unavailable", "a backing service did not answer; retry later"),
+        headers={"Retry-After": "5"},
+    )
+
+
+def _allowed_methods(request: Request) -> str:
+    # Starlette answers 405 from the first route whose path matched, so its Allow
+    # names that route's methods only; a path is often served by several routes.
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = HTTP_STATUS_CODES.get(
         exc.status_code, "error" if exc.status_code < 500 else "internal_error"
     )
+    headers = dict(getattr(exc, "headers", None) or {})
+    if exc.status_code == 405:
+        headers["Allow"] = _allowed_methods(request)
     return JSONResponse(
         status_code=exc.status_code,
         content=_body(code, str(exc.detail)),
-        headers=getattr(exc, "headers", None),
+        headers=headers or None,
     )
 
 
@@ -171,7 +209,11 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
         app.state.sessionmaker = create_sessionmaker(engine)
         app.state.redis = redis
         app.state.celery = celery or celery_app
-        app.state.limiter = RateLimiter(settings.redis_url)
+        app.state.limiter = RateLimiter(
+            settings.redis_url,
+            timeout_s=settings.redis.socket_timeout_s,
+            connect_timeout_s=settings.redis.socket_connect_timeout_s,
+        )
         # Pub/sub waits on its socket indefinitely: no read timeout on this client.
         hub_redis = Redis.from_url(
             settings.redis_url,
@@ -221,6 +263,9 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(IntegrityError, _integrity_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(bodies.InputRejected, _input_rejected)
+    for unavailable in (RedisConnectionError, RedisTimeoutError, BrokerUnavailable):
+        app.add_exception_handler(unavailable, _dependency_down)
 
     app.include_router(health_router)
     routers = (
@@ -238,6 +283,7 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
     )
     for router in routers:
         app.include_router(router, prefix=API_PREFIX)
+    openapi.install(app, API_PREFIX)
     return app
 
 

@@ -13,12 +13,15 @@ from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from backend.auth.permissions import Role
 from backend.config import Settings
 from backend.kit import errors
 from backend.kit.db import UnitOfWorkDep
 from backend.main import create_app
-from backend.models import Workspace
+from backend.models import Trigger, Workflow, WorkflowExecution, Workspace
 from tests.support.asgi import client_for
+from tests.support.identity import Actor, make_workspace, member
+from tests.triggers.conftest import published, with_trigger
 
 
 class Item(BaseModel):
@@ -176,3 +179,122 @@ async def test_unit_of_work_commits_on_success_and_rolls_back_on_error(
 async def test_openapi_and_docs_are_served(tclient: httpx.AsyncClient) -> None:
     assert (await tclient.get("/openapi.json")).json()["info"]["title"] == "Orchestration Studio"
     assert (await tclient.get("/docs")).status_code == 200
+
+
+# What the API accepts, decided at the edge (bodies.py + the request middleware): every
+# refusal is 422 validation_error naming the field, on typed and raw-body routes alike.
+
+
+@pytest.fixture
+async def edge(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> tuple[Actor, Workflow, str]:
+    """An editor, a published workflow, and the token of its unsigned webhook."""
+    workspace = await make_workspace(session)
+    actor = await member(session, settings, workspace, Role.EDITOR)
+    workflow = await published(session, workspace, with_trigger({"kind": "webhook"}))
+    trigger = await session.scalar(select(Trigger).where(Trigger.workflow_id == workflow.id))
+    assert trigger is not None and trigger.token
+    return actor, workflow, trigger.token
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "1" + "]" * depth
+
+
+# (raw JSON for trigger_data / the webhook body, the field named relative to it)
+REFUSED_JSON = [
+    pytest.param('{"x": NaN}', "x", id="nan"),
+    pytest.param('{"x": [1, Infinity]}', "x[1]", id="infinity"),
+    pytest.param('{"x": -Infinity}', "x", id="minus-infinity"),
+    pytest.param('{"x": 1e999}', "x", id="overflow"),
+    pytest.param('{"x": "a\\u0000b"}', "x", id="nul-in-value"),
+    pytest.param('{"a\\u0000": 1}', "", id="nul-in-key"),
+    pytest.param('{"x": ' + _nested(300) + "}", "x", id="300-deep"),
+    pytest.param('{"x": ' + _nested(20_000) + "}", "", id="20000-deep"),
+    pytest.param('{"x": ' + "9" * 5000 + "}", "", id="5000-digit-int"),
+]
+
+
+def _refused(r: httpx.Response, field_prefix: str, where: str = "body") -> dict[str, str]:
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["error"] == "validation_error"
+    assert body["request_id"] == r.headers["x-request-id"]
+    (field,) = body["fields"]
+    assert field["in"] == where
+    assert field["field"].startswith(field_prefix), field
+    assert body["detail"].startswith(field["field"])
+    return dict(field)
+
+
+@pytest.mark.parametrize(("raw", "field"), REFUSED_JSON)
+async def test_a_typed_body_with_values_the_api_never_accepts_is_422(
+    client: httpx.AsyncClient, edge: tuple[Actor, Workflow, str], raw: str, field: str
+) -> None:
+    actor, workflow, _ = edge
+    body = f'{{"workflow_id": "{workflow.id}", "trigger_data": {raw}}}'
+    r = await client.post(
+        "/api/v1/executions",
+        content=body.encode(),
+        headers={**actor.headers, "content-type": "application/json"},
+    )
+    _refused(r, f"trigger_data.{field}" if field else "")
+
+
+@pytest.mark.parametrize(("raw", "field"), REFUSED_JSON)
+async def test_the_public_webhook_refuses_the_same_values_with_422(
+    client: httpx.AsyncClient, edge: tuple[Actor, Workflow, str], raw: str, field: str
+) -> None:
+    _, _, token = edge
+    for content_type in ("application/json", "application/vnd.acme+json", None):
+        headers = {"content-type": content_type} if content_type else {}
+        r = await client.post(f"/api/v1/hooks/{token}", content=raw.encode(), headers=headers)
+        _refused(r, field)
+
+
+async def test_nul_in_form_fields_query_strings_headers_and_paths_is_422(
+    client: httpx.AsyncClient, session: AsyncSession, edge: tuple[Actor, Workflow, str]
+) -> None:
+    actor, workflow, token = edge
+    r = await client.post(f"/api/v1/hooks/{token}", data={"name": "a\x00b"})
+    assert _refused(r, "name")["in"] == "body"
+    r = await client.get("/api/v1/workflows?q=a%00b", headers=actor.headers)
+    _refused(r, "q", where="query")
+    r = await client.post(
+        "/api/v1/executions",
+        json={"workflow_id": str(workflow.id)},
+        headers={**actor.headers, "Idempotency-Key": "key\x00"},
+    )
+    _refused(r, "idempotency-key", where="header")
+    _refused(await client.post("/api/v1/hooks/wh_%00"), "path", where="path")
+    # Nothing was started by any of them.
+    started = select(func.count()).where(WorkflowExecution.workflow_id == workflow.id)
+    assert await session.scalar(started) == 0
+
+
+async def test_numbers_beyond_what_the_database_holds_are_422(
+    client: httpx.AsyncClient, edge: tuple[Actor, Workflow, str]
+) -> None:
+    actor, workflow, token = edge
+    big = str(2**63)
+    for url in (
+        f"/api/v1/workflows?offset={big}",
+        f"/api/v1/executions?offset={big}",
+        f"/api/v1/workflows/{workflow.id}/versions?offset={big}",
+        f"/api/v1/workflows/{workflow.id}/versions/{big}",
+    ):
+        r = await client.get(url, headers=actor.headers)
+        assert r.status_code == 422, (url, r.text)
+        assert r.json()["error"] == "validation_error"
+    # Not-a-version If-Match values (a superscript digit passes str.isdigit()).
+    for if_match in (b"\xb2", big.encode()):
+        r = await client.put(
+            f"/api/v1/workflows/{workflow.id}",
+            json={"name": "renamed"},
+            headers={**actor.headers, "If-Match": if_match},
+        )
+        _refused(r, "if-match", where="header")
+    for wait in ("inf", "nan", "1e999"):
+        r = await client.post(f"/api/v1/hooks/{token}?wait={wait}", json={})
+        _refused(r, "wait", where="query")

@@ -5,7 +5,10 @@ streaming responses such as SSE pass straight through):
   of the request, echoed in the response, and one access line with the timing;
 - the client's address and user agent, for the activity log;
 - security headers on every response;
-- a cap on the request body, by Content-Length and by the bytes actually received.
+- a cap on the request body, by Content-Length and by the bytes actually received;
+- the input rules of `bodies` (finite numbers, no NUL, bounded JSON depth) applied to
+  path, query string, headers and JSON or form bodies before any route sees them, so
+  every route, typed or raw, refuses the same things with the same 422.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import structlog
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from backend.kit import bodies
 from backend.kit.logging import REQUEST_ID_KEY, get_logger
 
 REQUEST_ID_HEADER = b"x-request-id"
@@ -75,6 +79,63 @@ def _incoming_id(scope: Scope) -> str | None:
     candidate = _header(scope, REQUEST_ID_HEADER)
     # Anything else could forge log lines or bloat them.
     return candidate if candidate and _SAFE_ID.match(candidate) else None
+
+
+# Methods whose body a route may read; others pass through unread.
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def _check_envelope(scope: Scope) -> None:
+    """Path, query string and headers: no NUL anywhere a route could take a value."""
+    bodies.check_text(scope.get("path", ""), "path", "path")
+    bodies.check_query(scope.get("query_string", b""))
+    for name, value in scope.get("headers", ()):
+        bodies.check_text(value.decode("latin-1"), name.decode("latin-1"), "header")
+
+
+async def _checked_body(scope: Scope, receive: Receive) -> Receive:
+    """Read a JSON or form body whole (the cap still applies), check it, and hand the
+    same bytes on. Other bodies (uploads) stream through untouched."""
+    content_type = _header(scope, b"content-type")
+    if scope["method"] not in _BODY_METHODS or not (
+        content_type is None or bodies.is_json(content_type) or bodies.is_form(content_type)
+    ):
+        return receive
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            # The client left: whatever reads next sees that.
+            pending: list[Message] = [message]
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            pending = []
+            break
+    body = b"".join(chunks)
+    bodies.check_body(content_type, body)
+    replay: list[Message] = [{"type": "http.request", "body": body, "more_body": False}, *pending]
+
+    async def replayed() -> Message:
+        return replay.pop(0) if replay else await receive()
+
+    return replayed
+
+
+def rejected_body(problem: bodies.Problem, request_id: str) -> dict[str, object]:
+    return {
+        "error": "validation_error",
+        "detail": f"{problem.field}: {problem.message}",
+        REQUEST_ID_KEY: request_id,
+        "fields": [
+            {
+                "field": problem.field,
+                "in": problem.where,
+                "message": problem.message,
+                "type": problem.type,
+            }
+        ],
+    }
 
 
 class RequestContextMiddleware:
@@ -133,11 +194,26 @@ class RequestContextMiddleware:
             if (
                 scope["type"] == "http"
                 and declared
+                and declared.isascii()
                 and declared.isdigit()
                 and int(declared) > limit
             ):
                 raise BodyTooLarge(limit)
-            await self.app(scope, capped_receive, send_with_headers)
+            try:
+                _check_envelope(scope)
+            except bodies.InputRejected:
+                if scope["type"] != "websocket":
+                    raise
+                # Closing before the handshake is accepted answers the upgrade with 403.
+                await receive()
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            downstream = (
+                await _checked_body(scope, capped_receive)
+                if scope["type"] == "http"
+                else capped_receive
+            )
+            await self.app(scope, downstream, send_with_headers)
         except Exception as exc:
             # Answered here rather than by Starlette's ServerErrorMiddleware, which sits
             # outside us and would answer after the request id is gone. The trace goes
@@ -145,11 +221,16 @@ class RequestContextMiddleware:
             if scope["type"] != "http" or response_started:
                 log.exception("unhandled_error", exc_type=type(exc).__name__)
                 raise
+            body: dict[str, object]
             if isinstance(exc, BodyTooLarge):
-                code, error, detail = 413, "payload_too_large", str(exc.detail)
+                code = 413
+                body = {"error": "payload_too_large", "detail": str(exc.detail)}
+            elif isinstance(exc, bodies.InputRejected):
+                code, body = 422, rejected_body(exc.problem, request_id)
             else:
                 log.exception("unhandled_error", exc_type=type(exc).__name__)
-                code, error, detail = 500, "internal_error", "internal server error"
+                code, body = 500, {"error": "internal_error", "detail": "internal server error"}
+            body[REQUEST_ID_KEY] = request_id
             await send_with_headers(
                 {
                     "type": "http.response.start",
@@ -157,7 +238,6 @@ class RequestContextMiddleware:
                     "headers": [(b"content-type", b"application/json")],
                 }
             )
-            body = {"error": error, "detail": detail, REQUEST_ID_KEY: request_id}
             await send({"type": "http.response.body", "body": json.dumps(body).encode()})
         finally:
             if scope["type"] == "http":

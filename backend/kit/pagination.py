@@ -11,6 +11,10 @@ T = TypeVar("T")
 
 MAX_LIMIT = 100
 DEFAULT_LIMIT = 20
+# The largest PostgreSQL `integer`. Numbers from outside that the database compares or
+# skips by (offsets, version numbers) stay within it, or a query fails instead of
+# answering 422.
+MAX_DB_INT = 2**31 - 1
 
 
 class PageParams(BaseModel):
@@ -20,7 +24,7 @@ class PageParams(BaseModel):
 
 def _page_params(
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_DB_INT)] = 0,
 ) -> PageParams:
     return PageParams(limit=limit, offset=offset)
 

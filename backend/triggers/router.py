@@ -7,7 +7,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, status
+from fastapi import APIRouter, Path, Query, Request, status
 from fastapi.responses import JSONResponse
 
 from backend.auth.dependencies import LimiterDep, PublicRoute, SettingsDep, WorkspaceAccess, require
@@ -148,11 +148,14 @@ async def _body(request: Request, limit: int) -> bytes:
     responses={200: {"model": HookFinished, "description": "?wait: the run ended in time"}},
 )
 async def receive_webhook(
-    token: str,
+    token: Annotated[str, Path(max_length=200)],
     request: Request,
     settings: SettingsDep,
     limiter: LimiterDep,
-    wait: Annotated[float | None, Query(gt=0, description="seconds to wait for the run")] = None,
+    wait: Annotated[
+        float | None,
+        Query(gt=0, allow_inf_nan=False, description="seconds to wait for the run"),
+    ] = None,
 ) -> JSONResponse:
     await limiter.hit(settings.triggers.webhook_rate_limit, "hook", hash_token(token))
     body = await _body(request, settings.triggers.webhook_max_body_bytes)

@@ -10,7 +10,6 @@ replayed inside the window either).
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from backend.config import Settings
 from backend.executions import service as executions
 from backend.executions.state import TERMINAL_EXECUTION
-from backend.kit import signing
+from backend.kit import bodies, signing
 from backend.kit.db import UnitOfWork
 from backend.kit.errors import Conflict, NotFound, Unauthenticated, ValidationFailed
 from backend.models import Trigger, Workflow, WorkflowExecution
@@ -42,18 +41,20 @@ class Received:
 
 def parse_body(content_type: str, body: bytes) -> dict[str, Any]:
     """JSON objects as they are (other JSON values under "body"), form fields as a dict
-    (repeated fields as lists), an empty body as {}."""
+    (repeated fields as lists), an empty body as {}. JSON is held to the API's input
+    rules (finite numbers, no NUL, bounded depth), like every other body."""
     if not body.strip():
         return {}
     media = content_type.split(";")[0].strip().lower()
     if media == "application/json" or media.endswith("+json"):
         try:
-            value = json.loads(body)
+            value = bodies.loads(body)
         except ValueError as exc:
             raise ValidationFailed("the body is not valid JSON", field="body") from exc
         return value if isinstance(value, dict) else {"body": value}
     if media == "application/x-www-form-urlencoded":
         fields: dict[str, Any] = {}
+        bodies.check_form(body)
         for key, value in parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True):
             if key in fields:
                 existing = fields[key]

@@ -11,7 +11,7 @@ from backend.auth.dependencies import WorkspaceAccess, require
 from backend.auth.permissions import Permission as P  # noqa: N817 - reads as a table
 from backend.kit.db import UnitOfWorkDep
 from backend.kit.errors import ValidationFailed
-from backend.kit.pagination import Page, PageParamsDep
+from backend.kit.pagination import MAX_DB_INT, Page, PageParamsDep
 from backend.models import Workflow
 from backend.workflows import service
 from backend.workflows.schemas import (
@@ -95,7 +95,13 @@ async def get_workflow(
 async def update_workflow(
     body: WorkflowUpdate,
     uow: UnitOfWorkDep,
-    if_match: Annotated[str | None, Header()] = None,
+    if_match: Annotated[
+        str | None,
+        Header(
+            pattern=r'^\s*(W/)?"?[0-9]{1,9}"?\s*$',
+            description="the workflow version you edited",
+        ),
+    ] = None,
     access: WorkspaceAccess = _on(P.WORKFLOWS_WRITE),
 ) -> WorkflowRead:
     return await service.update(uow, access, body, _if_match(if_match))
@@ -137,7 +143,7 @@ async def list_versions(
 
 @router.get("/{workflow_id}/versions/{number}")
 async def get_version(
-    number: Annotated[int, Path(ge=1)],
+    number: Annotated[int, Path(ge=1, le=MAX_DB_INT)],
     uow: UnitOfWorkDep,
     access: WorkspaceAccess = _on(P.WORKFLOWS_READ),
 ) -> VersionRead:

@@ -32,7 +32,7 @@ class WorkflowUpdate(DefinitionParts):
     description: str | None = Field(default=None, max_length=5000)
     tags: list[Tag] | None = Field(default=None, max_length=20)
     # The version the client edited; an older one means someone saved in between.
-    version: int | None = Field(default=None, ge=1)
+    version: int | None = Field(default=None, ge=1, le=2**31 - 1)
 
 
 class StatusChange(StrictInput):
@@ -84,7 +84,7 @@ class ExportDocument(BaseModel):
     # What the definition refers to outside itself, for the importer to map.
     references: dict[str, list[uuid.UUID]] = Field(default_factory=dict)
     source_workflow_id: uuid.UUID | None = None
-    source_version: int | None = None
+    source_version: int | None = Field(default=None, ge=1, le=2**31 - 1)
     exported_at: datetime | None = None
 
 
