@@ -105,11 +105,25 @@ class AuthSettings(BaseModel):
     refresh_token_ttl_s: int = Field(default=7 * 86_400, ge=300)
     otp_ttl_s: int = Field(default=300, ge=30)
     otp_max_attempts: int = Field(default=5, ge=1)
-    # Rate limits in the `limits` notation: "N per <amount> <unit>".
+    # Rate limits in the `limits` notation: "N per <amount> <unit>". "Network" is an
+    # IPv4 address or an IPv6 /64.
+    # Code requests per network, and per address from each network: one network's
+    # requests never stop another's.
     otp_request_limit: str = "5 per 15 minutes"
+    # Code mails to one address from networks it has not signed in from lately (a guard
+    # for its inbox); a network it signed in from is never held to it.
+    otp_address_request_limit: str = "20 per hour"
     otp_verify_limit: str = "10 per 15 minutes"
-    # Wrong codes per address, across codes: a fresh code brings no fresh guesses.
-    otp_failure_limit: str = "10 per day"
+    # Wrong codes for one address, from any network, past the first few lock it out for
+    # base, 2 x base, 4 x base ... up to max; counted over the window, cleared by a
+    # sign-in. The lock holds the networks that sent wrong codes: another network's own
+    # fresh code gets past it, fresh networks sharing `otp_lockout_bypass_limit` wrong
+    # codes per address (networks it signed in from do not). The sums are in the README.
+    otp_lockout_free_failures: int = Field(default=5, ge=0)
+    otp_lockout_base_s: int = Field(default=60, ge=1)
+    otp_lockout_max_s: int = Field(default=3600, ge=1)
+    otp_lockout_window_s: int = Field(default=86_400, ge=60)
+    otp_lockout_bypass_limit: str = "1 per hour"
     api_rate_limit: str = "1000 per hour"
     invitation_ttl_s: int = Field(default=7 * 86_400, ge=300)
     invite_limit: str = "50 per hour"
