@@ -90,3 +90,18 @@ class LogEntry(BaseModel):
     level: Literal["info", "warning", "error"]
     node_id: str | None
     message: str
+
+
+class TransitionRead(BaseModel):
+    """One entry of a run's history: a status change of the run (`node_id` null) or of
+    one of its nodes, who made it (`actor`) and why."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    at: datetime
+    node_id: str | None
+    iteration: int
+    from_status: str | None
+    to_status: str
+    reason: str | None
+    actor: str | None

@@ -1,6 +1,7 @@
-"""Starting, reading, cancelling, retrying and re-running executions. Enqueueing always
-waits for the commit; a crash in between is caught by the reaper (a pending run nobody
-claimed is enqueued again)."""
+"""Starting, reading, cancelling, retrying and re-running executions. Status changes go
+through the lifecycle (backend/executions/lifecycle.py); enqueueing always waits for the
+commit, and a crash in between is caught by the reaper (a pending run nobody claimed is
+enqueued again)."""
 
 from __future__ import annotations
 
@@ -9,33 +10,34 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.activity.service import record
-from backend.auth.dependencies import WorkspaceAccess
-from backend.executions.schemas import ExecutionCreate, ExecutionRead, LogEntry, NodeSummary
-from backend.executions.state import TERMINAL_EXECUTION, ExecutionStatus, NodeStatus, transition
+from backend.auth.dependencies import Principal, WorkspaceAccess
+from backend.executions import lifecycle
+from backend.executions import repository as repo
+from backend.executions.schemas import (
+    ExecutionCreate,
+    ExecutionRead,
+    LogEntry,
+    NodeSummary,
+    TransitionRead,
+)
+from backend.executions.state import TERMINAL_EXECUTION, ExecutionStatus, NodeStatus
 from backend.kit.db import UnitOfWork
 from backend.kit.errors import Conflict, InvalidTransition, NotFound
-from backend.kit.repository import Repository
-from backend.kit.tasks import enqueue_after_commit
 from backend.models import NodeExecution, Workflow, WorkflowExecution
-from backend.realtime.events import publish_after_commit
-from backend.triggers.hooks import execution_finished
 
-EXECUTE_TASK = "workflow.execute"
+EXECUTE_TASK = lifecycle.EXECUTE_TASK
 E = ExecutionStatus
 
 
-class ExecutionRepository(Repository[WorkflowExecution]):
-    model = WorkflowExecution
-
-
-def _enqueue(uow: UnitOfWork, execution: WorkflowExecution) -> None:
-    enqueue_after_commit(uow, EXECUTE_TASK, str(execution.id))
+def actor_of(principal: Principal) -> str:
+    """Who made a change, as the run's history names them."""
+    if principal.api_key is not None:
+        return f"api_key:{principal.api_key.id}"
+    return f"user:{principal.user.id}"
 
 
 async def _new_run(
@@ -46,24 +48,24 @@ async def _new_run(
     version: int,
     trigger_type: str,
     trigger_data: dict[str, Any],
+    reason: str,
     idempotency_key: str | None = None,
     retry_of: uuid.UUID | None = None,
 ) -> WorkflowExecution:
-    execution = WorkflowExecution(
-        id=uuid.uuid4(),
+    execution = await lifecycle.create_run(
+        uow,
         workspace_id=workflow.workspace_id,
         workflow_id=workflow.id,
         version=version,
         trigger_type=trigger_type,
         trigger_data=trigger_data,
+        actor=actor_of(access.principal),
+        reason=reason,
         idempotency_key=idempotency_key,
         retry_of=retry_of,
         created_by=access.user.id,
-        status=E.PENDING,
     )
-    uow.session.add(execution)
-    await uow.session.flush()
-    _enqueue(uow, execution)
+    assert execution is not None
     return execution
 
 
@@ -73,12 +75,7 @@ async def start(
     """(execution, created). The same Idempotency-Key gives back the same execution."""
     session = uow.session
     if idempotency_key:
-        existing = await session.scalar(
-            select(WorkflowExecution).where(
-                WorkflowExecution.workspace_id == access.workspace.id,
-                WorkflowExecution.idempotency_key == idempotency_key,
-            )
-        )
+        existing = await repo.find_by_key(session, access.workspace.id, idempotency_key)
         if existing is not None:
             if existing.workflow_id != data.workflow_id:
                 raise Conflict(
@@ -99,15 +96,15 @@ async def start(
                 version=workflow.current_version,
                 trigger_type=data.trigger_type,
                 trigger_data=data.trigger_data,
+                reason=f"started ({data.trigger_type})",
                 idempotency_key=idempotency_key,
             )
     except IntegrityError:
         # The same key raced in from a concurrent retry of the request: theirs won.
-        existing = await session.scalar(
-            select(WorkflowExecution).where(
-                WorkflowExecution.workspace_id == access.workspace.id,
-                WorkflowExecution.idempotency_key == idempotency_key,
-            )
+        existing = (
+            await repo.find_by_key(session, access.workspace.id, idempotency_key)
+            if idempotency_key
+            else None
         )
         if existing is None:
             raise
@@ -136,39 +133,26 @@ async def start_unattended(
 ) -> uuid.UUID | None:
     """A run nobody started in person (a schedule, webhook or event trigger): pinned to
     the workflow's current version, no user, enqueued after commit. None when the slot
-    (trigger_id, scheduled_for) or the idempotency key already has its run: the unique
-    constraints decide, so two dispatchers can never both fire one slot."""
-    execution_id = await uow.session.scalar(
-        pg_insert(WorkflowExecution)
-        .values(
-            id=uuid.uuid4(),
-            workspace_id=workflow.workspace_id,
-            workflow_id=workflow.id,
-            version=workflow.current_version,
-            trigger_type=trigger_type,
-            trigger_data=trigger_data,
-            trigger_id=trigger_id,
-            scheduled_for=scheduled_for,
-            idempotency_key=idempotency_key,
-            status=E.PENDING,
-        )
-        .on_conflict_do_nothing()
-        .returning(WorkflowExecution.id)
+    (trigger_id, scheduled_for) or the idempotency key already has its run."""
+    execution = await lifecycle.create_run(
+        uow,
+        workspace_id=workflow.workspace_id,
+        workflow_id=workflow.id,
+        version=workflow.current_version,
+        trigger_type=trigger_type,
+        trigger_data=trigger_data,
+        actor=f"trigger:{trigger_id}" if trigger_id else trigger_type,
+        reason=f"started ({trigger_type})",
+        skip_duplicate=True,
+        trigger_id=trigger_id,
+        scheduled_for=scheduled_for,
+        idempotency_key=idempotency_key,
     )
-    if execution_id is not None:
-        enqueue_after_commit(uow, EXECUTE_TASK, str(execution_id))
-    return execution_id
+    return execution.id if execution is not None else None
 
 
 async def node_rows(session: AsyncSession, execution_id: uuid.UUID) -> Sequence[NodeExecution]:
-    rows = await session.scalars(
-        select(NodeExecution)
-        .where(NodeExecution.execution_id == execution_id)
-        .order_by(
-            NodeExecution.started_at.nulls_last(), NodeExecution.node_id, NodeExecution.iteration
-        )
-    )
-    return rows.all()
+    return await repo.node_rows(session, execution_id)
 
 
 async def read(uow: UnitOfWork, access: WorkspaceAccess) -> ExecutionRead:
@@ -197,31 +181,22 @@ async def list_executions(
     limit: int,
     offset: int,
 ) -> tuple[Sequence[WorkflowExecution], int]:
-    stmt = select(WorkflowExecution).where(WorkflowExecution.workspace_id == access.workspace.id)
-    if workflow_id:
-        stmt = stmt.where(WorkflowExecution.workflow_id == workflow_id)
-    if status:
-        stmt = stmt.where(WorkflowExecution.status == status)
-    if since:
-        stmt = stmt.where(WorkflowExecution.created_at >= since)
-    if until:
-        stmt = stmt.where(WorkflowExecution.created_at < until)
-    stmt = stmt.order_by(WorkflowExecution.created_at.desc(), WorkflowExecution.id)
-    return await ExecutionRepository(uow.session).paginate(stmt, limit=limit, offset=offset)
+    stmt = repo.list_statement(
+        access.workspace.id, workflow_id=workflow_id, status=status, since=since, until=until
+    )
+    return await repo.ExecutionRepository(uow.session).paginate(stmt, limit=limit, offset=offset)
 
 
 async def cancel(uow: UnitOfWork, access: WorkspaceAccess) -> WorkflowExecution:
     session = uow.session
-    execution = await session.get(
-        WorkflowExecution, access.resource.id, with_for_update=True, populate_existing=True
-    )
+    execution = await repo.lock_run(session, access.resource.id)
     if execution is None:
         raise NotFound("execution not found")
     if execution.status in TERMINAL_EXECUTION:
         raise InvalidTransition(
             f"a {execution.status} execution cannot be cancelled", field="status"
         )
-    await cancel_tree(uow, execution, datetime.now(UTC))
+    await lifecycle.cancel_tree(uow, execution, datetime.now(UTC), actor=actor_of(access.principal))
     record(
         session,
         access.principal,
@@ -231,58 +206,6 @@ async def cancel(uow: UnitOfWork, access: WorkspaceAccess) -> WorkflowExecution:
         resource_id=execution.id,
     )
     return execution
-
-
-async def cancel_tree(uow: UnitOfWork, execution: WorkflowExecution, now: datetime) -> None:
-    """Ask a run and every unfinished sub-run under it to stop. Runs nobody is running
-    (pending, or whose worker let go) are cancelled here and now; a running one is
-    cancelled by its worker, which checks several times a second."""
-    session = uow.session
-    tree = (
-        select(WorkflowExecution.id)
-        .where(WorkflowExecution.parent_execution_id == execution.id)
-        .cte("tree", recursive=True)
-    )
-    tree = tree.union_all(
-        select(WorkflowExecution.id).where(WorkflowExecution.parent_execution_id == tree.c.id)
-    )
-    children = await session.scalars(
-        select(WorkflowExecution)
-        .where(
-            WorkflowExecution.id.in_(select(tree.c.id)),
-            WorkflowExecution.status.not_in(TERMINAL_EXECUTION),
-        )
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    )
-    for run in [execution, *children.all()]:
-        run.cancel_requested_at = run.cancel_requested_at or now
-        live_lease = run.lease_owner is not None and (
-            run.lease_expires_at is None or run.lease_expires_at > now
-        )
-        if run.status == E.PENDING or not live_lease:
-            await cancel_now(uow, run, now)
-    await session.flush()
-
-
-async def cancel_now(uow: UnitOfWork, execution: WorkflowExecution, now: datetime) -> None:
-    """Cancel a run that no worker holds, with its retry waits."""
-    transition("execution", execution.status, E.CANCELLED, at=now)
-    execution.status = E.CANCELLED
-    execution.finished_at = now
-    execution.lease_owner = None
-    execution.lease_expires_at = None
-    execution.error = execution.error or {"message": "cancelled"}
-    pending = await uow.session.scalars(
-        select(NodeExecution).where(
-            NodeExecution.execution_id == execution.id,
-            NodeExecution.status == NodeStatus.RETRYING,
-        )
-    )
-    for row in pending.all():
-        row.status = NodeStatus.CANCELLED
-    publish_after_commit(uow, execution)
-    await execution_finished(uow, execution)
 
 
 async def retry(uow: UnitOfWork, access: WorkspaceAccess) -> WorkflowExecution:
@@ -306,29 +229,11 @@ async def retry(uow: UnitOfWork, access: WorkspaceAccess) -> WorkflowExecution:
         version=source.version,
         trigger_type=source.trigger_type,
         trigger_data=source.trigger_data,
+        reason=f"retry of {source.id}",
         retry_of=source.id,
     )
-    for row in await node_rows(uow.session, source.id):
-        if row.status == NodeStatus.COMPLETED:
-            uow.session.add(
-                NodeExecution(
-                    execution_id=execution.id,
-                    node_id=row.node_id,
-                    iteration=row.iteration,
-                    status=row.status,
-                    branch=row.branch,
-                    attempt=row.attempt,
-                    input=row.input,
-                    output=row.output,
-                    started_at=row.started_at,
-                    finished_at=row.finished_at,
-                    duration_ms=row.duration_ms,
-                    input_tokens=0,
-                    output_tokens=0,
-                    cost_usd=0.0,
-                )
-            )
-    await uow.session.flush()
+    # In the same transaction: the message goes out after the commit, copies included.
+    await repo.copy_completed_nodes(uow.session, source.id, execution.id)
     record(
         uow.session,
         access.principal,
@@ -356,6 +261,7 @@ async def rerun(uow: UnitOfWork, access: WorkspaceAccess) -> WorkflowExecution:
         version=workflow.current_version,
         trigger_type=source.trigger_type,
         trigger_data=source.trigger_data,
+        reason=f"re-run of {source.id}",
     )
     record(
         uow.session,
@@ -410,3 +316,8 @@ async def logs(uow: UnitOfWork, access: WorkspaceAccess) -> list[LogEntry]:
             )
         )
     return entries
+
+
+async def transitions(uow: UnitOfWork, access: WorkspaceAccess) -> list[TransitionRead]:
+    rows = await lifecycle.history(uow.session, access.resource.id)
+    return [TransitionRead.model_validate(r) for r in rows]

@@ -1,7 +1,12 @@
 """Every ORM model, imported here so Alembic and the mappers see them all at once."""
 
 from backend.models.base import Base, RecordModel
-from backend.models.executions import ExecutionEvent, NodeExecution, WorkflowExecution
+from backend.models.executions import (
+    ExecutionEvent,
+    ExecutionTransition,
+    NodeExecution,
+    WorkflowExecution,
+)
 from backend.models.identity import (
     ActivityLog,
     ApiKey,
@@ -23,6 +28,7 @@ __all__ = [
     "Base",
     "Credential",
     "ExecutionEvent",
+    "ExecutionTransition",
     "Invitation",
     "NodeExecution",
     "Notification",

@@ -6,11 +6,34 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Float, ForeignKey, Index, Integer, String, UniqueConstraint, text
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
 from backend.models.base import Base, RecordModel
+
+# The statuses the state machines know (backend/executions/state.py); the database
+# refuses anything else, so no code path can write a status the lifecycle never checked.
+EXECUTION_STATUSES = ("pending", "running", "completed", "failed", "cancelled")
+NODE_STATUSES = ("pending", "running", "retrying", "completed", "failed", "skipped", "cancelled")
+
+
+def _one_of(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
 
 
 class WorkflowExecution(RecordModel):
@@ -28,6 +51,7 @@ class WorkflowExecution(RecordModel):
             "lease_expires_at",
             postgresql_where=text("status IN ('pending', 'running')"),
         ),
+        CheckConstraint(_one_of("status", EXECUTION_STATUSES), name="status"),
     )
 
     workspace_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("workspaces.id", ondelete="CASCADE"))
@@ -80,7 +104,10 @@ class NodeExecution(RecordModel):
     """One node's checkpoint in a run (one per for_each iteration)."""
 
     __tablename__ = "node_executions"
-    __table_args__ = (UniqueConstraint("execution_id", "node_id", "iteration"),)
+    __table_args__ = (
+        UniqueConstraint("execution_id", "node_id", "iteration"),
+        CheckConstraint(_one_of("status", NODE_STATUSES), name="status"),
+    )
 
     execution_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("workflow_executions.id", ondelete="CASCADE")
@@ -115,3 +142,27 @@ class ExecutionEvent(Base):
     )
     seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     event: Mapped[dict[str, Any]]
+
+
+class ExecutionTransition(Base):
+    """A run's history: every status change of the run and of its nodes, who made it
+    and why, written by the lifecycle in the same statement as the change itself."""
+
+    __tablename__ = "execution_transitions"
+    __table_args__ = (Index("ix_execution_transitions_execution_id_id", "execution_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    execution_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("workflow_executions.id", ondelete="CASCADE")
+    )
+    # None for the run itself; `<loop>.<node>` with iteration > 0 for a loop body's node.
+    node_id: Mapped[str | None] = mapped_column(String(64))
+    iteration: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    # None when the row was created in `to_status`.
+    from_status: Mapped[str | None] = mapped_column(String(20))
+    to_status: Mapped[str] = mapped_column(String(20))
+    reason: Mapped[str | None] = mapped_column(Text)
+    # Who: a lease token (worker host:pid/nonce), `user:<id>`, `api_key:<id>`, `reaper`,
+    # `trigger:<id>`.
+    actor: Mapped[str | None] = mapped_column(String(200))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -1,6 +1,7 @@
 """What happens when a run ends: event triggers and workflow notifications.
 
-`execution_finished` is called inside the transaction that moves an execution to a
+Importing this module registers `execution_finished` with the lifecycle (a listener
+registry: the lifecycle never imports the trigger domain). It is called inside the transaction that moves an execution to a
 terminal status (the runner's close, a cancel of a pending run, the delivery cap), so
 anything it inserts commits, or rolls back, with that status change; tasks are
 enqueued only after that commit.
@@ -20,6 +21,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
+from backend.executions import lifecycle
 from backend.kit.db import UnitOfWork
 from backend.kit.tasks import enqueue_after_commit
 from backend.models import Notification, Trigger, Workflow, WorkflowExecution, WorkflowVersion
@@ -94,19 +96,21 @@ async def _start_listeners(uow: UnitOfWork, execution: WorkflowExecution, outcom
     ).all()
     if not listeners:
         return
-    # Here, not at the top: the executions service calls this module.
-    from backend.executions import service as executions
-
     for trigger_id, workflow_id, config in listeners:
         workflow = await uow.session.get(Workflow, workflow_id)
         if workflow is None or outcome not in config.get("on", ["completed"]):
             continue
-        await executions.start_unattended(
+        await lifecycle.create_run(
             uow,
-            workflow,
+            workspace_id=workflow.workspace_id,
+            workflow_id=workflow.id,
+            version=workflow.current_version,
             trigger_type="event",
             # The source run's output is the input; templates read trigger.output.
             trigger_data=_summary(execution),
+            actor=f"trigger:{trigger_id}",
+            reason=f"started (event: {execution.id} {outcome})",
+            skip_duplicate=True,
             trigger_id=trigger_id,
             # One run per (listener, source run), whatever happens to this hook.
             idempotency_key=f"event:{trigger_id}:{execution.id}",
@@ -136,6 +140,7 @@ async def _queue_notifications(uow: UnitOfWork, execution: WorkflowExecution, ou
             enqueue_after_commit(uow, DELIVER_TASK, str(notification_id))
 
 
+@lifecycle.on_finished
 async def execution_finished(uow: UnitOfWork, execution: WorkflowExecution) -> None:
     """Start the workflows whose event triggers listen for this outcome and queue the
     workflow's notifications. Cancelled runs do neither: someone chose to stop them."""

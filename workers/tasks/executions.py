@@ -1,41 +1,59 @@
-"""Execution tasks: `workflow.execute` runs a run; `executions.reap` finds runs whose
-worker died or whose message was lost, and hands them on."""
+"""Execution tasks: `workflow.execute` starts a run; `executions.reap` finds runs whose
+worker died or whose message was lost, and hands them on; `executions.archive_events`
+copies finished runs' event logs to PostgreSQL.
+
+Each worker process keeps one event loop in a thread of its own and carries many runs on
+it at once (their work is I/O-bound): `workflow.execute` claims its run, hands it to the
+loop and returns, so the process takes the next message while earlier runs go on, up to
+ENGINE__RUNS_PER_PROCESS at a time. The message is acknowledged once the run is claimed:
+from then on the run's lease (renewed by the process's heartbeat) and the reaper are what
+hand it on if the process dies, as they always did for a lease-holding run. A claim that
+fails on the database is retried on a fresh connection and, failing that, the message
+goes back to the queue (`retry`): nothing that could not start is acknowledged away.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import socket
+import threading
+import time
 import uuid
-from datetime import timedelta
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
-from celery import signals
-from sqlalchemy import func, or_, select
+from celery import Task, signals
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from backend.config import get_settings
-from backend.executions.state import ExecutionStatus, transition
+from backend.executions import lifecycle
 from backend.kit.celery_app import celery_app
-from backend.kit.db import UnitOfWork, create_engine, create_sessionmaker
+from backend.kit.db import create_engine, create_sessionmaker
 from backend.kit.http_guard import guarded_client
 from backend.kit.logging import get_logger
-from backend.models import WorkflowExecution
-from backend.realtime.events import event_log, publish_after_commit
+from backend.realtime.events import event_log
 from workers.engine.runner import Runner
 
 log = get_logger(__name__)
 EXECUTE = "workflow.execute"
+T = TypeVar("T")
 
 
 class _Process:
-    """Per worker process: one event loop, one database pool, one HTTP client, kept
-    across tasks (async connections belong to the loop that opened them)."""
+    """Per worker process: one event loop (in its own thread), one database pool, one
+    HTTP client and one runner, kept across tasks (async connections belong to the loop
+    that opened them)."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
         settings = get_settings()
-        # No pre-ping on the worker's hot path: the runner retries a checkpoint whose
-        # connection turned out dead instead (see Runner._write).
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="engine", daemon=True)
+        self.thread.start()
+        # No pre-ping on the worker's hot path: the lifecycle retries a statement whose
+        # connection turned out dead instead.
         self.engine = create_engine(
             settings.model_copy(
                 update={"db": settings.db.model_copy(update={"pool_pre_ping": False})}
@@ -48,24 +66,55 @@ class _Process:
         self.runner = Runner(
             settings, self.sessionmaker, self.http, f"{socket.gethostname()}:{os.getpid()}", enqueue
         )
+        self.slots = threading.BoundedSemaphore(settings.engine.runs_per_process)
+        self.runs: set[concurrent.futures.Future[str]] = set()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine on the process's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def start(self, claim: lifecycle.Claim) -> None:
+        future = asyncio.run_coroutine_threadsafe(self.runner.run_claimed(claim), self.loop)
+        self.runs.add(future)
+
+        def done(f: concurrent.futures.Future[str]) -> None:
+            self.runs.discard(f)
+            self.slots.release()
+            if not f.cancelled() and f.exception() is not None:
+                log.error("execution.crashed", execution_id=str(claim.id), exc_info=f.exception())
+
+        future.add_done_callback(done)
+
+    def close(self) -> None:
+        """Let runs in flight finish for a while, then hand the rest back (their leases
+        are released and their messages sent again) and stop the loop."""
+        grace = self.settings.engine.shutdown_grace_s
+        concurrent.futures.wait(list(self.runs), timeout=grace)
+        for future in list(self.runs):
+            future.cancel()
+        concurrent.futures.wait(list(self.runs), timeout=5)
+        self.run(self.http.aclose())
+        self.run(self.engine.dispose())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
 
 
 _process: _Process | None = None
+_process_lock = threading.Lock()
 
 
 def process() -> _Process:
     global _process
-    if _process is None or _process.loop.is_closed():
-        _process = _Process()
-    return _process
+    with _process_lock:
+        if _process is None or _process.loop.is_closed():
+            _process = _Process()
+        return _process
 
 
 @signals.worker_process_shutdown.connect
 def _close_process(**_: Any) -> None:
     if _process is not None and not _process.loop.is_closed():
-        _process.loop.run_until_complete(_process.http.aclose())
-        _process.loop.run_until_complete(_process.engine.dispose())
-        _process.loop.close()
+        _process.close()
 
 
 def enqueue(execution_id: uuid.UUID, countdown: float = 0.0) -> None:
@@ -74,80 +123,62 @@ def enqueue(execution_id: uuid.UUID, countdown: float = 0.0) -> None:
     celery_app.send_task(EXECUTE, args=[str(execution_id)], countdown=min(countdown, limit) or None)
 
 
-@celery_app.task(name=EXECUTE)
-def execute(execution_id: str) -> str:
+def _claim(p: _Process, execution_id: uuid.UUID) -> lifecycle.Claim | None:
+    """The claim, retried while the database is unreachable (a restart, a failover)
+    for up to ENGINE__CLAIM_RETRY_S: a blip costs seconds, not a reaper pass."""
+    deadline = time.monotonic() + p.settings.engine.claim_retry_s
+    pause = 0.25
+    while True:
+        try:
+            return p.run(p.runner.claim(execution_id))
+        except (OperationalError, DBAPIError, OSError) as exc:
+            if time.monotonic() + pause > deadline:
+                raise
+            log.warning("execution.claim_retry", execution_id=str(execution_id), error=str(exc))
+            time.sleep(pause)
+            pause = min(pause * 2, 2.0)
+
+
+@celery_app.task(name=EXECUTE, bind=True, max_retries=None)
+def execute(self: Task, execution_id: str) -> str:  # type: ignore[type-arg]
     p = process()
-    return str(p.loop.run_until_complete(p.runner.execute(uuid.UUID(execution_id))))
+    run_id = uuid.UUID(execution_id)
+    # At most ENGINE__RUNS_PER_PROCESS runs at once in this process: the next message
+    # waits here (and the broker gives others to the other processes).
+    p.slots.acquire()
+    try:
+        claim = _claim(p, run_id)
+    except Exception as exc:
+        p.slots.release()
+        log.warning("execution.claim_failed", execution_id=execution_id, error=str(exc))
+        # Back to the queue, not acknowledged away: the run has not started.
+        raise self.retry(countdown=2, exc=exc) from None
+    if claim is None:
+        p.slots.release()
+        return "not_claimed"
+    p.start(claim)
+    return "started"
 
 
 @celery_app.task(name="executions.archive_events")
 def archive_events() -> int:
     """Copy the event logs of runs that ended to PostgreSQL (they outlive the streams)."""
     p = process()
-    return p.loop.run_until_complete(_archive(p))
+    return p.run(_archive(p))
 
 
 async def _archive(p: _Process) -> int:
     # event_log() belongs to the running loop: it must be called inside the coroutine
-    # (called before run_until_complete, it raised "no running event loop" on every tick).
+    # (called outside, it raised "no running event loop" on every tick).
     return await event_log().archive_pending(p.engine)
 
 
 @celery_app.task(name="executions.reap")
 def reap() -> dict[str, int]:
     p = process()
-    return p.loop.run_until_complete(_reap())
-
-
-async def _reap() -> dict[str, int]:
-    """Nothing stays running or pending forever: a run whose lease lapsed goes back to
-    pending and is re-enqueued (its checkpoints make that safe); a pending run nobody
-    claimed in time is re-enqueued (its message was lost), at most once per grace
-    period. The claim's delivery cap fails a run that keeps dying. Times are the
-    database's, so workers' clocks never decide whose lease lapsed."""
-    settings = get_settings()
-    grace = timedelta(seconds=settings.engine.pending_grace_s)
-    requeue: list[uuid.UUID] = []
-    p = process()
-    async with UnitOfWork(p.sessionmaker) as uow:
-        session = uow.session
-        now = await session.scalar(select(func.now()))
-        assert now is not None
-        stale = await session.scalars(
-            select(WorkflowExecution)
-            .where(
-                WorkflowExecution.status == ExecutionStatus.RUNNING,
-                WorkflowExecution.lease_expires_at < now,
-            )
-            .limit(500)
-            .with_for_update(skip_locked=True)
-        )
-        for ex in stale.all():
-            transition(
-                "execution", ex.status, ExecutionStatus.PENDING, at=now, reason="lease expired"
-            )
-            ex.status = ExecutionStatus.PENDING
-            ex.lease_owner = None
-            ex.lease_expires_at = None
-            publish_after_commit(uow, ex)
-            requeue.append(ex.id)
-        lost = await session.scalars(
-            select(WorkflowExecution)
-            .where(
-                WorkflowExecution.status == ExecutionStatus.PENDING,
-                WorkflowExecution.updated_at < now - grace,
-                or_(WorkflowExecution.resume_at.is_(None), WorkflowExecution.resume_at <= now),
-            )
-            .limit(500)
-            .with_for_update(skip_locked=True)
-        )
-        lost_rows = list(lost.all())
-        for ex in lost_rows:
-            # Touched, so the next tick leaves it alone for another grace period.
-            ex.updated_at = now
-            requeue.append(ex.id)
+    requeue, lost = p.run(lifecycle.reap(p.sessionmaker, get_settings()))
     for execution_id in requeue:
         enqueue(execution_id)
     if requeue:
         log.warning("executions.reaped", count=len(requeue))
-    return {"requeued": len(requeue), "lost_messages": len(lost_rows)}
+    return {"requeued": len(requeue), "lost_messages": lost}

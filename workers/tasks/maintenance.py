@@ -87,9 +87,7 @@ async def purge_pass(
 @celery_app.task(name="maintenance.retention")
 def retention() -> dict[str, int]:
     p = process()
-    deleted = p.loop.run_until_complete(
-        retention_pass(p.sessionmaker, get_settings(), datetime.now(UTC))
-    )
+    deleted = p.run(retention_pass(p.sessionmaker, get_settings(), datetime.now(UTC)))
     if deleted:
         log.info("maintenance.retention", executions_deleted=deleted)
     return {"executions_deleted": deleted}
@@ -98,8 +96,6 @@ def retention() -> dict[str, int]:
 @celery_app.task(name="maintenance.purge")
 def purge() -> dict[str, int]:
     p = process()
-    counts = p.loop.run_until_complete(
-        purge_pass(p.sessionmaker, get_settings(), datetime.now(UTC))
-    )
+    counts = p.run(purge_pass(p.sessionmaker, get_settings(), datetime.now(UTC)))
     log.info("maintenance.purge", **counts)
     return counts

@@ -44,7 +44,7 @@ def dispatch_due() -> dict[str, int]:
             if len(ids) < settings.triggers.dispatch_batch:
                 return started
 
-    started = p.loop.run_until_complete(run())
+    started = p.run(run())
     if started:
         log.info("triggers.dispatched", runs=started)
     return {"started": started}
@@ -156,20 +156,18 @@ def deliver(self: Task, notification_id: str) -> str:  # type: ignore[type-arg]
     settings = get_settings()
     p = process()
     nid = uuid.UUID(notification_id)
-    delivery = p.loop.run_until_complete(_load(settings, nid))
+    delivery = p.run(_load(settings, nid))
     if delivery is None:
         return "nothing to do"
     try:
         if delivery.channel == "email":
             _mail(settings, delivery)
         else:
-            p.loop.run_until_complete(_post(settings, delivery))
+            p.run(_post(settings, delivery))
     except Exception as exc:
         permanent = isinstance(exc, PermanentFailure)
         final = permanent or delivery.attempts + 1 > settings.notifications.max_retries
-        attempts = p.loop.run_until_complete(
-            _record(nid, error=f"{type(exc).__name__}: {exc}", final=final)
-        )
+        attempts = p.run(_record(nid, error=f"{type(exc).__name__}: {exc}", final=final))
         log.warning(
             "notification.failed",
             notification_id=notification_id,
@@ -185,6 +183,6 @@ def deliver(self: Task, notification_id: str) -> str:  # type: ignore[type-arg]
             n.backoff_s * 2 ** (attempts - 1), n.backoff_max_s, settings.celery.max_countdown_s
         )
         raise self.retry(countdown=countdown) from None
-    p.loop.run_until_complete(_record(nid, error=None, final=True))
+    p.run(_record(nid, error=None, final=True))
     log.info("notification.sent", notification_id=notification_id, channel=delivery.channel)
     return "sent"

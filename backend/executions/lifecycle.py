@@ -1,0 +1,546 @@
+"""The one owner of every status change of a run and of its nodes.
+
+Each change here is the same four steps: `transition()` checks it against the state
+machine's table, the repository writes it (fenced by the lease where a worker holds the
+run), the run's history gets a row (from, to, reason, at, by), and events go out after
+the commit. The API, the runner, the reaper and the trigger hooks all come here; nothing
+else assigns a status (tests/executions/test_lifecycle.py greps for it).
+
+What happens when a run ends beyond its own row (event triggers, notifications) is
+registered with `on_finished`, so this module needs no import of those domains.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from backend.config import Settings
+from backend.executions import repository as repo
+from backend.executions.state import TERMINAL_EXECUTION, ExecutionStatus, NodeStatus, transition
+from backend.kit.db import UnitOfWork
+from backend.kit.logging import get_logger
+from backend.kit.tasks import enqueue_after_commit
+from backend.models import ExecutionTransition, WorkflowExecution
+from backend.realtime.events import publish_after_commit
+
+log = get_logger(__name__)
+E, N = ExecutionStatus, NodeStatus
+EXECUTE_TASK = "workflow.execute"
+REAPER = "reaper"
+
+# Finished listeners ------------------------------------------------------------------------
+
+FinishedListener = Callable[[UnitOfWork, WorkflowExecution], Awaitable[None]]
+_finished: list[FinishedListener] = []
+
+
+def on_finished(listener: FinishedListener) -> FinishedListener:
+    """Call `listener(uow, execution)` inside the transaction that moves a run to a
+    terminal status, so whatever it writes commits (or rolls back) with that status."""
+    if listener not in _finished:
+        _finished.append(listener)
+    return listener
+
+
+async def _ended(uow: UnitOfWork, execution: WorkflowExecution) -> None:
+    publish_after_commit(uow, execution)
+    for listener in _finished:
+        await listener(uow, execution)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+# Creating runs -------------------------------------------------------------------------------
+
+
+async def create_run(
+    uow: UnitOfWork,
+    *,
+    workspace_id: uuid.UUID,
+    workflow_id: uuid.UUID,
+    version: int,
+    trigger_type: str,
+    trigger_data: dict[str, Any],
+    actor: str | None,
+    reason: str = "created",
+    enqueue: bool = True,
+    skip_duplicate: bool = False,
+    **values: Any,
+) -> WorkflowExecution | None:
+    """Every run starts here (API, retry, rerun, schedules, webhooks, events, sub-runs):
+    a `pending` row, its first history entry and, after the commit, its message. With
+    `skip_duplicate`, None when a unique key (idempotency key, schedule slot) already
+    has its run: the database decides, so two dispatchers can never both fire one."""
+    execution = await repo.insert_run(
+        uow.session,
+        {
+            "id": uuid.uuid4(),
+            "workspace_id": workspace_id,
+            "workflow_id": workflow_id,
+            "version": version,
+            "trigger_type": trigger_type,
+            "trigger_data": trigger_data,
+            "status": E.PENDING,
+            **values,
+        },
+        skip_duplicate=skip_duplicate,
+    )
+    if execution is None:
+        return None
+    await repo.add_history(
+        uow.session,
+        [repo.history_row(execution.id, None, E.PENDING, at=_now(), actor=actor, reason=reason)],
+    )
+    if enqueue:
+        enqueue_after_commit(uow, EXECUTE_TASK, str(execution.id))
+    return execution
+
+
+async def history(session: AsyncSession, execution_id: uuid.UUID) -> Sequence[ExecutionTransition]:
+    return await repo.history(session, execution_id)
+
+
+# Claiming ------------------------------------------------------------------------------------
+
+
+class LeaseLost(Exception):
+    """This worker no longer holds the run: another one does, or will."""
+
+
+@dataclass
+class Claim:
+    id: uuid.UUID
+    workspace_id: uuid.UUID
+    workflow_id: uuid.UUID
+    version: int
+    trigger_type: str
+    trigger_data: dict[str, Any]
+    variables: dict[str, Any]
+    started_at: datetime
+    depth: int = 0
+    # This claim's lease token: the worker plus a nonce, so two claims by the same
+    # process (or a process reusing a pid) can never mistake each other's lease.
+    token: str = ""
+    claimed_at: float = field(default_factory=time.monotonic)
+    # First claim of a run that copied nothing (not a retry): no checkpoints to load.
+    fresh: bool = False
+    # Why this worker stopped running the run early: "cancel" (asked to), "deadline",
+    # "lost" (the lease went to someone else) or "abandoned" (an unexpected error).
+    # Sub-runs are cancelled with their parent only for the first two.
+    stop: str | None = None
+
+    @classmethod
+    def of(cls, row: Any, token: str, *, fresh: bool = False) -> Claim:
+        """From a claimed execution (an ORM row or a RETURNING row)."""
+        return cls(
+            id=row.id,
+            workspace_id=row.workspace_id,
+            workflow_id=row.workflow_id,
+            version=row.version,
+            trigger_type=row.trigger_type,
+            trigger_data=row.trigger_data,
+            variables=dict(row.variables),
+            started_at=row.started_at,
+            depth=row.depth,
+            token=token,
+            fresh=fresh,
+        )
+
+
+def _engine(sessionmaker: async_sessionmaker[AsyncSession]) -> AsyncEngine:
+    bind = sessionmaker.kw["bind"]
+    assert isinstance(bind, AsyncEngine)
+    return bind
+
+
+async def _on_fresh_connection(engine: AsyncEngine, work: Callable[[Any], Awaitable[Any]]) -> Any:
+    # Workers skip the pool's pre-ping (a round trip per statement): a connection
+    # PostgreSQL dropped fails once, is discarded, and the statement goes again.
+    for attempt in (1, 2):
+        try:
+            async with engine.begin() as conn:
+                return await work(conn)
+        except DBAPIError as exc:
+            if not exc.connection_invalidated or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+async def claim(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    execution_id: uuid.UUID,
+    *,
+    worker_id: str,
+    settings: Settings,
+) -> Claim | None:
+    """Take the run under a lease: the common case in one statement; anything else the
+    slow way, which says why it cannot be claimed (or ends the run)."""
+    now = _now()
+    engine_settings = settings.engine
+    token = f"{worker_id}/{uuid.uuid4().hex[:12]}"
+    params = {
+        "execution_id": execution_id,
+        "to_status": E.RUNNING.value,
+        "now": now,
+        "token": token,
+        "lease_until": now + timedelta(seconds=engine_settings.lease_s),
+        "max_deliveries": engine_settings.max_deliveries,
+    }
+    row = await _on_fresh_connection(_engine(sessionmaker), lambda conn: repo.claim(conn, params))
+    if row is not None:
+        if row.from_status != E.RUNNING:
+            transition("execution", row.from_status, E.RUNNING, at=now)
+        # started_at was empty until now: never ran, so nothing was checkpointed.
+        return Claim.of(row, token, fresh=row.started_at == now and row.retry_of is None)
+    return await _claim_slow(sessionmaker, execution_id, token, settings)
+
+
+async def _claim_slow(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    execution_id: uuid.UUID,
+    token: str,
+    settings: Settings,
+) -> Claim | None:
+    now = _now()
+    limit = settings.engine.max_deliveries
+    async with UnitOfWork(sessionmaker) as uow:
+        ex = await repo.lock_run(uow.session, execution_id)
+        if ex is None or ex.status in TERMINAL_EXECUTION:
+            return None
+        if ex.lease_owner and ex.lease_expires_at and ex.lease_expires_at > now:
+            log.info("execution.lease_held", execution_id=str(execution_id), owner=ex.lease_owner)
+            return None
+        if ex.resume_at and ex.resume_at > now:
+            return None
+        if ex.cancel_requested_at is not None:
+            await finish_unheld(
+                uow, ex, E.CANCELLED, now=now, actor=token, reason="cancelled before it ran",
+                error={"message": "cancelled before it ran"},
+            )  # fmt: skip
+            return None
+        ex.deliveries += 1
+        if ex.deliveries > limit:
+            message = f"gave up after {limit} deliveries"
+            await finish_unheld(
+                uow, ex, E.FAILED, now=now, actor=token, reason=message,
+                error={"message": message},
+            )  # fmt: skip
+            return None
+        await _set_run_status(uow, ex, E.RUNNING, now=now, actor=token, reason="claimed")
+        ex.started_at = ex.started_at or now
+        ex.lease_owner = token
+        ex.lease_expires_at = now + timedelta(seconds=settings.engine.lease_s)
+        ex.resume_at = None
+        return Claim.of(ex, token)
+
+
+async def _set_run_status(
+    uow: UnitOfWork,
+    ex: WorkflowExecution,
+    to: ExecutionStatus,
+    *,
+    now: datetime,
+    actor: str | None,
+    reason: str | None,
+) -> None:
+    """A locked run row to `to`, checked and recorded (the caller commits)."""
+    old = ex.status
+    if old == to:
+        return
+    transition("execution", old, to, at=now, reason=reason)
+    ex.status = to
+    await repo.add_history(
+        uow.session, [repo.history_row(ex.id, old, to, at=now, actor=actor, reason=reason)]
+    )
+
+
+async def finish_unheld(
+    uow: UnitOfWork,
+    ex: WorkflowExecution,
+    to: ExecutionStatus,
+    *,
+    now: datetime,
+    actor: str | None,
+    reason: str,
+    **values: Any,
+) -> None:
+    """End a run no worker holds (a locked row): cancelled before it ran, the delivery
+    cap, a cancel of a pending or abandoned run. Retry waits end with it."""
+    await _set_run_status(uow, ex, to, now=now, actor=actor, reason=reason)
+    ex.finished_at = now
+    if ex.started_at is not None:
+        ex.duration_ms = round((now - ex.started_at).total_seconds() * 1000, 3)
+    ex.lease_owner = None
+    ex.lease_expires_at = None
+    for key, value in values.items():
+        setattr(ex, key, value)
+    if to == E.CANCELLED:
+        await _cancel_waiting_nodes(uow, ex.id, now=now, actor=actor)
+    await uow.session.flush()
+    await _ended(uow, ex)
+
+
+async def _cancel_waiting_nodes(
+    uow: UnitOfWork, execution_id: uuid.UUID, *, now: datetime, actor: str | None
+) -> None:
+    waiting = await repo.retrying_nodes(uow.session, execution_id)
+    if not waiting:
+        return
+    transition("node", N.RETRYING, N.CANCELLED, at=now)
+    await repo.set_node_status(uow.session, execution_id, N.RETRYING, N.CANCELLED)
+    await repo.add_history(
+        uow.session,
+        [
+            repo.history_row(
+                execution_id,
+                N.RETRYING,
+                N.CANCELLED,
+                at=now,
+                actor=actor,
+                reason="run cancelled",
+                node_id=node_id,
+                iteration=iteration,
+            )
+            for node_id, iteration in waiting
+        ],
+    )
+
+
+# Nodes ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NodeChange:
+    """One node's new state: `to` from `old` (None: it had no row yet), with the
+    checkpoint's columns (CHECKPOINT_DEFAULTS)."""
+
+    node_id: str
+    old: str | None
+    to: NodeStatus
+    values: dict[str, Any]
+    iteration: int = 0
+    reason: str | None = None
+
+
+async def record_nodes(
+    sessionmaker: async_sessionmaker[AsyncSession], claim: Claim, changes: Sequence[NodeChange]
+) -> None:
+    """Checkpoint node states, fenced by the claim's lease, with their history, in one
+    statement; raises LeaseLost when the lease is gone (nothing was written)."""
+    now = _now()
+    params = []
+    for change in changes:
+        if change.old != change.to:
+            transition("node", change.old or N.PENDING, change.to, at=now)
+        params.append(
+            {
+                **repo.CHECKPOINT_DEFAULTS,
+                **change.values,
+                "status": change.to.value,
+                "id": uuid.uuid4(),
+                "execution_id": claim.id,
+                "node_id": change.node_id,
+                "iteration": change.iteration,
+                "lease": claim.token,
+                "from_status": change.old,
+                "reason": change.reason,
+            }
+        )
+    if not params:
+        return
+    written = await _on_fresh_connection(
+        _engine(sessionmaker),
+        lambda conn: repo.write_checkpoints(conn, params[0] if len(params) == 1 else params),
+    )
+    if written == 0:
+        raise LeaseLost(f"lost the lease on {claim.id} before checkpointing {changes[0].node_id}")
+
+
+# Holding a run -------------------------------------------------------------------------------
+
+
+async def renew(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    claims: Sequence[Claim],
+    lease_s: float,
+) -> set[uuid.UUID]:
+    """Renew the leases of every run a process holds in one statement (its heartbeat);
+    the runs whose lease it still holds."""
+    if not claims:
+        return set()
+    until = _now() + timedelta(seconds=lease_s)
+    ids = [c.id for c in claims]
+    tokens = [c.token for c in claims]
+    held = await _on_fresh_connection(
+        _engine(sessionmaker), lambda conn: repo.renew_leases(conn, ids, tokens, until)
+    )
+    return set(held)
+
+
+async def look(
+    sessionmaker: async_sessionmaker[AsyncSession], claims: Sequence[Claim]
+) -> tuple[set[uuid.UUID], set[uuid.UUID]]:
+    """(runs whose lease this process lost, runs someone asked to cancel) in one query."""
+    if not claims:
+        return set(), set()
+    tokens = {c.id: c.token for c in claims}
+    rows = await _on_fresh_connection(
+        _engine(sessionmaker), lambda conn: repo.look(conn, list(tokens))
+    )
+    seen = {r.id: r for r in rows}
+    lost = {i for i, token in tokens.items() if i not in seen or seen[i].lease_owner != token}
+    cancel = {i for i, r in seen.items() if r.cancel_requested_at is not None}
+    return lost, cancel
+
+
+async def release(sessionmaker: async_sessionmaker[AsyncSession], claim: Claim) -> None:
+    """Hand the run back at once (its lease lapses now, so the reaper or a redelivery
+    takes it) rather than after the lease runs out; its checkpoints make that safe."""
+
+    async def expire(conn: Any) -> None:
+        await repo.release_lease(conn, claim.id, claim.token)
+
+    await _on_fresh_connection(_engine(sessionmaker), expire)
+
+
+async def park(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    claim: Claim,
+    at: datetime,
+    *,
+    enqueue: Callable[[uuid.UUID, float], None],
+    before_commit: Callable[[], Awaitable[None]] | None = None,
+) -> bool:
+    """Release the worker slot until `at`: back to pending, re-enqueued with a countdown.
+    False when this claim no longer holds the run."""
+    now = _now()
+    async with UnitOfWork(sessionmaker) as uow:
+        ex = await repo.lock_run(uow.session, claim.id)
+        if ex is None or ex.status != E.RUNNING or ex.lease_owner != claim.token:
+            return False
+        await _set_run_status(uow, ex, E.PENDING, now=now, actor=claim.token, reason="retry wait")
+        ex.resume_at = at
+        ex.lease_owner = None
+        ex.lease_expires_at = None
+        # A parked run is not a failed delivery: the next claim is expected.
+        ex.deliveries = max(0, ex.deliveries - 1)
+        countdown = max(0.0, (at - now).total_seconds())
+        if before_commit is not None:
+            await before_commit()
+        publish_after_commit(uow, ex)
+        uow.after_commit(lambda: enqueue(claim.id, countdown))
+    return True
+
+
+async def close(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    claim: Claim,
+    to: ExecutionStatus,
+    *,
+    reason: str | None = None,
+    **values: Any,
+) -> WorkflowExecution | None:
+    """End a run this claim holds: one fenced statement (a worker that lost the lease
+    changes nothing), totals summed in it; history, listeners and the terminal event
+    in the same transaction or after its commit."""
+    now = _now()
+    transition("execution", E.RUNNING, to, at=now, reason=reason)
+    values.update(
+        finished_at=now,
+        duration_ms=round((now - claim.started_at).total_seconds() * 1000, 3),
+    )
+    async with UnitOfWork(sessionmaker) as uow:
+        if to == E.CANCELLED:
+            # Nodes that never started are cancelled too, so the picture is whole.
+            transition("node", N.RETRYING, N.CANCELLED, at=now)
+            await repo.cancel_retrying_fenced(uow.session, claim.id, claim.token, N.CANCELLED)
+        ex = await repo.close_fenced(uow.session, claim.id, claim.token, to, values)
+        if ex is None:
+            return None
+        await repo.add_history(
+            uow.session,
+            [repo.history_row(claim.id, E.RUNNING, to, at=now, actor=claim.token, reason=reason)],
+        )
+        await _ended(uow, ex)
+    log.info("execution.finished", execution_id=str(claim.id), status=str(to))
+    return ex
+
+
+# Cancelling ----------------------------------------------------------------------------------
+
+
+async def cancel_tree(
+    uow: UnitOfWork, execution: WorkflowExecution, now: datetime, *, actor: str | None
+) -> None:
+    """Ask a run and every unfinished sub-run under it to stop. Runs nobody is running
+    (pending, or whose worker let go) are cancelled here and now; a running one is
+    cancelled by its worker, which looks several times a second."""
+    children = await repo.unfinished_descendants(uow.session, execution.id)
+    for run in [execution, *children]:
+        run.cancel_requested_at = run.cancel_requested_at or now
+        live_lease = run.lease_owner is not None and (
+            run.lease_expires_at is None or run.lease_expires_at > now
+        )
+        if run.status == E.PENDING or not live_lease:
+            await finish_unheld(
+                uow, run, E.CANCELLED, now=now, actor=actor, reason="cancelled",
+                error=run.error or {"message": "cancelled"},
+            )  # fmt: skip
+    await uow.session.flush()
+
+
+async def cancel_child(
+    sessionmaker: async_sessionmaker[AsyncSession], child_id: uuid.UUID, *, actor: str
+) -> None:
+    """A parent stopped (cancelled, or its run ended): so does its child, now if no
+    worker holds it, otherwise by its worker at its next look."""
+    async with UnitOfWork(sessionmaker) as uow:
+        child = await repo.lock_run(uow.session, child_id)
+        if child is not None and child.status not in TERMINAL_EXECUTION:
+            await cancel_tree(uow, child, _now(), actor=actor)
+
+
+# Reaping -------------------------------------------------------------------------------------
+
+
+async def reap(
+    sessionmaker: async_sessionmaker[AsyncSession], settings: Settings
+) -> tuple[list[uuid.UUID], int]:
+    """Nothing stays running or pending forever: a run whose lease lapsed goes back to
+    pending (its checkpoints make a resume safe); a pending run nobody claimed within
+    the grace period is handed on again (its message was lost), at most once per grace
+    period. Returns (runs to enqueue, how many of them were lost messages). Times are
+    the database's, so workers' clocks never decide whose lease lapsed."""
+    grace = timedelta(seconds=settings.engine.pending_grace_s)
+    requeue: list[uuid.UUID] = []
+    async with UnitOfWork(sessionmaker) as uow:
+        now = await repo.database_now(uow.session)
+        for ex in await repo.expired_leases(uow.session, now):
+            await _set_run_status(
+                uow,
+                ex,
+                E.PENDING,
+                now=now,
+                actor=REAPER,
+                reason=f"lease of {ex.lease_owner} expired",
+            )
+            ex.lease_owner = None
+            ex.lease_expires_at = None
+            publish_after_commit(uow, ex)
+            requeue.append(ex.id)
+        lost = await repo.unclaimed_pending(uow.session, now, now - grace)
+        for ex in lost:
+            # Touched, so the next pass leaves it alone for another grace period.
+            ex.updated_at = now
+            requeue.append(ex.id)
+    return requeue, len(lost)

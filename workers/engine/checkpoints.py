@@ -1,0 +1,106 @@
+"""A run's node states: what a resumed run loads, and every checkpoint the runner
+writes (through the lifecycle, fenced by the lease), followed by its event."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from backend.executions import lifecycle
+from backend.executions import repository as repo
+from backend.executions.lifecycle import Claim, NodeChange
+from backend.executions.state import NodeStatus
+from workers.engine.dag import NodeState
+from workers.engine.progress import Progress
+
+N = NodeStatus
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class RunState:
+    states: dict[str, NodeState] = field(default_factory=dict)
+    outputs: dict[str, Any] = field(default_factory=dict)
+    attempts: dict[str, int] = field(default_factory=dict)
+    retry_at: dict[str, datetime] = field(default_factory=dict)
+    errors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # What templates see as `nodes`, kept up to date as outputs arrive rather than
+    # rebuilt for every node (that was O(nodes) per node on the hot path). Sharing it
+    # between concurrent nodes is safe: the validator only lets a node read upstream.
+    scope_nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def record_output(self, node_id: str, output: Any) -> None:
+        self.outputs[node_id] = output
+        self.scope_nodes[node_id] = {"output": output}
+
+    def status_of(self, node_id: str) -> NodeStatus:
+        state = self.states.get(node_id)
+        return state.status if state is not None else N.PENDING
+
+
+async def load(sessionmaker: async_sessionmaker[AsyncSession], execution_id: uuid.UUID) -> RunState:
+    """The checkpoints of a run that ran before (a resume or a retry)."""
+    run = RunState()
+    async with sessionmaker() as session:
+        rows = await repo.top_level_checkpoints(session, execution_id)
+    for row in rows:
+        status = NodeStatus(row.status)
+        # A node that was running (or cancelled in flight) when its worker lost the run
+        # runs again: a cancelled run is terminal and never loaded.
+        if status in (N.RUNNING, N.CANCELLED):
+            continue
+        run.states[row.node_id] = NodeState(status, row.branch)
+        run.record_output(row.node_id, row.output)
+        run.attempts[row.node_id] = row.attempt
+        if status == N.RETRYING and row.next_attempt_at is not None:
+            run.retry_at[row.node_id] = row.next_attempt_at
+    return run
+
+
+class Checkpoints:
+    """Writes node states for the runner: each one a lifecycle change (checked against
+    the node state machine, fenced by the lease, recorded in the run's history), then
+    its event. Raises LeaseLost when this worker no longer holds the run."""
+
+    def __init__(self, sessionmaker: async_sessionmaker[AsyncSession], progress: Progress) -> None:
+        self.sessionmaker = sessionmaker
+        self.progress = progress
+
+    async def write(
+        self,
+        claim: Claim,
+        node_id: str,
+        old: NodeStatus | None,
+        to: NodeStatus,
+        values: dict[str, Any],
+        *,
+        iteration: int = 0,
+        size: int | None = None,
+        reason: str | None = None,
+    ) -> None:
+        change = NodeChange(node_id, old, to, values, iteration, reason)
+        # Shielded: a cancel arriving mid-commit must not leave the row half-written in
+        # the runner's view (the database itself is atomic either way).
+        await asyncio.shield(lifecycle.record_nodes(self.sessionmaker, claim, [change]))
+        self.progress.checkpointed(claim, node_id, to, values, iteration, size)
+
+    async def skip(self, claim: Claim, nodes: list[str], run: RunState) -> None:
+        """Untaken branches and what only they lead to, in one statement."""
+        if not nodes:
+            return
+        at = now()
+        changes = [
+            NodeChange(n, run.status_of(n), N.SKIPPED, {"started_at": at, "finished_at": at})
+            for n in nodes
+        ]
+        await asyncio.shield(lifecycle.record_nodes(self.sessionmaker, claim, changes))
+        for node_id in nodes:
+            self.progress.emit(claim, "node.status", node_id=node_id, status=N.SKIPPED.value)

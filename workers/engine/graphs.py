@@ -1,0 +1,67 @@
+"""Validated graphs, cached per process: a pinned version never changes, so it is
+validated once (references are checked again by the nodes that use them)."""
+
+from __future__ import annotations
+
+import uuid
+from collections import OrderedDict
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from backend.executions.lifecycle import Claim
+from backend.models import WorkflowVersion
+from backend.workflows.graph import (
+    LOOP_ROOTS,
+    Context,
+    ForEachLogic,
+    GraphInvalid,
+    ValidGraph,
+    WhileLogic,
+    validate,
+)
+from backend.workflows.service import validation_context
+
+CACHE_SIZE = 256
+_graphs: OrderedDict[tuple[uuid.UUID, int], ValidGraph] = OrderedDict()
+
+
+async def pinned_graph(sessionmaker: async_sessionmaker[AsyncSession], claim: Claim) -> ValidGraph:
+    """The run's pinned version, validated; GraphInvalid when it no longer validates."""
+    key = (claim.workflow_id, claim.version)
+    cached = _graphs.get(key)
+    if cached is not None:
+        return cached
+    async with sessionmaker() as session:
+        definition = await session.scalar(
+            select(WorkflowVersion.definition).where(
+                WorkflowVersion.workflow_id == claim.workflow_id,
+                WorkflowVersion.number == claim.version,
+            )
+        )
+        if definition is None:
+            raise GraphInvalid([])
+        ctx = await validation_context(session, claim.workspace_id, claim.workflow_id)
+    graph = validate(definition, ctx)
+    if len(_graphs) >= CACHE_SIZE:
+        _graphs.popitem(last=False)
+    _graphs[key] = graph
+    return graph
+
+
+def body_graph(
+    graph: ValidGraph, parent: str, config: ForEachLogic | WhileLogic, workflow_id: uuid.UUID
+) -> ValidGraph:
+    """A loop's body graph, validated once and kept with the graph it belongs to."""
+    bodies: dict[str, ValidGraph] = graph.graph.graph.setdefault("_bodies", {})
+    body = bodies.get(parent)
+    if body is None:
+        assert config.body is not None
+        body = validate(
+            config.body.model_dump(),
+            Context(workflow_id=workflow_id),
+            require_trigger=False,
+            extra_roots=LOOP_ROOTS[config.kind],
+        )
+        bodies[parent] = body
+    return body
