@@ -11,10 +11,16 @@ from typing import Any
 
 import structlog
 from celery import Celery, signals
+from celery.worker.consumer.consumer import (  # type: ignore[attr-defined]
+    COLLECT_SOCKET_TIMEOUT,
+)
+from celery.worker.consumer.consumer import Consumer as _CeleryConsumer
 from kombu import Queue
 
 from backend.config import Settings, get_settings
-from backend.kit.logging import REQUEST_ID_KEY, current_request_id
+from backend.kit.logging import REQUEST_ID_KEY, current_request_id, get_logger
+
+log = get_logger(__name__)
 
 QUEUES = ("high_priority", "default", "low_priority")
 
@@ -29,6 +35,53 @@ ROUTES: dict[str, dict[str, str]] = {
     "executions.*": {"queue": "default"},
     "maintenance.*": {"queue": "low_priority"},
 }
+
+
+class Consumer(_CeleryConsumer):
+    """Celery's consumer, made to survive losing the broker with unacked messages.
+
+    Without this, a Redis restart took the worker's main process down (exit 1,
+    `AttributeError: 'NoneType' object has no attribute 'hostname'` in kombu's
+    `restore_unacked`) whenever an acks_late task was running while a free slot
+    waited in BRPOP. Celery's `on_connection_error_after_connected` calls
+    `Connection.collect()`, whose first `Channel.close()` raises on reading the
+    interrupted BRPOP and is swallowed, leaving the channel open; `collect()` then
+    detaches the transport (`transport.client = None`) anyway. The `close()` that
+    follows closes that channel again, now without a transport: restoring its unacked
+    messages builds a Redis pool from `transport.client.hostname` and raises an
+    AttributeError, which `ignore_errors` does not ignore. (Independent of
+    worker_cancel_long_running_tasks_on_connection_loss: that step runs after.)
+
+    The guard finishes closing the channels first, while the transport is attached,
+    so `collect()` and `close()` find them closed. Messages that cannot be restored
+    with the broker down stay in Redis's unacked index and come back after the
+    visibility timeout; the database lease and the reaper recover the runs sooner.
+    """
+
+    def on_connection_error_after_connected(self, exc: Exception) -> None:
+        if self.connection is not None:
+            _close_channels(self.connection)
+        super().on_connection_error_after_connected(exc)
+
+
+def _close_channels(connection: Any) -> None:
+    from celery.utils.threads import bound_open_broker_sockets  # type: ignore[attr-defined]
+
+    # A peer that went silent without a reset would block the reads close() makes.
+    bound_open_broker_sockets(connection, COLLECT_SOCKET_TIMEOUT)
+    transport = getattr(connection, "_transport", None)
+    channels = [getattr(connection, "_default_channel", None)]
+    channels += list(getattr(transport, "channels", ()))
+    for channel in dict.fromkeys(c for c in channels if c is not None):
+        # The first close() of a channel reading BRPOP may only end that read (and
+        # raise); the second does the rest, restoring unacked messages if it can.
+        for _ in range(2):
+            if getattr(channel, "closed", True):
+                break
+            try:
+                channel.close()
+            except Exception as error:
+                log.warning("celery.channel_close_failed", error=repr(error))
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -59,6 +112,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # If the broker connection drops, a late-ack task will be redelivered; stop
         # the running copy rather than let both run (LESSONS: runs that double).
         "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # Rides out a broker outage instead of exiting (see Consumer above).
+        "worker_consumer": f"{__name__}:Consumer",
         # On SIGTERM (with REMAP_SIGTERM=SIGQUIT, as the manifests set) a worker gets
         # this long to finish, then gives its unacked messages back to Redis at once,
         # instead of leaving them to the visibility timeout (hours).

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+from celery.beat import Scheduler
+
 from backend.config import Settings
 from backend.kit.celery_app import celery_app, celery_config
+from tests.support.procs import wait_for
 
 
 def test_beat_fires_the_schedule_tick_maintenance_and_the_reaper(settings: Settings) -> None:
@@ -45,3 +51,48 @@ def test_periodic_tasks_are_routed_by_their_names(settings: Settings) -> None:
     assert {"triggers.dispatch_due", "notifications.deliver", "maintenance.purge"} <= set(
         celery_app.tasks
     )
+
+
+@pytest.mark.xdist_group("crossprocess")
+def test_every_periodic_task_runs_in_a_real_worker_as_beat_sends_it(
+    worker_name: str, crossprocess_logs: Path
+) -> None:
+    """What beat sends, sent by beat's own code (the scheduler's apply_async: the
+    schedule's options and headers) through the broker to a real worker process; each
+    result must come back a success and the worker's log must show no error for it.
+    A test that called the task functions directly let archive_events fail on every
+    tick in production (LESSONS)."""
+    log = crossprocess_logs / "worker.log"
+    start = log.stat().st_size
+    scheduler = Scheduler(celery_app, lazy=True)
+    scheduler.setup_schedule()
+    entries = dict(scheduler.schedule)
+    assert {e.task for e in entries.values()} >= {
+        "executions.reap",
+        "executions.archive_events",
+        "triggers.dispatch_due",
+        "maintenance.retention",
+        "maintenance.purge",
+    }
+    sent = {name: scheduler.apply_async(entry, advance=False) for name, entry in entries.items()}
+    outcomes = {}
+    for name, result in sent.items():
+        result.get(timeout=120, propagate=False)
+        outcomes[name] = (result.status, None if result.successful() else repr(result.result))
+    assert all(status == "SUCCESS" for status, _ in outcomes.values()), outcomes
+
+    ids = {result.id for result in sent.values()}
+
+    def all_logged() -> bool:
+        text = log.read_bytes()[start:].decode(errors="replace")
+        return all(f"[{task_id}] succeeded" in text for task_id in ids)
+
+    # The worker writes its "succeeded" line just after storing the result.
+    wait_for(all_logged, timeout_s=10, what="the worker's log lines for beat's tasks")
+    text = log.read_bytes()[start:].decode(errors="replace")
+    errors = [
+        line
+        for line in text.splitlines()
+        if any(mark in line for mark in ("[error", "[critical", "Traceback", "raised unexpected"))
+    ]
+    assert errors == [], "\n".join(errors)
