@@ -198,16 +198,24 @@ class AnthropicSettings(BaseModel):
 
 
 class EngineSettings(BaseModel):
-    # A worker holds a run for this long and renews it while running; a run whose
-    # lease lapsed is someone else's to resume (the reaper hands it on).
-    lease_s: int = Field(default=60, ge=5, le=3600)
+    # A worker holds a run for this long; its process's heartbeat renews every lease it
+    # holds each third of it. A run whose lease lapsed (its worker died) is someone
+    # else's to resume: within lease_s + reaper_interval_s of the death (about 13 s).
+    lease_s: int = Field(default=10, ge=3, le=3600)
     # Claims of one run before it is failed as poison (a crash that repeats).
     max_deliveries: int = Field(default=5, ge=1, le=100)
-    # How often a running run looks for a cancel request (and renews its lease).
+    # How often a worker process looks for cancel requests on the runs it holds.
     watch_interval_s: float = Field(default=0.25, gt=0, le=10)
     # A pending run not claimed within this long is re-enqueued (its message was lost).
     pending_grace_s: int = Field(default=60, ge=5)
-    reaper_interval_s: float = Field(default=30.0, ge=1)
+    reaper_interval_s: float = Field(default=3.0, ge=1)
+    # Runs one worker process carries at once on its event loop (I/O-bound work).
+    runs_per_process: int = Field(default=32, ge=1, le=1000)
+    # A claim that fails on the database is retried this long before the message goes
+    # back to the queue (a restart or failover costs seconds, not a reaper pass).
+    claim_retry_s: float = Field(default=20.0, ge=0, le=300)
+    # On shutdown, runs in flight get this long to finish before they are handed back.
+    shutdown_grace_s: float = Field(default=10.0, ge=0, le=600)
     # Retry waits this short happen in place; longer ones release the worker slot.
     inline_retry_max_s: float = Field(default=0.5, ge=0, le=5)
     max_output_bytes: int = Field(default=1_000_000, ge=1024)
