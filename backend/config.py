@@ -216,6 +216,8 @@ class EngineSettings(BaseModel):
     claim_retry_s: float = Field(default=20.0, ge=0, le=300)
     # On shutdown, runs in flight get this long to finish before they are handed back.
     shutdown_grace_s: float = Field(default=10.0, ge=0, le=600)
+    # The longest `POST /executions?wait=` holds a request open for the run to end.
+    max_wait_s: float = Field(default=60.0, ge=0, le=600)
     # Retry waits this short happen in place; longer ones release the worker slot.
     inline_retry_max_s: float = Field(default=0.5, ge=0, le=5)
     max_output_bytes: int = Field(default=1_000_000, ge=1024)

@@ -19,6 +19,7 @@ from backend.executions.schemas import (
     ExecutionRead,
     LogEntry,
     NodeExecutionRead,
+    TransitionRead,
 )
 from backend.kit.db import UnitOfWorkDep
 from backend.kit.pagination import Page, PageParamsDep
@@ -51,23 +52,44 @@ def _accepted(request: Request, execution: WorkflowExecution) -> ExecutionAccept
 @router.post(
     "",
     status_code=status.HTTP_202_ACCEPTED,
-    responses={200: {"description": "An earlier request with the same Idempotency-Key"}},
+    responses={
+        200: {
+            "description": "An earlier request with the same Idempotency-Key (its "
+            "ExecutionAccepted), or, with `wait`, the run that ended in time (ExecutionRead)"
+        }
+    },
 )
 async def start_execution(
     request: Request,
     body: ExecutionCreate,
     uow: UnitOfWorkDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    wait: Annotated[
+        float | None,
+        Query(
+            ge=0,
+            le=600,
+            description="Seconds to wait for the run to end (capped by ENGINE__MAX_WAIT_S): "
+            "200 with the finished run if it ends in time, else 202 as without it",
+        ),
+    ] = None,
     access: WorkspaceAccess = require(
         EXECUTE, resource=Workflow, param="workflow_id", scope="body"
     ),
 ) -> JSONResponse:
     execution, created = await service.start(uow, access, body, idempotency_key)
     accepted = _accepted(request, execution)
+    headers = {"Location": accepted.links.self}
+    if wait:
+        # The run must be committed and enqueued before anyone can wait for it.
+        await uow.commit()
+        limit = min(wait, request.app.state.settings.engine.max_wait_s)
+        finished = await service.wait_for_end(uow, request.app.state.redis, execution.id, limit)
+        if finished is not None:
+            read = await service.read(uow, access, finished)
+            return JSONResponse(read.model_dump(mode="json"), status_code=200, headers=headers)
     return JSONResponse(
-        accepted.model_dump(mode="json"),
-        status_code=202 if created else 200,
-        headers={"Location": accepted.links.self},
+        accepted.model_dump(mode="json"), status_code=202 if created else 200, headers=headers
     )
 
 
@@ -112,6 +134,15 @@ async def get_nodes(
         NodeExecutionRead.model_validate(r)
         for r in await service.node_rows(uow.session, access.resource.id)
     ]
+
+
+@router.get("/{execution_id}/history")
+async def get_history(
+    uow: UnitOfWorkDep, access: WorkspaceAccess = _on(READ)
+) -> list[TransitionRead]:
+    """Every status change of the run and its nodes, oldest first: from, to, why, when,
+    and by whom (a user, an API key, a worker's lease, the reaper, a trigger)."""
+    return await service.transitions(uow, access)
 
 
 @router.get("/{execution_id}/logs")

@@ -5,11 +5,15 @@ enqueued again)."""
 
 from __future__ import annotations
 
+import json
+import time
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import anyio
+from redis.asyncio import Redis
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -27,7 +31,11 @@ from backend.executions.schemas import (
 from backend.executions.state import TERMINAL_EXECUTION, ExecutionStatus, NodeStatus
 from backend.kit.db import UnitOfWork
 from backend.kit.errors import Conflict, InvalidTransition, NotFound
+from backend.kit.logging import get_logger
 from backend.models import NodeExecution, Workflow, WorkflowExecution
+from backend.realtime.events import EXECUTION_STATUS, channel
+
+log = get_logger(__name__)
 
 EXECUTE_TASK = lifecycle.EXECUTE_TASK
 E = ExecutionStatus
@@ -155,9 +163,12 @@ async def node_rows(session: AsyncSession, execution_id: uuid.UUID) -> Sequence[
     return await repo.node_rows(session, execution_id)
 
 
-async def read(uow: UnitOfWork, access: WorkspaceAccess) -> ExecutionRead:
-    execution: WorkflowExecution = access.resource
-    await uow.session.refresh(execution)
+async def read(
+    uow: UnitOfWork, access: WorkspaceAccess, execution: WorkflowExecution | None = None
+) -> ExecutionRead:
+    if execution is None:
+        execution = access.resource
+        await uow.session.refresh(execution)
     rows = await node_rows(uow.session, execution.id)
     out = ExecutionRead.model_validate(execution)
     out.nodes = [
@@ -321,3 +332,54 @@ async def logs(uow: UnitOfWork, access: WorkspaceAccess) -> list[LogEntry]:
 async def transitions(uow: UnitOfWork, access: WorkspaceAccess) -> list[TransitionRead]:
     rows = await lifecycle.history(uow.session, access.resource.id)
     return [TransitionRead.model_validate(r) for r in rows]
+
+
+def _ends_run(message: dict[str, Any] | None) -> bool:
+    if not message or message.get("type") != "message":
+        return False
+    try:
+        body = json.loads(message["data"])
+    except (TypeError, ValueError):
+        return False
+    return bool(body.get("type") == EXECUTION_STATUS and body.get("status") in TERMINAL_EXECUTION)
+
+
+async def wait_for_end(
+    uow: UnitOfWork, redis: Redis, execution_id: uuid.UUID, wait_s: float
+) -> WorkflowExecution | None:
+    """The run once it ended, or None if it is still going after `wait_s`. Woken by the
+    run's terminal event on its channel; the row is read once after subscribing (a run
+    that ended before that) and once at the end (an event lost while Redis blinked),
+    never polled. Without Redis the caller gets None (202): the run itself is safe."""
+
+    async def row() -> WorkflowExecution | None:
+        run = await repo.get_run(uow.session, execution_id)
+        await uow.session.commit()  # no transaction left open while waiting
+        return run if run is not None and run.status in TERMINAL_EXECUTION else None
+
+    deadline = time.monotonic() + wait_s
+    try:
+        async with redis.pubsub() as pubsub:
+            await pubsub.subscribe(channel(execution_id))
+            ended = await row()
+            if ended is not None:
+                return ended
+            with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
+                while True:
+                    left = max(0.0, deadline - time.monotonic())
+                    message = await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=min(left, 5.0)
+                    )
+                    if _ends_run(message):
+                        break
+    except (OSError, ConnectionError, TimeoutError) as exc:
+        log.warning("execution.wait_unavailable", execution_id=str(execution_id), error=str(exc))
+        return None
+    except Exception as exc:  # redis.exceptions.RedisError and kin
+        if type(exc).__module__.startswith("redis"):
+            log.warning(
+                "execution.wait_unavailable", execution_id=str(execution_id), error=str(exc)
+            )
+            return None
+        raise
+    return await row()

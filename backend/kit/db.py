@@ -61,6 +61,12 @@ class UnitOfWork:
     def after_commit(self, callback: AfterCommit) -> None:
         self._after_commit.append(callback)
 
+    async def commit(self) -> None:
+        """Commit now and send what waited for it (a request that goes on after its
+        write is durable: `POST /executions?wait=`); the unit of work stays usable."""
+        await self.session.commit()
+        await self._run_after_commit()
+
     async def __aenter__(self) -> Self:
         self.session = self._sessionmaker()
         return self
@@ -81,6 +87,9 @@ class UnitOfWork:
                 self._after_commit.clear()
         finally:
             await self.session.close()
+        await self._run_after_commit()
+
+    async def _run_after_commit(self) -> None:
         callbacks, self._after_commit = self._after_commit, []
         for callback in callbacks:
             # The transaction is committed; a failing side effect must not turn the

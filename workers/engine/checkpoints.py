@@ -103,4 +103,4 @@ class Checkpoints:
         ]
         await asyncio.shield(lifecycle.record_nodes(self.sessionmaker, claim, changes))
         for node_id in nodes:
-            self.progress.emit(claim, "node.status", node_id=node_id, status=N.SKIPPED.value)
+            self.progress.checkpointed(claim, node_id, N.SKIPPED, {})
