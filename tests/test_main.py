@@ -4,6 +4,8 @@ validation errors name the field, nothing leaks a trace, every request has an id
 from __future__ import annotations
 
 import logging
+import time
+import uuid
 from collections.abc import AsyncIterator
 
 import httpx
@@ -15,12 +17,14 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from backend.auth.permissions import Role
 from backend.config import Settings
-from backend.kit import errors
+from backend.kit import errors, signing, tasks
+from backend.kit.celery_app import create_celery_app
 from backend.kit.db import UnitOfWorkDep
 from backend.main import create_app
 from backend.models import Trigger, Workflow, WorkflowExecution, Workspace
 from tests.support.asgi import client_for
 from tests.support.identity import Actor, make_workspace, member
+from tests.support.procs import free_port
 from tests.triggers.conftest import published, with_trigger
 
 
@@ -298,3 +302,82 @@ async def test_numbers_beyond_what_the_database_holds_are_422(
     for wait in ("inf", "nan", "1e999"):
         r = await client.post(f"/api/v1/hooks/{token}?wait={wait}", json={})
         _refused(r, "wait", where="query")
+
+
+# Redis down: routes that need it answer 503 dependency_unavailable, capacity rate
+# limits fail open, and a run whose row committed is admitted (the reaper enqueues it).
+
+
+@pytest.fixture
+async def redis_down(
+    settings: Settings,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The app with Redis (cache, rate limits, broker) at an address nothing listens on."""
+    dead = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    monkeypatch.setattr(tasks, "celery_app", create_celery_app(dead))
+    async for c in client_for(create_app(dead), sessionmaker):
+        yield c
+
+
+async def test_with_redis_down_signed_in_requests_still_answer(
+    redis_down: httpx.AsyncClient, edge: tuple[Actor, Workflow, str]
+) -> None:
+    actor, workflow, _ = edge
+    r = await redis_down.get("/api/v1/auth/me", headers=actor.headers)
+    assert r.status_code == 200, r.text
+    r = await redis_down.get(f"/api/v1/workflows/{workflow.id}", headers=actor.headers)
+    assert r.status_code == 200, r.text
+
+
+async def test_with_redis_down_a_started_run_is_admitted_not_reported_failed(
+    redis_down: httpx.AsyncClient, session: AsyncSession, edge: tuple[Actor, Workflow, str]
+) -> None:
+    actor, workflow, token = edge
+    started = time.monotonic()
+    r = await redis_down.post(
+        "/api/v1/executions", json={"workflow_id": str(workflow.id)}, headers=actor.headers
+    )
+    assert r.status_code == 202, r.text
+    # The failed enqueue gives up quickly (it once waited ~20 s on the result backend).
+    assert time.monotonic() - started < 5
+    execution = await session.get(WorkflowExecution, uuid.UUID(r.json()["id"]))
+    # Committed and pending: the reaper enqueues runs nobody claimed.
+    assert execution is not None and execution.status == "pending"
+    # The public webhook (unsigned) admits the same way.
+    r = await redis_down.post(f"/api/v1/hooks/{token}", json={"order": 1})
+    assert r.status_code == 202, r.text
+
+
+async def test_with_redis_down_what_cannot_be_checked_without_it_is_503(
+    redis_down: httpx.AsyncClient,
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    settings: Settings,
+) -> None:
+    # Sign-in codes: their abuse guard lives in Redis, so it fails closed.
+    r = await redis_down.post("/api/v1/auth/request-otp", json={"email": "a@example.com"})
+    assert r.status_code == 503, r.text
+    body = r.json()
+    assert body["error"] == "dependency_unavailable"
+    assert body["request_id"] == r.headers["x-request-id"]
+    # A signed webhook: its replay guard lives in Redis, so the sender must retry.
+    workspace = await make_workspace(session)
+    actor = await member(session, settings, workspace, Role.EDITOR)
+    workflow = await published(
+        session, workspace, with_trigger({"kind": "webhook", "verify_signature": True})
+    )
+    trigger = await session.scalar(select(Trigger).where(Trigger.workflow_id == workflow.id))
+    assert trigger is not None
+    r = await client.post(
+        f"/api/v1/workflows/{workflow.id}/triggers/{trigger.id}/secret", headers=actor.headers
+    )
+    secret = r.json()["secret"]
+    payload = b'{"order": 1}'
+    headers = {**signing.sign(secret, payload), "content-type": "application/json"}
+    r = await redis_down.post(f"/api/v1/hooks/{trigger.token}", content=payload, headers=headers)
+    assert r.status_code == 503, r.text
+    assert r.json()["error"] == "dependency_unavailable"
+    started = select(func.count()).where(WorkflowExecution.workflow_id == workflow.id)
+    assert await session.scalar(started) == 0
