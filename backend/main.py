@@ -17,7 +17,6 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
 from backend.agents.router import router as agents_router
 from backend.auth.router import api_keys as api_keys_router
@@ -166,17 +165,6 @@ async def _dependency_down(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
-def _allowed_methods(request: Request) -> str:
-    # Starlette answers 405 from the first route whose path matched, so its Allow
-    # names that route's methods only; a path is often served by several routes.
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches(request.scope)
-        if match != Match.NONE:
-            methods |= getattr(route, "methods", None) or set()
-    return ", ".join(sorted(methods))
-
-
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = HTTP_STATUS_CODES.get(
@@ -184,7 +172,9 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     )
     headers = dict(getattr(exc, "headers", None) or {})
     if exc.status_code == 405:
-        headers["Allow"] = _allowed_methods(request)
+        allow = openapi.allowed_methods(request.app, request.scope["path"])
+        if allow:
+            headers["Allow"] = allow
     return JSONResponse(
         status_code=exc.status_code,
         content=_body(code, str(exc.detail)),

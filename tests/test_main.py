@@ -381,3 +381,44 @@ async def test_with_redis_down_what_cannot_be_checked_without_it_is_503(
     assert r.json()["error"] == "dependency_unavailable"
     started = select(func.count()).where(WorkflowExecution.workflow_id == workflow.id)
     assert await session.scalar(started) == 0
+
+
+# The OpenAPI document tells the truth about errors (backend/kit/openapi.py).
+
+
+async def test_the_openapi_document_declares_the_real_error_body_and_statuses(
+    tclient: httpx.AsyncClient,
+) -> None:
+    doc = (await tclient.get("/openapi.json")).json()
+    schemas = doc["components"]["schemas"]
+    # FastAPI's own 422 body (`detail` as a list) is nowhere: no answer has it.
+    assert "HTTPValidationError" not in schemas
+    assert "HTTPValidationError" not in (await tclient.get("/openapi.json")).text
+    assert schemas["Error"]["required"] == ["error", "detail", "request_id"]
+    error = {"$ref": "#/components/schemas/Error"}
+    put = doc["paths"]["/api/v1/workflows/{workflow_id}"]["put"]["responses"]
+    for status in ("401", "403", "404", "409", "413", "422", "429", "503"):
+        assert put[status]["content"]["application/json"]["schema"] == error, status
+    assert "Retry-After" in put["429"]["headers"]
+    hook = doc["paths"]["/api/v1/hooks/{token}"]["post"]["responses"]
+    assert {"401", "404", "409", "413", "422", "429", "503"} <= set(hook)
+    assert "403" not in hook  # public: nobody's permissions are checked
+    agent_test = doc["paths"]["/api/v1/agents/{agent_id}/test"]["post"]["responses"]
+    assert {"402", "424", "502"} <= set(agent_test)
+    # And a real 422 has the declared shape.
+    body = (await tclient.post("/t/items", json={})).json()
+    assert set(schemas["Error"]["required"]) <= set(body)
+    for field in body["fields"]:
+        assert set(schemas["FieldError"]["required"]) <= set(field)
+
+
+async def test_405_names_every_method_the_path_serves_in_allow(
+    tclient: httpx.AsyncClient,
+) -> None:
+    # GET and POST /api/v1/workflows are two routes; Allow named only one, or none.
+    r = await tclient.delete("/api/v1/workflows")
+    assert r.status_code == 405
+    assert r.json()["error"] == "method_not_allowed"
+    assert r.headers["allow"] == "GET, POST"
+    r = await tclient.post(f"/api/v1/workflows/{uuid.uuid4()}")
+    assert r.headers["allow"] == "DELETE, GET, PUT"

@@ -69,7 +69,15 @@ async def delete_agent(
     await service.delete(uow, access)
 
 
-@router.post("/{agent_id}/test")
+@router.post(
+    "/{agent_id}/test",
+    responses={
+        402: {"description": "The run went over its token or cost budget"},
+        424: {"description": "No model provider key is configured"},
+        502: {"description": "The model provider refused the request"},
+        503: {"description": "The model provider is unreachable, or the run timed out"},
+    },
+)
 async def try_agent(
     body: AgentTest,
     uow: UnitOfWorkDep,

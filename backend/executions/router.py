@@ -54,9 +54,11 @@ def _accepted(request: Request, execution: WorkflowExecution) -> ExecutionAccept
     status_code=status.HTTP_202_ACCEPTED,
     responses={
         200: {
+            "model": ExecutionAccepted | ExecutionRead,
             "description": "An earlier request with the same Idempotency-Key (its "
-            "ExecutionAccepted), or, with `wait`, the run that ended in time (ExecutionRead)"
-        }
+            "ExecutionAccepted), or, with `wait`, the run that ended in time (ExecutionRead)",
+        },
+        202: {"model": ExecutionAccepted, "description": "Admitted: the run is pending"},
     },
 )
 async def start_execution(

@@ -15,7 +15,26 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/health/ready", responses={503: {"description": "A dependency is unreachable"}})
+READINESS_DOWN = {
+    "type": "object",
+    "required": ["error", "detail", "checks"],
+    "properties": {
+        "error": {"type": "string", "enum": ["dependency_unavailable"]},
+        "detail": {"type": "string"},
+        "checks": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
+
+
+@router.get(
+    "/health/ready",
+    responses={
+        503: {
+            "description": "A dependency is unreachable",
+            "content": {"application/json": {"schema": READINESS_DOWN}},
+        }
+    },
+)
 async def ready(request: Request) -> JSONResponse:
     state = request.app.state
     checks = await readiness(

@@ -22,6 +22,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from starlette.routing import compile_path
 
 ERROR_REF = {"$ref": "#/components/schemas/Error"}
 
@@ -143,7 +144,23 @@ def rewrite(schema: dict[str, Any], api_prefix: str) -> dict[str, Any]:
                 if declared.get("description") and str(status) != "422":
                     merged["description"] = declared["description"]
                 responses[str(status)] = merged
+            operation["responses"] = dict(sorted(responses.items()))
     return schema
+
+
+def allowed_methods(app: FastAPI, path: str) -> str | None:
+    """The `Allow` of a 405: the methods the document lists for every path template the
+    request path matches (Starlette names only the first matching route's, and a path
+    is often served by several routes)."""
+    table: list[tuple[Any, set[str]]] | None = getattr(app.state, "allow_table", None)
+    if table is None:
+        table = [
+            (compile_path(template)[0], {m.upper() for m in item if m in WRITES | {"get"}})
+            for template, item in app.openapi().get("paths", {}).items()
+        ]
+        app.state.allow_table = table
+    methods = {m for regex, listed in table if regex.match(path) for m in listed}
+    return ", ".join(sorted(methods)) or None
 
 
 def install(app: FastAPI, api_prefix: str) -> None:
