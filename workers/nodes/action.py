@@ -20,6 +20,8 @@ from workers.engine.retry import NodeFailure, classify_status
 from workers.nodes import files, notify
 from workers.nodes.base import NodeContext, NodeResult
 
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
 
 async def _credential_headers(ctx: NodeContext, credential_id: Any) -> dict[str, str]:
     secret = await ctx.secret(credential_id)
@@ -58,6 +60,10 @@ async def http_request(ctx: NodeContext, config: HttpRequestAction) -> NodeResul
         content = json.dumps(_render_tree(ctx, config.body)).encode()
     if content is not None and not any(k.lower() == "content-type" for k in headers):
         headers["Content-Type"] = "application/json"
+    # Retries and a run resumed after a crash send the same key, so a target that
+    # dedupes on it acts once; a key the user set wins.
+    if not any(k.lower() == IDEMPOTENCY_HEADER.lower() for k in headers):
+        headers[IDEMPOTENCY_HEADER] = ctx.idempotency_key
     secret_headers: set[str] = set()
     if config.credential_id is not None:
         injected = await _credential_headers(ctx, config.credential_id)

@@ -16,7 +16,7 @@ from backend.credentials.service import reveal, touch
 from backend.kit.db import UnitOfWork
 from backend.models import Credential
 from backend.workflows.graph import Node
-from backend.workflows.templates import evaluate, render
+from backend.workflows.templates import TemplateLimit, evaluate, render
 from workers.engine.retry import NodeFailure
 
 
@@ -63,6 +63,24 @@ class NodeContext:
     attempt: int = 1
     # Sends an event about this node to the run's followers (type, data).
     emit: Callable[[str, dict[str, Any]], None] | None = None
+    # When this node's time is up (time.monotonic()); renders stop there too, since they
+    # run in the event loop where nothing else can interrupt them.
+    deadline: float | None = None
+    # The node's id in the run (`<loop>.<node>` for a loop body node) and its pass
+    # through the loop, set by the engine; None for a node outside any loop.
+    key: str | None = None
+    iteration: int | None = None
+
+    @property
+    def idempotency_key(self) -> str:
+        """The same for every attempt of this node execution, including a run resumed
+        after a crash, and different for every pass of a loop: a target that dedupes on
+        it sees each execution once although we deliver at least once."""
+        iteration = self.iteration
+        if iteration is None:
+            # Until the engine says, the pass is what the body's scope holds.
+            iteration = self.scope.get("index", self.scope.get("iteration", 0))
+        return f"{self.execution_id}:{self.key or self.node.id}:{iteration}"
 
     async def secret(self, credential_id: uuid.UUID) -> dict[str, Any]:
         """A credential's secret, from this workspace only; marks the credential used.
@@ -82,13 +100,17 @@ class NodeContext:
 
     def render(self, source: str) -> str:
         try:
-            return render(source, self.scope)
+            return render(source, self.scope, deadline=self.deadline)
+        except TemplateLimit as exc:
+            raise NodeFailure(f"template stopped: {exc}", "permanent") from exc
         except Exception as exc:
             raise NodeFailure(f"template failed: {type(exc).__name__}: {exc}", "permanent") from exc
 
     def evaluate(self, expression: str) -> Any:
         try:
-            return evaluate(expression, self.scope)
+            return evaluate(expression, self.scope, deadline=self.deadline)
+        except TemplateLimit as exc:
+            raise NodeFailure(f"expression stopped: {exc}", "permanent") from exc
         except Exception as exc:
             raise NodeFailure(
                 f"expression failed: {type(exc).__name__}: {exc}", "permanent"

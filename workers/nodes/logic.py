@@ -17,7 +17,7 @@ from backend.workflows.graph import (
     TransformLogic,
     WhileLogic,
 )
-from backend.workflows.templates import evaluate
+from backend.workflows.templates import TemplateLimit, evaluate
 from workers.engine.retry import NodeFailure
 from workers.nodes.base import NodeContext, NodeResult
 
@@ -58,7 +58,10 @@ async def _while(ctx: NodeContext, config: WhileLogic, run_body: RunBody) -> Nod
     for iteration in range(config.max_iterations + 1):
         loop_scope = {"iteration": iteration, "last": last}
         try:
-            holds = bool(evaluate(config.condition, {**ctx.scope, **loop_scope}))
+            scope = {**ctx.scope, **loop_scope}
+            holds = bool(evaluate(config.condition, scope, deadline=ctx.deadline))
+        except TemplateLimit as exc:
+            raise NodeFailure(f"condition stopped: {exc}", "permanent") from exc
         except Exception as exc:
             raise NodeFailure(
                 f"condition failed: {type(exc).__name__}: {exc}", "permanent"
