@@ -452,6 +452,17 @@ def _check_json(value: Any, rest: tuple[Any, ...], kwargs: dict[str, Any]) -> An
     return value
 
 
+def _check_urlize(value: Any, rest: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    # Each link repeats its address and adds the rel and target attributes.
+    if isinstance(value, str):
+        attributes = sum(
+            len(_text(_arg(rest, kwargs, i, k, None) or "")) for i, k in ((2, "target"), (3, "rel"))
+        )
+        links = value.count("://") + value.count("www.") + value.count("@")
+        _need(2 * len(value) + links * (attributes + 48))
+    return value
+
+
 def _check_pprint(value: Any, rest: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     _weigh(value, text=True, indent=1)
     return value
@@ -469,6 +480,7 @@ _FILTER_CHECKS: dict[str, FilterCheck] = {
     "sum": _check_sum,
     "tojson": _check_json,
     "pprint": _check_pprint,
+    "urlize": _check_urlize,
 }
 
 
@@ -588,7 +600,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         if operator == "+":
-            if isinstance(left, str) and isinstance(right, str):
+            if isinstance(left, str | bytes) and isinstance(right, str | bytes):
                 _need(len(left) + len(right))
             elif isinstance(left, int) and isinstance(right, int):
                 _need_bits(max(left.bit_length(), right.bit_length()) + 1)
@@ -614,8 +626,8 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
                     _need_bits(right)
                 _need_bits(math.ceil(right * math.log2(abs(left))))
             return left**right
-        if operator == "%" and isinstance(left, str):
-            _printf(left, right)
+        if operator == "%" and isinstance(left, str | bytes):
+            _printf(left if isinstance(left, str) else left.decode("latin-1"), right)
             return _bounded(left % right)
         return super().call_binop(context, operator, left, right)
 
@@ -651,14 +663,22 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
     def call(self, context: Any, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
         tick()
         if isinstance(obj, BuiltinMethodType | MethodType):
-            owner = obj.__self__
+            owner, name = obj.__self__, obj.__name__
             if isinstance(owner, str | bytes):
-                args = _check_method(owner, obj.__name__, args, kwargs)
-            elif isinstance(owner, int) and obj.__name__ == "to_bytes":
+                args = _check_method(owner, name, args, kwargs)
+            elif isinstance(owner, int) and name == "to_bytes":
                 length = _arg(args, kwargs, 0, "length", 1)
                 if isinstance(length, int):
                     _need(length)
+            elif name in _READERS:
+                # A part or a view of a value that exists already: nothing new is built
+                # (and a node's large output is not measured at every read).
+                return super().call(context, obj, *args, **kwargs)
         return _bounded(super().call(context, obj, *args, **kwargs))
+
+
+# Methods that hand back (a view of) what their object already holds.
+_READERS = frozenset({"get", "items", "keys", "values", "copy", "index", "count"})
 
 
 def _len_of(value: Any) -> int:

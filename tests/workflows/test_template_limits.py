@@ -66,6 +66,11 @@ SIZE_FAMILIES: dict[str, Family] = {
         f"{{{{ ('a ' * 1000)|wordwrap(1, wrapstring='x' * {n // 2000}) }}}}"
     ),
     "lipsum": lambda n: f"{{{{ lipsum({n // 1600}, max=100) }}}}",
+    "bytes printf width": lambda n: f"{{{{ ('%{n}d'.encode() % 1)|length }}}}",
+    "bytes.ljust": lambda n: f"{{{{ 'x'.encode().ljust({n})|length }}}}",
+    "urlize attributes": lambda n: (
+        f"{{{{ ('x http://a.com ' * 100)|urlize(target='t' * {n // 100})|length }}}}"
+    ),
     "str.ljust": lambda n: f"{{{{ 'x'.ljust({n}) }}}}",
     "str.rjust": lambda n: f"{{{{ 'x'.rjust({n}) }}}}",
     "str.center": lambda n: f"{{{{ 'x'.center({n}) }}}}",
@@ -152,6 +157,8 @@ DOUBLING: dict[str, str] = {
     "nested list": "{% set ns.l = [ns.l, ns.l] %}",
     "nested dict": "{% set ns.l = {'a': ns.l, 'b': ns.l} %}",
     "nested tuple": "{% set ns.l = (ns.l, ns.l) %}",
+    "dict call": "{% set ns.l = dict(a=ns.l, b=ns.l) %}",
+    "bytes": "{% set ns.x = ns.x.encode() + ns.x.encode() %}{% set ns.x = ns.x.decode() %}",
     "list repetition": "{% set ns.l = ns.l * 2 %}",
     "format": "{% set ns.x = '{0}{0}'.format(ns.x) %}",
     "printf": "{% set ns.x = '%s%s' % (ns.x, ns.x) %}",
