@@ -152,7 +152,11 @@ def _weigh(value: Any, *, text: bool = False, indent: int = 0, limit: int = MAX_
     total = 0
     stack: list[tuple[Any, int]] = [(value, 0)]
     pop, push, extend = stack.pop, stack.append, stack.extend
+    steps = 0
     while stack:
+        steps += 1
+        if not steps & 0xFFF:
+            tick()  # a walk near the cap takes a good fraction of a second
         item, depth = pop()
         kind = type(item)
         members: Any = None
