@@ -140,40 +140,78 @@ async def measure(base: str, headers: dict[str, str]) -> dict[str, Any]:
                 walls.append(wall)
                 servers.append(_server_side(body))
             out[name] = (statistics.median(walls), statistics.median(servers))
-        wf = await _create(client, headers, chain(2))
-        await _run_once(client, headers, wf)
-        count = 200
-        t0 = time.perf_counter()
-        posts = await asyncio.gather(
-            *(
-                client.post(
-                    "/api/v1/executions",
-                    headers=headers,
-                    json={"workflow_id": wf, "trigger_data": {"x": i}},
-                )
-                for i in range(count)
-            )
-        )
-        ids = [p.json()["id"] for p in posts]
-        pending = set(ids)
-        while pending:
-            listed = (
-                await client.get(
-                    "/api/v1/executions",
-                    headers=headers,
-                    params={
-                        "workflow_id": wf,
-                        "status": "completed",
-                        "limit": 100,
-                        "since": "2000-01-01T00:00:00Z",
-                    },
-                )
-            ).json()
-            if listed["total"] >= count + 1:
-                break
-            await asyncio.sleep(0.02)
-        out["throughput"] = count / (time.perf_counter() - t0)
+        out["throughput"] = await throughput(client, headers, batch=50)
+        out["throughput_single"] = await throughput(client, headers, batch=1)
     return out
+
+
+THROUGHPUT_RUNS = 200
+
+
+async def _completed(
+    client: httpx.AsyncClient, headers: dict[str, str], wf: str, count: int
+) -> None:
+    while True:
+        listed = (
+            await client.get(
+                "/api/v1/executions",
+                headers=headers,
+                params={"workflow_id": wf, "status": "completed", "limit": 1},
+            )
+        ).json()
+        if listed["total"] >= count:
+            return
+        await asyncio.sleep(0.01)
+
+
+async def throughput(
+    client: httpx.AsyncClient, headers: dict[str, str], *, batch: int
+) -> tuple[float, float]:
+    """(runs per second, seconds until every run was admitted): THROUGHPUT_RUNS runs of
+    a chain of three computing nodes (every node checkpointed, events published), from
+    the first request until the last run completed. `batch` > 1 starts them through
+    POST /executions/batch, `batch` 1 one POST /executions each, at most 32 requests in
+    flight (a pool of callers; an unbounded burst measures the listen queue)."""
+    wf = await _create(client, headers, chain(3))
+    await _run_once(client, headers, wf)
+    count = THROUGHPUT_RUNS
+    gate = asyncio.Semaphore(32)
+
+    async def post(first: int) -> None:
+        async with gate:
+            if batch == 1:
+                body = {"workflow_id": wf, "trigger_data": {"x": first}}
+                r = await client.post("/api/v1/executions", headers=headers, json=body)
+            else:
+                items = [{"trigger_data": {"x": i}} for i in range(first, first + batch)]
+                body = {"workflow_id": wf, "items": items}
+                r = await client.post("/api/v1/executions/batch", headers=headers, json=body)
+            r.raise_for_status()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(post(i) for i in range(0, count, batch)))
+    admitted = time.perf_counter() - t0
+    await _completed(client, headers, wf, count + 1)
+    return count / (time.perf_counter() - t0), admitted
+
+
+def celery_chains(count: int = THROUGHPUT_RUNS) -> float:
+    """Chains per second: `count` plain Celery chains of three tasks, each computing
+    from the previous one's result, sent at once, until every result is back."""
+    from celery import chain as celery_chain
+
+    from backend.kit.celery_app import celery_app
+
+    step = celery_app.signature("system.increment")
+    celery_chain(step.clone(args=(0,)), step.clone(), step.clone()).apply_async().get(timeout=60)
+    t0 = time.perf_counter()
+    results = [
+        celery_chain(step.clone(args=(i,)), step.clone(), step.clone()).apply_async()
+        for i in range(count)
+    ]
+    for i, result in enumerate(results):
+        assert result.get(timeout=120) == i + 3
+    return count / (time.perf_counter() - t0)
 
 
 def celery_floor() -> float:

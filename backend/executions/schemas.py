@@ -17,6 +17,23 @@ class ExecutionCreate(StrictInput):
     trigger_data: dict[str, Any] = Field(default_factory=dict)
 
 
+class BatchItem(StrictInput):
+    trigger_data: dict[str, Any] = Field(default_factory=dict)
+
+
+class ExecutionBatchCreate(StrictInput):
+    workflow_id: uuid.UUID
+    trigger_type: Literal["manual", "schedule", "webhook", "event"] = "manual"
+    items: list[BatchItem] = Field(min_length=1, max_length=500)
+
+
+class ExecutionBatchAccepted(BaseModel):
+    workflow_id: uuid.UUID
+    version: int
+    # One id per item, in the order of the items.
+    ids: list[uuid.UUID]
+
+
 class ExecutionLinks(BaseModel):
     self: str
     nodes: str

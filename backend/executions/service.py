@@ -22,6 +22,7 @@ from backend.auth.dependencies import Principal, WorkspaceAccess
 from backend.executions import lifecycle
 from backend.executions import repository as repo
 from backend.executions.schemas import (
+    ExecutionBatchCreate,
     ExecutionCreate,
     ExecutionRead,
     LogEntry,
@@ -127,6 +128,53 @@ async def start(
         details={"workflow_id": str(workflow.id), "version": execution.version},
     )
     return execution, True
+
+
+async def start_many(
+    uow: UnitOfWork,
+    access: WorkspaceAccess,
+    data: ExecutionBatchCreate,
+    idempotency_key: str | None,
+) -> list[uuid.UUID]:
+    """One run per item, in one transaction; ids in the items' order. With an
+    Idempotency-Key, item i gets the key `<key>#<i>`, so a retried batch answers the
+    runs the first one created instead of starting them again."""
+    workflow: Workflow = access.resource
+    if workflow.status == "archived":
+        raise Conflict(
+            "an archived workflow cannot run; move it back to draft first", field="workflow_id"
+        )
+    keys = [f"{idempotency_key}#{i}" if idempotency_key else None for i in range(len(data.items))]
+    rows = [
+        {
+            "workspace_id": workflow.workspace_id,
+            "workflow_id": workflow.id,
+            "version": workflow.current_version,
+            "trigger_type": data.trigger_type,
+            "trigger_data": item.trigger_data,
+            "idempotency_key": key,
+            "created_by": access.user.id,
+        }
+        for item, key in zip(data.items, keys, strict=True)
+    ]
+    created = await lifecycle.create_runs(
+        uow, rows, actor=actor_of(access.principal), reason=f"started ({data.trigger_type}, batch)"
+    )
+    if idempotency_key:
+        found = await repo.find_by_keys(uow.session, workflow.workspace_id, [k for k in keys if k])
+        ids = [found[k] for k in keys if k]
+    else:
+        ids = created
+    record(
+        uow.session,
+        access.principal,
+        workspace_id=workflow.workspace_id,
+        action="execution.start_batch",
+        resource_type="workflow",
+        resource_id=workflow.id,
+        details={"runs": len(ids), "started": len(created), "version": workflow.current_version},
+    )
+    return ids
 
 
 async def start_unattended(

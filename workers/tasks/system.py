@@ -26,3 +26,10 @@ def ping() -> dict[str, Any]:
 @celery_app.task(name="system.noop", ignore_result=False)
 def noop(*_: Any) -> None:
     """Does nothing: the floor a benchmark compares a workflow step against."""
+
+
+@celery_app.task(name="system.increment", ignore_result=False)
+def increment(x: int) -> int:
+    """x + 1: a plain Celery chain of these is the floor the engine's throughput is
+    measured against (each step computes from the previous one's output)."""
+    return x + 1
