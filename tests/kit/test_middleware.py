@@ -4,6 +4,7 @@ per-user rate limit on the API backed by Redis."""
 from __future__ import annotations
 
 import httpx
+import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from backend.config import Settings
@@ -109,3 +110,20 @@ def test_secret_bearing_paths_are_redacted_in_the_access_log() -> None:
     )
     assert loggable_path("/api/v1/hooks/abc") == "/api/v1/hooks/[redacted]"
     assert loggable_path("/api/v1/invitations") == "/api/v1/invitations"
+
+
+def test_a_websocket_upgrade_carrying_nul_is_refused_before_any_route() -> None:
+    from starlette.testclient import TestClient
+    from starlette.websockets import WebSocketDisconnect
+
+    from backend.config import get_settings
+
+    # No lifespan needed: the middleware refuses before routing, like it answers 422
+    # to an HTTP request (a refused upgrade reaches the client as a close, 1008).
+    client = TestClient(create_app(get_settings()))
+    with (
+        pytest.raises(WebSocketDisconnect) as refused,
+        client.websocket_connect("/api/v1/ws?token=a%00b"),
+    ):
+        pass
+    assert refused.value.code == 1008
