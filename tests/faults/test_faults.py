@@ -226,7 +226,7 @@ def test_no_run_lost_and_no_checkpoint_rerun_under_faults(
             time.sleep(0.2)
 
     def running_on(w: Proc) -> list[uuid.UUID]:
-        """Runs the worker holds that have at least one checkpoint behind them."""
+        """The runs the worker's processes hold right now."""
         pids = {str(p) for p in w.pids()}
         rows = query(
             lambda s: s.execute(
@@ -237,11 +237,17 @@ def test_no_run_lost_and_no_checkpoint_rerun_under_faults(
         )
         return [r.id for r in rows if owner_pid(r.lease_owner) in pids]
 
-    def kill(name: str) -> None:
-        w = workers[name]
-        deadline = time.monotonic() + 10
-        while not running_on(w) and time.monotonic() < deadline:
+    def kill() -> None:
+        """SIGKILL the worker holding the most runs (waiting a little for one to hold any),
+        then start it again."""
+        deadline = time.monotonic() + 15
+        while True:
+            held = {name: running_on(w) for name, w in workers.items()}
+            name = max(held, key=lambda n: len(held[n]))
+            if held[name] or time.monotonic() > deadline:
+                break
             time.sleep(0.1)
+        w = workers[name]
         owners = {str(p) for p in w.pids()}
         victims = running_on(w)
         killed_at = time.monotonic()
@@ -299,11 +305,11 @@ def test_no_run_lost_and_no_checkpoint_rerun_under_faults(
         submitter.start()
         span = RUNS * SUBMIT_EVERY_S
         plan: list[tuple[float, Callable[[], None]]] = [
-            (0.13 * span, lambda: kill("w1")),
+            (0.13 * span, kill),
             (0.30 * span, lambda: redis_restart()),
-            (0.47 * span, lambda: kill("w2")),
+            (0.47 * span, kill),
             (0.63 * span, lambda: pg_restart()),
-            (0.83 * span, lambda: kill("w1")),
+            (0.83 * span, kill),
         ]
 
         def redis_restart() -> None:
