@@ -139,7 +139,7 @@ def _claim(p: _Process, execution_id: uuid.UUID) -> lifecycle.Claim | None:
             pause = min(pause * 2, 2.0)
 
 
-@celery_app.task(name=EXECUTE, bind=True, max_retries=None)
+@celery_app.task(name=EXECUTE, bind=True, max_retries=None, ignore_result=True)
 def execute(self: Task, execution_id: str) -> str:  # type: ignore[type-arg]
     p = process()
     run_id = uuid.UUID(execution_id)
