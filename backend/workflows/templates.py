@@ -143,6 +143,19 @@ _MEMBERS = (list, tuple, set, frozenset, KeysView, ValuesView, ItemsView)
 _BUILT = (dict, *_MEMBERS)
 
 
+class _Weighed(list[Any]):
+    """A list built by `+` that knows its weight, so `ns.l = ns.l + [row]` in a loop
+    costs a copy per pass, not a walk of everything gathered so far. Lists cannot change
+    in the sandbox; a namespace inside may, which is why printing walks it afresh."""
+
+    __slots__ = ("_weight",)
+    _weight: int
+
+
+def _weight_of(value: Any) -> int:
+    return value._weight if type(value) is _Weighed else _weigh(value)
+
+
 def _weigh(value: Any, *, text: bool = False, indent: int = 0, limit: int = MAX_VALUE_CHARS) -> int:
     """About how many characters `value` prints as (str, repr or JSON), counting a part
     shared N times N times; raises TemplateLimit as soon as that passes `limit`, so a
@@ -166,6 +179,11 @@ def _weigh(value: Any, *, text: bool = False, indent: int = 0, limit: int = MAX_
             total += item.bit_length() // 3 + 2
         elif kind is list or kind is tuple:
             members = item
+        elif kind is _Weighed:
+            if text:
+                members = item
+            else:
+                total += item._weight
         elif kind is dict:
             keys = tuple(item)
             if set(map(type, keys)) <= _STRS:
@@ -608,7 +626,14 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
                 _need(len(left) + len(right))
             elif isinstance(left, int) and isinstance(right, int):
                 _need_bits(max(left.bit_length(), right.bit_length()) + 1)
-            elif isinstance(left, list | tuple) and isinstance(right, list | tuple):
+            elif isinstance(left, list) and isinstance(right, list):
+                weight = _weight_of(left) + _weight_of(right)
+                _need(weight)
+                gathered = _Weighed(left)
+                gathered += right
+                gathered._weight = weight
+                return gathered
+            elif isinstance(left, tuple) and isinstance(right, tuple):
                 _weigh(left, limit=MAX_VALUE_CHARS - _weigh(right))
             return left + right
         if operator == "-":
@@ -830,6 +855,7 @@ def evaluate(
     compiled = _compiled_expression(expression)
     token = _budget.set(_budget_for(deadline, seconds))
     try:
-        return compiled(**context)
+        value = compiled(**context)
     finally:
         _budget.reset(token)
+    return list(value) if type(value) is _Weighed else value

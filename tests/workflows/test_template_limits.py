@@ -186,6 +186,19 @@ def test_doubling_in_a_loop_is_refused_fast(step: str, passes: int) -> None:
     stops(doubling(DOUBLING[step], passes), f"more than {CAP} characters")
 
 
+def test_gathering_rows_in_a_loop_stays_cheap() -> None:
+    # The usual way to collect in an immutable sandbox; measuring everything gathered
+    # so far at every pass would make it quadratic in Python and hit the budget.
+    rows = [{"name": f"r{i}", "n": i, "tags": ["a", "b"]} for i in range(2000)]
+    source = (
+        "{% set ns = namespace(l=[]) %}{% for r in rows %}{% set ns.l = ns.l + [r] %}"
+        "{% endfor %}{{ ns.l|length }}"
+    )
+    assert render(source, {"rows": rows}) == "2000"
+    gathered = evaluate("rows + rows", {"rows": rows})
+    assert type(gathered) is list and len(gathered) == 4000
+
+
 def test_structurally_equal_shared_values_cannot_be_built_to_compare_slowly() -> None:
     # Two separately built but equal values of 2**40 parts would compare for hours.
     build = "{% for i in range(40) %}{% set ns.a = [ns.a, ns.a] %}{% set ns.b = [ns.b, ns.b] %}"
