@@ -19,7 +19,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from sqlalchemy.exc import DBAPIError
@@ -37,6 +37,7 @@ from backend.realtime.events import publish_after_commit
 
 log = get_logger(__name__)
 E, N = ExecutionStatus, NodeStatus
+T = TypeVar("T")
 EXECUTE_TASK = "workflow.execute"
 REAPER = "reaper"
 
@@ -506,20 +507,37 @@ async def close(
     now = _now()
     transition("execution", E.RUNNING, to, at=now, reason=reason)
     duration_ms = round((now - claim.started_at).total_seconds() * 1000, 3)
-    async with UnitOfWork(sessionmaker) as uow:
-        if to == E.CANCELLED:
-            # Nodes that never started are cancelled too, so the picture is whole.
-            transition("node", N.RETRYING, N.CANCELLED, at=now)
-            await repo.cancel_retrying_fenced(uow.session, claim.id, claim.token, N.CANCELLED)
-        ex = await repo.close_fenced(
-            uow.session, claim.id, claim.token, to, now=now, duration_ms=duration_ms,
-            reason=reason, output=output, error=error, variables=variables,
-        )  # fmt: skip
-        if ex is None:
-            return None
-        await _ended(uow, ex)
-    log.info("execution.finished", execution_id=str(claim.id), status=str(to))
+
+    async def attempt() -> WorkflowExecution | None:
+        async with UnitOfWork(sessionmaker) as uow:
+            if to == E.CANCELLED:
+                # Nodes that never started are cancelled too, so the picture is whole.
+                transition("node", N.RETRYING, N.CANCELLED, at=now)
+                await repo.cancel_retrying_fenced(uow.session, claim.id, claim.token, N.CANCELLED)
+            ex = await repo.close_fenced(
+                uow.session, claim.id, claim.token, to, now=now, duration_ms=duration_ms,
+                reason=reason, output=output, error=error, variables=variables,
+            )  # fmt: skip
+            if ex is not None:
+                await _ended(uow, ex)
+            return ex
+
+    ex = await _once_more_on_a_dropped_connection(attempt)
+    if ex is not None:
+        log.info("execution.finished", execution_id=str(claim.id), status=str(to))
     return ex
+
+
+async def _once_more_on_a_dropped_connection(work: Callable[[], Awaitable[T]]) -> T:
+    """A transaction whose pooled connection PostgreSQL dropped (a restart: every pooled
+    connection is dead at once, and workers skip the pre-ping) rolled back whole; it goes
+    again on a fresh connection instead of handing the run to the reaper."""
+    try:
+        return await work()
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+        return await work()
 
 
 # Cancelling ----------------------------------------------------------------------------------
