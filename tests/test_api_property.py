@@ -49,7 +49,7 @@ from tests.triggers.conftest import published, with_trigger
 # One worker runs it whole (xdist --dist loadgroup): its requests are many, not long.
 pytestmark = pytest.mark.xdist_group("api-property")
 
-# Per operation; ~60 s for the 60-odd operations at 15. Raise it to hunt: 40 found nothing more.
+# Per operation: ~40 s for the 60-odd operations at 15. Raise it to hunt (40 found no more).
 EXAMPLES = int(os.environ.get("API_PROPERTY_EXAMPLES", "15"))
 CHECKS = [
     schemathesis.checks.not_a_server_error,
