@@ -145,7 +145,10 @@ async def _body(request: Request, limit: int) -> bytes:
     "/{token}",
     dependencies=[PublicRoute],
     status_code=status.HTTP_202_ACCEPTED,
-    responses={200: {"model": HookFinished, "description": "?wait: the run ended in time"}},
+    responses={
+        200: {"model": HookFinished, "description": "?wait: the run ended in time"},
+        202: {"model": HookAccepted, "description": "Admitted: the run is pending"},
+    },
 )
 async def receive_webhook(
     token: Annotated[str, Path(max_length=200)],
