@@ -298,7 +298,14 @@ def main() -> int:
                 ),
             ),
             process(
-                uvicorn(port), stream_env, lambda: httpx.get(f"{base}/health").status_code == 200
+                # BENCH_STREAM_WS=wsproto|websockets|websockets-sansio: uvicorn's WebSocket
+                # implementation for this part (default: uvicorn's choice).
+                [
+                    *uvicorn(port),
+                    *(["--ws", ws] if (ws := os.environ.get("BENCH_STREAM_WS")) else []),
+                ],
+                stream_env,
+                lambda: httpx.get(f"{base}/health").status_code == 200,
             ) as web_proc,
         ):
             counts = os.environ.get("BENCH_STREAM_CLIENTS", "100,1000")
@@ -313,7 +320,7 @@ def main() -> int:
         print(
             f"{'live progress (WebSocket, 2 runs followed)':<44} {'delivered':>10} {'lost':>5}"
             f" {'p50':>8} {'p95':>8} {'max':>8} {'KB/conn':>8} {'connect':>8} {'closed':>6}"
-            f" {'CPU api/clients':>16}"
+            f" {'CPU api/clients':>16} {'failed':>6}"
         )
         for f in streams:
             label = f"{f['clients']} clients (targets: 0 lost, p95 < "
@@ -322,7 +329,7 @@ def main() -> int:
                 f"{label:<44} {f['delivered']:>10} {f['lost']:>5}"
                 f" {f['p50_ms']:>5.1f} ms {f['p95_ms']:>5.1f} ms {f['max_ms']:>5.0f} ms"
                 f" {f['kb_per_conn']:>8.1f} {f['connect_s']:>6.1f} s {f['closed_early']:>6}"
-                f" {f['api_cpu_s']:>8.2f}/{f['client_cpu_s']:.2f} s"
+                f" {f['api_cpu_s']:>8.2f}/{f['client_cpu_s']:.2f} s {f['failed']:>6}"
             )
 
     with psycopg.connect(plain.render_as_string(hide_password=False), autocommit=True) as conn:

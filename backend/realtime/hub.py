@@ -8,7 +8,10 @@ falls too far behind) while the others carry on. Nothing is lost between the pie
   then joins the feed, with no await in between;
 - a message whose seq skips ahead makes the feed read the gap from the stream first;
 - a poll of the feeds' counters every `poll_s` catches anything pub/sub dropped (a
-  reconnect, a slow subscriber buffer), so the last event always arrives.
+  reconnect, a slow subscriber buffer), so the last event always arrives;
+- a feed that heard nothing for `quiet_s` is checked against PostgreSQL: a run that
+  ended there whose log has no terminal event (Redis was down when it was published)
+  gets one from its row, so a follower always reaches the end.
 
 Workspace channels (`ws:<id>`) carry best-effort notices (workflow edits, members,
 execution status for live counters) with no seq: their followers refetch on a gap.
@@ -18,46 +21,104 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from backend.executions.state import TERMINAL_EXECUTION
 from backend.kit.logging import get_logger
-from backend.realtime.events import EventLog, channel, seq_key, seq_of, workspace_channel
+from backend.models import WorkflowExecution
+from backend.realtime.events import (
+    EventLog,
+    channel,
+    is_terminal,
+    seq_key,
+    seq_of,
+    status_event,
+    with_seq,
+    workspace_channel,
+)
 
 log = get_logger(__name__)
+# A followed run that sent nothing for this long is checked against PostgreSQL: if it
+# ended there, its followers get the end even when the log never got it.
+QUIET_S = 5.0
+SUBSCRIBE_TIMEOUT_S = 10.0
 
 
 class Lagging(Exception):
     """The follower's queue is full: it must reconnect and resume from its last seq."""
 
 
+class Inbox:
+    """What one connection has to send, in order, bounded. Its sender takes everything
+    queued at once and is woken once per burst, not once per message: at a thousand
+    sockets, a wake-up, a queue hand-off and a timer per message was most of the cost
+    of fanning an event out."""
+
+    __slots__ = ("_waiter", "items", "lagging", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.items: deque[str] = deque()
+        self.limit = limit
+        # Set once it overflowed: the client must reconnect and resume (4408).
+        self.lagging = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, text: str) -> bool:
+        if len(self.items) >= self.limit:
+            self.lagging = True
+            self.wake()
+            return False
+        self.items.append(text)
+        self.wake()
+        return True
+
+    def take(self) -> list[str]:
+        items = list(self.items)
+        self.items.clear()
+        return items
+
+    def wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self) -> None:
+        """Until something is queued, the inbox overflowed or `wake()` was called."""
+        if self.items or self.lagging:
+            return
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+
 @dataclass(eq=False)
 class Follower:
     """One client's view of one execution's events (or of a workspace channel)."""
 
-    queue: asyncio.Queue[str]
+    inbox: Inbox
     last: int = 0
-    lagging: asyncio.Event = field(default_factory=asyncio.Event)
     # Set for a multiplexed socket: wraps each event with its channel name, or filters
     # it out (None).
     wrap: Callable[[str], str | None] | None = None
 
     def offer(self, seq: int, text: str) -> None:
-        if seq <= self.last or self.lagging.is_set():
+        if seq <= self.last or self.inbox.lagging:
             return
         out = self.wrap(text) if self.wrap else text
-        if out is not None:
-            try:
-                self.queue.put_nowait(out)
-            except asyncio.QueueFull:
-                self.lagging.set()
-                return
+        if out is not None and not self.inbox.put(out):
+            return
         self.last = seq
 
 
@@ -69,6 +130,10 @@ class Feed:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Set once `last` holds the counter as of the subscription.
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    # The run's terminal event went out to the followers.
+    ended: bool = False
+    # When the feed last passed an event on, or was last checked against the database.
+    heard: float = field(default_factory=time.monotonic)
 
 
 @dataclass(eq=False)
@@ -78,13 +143,20 @@ class Notices:
 
 class Hub:
     def __init__(
-        self, redis: Redis, engine: AsyncEngine, *, poll_s: float = 1.0, queue_size: int = 1000
+        self,
+        redis: Redis,
+        engine: AsyncEngine,
+        *,
+        poll_s: float = 1.0,
+        queue_size: int = 1000,
+        quiet_s: float = QUIET_S,
     ) -> None:
         self.redis = redis
         self.engine = engine
         self.log = EventLog(redis)
         self.poll_s = poll_s
         self.queue_size = queue_size
+        self.quiet_s = quiet_s
         self.feeds: dict[uuid.UUID, Feed] = {}
         self.notices: dict[str, Notices] = {}
         self._pubsub: PubSub | None = None
@@ -113,7 +185,7 @@ class Hub:
         await asyncio.wait(self._tasks, timeout=2)
 
     def follower(self, wrap: Callable[[str], str | None] | None = None) -> Follower:
-        return Follower(asyncio.Queue(self.queue_size), wrap=wrap)
+        return Follower(Inbox(self.queue_size), wrap=wrap)
 
     # Execution feeds -------------------------------------------------------------------------
 
@@ -138,6 +210,11 @@ class Hub:
                     # After subscribing: anything published from now on reaches the
                     # reader, anything before is in the log.
                     feed.last = max(feed.last, await self.last_seq(execution_id))
+                except BaseException:
+                    # Redis away: no half-made feed stays behind for others to join.
+                    if self.feeds.get(execution_id) is feed:
+                        del self.feeds[execution_id]
+                    raise
                 finally:
                     feed.ready.set()
             # Followers that arrive while the feed is being set up wait for its seq:
@@ -194,6 +271,88 @@ class Hub:
                 for follower in list(feed.followers):
                     follower.offer(item_seq, item)
                 feed.last = item_seq
+                feed.ended = feed.ended or is_terminal(item)
+            feed.heard = time.monotonic()
+
+    # The committed state, when the log has no end ---------------------------------------------
+
+    async def end_seq(self, execution_id: uuid.UUID) -> int | None:
+        return await self.log.end_seq(execution_id, self.engine)
+
+    async def settle(self, execution_id: uuid.UUID, floor: int = 0) -> str | None:
+        """If the run ended in PostgreSQL but its log has no terminal event (Redis was
+        down when it was published and the worker that kept it is gone, or it is still
+        on its way), append one built from the execution row, so every follower and
+        every later resume reaches the end. Returns that event (without seq) when the
+        run is terminal, else None. Safe against the real one arriving too: a run's
+        log takes one terminal event, the first (the end mark)."""
+        execution = await self._execution(execution_id)
+        if execution is None or execution.status not in TERMINAL_EXECUTION:
+            return None
+        text = status_event(execution)
+        if await self.end_seq(execution_id) is None:
+            floor = max(floor, await self.log.archived_seq(self.engine, execution_id))
+            await self.log.publish(
+                execution_id, execution.workspace_id, [text], final=True, floor=floor
+            )
+            log.info("events.end_restored", execution_id=str(execution_id))
+        return text
+
+    async def _execution(self, execution_id: uuid.UUID) -> WorkflowExecution | None:
+        async with AsyncSession(self.engine, expire_on_commit=False) as session:
+            return await session.get(WorkflowExecution, execution_id)
+
+    async def check_quiet(self) -> None:
+        """Feeds that heard nothing for `quiet_s`: if their run ended in PostgreSQL, the
+        log's end is restored (`settle`) and passed on; if Redis does not answer, the
+        followers get the terminal status straight from the row and the stream ends.
+        One query for all of them, each feed at most once per `quiet_s`."""
+        now = time.monotonic()
+        quiet = [
+            f
+            for f in self.feeds.values()
+            if not f.ended and f.ready.is_set() and now - f.heard >= self.quiet_s
+        ]
+        if not quiet:
+            return
+        for feed in quiet:
+            feed.heard = now
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(WorkflowExecution.id).where(
+                    WorkflowExecution.id.in_([f.execution_id for f in quiet]),
+                    WorkflowExecution.status.in_(list(TERMINAL_EXECUTION)),
+                )
+            )
+            ended = {row[0] for row in rows}
+        for feed in quiet:
+            if feed.execution_id in ended:
+                await self._end(feed)
+
+    async def _end(self, feed: Feed) -> None:
+        text: str | None = None
+        try:
+            text = await self.settle(feed.execution_id, floor=feed.last)
+            if text is not None:
+                await self._deliver(feed, await self.log.last_seq(feed.execution_id), None)
+        except Exception as exc:
+            log.warning("hub.settle_failed", execution_id=str(feed.execution_id), error=repr(exc))
+        if feed.ended:
+            return
+        # Redis is away (or lost what it held): the committed state is the end.
+        if text is None:
+            execution = await self._execution(feed.execution_id)
+            if execution is None:
+                return
+            text = status_event(execution)
+        async with feed.lock:
+            if feed.ended:
+                return
+            seq = feed.last + 1
+            for follower in list(feed.followers):
+                follower.offer(seq, with_seq(text, seq))
+            feed.ended = True
+            log.warning("hub.end_from_database", execution_id=str(feed.execution_id))
 
     # Workspace notices -----------------------------------------------------------------------
 
@@ -218,7 +377,10 @@ class Hub:
     # Redis -------------------------------------------------------------------------------------
 
     async def _subscribe(self, name: str) -> None:
-        await self._ready.wait()
+        # While Redis is away the reader cannot subscribe: fail (TimeoutError is an
+        # OSError) rather than hold the client forever.
+        async with asyncio.timeout(SUBSCRIBE_TIMEOUT_S):
+            await self._ready.wait()
         assert self._pubsub is not None
         await self._pubsub.subscribe(name)
 
@@ -272,9 +434,16 @@ class Hub:
         while True:
             await asyncio.sleep(self.poll_s)
             try:
-                await self.poll()
+                # Bounded: this client has no read timeout (pub/sub shares it), and a
+                # Redis that stopped answering must not stop the quiet check below.
+                async with asyncio.timeout(max(2.0, 2 * self.poll_s)):
+                    await self.poll()
+            except Exception as exc:
+                log.warning("hub.poll_failed", error=repr(exc))
+            try:
+                await self.check_quiet()
             except Exception:
-                log.exception("hub.poll_failed")
+                log.exception("hub.check_quiet_failed")
 
     async def poll(self) -> None:
         feeds = list(self.feeds.values())

@@ -12,7 +12,8 @@
 
 Close codes: 4400 bad message, 4401 not authenticated or credential expired, 4403
 forbidden, 4404 not found, 4429 rate limited, 4408 too slow (resume from your last
-seq), 4000 maximum lifetime reached (reconnect and resume).
+seq), 4000 maximum lifetime reached (reconnect and resume), 1013 Redis does not answer
+and the run has not ended (reconnect later; a run that ended gets its end from its row).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
+from redis.exceptions import RedisError
 from sqlalchemy import func, select
 
 from backend.auth.dependencies import Principal, WorkspaceAccess, authenticate, grant, require
@@ -46,12 +48,12 @@ from backend.kit.errors import (
 )
 from backend.kit.logging import get_logger
 from backend.models import WorkflowExecution
-from backend.realtime.hub import Follower, Hub, Lagging
+from backend.realtime.events import is_terminal, status_event, with_seq
+from backend.realtime.hub import Follower, Hub, Inbox, Lagging
 
 log = get_logger(__name__)
 router = APIRouter(tags=["realtime"])
 READ = Permission.WORKFLOWS_READ
-TERMINAL_MARKS = tuple(f'"status":"{s}"' for s in TERMINAL_EXECUTION)
 CLOSE_BAD, CLOSE_AUTH, CLOSE_FORBIDDEN, CLOSE_NOT_FOUND, CLOSE_SLOW, CLOSE_LIFETIME = (
     4400,
     4401,
@@ -61,27 +63,68 @@ CLOSE_BAD, CLOSE_AUTH, CLOSE_FORBIDDEN, CLOSE_NOT_FOUND, CLOSE_SLOW, CLOSE_LIFET
     4000,
 )
 CLOSE_RATE_LIMITED = 4429
+# Redis does not answer and the run has not ended: reconnect a little later.
+CLOSE_TRY_AGAIN = 1013
 PING = '{"type":"ping"}'
 
 
-def is_terminal(text: str) -> bool:
-    """The run's last event? A cheap test first, then the event's own fields (a node
-    output could contain the same words)."""
-    if '"type":"execution.status"' not in text or not any(m in text for m in TERMINAL_MARKS):
-        return False
-    body = json.loads(text)
-    return bool(body.get("type") == "execution.status" and body.get("status") in TERMINAL_EXECUTION)
+async def _begin(
+    app: Any, hub: Hub, execution_id: uuid.UUID, follower: Follower, resume_from: int | None
+) -> tuple[list[str], bool]:
+    """(what to send first, whether that is all): the snapshot or the events after
+    `resume_from`, then the follower is on the live feed.
+
+    A resume is over only when the client has the log's terminal event (its end mark,
+    written in the same Redis call as the event). Deciding it from the counter and then
+    the execution's status closed the socket without the end when the run finished
+    between the two reads (its last event still on its way). A resume at the head of
+    the log of a run that ended in PostgreSQL restores the log's end from the row if it
+    has none (`Hub.settle`): it then arrives like any event."""
+    if resume_from is None:
+        seq = await hub.last_seq(execution_id)
+        text = await snapshot(app, execution_id, seq)
+        follower.last = seq
+        # Finished before we came: the snapshot is the whole story, unless its last
+        # event is still on its way (then it follows and ends the stream).
+        if _finished_in(text) and await hub.last_seq(execution_id) <= seq:
+            return [text], True
+        first = [text]
+    else:
+        follower.last = resume_from
+        first = []
+        if resume_from >= await hub.last_seq(execution_id):
+            end = await hub.end_seq(execution_id)
+            if end is not None and resume_from >= end:
+                return [], True
+            await hub.settle(execution_id, floor=resume_from)
+    return first + await hub.follow(execution_id, follower), False
 
 
-async def _ended_before(app: Any, execution_id: uuid.UUID, seq: int, hub: Hub) -> bool:
-    """A resume at or past a finished run's last event: nothing more will come."""
-    if seq < await hub.last_seq(execution_id):
-        return False  # events to send: the common case costs no database query
+async def _begin_or_row(
+    app: Any, hub: Hub, execution_id: uuid.UUID, follower: Follower, resume_from: int | None
+) -> tuple[list[str], bool] | None:
+    """`_begin`, tried twice (the first command after Redis came back can meet a dead
+    pooled connection); if Redis still does not answer, the run's end from its row when
+    it ended (the stream is then over), or None: the client should retry later."""
+    for attempt in range(2):
+        try:
+            return await _begin(app, hub, execution_id, follower, resume_from)
+        except (RedisError, OSError) as exc:
+            log.warning("realtime.redis_unavailable", error=repr(exc), attempt=attempt)
+            follower.last = resume_from or 0
+            await asyncio.sleep(0.1)
+    end = await _end_from_row(app, execution_id, follower.last)
+    return None if end is None else ([end], True)
+
+
+async def _end_from_row(app: Any, execution_id: uuid.UUID, after: int) -> str | None:
+    """Redis does not answer: a run that ended in PostgreSQL still ends its stream, with
+    its terminal status built from the row. None while it runs (the client retries)."""
     async with app.state.sessionmaker() as session:
-        status = await session.scalar(
-            select(WorkflowExecution.status).where(WorkflowExecution.id == execution_id)
-        )
-    return status in TERMINAL_EXECUTION
+        execution = await session.get(WorkflowExecution, execution_id)
+    if execution is None or execution.status not in TERMINAL_EXECUTION:
+        return None
+    return with_seq(status_event(execution), after + 1)
 
 
 def _close_code(exc: Exception) -> int:
@@ -192,26 +235,19 @@ async def execution_socket(websocket: WebSocket, execution_id: uuid.UUID) -> Non
     follower = hub.follower()
     deadline = _deadline(settings, principal)
     try:
-        if resume_from is None:
-            seq = await hub.last_seq(execution_id)
-            text = await snapshot(app, execution_id, seq)
-            await _send(websocket, text)
-            follower.last = seq
-            # Finished before we came: the snapshot is the whole story, unless its last
-            # event is still on its way (then it follows and ends the stream).
-            if _finished_in(text) and await hub.last_seq(execution_id) <= seq:
-                await websocket.close(code=1000)
-                return
-        else:
-            follower.last = resume_from
-            if await _ended_before(app, execution_id, resume_from, hub):
-                await websocket.close(code=1000)
-                return
-        for text in await hub.follow(execution_id, follower):
+        begun = await _begin_or_row(app, hub, execution_id, follower, resume_from)
+        if begun is None:
+            await websocket.close(code=CLOSE_TRY_AGAIN, reason="live progress unavailable")
+            return
+        first, done = begun
+        for text in first:
             await _send(websocket, text)
             if is_terminal(text):
-                await websocket.close(code=1000)
-                return
+                done = True
+                break
+        if done:
+            await websocket.close(code=1000)
+            return
         code = await _pump(websocket, follower, settings, deadline, is_terminal)
         await websocket.close(code=code)
     except Lagging:
@@ -236,7 +272,9 @@ async def _pump(
 ) -> int:
     """Send queued events until the stream ends; returns the close code. Reads the
     client too (to notice it leaving) and pings it every heartbeat."""
+    inbox = follower.inbox
     receiver = asyncio.create_task(_drain_client(websocket))
+    receiver.add_done_callback(lambda _: inbox.wake())
     try:
         beat = Heartbeat(settings.realtime.heartbeat_s)
         while True:
@@ -244,15 +282,15 @@ async def _pump(
                 return deadline[1]
             if receiver.done():
                 raise WebSocketDisconnect()
-            if follower.lagging.is_set():
+            if inbox.lagging:
                 raise Lagging()
-            text = await _next(follower.queue, deadline[0], beat)
-            if text is None:
+            batch = inbox.take()
+            if not batch:
+                await _wait(inbox, min(deadline[0], beat.at))
                 if beat.due():
                     await websocket.send_text(PING)
                 continue
-            await _send(websocket, text)
-            if ends(text):
+            if await _send_all(websocket, batch, ends):
                 return 1000
     finally:
         receiver.cancel()
@@ -274,23 +312,36 @@ class Heartbeat:
         return True
 
 
-async def _next(queue: asyncio.Queue[str], until: float, beat: Heartbeat) -> str | None:
-    """The next queued message, or None once a ping is due or `until` has come."""
+async def _wait(inbox: Inbox, until: float) -> None:
+    """Until something is queued or `until` (monotonic) has come. One timer per wait,
+    which is once per burst of events, not per event."""
+    delay = max(0.01, until - time.monotonic())
+    timer = asyncio.get_running_loop().call_later(delay, inbox.wake)
     try:
-        async with asyncio.timeout(max(0.01, min(until, beat.at) - time.monotonic())):
-            return await queue.get()
-    except TimeoutError:
-        return None
+        await inbox.wait()
+    finally:
+        timer.cancel()
 
 
 async def _send(websocket: WebSocket, text: str) -> None:
     """A send that cannot hang forever on a peer that stopped reading (4408)."""
+    await _send_all(websocket, [text], None)
+
+
+async def _send_all(websocket: WebSocket, batch: list[str], ends: Any) -> bool:
+    """Send in order until `ends` says a message was the last; True if one was. The
+    time limit covers the batch (one timer, not one per message): a client that cannot
+    take it within REALTIME__SEND_TIMEOUT_S is too slow (4408)."""
     settings: Settings = websocket.app.state.settings
     try:
         async with asyncio.timeout(settings.realtime.send_timeout_s):
-            await websocket.send_text(text)
+            for text in batch:
+                await websocket.send_text(text)
+                if ends is not None and ends(text):
+                    return True
     except TimeoutError:
         raise Lagging() from None
+    return False
 
 
 async def _drain_client(websocket: WebSocket) -> None:
@@ -333,35 +384,34 @@ async def execution_events(
 
     async def stream() -> AsyncIterator[str]:
         follower = hub.follower()
+        inbox = follower.inbox
         try:
-            if start is None:
-                seq = await hub.last_seq(execution_id)
-                text = await snapshot(app, execution_id, seq)
-                yield _sse(text)
-                follower.last = seq
-                if _finished_in(text) and await hub.last_seq(execution_id) <= seq:
-                    return
-            else:
-                follower.last = start
-                if await _ended_before(app, execution_id, start, hub):
-                    return
-            for text in await hub.follow(execution_id, follower):
+            begun = await _begin_or_row(app, hub, execution_id, follower, start)
+            if begun is None:
+                yield "event: unavailable\ndata: {}\n\n"
+                return
+            first, done = begun
+            for text in first:
                 yield _sse(text)
                 if is_terminal(text):
                     return
+            if done:
+                return
             beat = Heartbeat(settings.realtime.heartbeat_s)
             while time.monotonic() < deadline[0]:
-                if follower.lagging.is_set():
+                if inbox.lagging:
                     yield "event: lagging\ndata: {}\n\n"
                     return
-                live = await _next(follower.queue, deadline[0], beat)
-                if live is None:
+                batch = inbox.take()
+                if not batch:
+                    await _wait(inbox, min(deadline[0], beat.at))
                     if beat.due():
                         yield ": ping\n\n"
                     continue
-                yield _sse(live)
-                if is_terminal(live):
-                    return
+                for live in batch:
+                    yield _sse(live)
+                    if is_terminal(live):
+                        return
         except Lagging:
             yield "event: lagging\ndata: {}\n\n"
         finally:
@@ -385,25 +435,19 @@ class Mux:
         self.hub: Hub = app.state.hub
         self.principal = principal
         self.workspace_id = workspace_id
-        self.queue: asyncio.Queue[str] = asyncio.Queue(self.hub.queue_size)
-        self.lagging = asyncio.Event()
+        self.inbox = Inbox(self.hub.queue_size)
         self.executions: dict[uuid.UUID, Follower] = {}
         self.notices: dict[str, tuple[uuid.UUID, Follower]] = {}
         self._recount: dict[uuid.UUID, asyncio.Task[None]] = {}
 
     def _follower(self, wrap: Any) -> Follower:
-        follower = Follower(self.queue, wrap=wrap)
-        follower.lagging = self.lagging
-        return follower
+        return Follower(self.inbox, wrap=wrap)
 
     def send(self, payload: dict[str, Any]) -> None:
         self.put(json.dumps(payload, separators=(",", ":"), default=str))
 
     def put(self, text: str) -> None:
-        try:
-            self.queue.put_nowait(text)
-        except asyncio.QueueFull:
-            self.lagging.set()
+        self.inbox.put(text)
 
     async def _workspace(self, raw: str | None, permission: Permission) -> uuid.UUID:
         try:
@@ -587,7 +631,8 @@ async def multiplexed_socket(websocket: WebSocket) -> None:
                     }
                 )
             except Lagging:
-                mux.lagging.set()
+                mux.inbox.lagging = True
+                mux.inbox.wake()
     except (WebSocketDisconnect, RuntimeError):
         pass
     finally:
@@ -606,11 +651,12 @@ async def _send_mux(
     while True:
         if time.monotonic() >= deadline[0]:
             return deadline[1]
-        if mux.lagging.is_set():
+        if mux.inbox.lagging:
             return CLOSE_SLOW
-        text = await _next(mux.queue, deadline[0], beat)
-        if text is None:
+        batch = mux.inbox.take()
+        if not batch:
+            await _wait(mux.inbox, min(deadline[0], beat.at))
             if beat.due():
                 await websocket.send_text(PING)
             continue
-        await _send(websocket, text)
+        await _send_all(websocket, batch, None)

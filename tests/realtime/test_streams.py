@@ -346,3 +346,67 @@ def test_only_the_runs_own_last_event_ends_a_stream() -> None:
         '"status":"completed","data":{"output":{"type":"execution.status","status":"failed"}}}'
     )
     assert not is_terminal(lookalike)
+
+
+async def test_a_resume_at_the_head_gets_the_end_of_a_run_that_ended_between_two_reads(
+    api: str, owner: dict[str, str], database: str
+) -> None:
+    """The race: a client resumed at the last seq it had just as the run ended. The
+    server read the counter (no newer event: the terminal one was still on its way,
+    published after the commit), then the execution's status (terminal), and closed
+    with 1000 without the end. Here the log is put back in that instant: the run
+    completed in PostgreSQL, its terminal event not yet in the stream."""
+    import os
+
+    from redis.asyncio import Redis
+    from sqlalchemy import create_engine, delete
+
+    from backend.models import ExecutionEvent
+    from backend.realtime.events import ARCHIVE_SET, EventLog, end_key, seq_key, stream_key
+
+    quick = {
+        "nodes": [
+            {"id": "start", "type": "trigger", "config": {"kind": "manual"}},
+            transform("a", "{{ 20 + 22 }}"),
+        ],
+        "connections": [{"source": "start", "target": "a"}],
+    }
+    execution_id = start(api, owner, workflow(api, owner, quick))
+    wait_until_done(api, owner, execution_id)
+    redis = Redis.from_url(os.environ["REDIS_URL"])
+    log = EventLog(redis)
+    run = uuid.UUID(execution_id)
+    story = await log.read(run, 0)
+    last = json.loads(story[-1])
+    assert (last["type"], last["status"]) == ("execution.status", "completed")
+    total = last["seq"]
+    # The instant between the commit and the publish (nothing archived yet either).
+    await redis.delete(stream_key(run))
+    for text in story[:-1]:
+        await redis.xadd(stream_key(run), {"e": text}, id=f"{json.loads(text)['seq']}-0")
+    await redis.set(seq_key(run), total - 1)
+    await redis.delete(end_key(run))
+    await redis.srem(ARCHIVE_SET, str(run))
+    engine = create_engine(database.replace("postgresql://", "postgresql+psycopg://", 1))
+    with engine.begin() as conn:
+        conn.execute(delete(ExecutionEvent).where(ExecutionEvent.execution_id == run))
+    engine.dispose()
+
+    messages, code = await follow(api, owner, execution_id, resume_from=total - 1)
+    assert code == 1000
+    assert [(m["seq"], m["type"], m["status"]) for m in messages] == [
+        (total, "execution.status", "completed")
+    ]
+    assert messages[0]["data"]["output"] == last["data"]["output"]
+
+    # The real one lands late: a run's log takes one end, so it appends nothing.
+    late = "{" + story[-1].split(",", 1)[1]
+    assert await log.publish(run, uuid.UUID(owner["X-Workspace-ID"]), [late], final=True) == total
+    replay = [json.loads(e) for e in await log.read(run, 0)]
+    assert [e["seq"] for e in replay] == list(range(1, total + 1))
+    assert [e["type"] == "execution.status" and e["status"] == "completed" for e in replay].count(
+        True
+    ) == 1
+    # And a resume at the end is over at once.
+    assert await follow(api, owner, execution_id, resume_from=total) == ([], 1000)
+    await redis.aclose()
