@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import uuid
 from collections.abc import Sequence
@@ -289,7 +290,7 @@ async def test(
         retry = exc.response.headers.get("retry-after")
         raise RateLimited(
             "the model provider is rate limiting; try again shortly",
-            retry_after_s=int(float(retry)) if retry and retry.replace(".", "").isdigit() else 30,
+            retry_after_s=_retry_after_s(retry),
         ) from exc
     except (anthropic.APIConnectionError, anthropic.InternalServerError) as exc:
         raise DependencyUnavailable(
@@ -338,3 +339,15 @@ async def test(
             "duration_ms": result.duration_ms,
         }
     )
+
+
+def _retry_after_s(value: str | None, default: int = 30) -> int:
+    """The provider's Retry-After in whole seconds (1 s to an hour); anything that is
+    not a finite number of seconds ("1.2.3", "inf", a date) gives the default."""
+    try:
+        seconds = float(value) if value else float(default)
+    except ValueError:
+        return default
+    if not math.isfinite(seconds):
+        return default
+    return int(min(max(seconds, 1.0), 3600.0))

@@ -313,7 +313,11 @@ class RetryPolicy(Strict):
     """Transient errors retried; permanent ones (4xx, validation, spend limit) never are."""
 
     max_retries: int = Field(default=3, ge=0, le=10)
-    backoff_s: list[float] = Field(default=[5.0, 30.0, 120.0], max_length=10)
+    # Finite, and no longer than a day: a wait past the broker's countdown cap is capped
+    # anyway, and NaN or infinity would reach the database as a checkpoint's time.
+    backoff_s: list[Annotated[float, Field(ge=0, le=86_400, allow_inf_nan=False)]] = Field(
+        default=[5.0, 30.0, 120.0], max_length=10
+    )
     # Pydantic copies mutable defaults per instance.
     on: list[ErrorClass] = Field(default=TRANSIENT)
 
