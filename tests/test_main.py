@@ -350,6 +350,20 @@ async def test_with_redis_down_a_started_run_is_admitted_not_reported_failed(
     assert r.status_code == 202, r.text
 
 
+async def test_with_redis_down_a_waiting_start_is_admitted_with_202(
+    redis_down: httpx.AsyncClient, edge: tuple[Actor, Workflow, str]
+) -> None:
+    actor, workflow, _ = edge
+    started = time.monotonic()
+    r = await redis_down.post(
+        "/api/v1/executions?wait=10", json={"workflow_id": str(workflow.id)}, headers=actor.headers
+    )
+    # Nothing can tell it the run ended: it says so at once instead of failing the request.
+    assert r.status_code == 202, r.text
+    assert r.json()["status"] == "pending"
+    assert time.monotonic() - started < 5
+
+
 async def test_with_redis_down_what_cannot_be_checked_without_it_is_503(
     redis_down: httpx.AsyncClient,
     client: httpx.AsyncClient,
