@@ -1,10 +1,10 @@
 """What happens when a run ends: event triggers and workflow notifications.
 
 Importing this module registers `execution_finished` with the lifecycle (a listener
-registry: the lifecycle never imports the trigger domain). It is called inside the transaction that moves an execution to a
-terminal status (the runner's close, a cancel of a pending run, the delivery cap), so
-anything it inserts commits, or rolls back, with that status change; tasks are
-enqueued only after that commit.
+registry: the lifecycle never imports the trigger domain). It is called inside the
+transaction that moves an execution to a terminal status (the runner's close, a cancel
+of a pending run, the delivery cap), so anything it inserts commits, or rolls back,
+with that status change; tasks are enqueued only after that commit.
 
 It is on the engine's hot path (every run ends here), so it costs one indexed query
 for listeners (`ix_triggers_listeners`, a partial index over enabled, active event
