@@ -47,10 +47,14 @@ from sqlalchemy.ext.asyncio import (  # noqa: E402
     async_sessionmaker,
 )
 
+from backend.auth.permissions import Role  # noqa: E402
 from backend.config import Settings, get_settings  # noqa: E402
-from backend.kit.db import create_engine  # noqa: E402
+from backend.kit.db import UnitOfWork, create_engine  # noqa: E402
+from backend.models import Workspace  # noqa: E402
 from tests.support.asgi import client_for  # noqa: E402
 from tests.support.databases import drop_database, migrate, recreate_database  # noqa: E402
+from tests.support.factories import WorkspaceFactory, create  # noqa: E402
+from tests.support.identity import Actor, member  # noqa: E402
 from tests.support.mail import Mailbox, start_smtp  # noqa: E402
 from tests.support.procs import PYTHON, free_port, python_env, running, wait_for  # noqa: E402
 
@@ -106,6 +110,34 @@ def sessionmaker(connection: AsyncConnection) -> async_sessionmaker[AsyncSession
 async def session(sessionmaker: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
     async with sessionmaker() as s:
         yield s
+
+
+@pytest.fixture
+def maker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """Sessions on committed data, for code that opens its own transactions as a worker
+    does (the runner, the lifecycle); what it commits stays."""
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+@pytest.fixture
+async def workspace(maker: async_sessionmaker[AsyncSession]) -> Workspace:
+    """A committed workspace (see `maker`)."""
+    async with UnitOfWork(maker) as uow:
+        return await create(uow.session, WorkspaceFactory, name="Engine")
+
+
+@pytest.fixture
+async def team(session: AsyncSession) -> Workspace:
+    """A workspace in the test's rolled-back transaction."""
+    return await create(session, WorkspaceFactory)
+
+
+@pytest.fixture
+async def editor(session: AsyncSession, settings: Settings, team: Workspace) -> Actor:
+    """A signed-in editor of `team`, its headers naming the workspace."""
+    actor = await member(session, settings, team, Role.EDITOR)
+    actor.headers["X-Workspace-ID"] = str(team.id)
+    return actor
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from backend.main import create_app
 from backend.models import Workspace
 from tests.support.asgi import client_for
 from tests.support.fake_anthropic import fake_anthropic
-from tests.support.identity import Actor, make_workspace, member
+from tests.support.identity import Actor, member
 
 API = "/api/v1/agents"
 
@@ -26,18 +26,6 @@ API = "/api/v1/agents"
 def anthropic_server() -> Iterator[tuple[str, list[dict[str, Any]]]]:
     with fake_anthropic() as server:
         yield server
-
-
-@pytest.fixture
-async def team(session: AsyncSession) -> Workspace:
-    return await make_workspace(session)
-
-
-@pytest.fixture
-async def editor(session: AsyncSession, settings: Settings, team: Workspace) -> Actor:
-    actor = await member(session, settings, team, Role.EDITOR)
-    actor.headers["X-Workspace-ID"] = str(team.id)
-    return actor
 
 
 @pytest.fixture

@@ -19,22 +19,10 @@ from backend.config import Settings
 from backend.credentials.service import reveal, rotate_all
 from backend.models import Credential, Workspace
 from tests.support.factories import MINIMAL
-from tests.support.identity import Actor, make_workspace, member
+from tests.support.identity import Actor, member
 
 API = "/api/v1/credentials"
 CANARY = "canary-" + uuid.uuid4().hex
-
-
-@pytest.fixture
-async def team(session: AsyncSession) -> Workspace:
-    return await make_workspace(session)
-
-
-@pytest.fixture
-async def editor(session: AsyncSession, settings: Settings, team: Workspace) -> Actor:
-    actor = await member(session, settings, team, Role.EDITOR)
-    actor.headers["X-Workspace-ID"] = str(team.id)
-    return actor
 
 
 async def test_the_canary_never_leaves(

@@ -1,5 +1,5 @@
-"""Engine test fixtures: a runner called directly (no broker) on committed data, a
-workspace to run in, and a local HTTP target."""
+"""Engine test fixtures: a runner called directly (no broker) on committed data (the
+`maker` and `workspace` fixtures are tests/conftest.py's), and a local HTTP target."""
 
 from __future__ import annotations
 
@@ -7,12 +7,11 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from backend.config import Settings
-from backend.kit.db import UnitOfWork
 from backend.kit.http_guard import guarded_client
-from backend.models import Workspace
+from tests.support.engine import Enqueued
 from tests.support.target import Target, http_target
 from workers.engine.runner import Runner
 
@@ -21,25 +20,6 @@ from workers.engine.runner import Runner
 def target() -> Iterator[Target]:
     with http_target() as t:
         yield t
-
-
-@pytest.fixture
-def maker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    # Committed data: the runner opens its own transactions, as in a worker.
-    return async_sessionmaker(engine, expire_on_commit=False)
-
-
-@pytest.fixture
-async def workspace(maker: async_sessionmaker[AsyncSession]) -> Workspace:
-    async with UnitOfWork(maker) as uow:
-        ws = Workspace(name="Engine", slug=f"engine-{uuid.uuid4().hex[:10]}")
-        uow.session.add(ws)
-    return ws
-
-
-class Enqueued(list[tuple[uuid.UUID, float]]):
-    def __call__(self, execution_id: uuid.UUID, countdown: float) -> None:
-        self.append((execution_id, countdown))
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from backend.kit.db import UnitOfWork
 from backend.models import Agent, Workspace
-from tests.engine.test_runner import model_runner, start, state, trig
+from tests.support.definitions import trig
+from tests.support.engine import model_runner, start, state
 from tests.support.fake_anthropic import fake_anthropic
 from tests.support.target import Target
 from workers.engine.runner import Runner

@@ -14,7 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from backend.models import ExecutionEvent, Workspace
 from backend.realtime.events import event_log, stream_key
-from tests.engine.test_runner import chain, model_runner, start, state, trig
+from tests.support.definitions import chain, trig
+from tests.support.engine import model_runner, start, state
 from tests.support.fake_anthropic import fake_anthropic
 from tests.support.target import Target
 from workers.engine.runner import Runner

@@ -3,122 +3,30 @@
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import create_engine
-from sqlalchemy.orm import Session
 
-from backend.auth.permissions import Role
-from backend.config import Settings
-from backend.models import User, Workspace, WorkspaceMember
-from tests.support.procs import PYTHON, free_port, http_ok, python_env, running, wait_for
+from tests.support import crossprocess
+from tests.support.crossprocess import wait_until_done, workflow
+from tests.support.definitions import chain
+from tests.support.procs import wait_for
 from tests.support.target import http_target
 
 pytestmark = [pytest.mark.xdist_group("crossprocess"), pytest.mark.usefixtures("worker_name")]
 
-
-@pytest.fixture(scope="module")
-def api(database: str, crossprocess_logs: Path) -> Iterator[str]:
-    port = free_port()
-    log = crossprocess_logs / "uvicorn-e2e.log"
-    argv = [PYTHON, "-m", "uvicorn", "backend.main:app", "--host", "127.0.0.1", "--port", str(port)]
-    with running(argv, env=python_env(), log=log) as proc:
-        base = f"http://127.0.0.1:{port}"
-        wait_for(http_ok(f"{base}/health"), timeout_s=60, what="uvicorn", proc=proc, log=log)
-        yield base
+# tests/realtime still imports these helpers from here; see __getattr__ below.
+__all__ = ["wait_until_done", "workflow"]
+_MOVED = ("api", "owner", "signed_in_owner")
 
 
-@pytest.fixture(scope="module")
-def owner(database: str, settings: Settings) -> dict[str, str]:
-    return signed_in_owner(database, settings)
-
-
-def signed_in_owner(database: str, settings: Settings) -> dict[str, str]:
-    """A committed owner of a committed workspace, signed in."""
-    from backend.auth import tokens
-    from backend.kit.crypto import hash_token
-    from backend.models import AuthSession
-
-    engine = create_engine(
-        database.replace("postgresql://", "postgresql+psycopg://", 1)
-        if database.startswith("postgresql://")
-        else database
-    )
-    with Session(engine) as session:
-        user = User(email=f"e2e-{uuid.uuid4().hex[:8]}@example.com")
-        workspace = Workspace(name="E2E", slug=f"e2e-{uuid.uuid4().hex[:8]}")
-        session.add_all([user, workspace])
-        session.flush()
-        session.add(
-            WorkspaceMember(workspace_id=workspace.id, user_id=user.id, role=Role.OWNER.value)
-        )
-        sid = uuid.uuid4()
-        refresh = tokens.issue(settings, user_id=user.id, session_id=sid, type_="refresh")
-        from datetime import UTC, datetime, timedelta
-
-        session.add(
-            AuthSession(
-                id=sid,
-                user_id=user.id,
-                refresh_token_hash=hash_token(refresh),
-                expires_at=datetime.now(UTC) + timedelta(hours=1),
-            )
-        )
-        session.commit()
-        access = tokens.issue(settings, user_id=user.id, session_id=sid, type_="access")
-        headers = {"Authorization": f"Bearer {access}", "X-Workspace-ID": str(workspace.id)}
-    engine.dispose()
-    return headers
-
-
-def wait_until_done(
-    api: str, headers: dict[str, str], execution_id: str, timeout_s: float = 30
-) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        body = httpx.get(
-            f"{api}/api/v1/executions/{execution_id}", headers=headers, timeout=10
-        ).json()
-        if body["status"] in ("completed", "failed", "cancelled"):
-            return dict(body)
-        time.sleep(0.05)
-    raise AssertionError(f"execution {execution_id} not finished in {timeout_s} s")
-
-
-def workflow(api: str, headers: dict[str, str], definition: dict[str, Any]) -> str:
-    r = httpx.post(
-        f"{api}/api/v1/workflows",
-        headers=headers,
-        json={"name": f"e2e {uuid.uuid4().hex[:6]}", **definition},
-        timeout=10,
-    )
-    assert r.status_code == 201, r.text
-    return str(r.json()["id"])
-
-
-def chain(n: int) -> dict[str, Any]:
-    nodes: list[dict[str, Any]] = [{"id": "start", "type": "trigger", "config": {"kind": "manual"}}]
-    conns = []
-    previous, source = "start", "{{ trigger.x }}"
-    for i in range(n):
-        nodes.append(
-            {
-                "id": f"n{i}",
-                "type": "logic",
-                "config": {
-                    "kind": "transform",
-                    "template": "{{ (" + source.strip("{} ") + ") + 1 }}",
-                },
-            }
-        )
-        conns.append({"source": previous, "target": f"n{i}"})
-        previous, source = f"n{i}", "{{ nodes.n" + str(i) + ".output }}"
-    return {"nodes": nodes, "connections": conns}
+def __getattr__(name: str) -> Any:
+    # tests/realtime still imports these from here (it was being edited elsewhere when
+    # they moved to tests.support.crossprocess); import them from there instead.
+    if name in _MOVED:
+        return getattr(crossprocess, name)
+    raise AttributeError(name)
 
 
 def test_a_run_goes_from_post_to_completed_through_the_worker(

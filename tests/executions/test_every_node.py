@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.executions.test_end_to_end import wait_until_done, workflow
+from tests.support.crossprocess import wait_until_done, workflow
 from tests.support.mail import Mailbox, body_of
 from tests.support.target import Target, http_target
 

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.executions.test_end_to_end import wait_until_done, workflow
+from tests.support.crossprocess import wait_until_done, workflow
 from tests.support.target import Target, http_target
 
 pytestmark = [pytest.mark.xdist_group("crossprocess"), pytest.mark.usefixtures("worker_name")]

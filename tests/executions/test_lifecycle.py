@@ -15,7 +15,7 @@ import httpx
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from backend.config import Settings
 from backend.executions import lifecycle
@@ -29,8 +29,10 @@ from backend.executions.state import (
 )
 from backend.kit.db import UnitOfWork
 from backend.kit.errors import InvalidTransition
-from backend.models import Workflow, WorkflowExecution, Workspace
-from tests.executions.test_end_to_end import chain, workflow
+from backend.models import WorkflowExecution
+from tests.support.crossprocess import workflow
+from tests.support.definitions import chain
+from tests.support.factories import WorkflowFactory, WorkspaceFactory, create
 
 ROOT = Path(__file__).resolve().parents[2]
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -93,19 +95,10 @@ def test_no_status_is_assigned_outside_the_lifecycle() -> None:
     assert not re.search(r"status\s*=\s*(E|N)\.", repository)
 
 
-@pytest.fixture
-def maker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    return async_sessionmaker(engine, expire_on_commit=False)
-
-
 async def _pending_run(maker: async_sessionmaker[AsyncSession]) -> uuid.UUID:
     async with UnitOfWork(maker) as uow:
-        ws = Workspace(name="Lifecycle", slug=f"life-{uuid.uuid4().hex[:10]}")
-        uow.session.add(ws)
-        await uow.session.flush()
-        wf = Workflow(workspace_id=ws.id, name="w", current_version=1)
-        uow.session.add(wf)
-        await uow.session.flush()
+        ws = await create(uow.session, WorkspaceFactory, name="Lifecycle")
+        wf = await create(uow.session, WorkflowFactory, workspace_id=ws.id, name="w")
         run = await lifecycle.create_run(
             uow,
             workspace_id=ws.id,

@@ -24,12 +24,10 @@ from backend.kit.crypto import SecretBox
 from backend.kit.db import UnitOfWork
 from backend.kit.http_guard import guarded_client
 from backend.models import Credential, Workspace
-from tests.engine.conftest import Enqueued, maker, workspace
+from tests.support.engine import Enqueued
 from tests.support.mail import Mailbox
 from tests.support.procs import free_port
 from workers.engine.runner import Runner
-
-__all__ = ["maker", "workspace"]
 
 
 def node_settings(

@@ -16,9 +16,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from backend.config import Settings
 from backend.kit.http_guard import guarded_client
 from backend.models import Workspace
-from tests.engine.conftest import Enqueued
-from tests.engine.test_runner import start, state
 from tests.nodes.conftest import S3Server, node_settings
+from tests.support.engine import Enqueued, start, state
 from workers.engine.runner import Runner
 
 

@@ -15,9 +15,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from backend.credentials.schemas import CredentialCreate
 from backend.kit.signing import SignatureError, new_secret, verify
 from backend.models import Workspace
-from tests.engine.conftest import Enqueued
-from tests.engine.test_runner import start, state
 from tests.nodes.conftest import CredentialMaker, Receiver
+from tests.support.engine import Enqueued, start, state
 from tests.support.mail import Mailbox, body_of
 from tests.support.procs import free_port
 from workers.engine.runner import Runner

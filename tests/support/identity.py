@@ -13,7 +13,24 @@ from backend.auth import tokens
 from backend.auth.permissions import Role
 from backend.config import Settings
 from backend.kit.crypto import hash_token
-from backend.models import AuthSession, User, Workspace, WorkspaceMember
+from backend.models import AuthSession, User, Workspace
+from tests.support.factories import (
+    UserFactory,
+    WorkspaceFactory,
+    WorkspaceMemberFactory,
+    create,
+    unique_email,
+)
+
+__all__ = [
+    "Actor",
+    "add_member",
+    "make_user",
+    "make_workspace",
+    "member",
+    "sign_in",
+    "unique_email",
+]
 
 
 @dataclass
@@ -25,15 +42,8 @@ class Actor:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-def unique_email(tag: str = "u") -> str:
-    return f"{tag}-{uuid.uuid4().hex[:10]}@example.com"
-
-
 async def make_user(session: AsyncSession, email: str | None = None) -> User:
-    user = User(email=(email or unique_email()).lower(), name="Test User")
-    session.add(user)
-    await session.flush()
-    return user
+    return await create(session, UserFactory, email=(email or unique_email()).lower())
 
 
 async def sign_in(session: AsyncSession, settings: Settings, user: User) -> Actor:
@@ -52,15 +62,13 @@ async def sign_in(session: AsyncSession, settings: Settings, user: User) -> Acto
 
 
 async def make_workspace(session: AsyncSession, name: str = "Team") -> Workspace:
-    workspace = Workspace(name=name, slug=f"ws-{uuid.uuid4().hex[:12]}")
-    session.add(workspace)
-    await session.flush()
-    return workspace
+    return await create(session, WorkspaceFactory, name=name)
 
 
 async def add_member(session: AsyncSession, workspace: Workspace, user: User, role: Role) -> None:
-    session.add(WorkspaceMember(workspace_id=workspace.id, user_id=user.id, role=role.value))
-    await session.flush()
+    await create(
+        session, WorkspaceMemberFactory, workspace_id=workspace.id, user_id=user.id, role=role.value
+    )
 
 
 async def member(

@@ -8,7 +8,6 @@ import uuid
 from typing import Any
 
 import httpx
-import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -19,18 +18,6 @@ from tests.support.factories import MINIMAL, make_agent, make_credential
 from tests.support.identity import Actor, make_workspace, member
 
 API = "/api/v1/workflows"
-
-
-@pytest.fixture
-async def team(session: AsyncSession) -> Workspace:
-    return await make_workspace(session)
-
-
-@pytest.fixture
-async def editor(session: AsyncSession, settings: Settings, team: Workspace) -> Actor:
-    actor = await member(session, settings, team, Role.EDITOR)
-    actor.headers["X-Workspace-ID"] = str(team.id)
-    return actor
 
 
 async def create(

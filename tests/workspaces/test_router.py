@@ -28,11 +28,6 @@ API = "/api/v1"
 
 
 @pytest.fixture
-async def team(session: AsyncSession) -> Workspace:
-    return await make_workspace(session)
-
-
-@pytest.fixture
 async def owner(session: AsyncSession, settings: Settings, team: Workspace) -> Actor:
     return await member(session, settings, team, Role.OWNER)
 
