@@ -62,9 +62,11 @@ def test_flower_shows_the_worker_and_a_workflow_execute_task_with_its_execution_
         def get(path: str, **params: Any) -> httpx.Response:
             return httpx.get(f"{base}{path}", params=params, auth=AUTH, timeout=10)
 
+        # Includes Flower's own start, which has taken over a minute on a loaded machine
+        # (as in tests/workers/test_crossprocess.py).
         wait_for(
             lambda: get("/api/workers", refresh="1").json().get(worker_name) is not None,
-            timeout_s=60, what="worker listed in flower", proc=proc, log=log,
+            timeout_s=150, what="worker listed in flower", proc=proc, log=log,
         )  # fmt: skip
         assert httpx.get(f"{base}/api/tasks", timeout=5).status_code == 401
 
