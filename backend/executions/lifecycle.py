@@ -39,6 +39,7 @@ log = get_logger(__name__)
 E, N = ExecutionStatus, NodeStatus
 T = TypeVar("T")
 EXECUTE_TASK = "workflow.execute"
+EXECUTE_MANY_TASK = "workflow.execute_many"
 REAPER = "reaper"
 
 # Finished listeners ------------------------------------------------------------------------
@@ -134,11 +135,17 @@ async def create_runs(
     return ids
 
 
+# Runs per `workflow.execute_many` message: the broker's cost is paid once per chunk,
+# and chunks small enough spread a batch over every worker process.
+RUNS_PER_MESSAGE = 10
+
+
 async def _send_all(ids: list[uuid.UUID]) -> None:
-    # One thread hop for the whole batch (kombu is synchronous), not one per run.
+    # One thread hop for the whole batch (kombu is synchronous), one message per chunk.
     def send() -> None:
-        for execution_id in ids:
-            celery_app.send_task(EXECUTE_TASK, args=[str(execution_id)], ignore_result=True)
+        for first in range(0, len(ids), RUNS_PER_MESSAGE):
+            chunk = [str(i) for i in ids[first : first + RUNS_PER_MESSAGE]]
+            celery_app.send_task(EXECUTE_MANY_TASK, args=[chunk], ignore_result=True)
 
     await anyio.to_thread.run_sync(send)
 

@@ -38,6 +38,7 @@ from workers.engine.runner import Runner
 
 log = get_logger(__name__)
 EXECUTE = "workflow.execute"
+EXECUTE_MANY = "workflow.execute_many"
 T = TypeVar("T")
 
 
@@ -139,25 +140,48 @@ def _claim(p: _Process, execution_id: uuid.UUID) -> lifecycle.Claim | None:
             pause = min(pause * 2, 2.0)
 
 
-@celery_app.task(name=EXECUTE, bind=True, max_retries=None, ignore_result=True)
-def execute(self: Task, execution_id: str) -> str:  # type: ignore[type-arg]
-    p = process()
-    run_id = uuid.UUID(execution_id)
+def _start(p: _Process, execution_id: str) -> str:
+    """Claim one run and hand it to the process's loop; raises when the database could
+    not be reached (the caller sends the message back)."""
     # At most ENGINE__RUNS_PER_PROCESS runs at once in this process: the next message
     # waits here (and the broker gives others to the other processes).
     p.slots.acquire()
     try:
-        claim = _claim(p, run_id)
-    except Exception as exc:
+        claim = _claim(p, uuid.UUID(execution_id))
+    except Exception:
         p.slots.release()
-        log.warning("execution.claim_failed", execution_id=execution_id, error=str(exc))
-        # Back to the queue, not acknowledged away: the run has not started.
-        raise self.retry(countdown=2, exc=exc) from None
+        raise
     if claim is None:
         p.slots.release()
         return "not_claimed"
     p.start(claim)
     return "started"
+
+
+@celery_app.task(name=EXECUTE, bind=True, max_retries=None, ignore_result=True)
+def execute(self: Task, execution_id: str) -> str:  # type: ignore[type-arg]
+    try:
+        return _start(process(), execution_id)
+    except Exception as exc:
+        log.warning("execution.claim_failed", execution_id=execution_id, error=str(exc))
+        # Back to the queue, not acknowledged away: the run has not started.
+        raise self.retry(countdown=2, exc=exc) from None
+
+
+@celery_app.task(name=EXECUTE_MANY, bind=True, max_retries=None, ignore_result=True)
+def execute_many(self: Task, execution_ids: list[str]) -> dict[str, int]:  # type: ignore[type-arg]
+    """Several runs in one message (POST /executions/batch): the broker's cost is paid
+    once for all of them. Each run is claimed on its own, as with `workflow.execute`; a
+    failure sends the message back with the runs not yet started."""
+    p = process()
+    started = 0
+    for index, execution_id in enumerate(execution_ids):
+        try:
+            started += _start(p, execution_id) == "started"
+        except Exception as exc:
+            log.warning("execution.claim_failed", execution_id=execution_id, error=str(exc))
+            raise self.retry(args=(execution_ids[index:],), countdown=2, exc=exc) from None
+    return {"started": started, "runs": len(execution_ids)}
 
 
 @celery_app.task(name="executions.archive_events")
