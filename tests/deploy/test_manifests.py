@@ -33,7 +33,8 @@ def procfile() -> dict[str, str]:
 
 
 def compose() -> dict[str, Any]:
-    return yaml.safe_load((ROOT / "docker" / "docker-compose.yml").read_text())
+    loaded: dict[str, Any] = yaml.safe_load((ROOT / "docker" / "docker-compose.yml").read_text())
+    return loaded
 
 
 def k8s_documents() -> list[tuple[Path, dict[str, Any]]]:

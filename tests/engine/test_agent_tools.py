@@ -4,15 +4,14 @@ and the SSRF guard refuses a metadata address, which the model sees as a tool er
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from backend.kit.db import UnitOfWork
-from backend.models import Agent, Workspace
+from backend.models import Workspace
 from tests.support.definitions import trig
 from tests.support.engine import model_runner, start, state
+from tests.support.factories import AgentFactory, create
 from tests.support.fake_anthropic import fake_anthropic
 from tests.support.target import Target
 from workers.engine.runner import Runner
@@ -22,15 +21,14 @@ pytestmark = pytest.mark.xdist_group("engine")
 
 async def agent_with_http(maker: async_sessionmaker[AsyncSession], workspace: Workspace) -> str:
     async with UnitOfWork(maker) as uow:
-        agent = Agent(
-            id=uuid.uuid4(),
+        agent = await create(
+            uow.session,
+            AgentFactory,
             workspace_id=workspace.id,
             name="fetcher",
-            model="claude-sonnet-5-5",
             max_tokens=512,
             tools=[{"type": "builtin", "name": "http_request"}],
         )
-        uow.session.add(agent)
     return str(agent.id)
 
 

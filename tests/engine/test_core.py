@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import TypedDict
 
 import networkx as nx
 import pytest
@@ -141,13 +142,20 @@ def test_status_classification(status: int, body: str, expected: str) -> None:
     assert classify_status(status, body) == expected
 
 
+class Policy(TypedDict):
+    max_retries: int
+    backoff_s: list[float]
+    retry_on: list[str]
+    max_countdown_s: float
+
+
 def test_retry_delays_follow_the_policy_and_never_outlast_the_broker() -> None:
-    policy = {
-        "max_retries": 3,
-        "backoff_s": [5.0, 30.0, 120.0],
-        "retry_on": ["timeout", "rate_limited", "server_error"],
-        "max_countdown_s": 60.0,
-    }
+    policy = Policy(
+        max_retries=3,
+        backoff_s=[5.0, 30.0, 120.0],
+        retry_on=["timeout", "rate_limited", "server_error"],
+        max_countdown_s=60.0,
+    )
     transient = NodeFailure("boom", "server_error")
     assert [retry_delay(transient, attempt=a, **policy) for a in (1, 2, 3, 4)] == [
         5.0,

@@ -15,9 +15,11 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from backend.kit.db import UnitOfWork
-from backend.models import NodeExecution, Workflow, WorkflowExecution, WorkflowVersion, Workspace
-from tests.engine.conftest import Enqueued
-from tests.engine.test_runner import start, state, trig
+from backend.models import NodeExecution, WorkflowExecution, Workspace
+from tests.support.definitions import trig
+from tests.support.engine import Enqueued, error_of, start, state
+from tests.support.factories import create_workflow
+from tests.support.procs import eventually
 from tests.support.target import Target
 from workers.engine.runner import Runner
 
@@ -41,10 +43,7 @@ async def saved(
     maker: async_sessionmaker[AsyncSession], workspace: Workspace, definition: dict[str, Any]
 ) -> uuid.UUID:
     async with UnitOfWork(maker) as uow:
-        wf = Workflow(id=uuid.uuid4(), workspace_id=workspace.id, name="child", current_version=1)
-        uow.session.add(wf)
-        await uow.session.flush()
-        uow.session.add(WorkflowVersion(workflow_id=wf.id, number=1, definition=definition))
+        wf = await create_workflow(uow.session, workspace.id, definition, name="child")
         return wf.id
 
 
@@ -113,8 +112,8 @@ async def test_while_fails_clearly_at_max_iterations(
     assert await runner.execute(execution_id) == "failed"
     ex, rows = await state(maker, execution_id)
     assert rows["loop"].status == "failed"
-    assert "max_iterations (3)" in rows["loop"].error["message"]
-    assert ex.error["node_id"] == "loop"
+    assert "max_iterations (3)" in error_of(rows["loop"])["message"]
+    assert error_of(ex)["node_id"] == "loop"
     assert {r.iteration for r in rows.values() if r.node_id == "loop.tick"} <= {1, 2, 3}
 
 
@@ -169,7 +168,7 @@ async def test_a_failed_child_fails_the_node_and_depth_is_capped(
     _, rows = await state(maker, execution_id)
     (child,) = await children(maker, execution_id)
     assert child.status == "failed"
-    assert f"sub-workflow run {child.id} failed" in rows["sub"].error["message"]
+    assert f"sub-workflow run {child.id} failed" in error_of(rows["sub"])["message"]
 
     # parent -> middle -> leaf is two levels: over a limit of one, the middle fails.
     leaf = await saved(maker, workspace, flow(transform("v", "1")))
@@ -182,23 +181,22 @@ async def test_a_failed_child_fails_the_node_and_depth_is_capped(
     assert await shallow.execute(execution_id) == "failed"
     (child,) = await children(maker, execution_id)
     _, child_rows = await state(maker, child.id)
-    assert "deeper than 1 levels" in child_rows["inner"].error["message"]
+    assert "deeper than 1 levels" in error_of(child_rows["inner"])["message"]
     assert await children(maker, child.id) == []
 
 
 async def test_cancelling_the_parent_cancels_the_child_promptly(
     runner: Runner, maker: async_sessionmaker[AsyncSession], workspace: Workspace, target: Target
 ) -> None:
-    call = {"kind": "http_request", "url": f"{target.base}/slow/10"}
+    key = uuid.uuid4().hex[:8]
+    call = {"kind": "http_request", "url": f"{target.base}/slow/10?n={key}"}
     child_wf = await saved(maker, workspace, flow({"id": "call", "type": "action", "config": call}))
     sub = sub_node(child_wf)
     execution_id = await start(maker, workspace, flow(sub))
     task = asyncio.create_task(runner.execute(execution_id))
-    for _ in range(50):
-        if await children(maker, execution_id):
-            break
-        await asyncio.sleep(0.1)
-    await asyncio.sleep(0.3)
+    # The child is running once its call is in flight.
+    await eventually(lambda: target.query_hits[key] == 1, timeout_s=10, what="the child's call")
+    assert len(await children(maker, execution_id)) == 1
     requested = time.monotonic()
     async with UnitOfWork(maker) as uow:
         await uow.session.execute(

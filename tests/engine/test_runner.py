@@ -6,106 +6,31 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import time
 import uuid
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from backend.kit.db import UnitOfWork
 from backend.kit.http_guard import guarded_client
 from backend.models import (
+    Credential,
     NodeExecution,
-    User,
-    Workflow,
     WorkflowExecution,
-    WorkflowVersion,
     Workspace,
 )
-from tests.engine.conftest import Enqueued
+from tests.support.definitions import chain, trig
+from tests.support.engine import Enqueued, error_of, model_runner, start, state
+from tests.support.factories import AgentFactory, CredentialFactory, UserFactory, create
+from tests.support.procs import eventually
 from tests.support.target import Target, http_target
 from workers.engine.runner import Runner
 
 pytestmark = pytest.mark.xdist_group("engine")
-
-
-async def start(
-    maker: async_sessionmaker[AsyncSession],
-    workspace: Workspace,
-    definition: dict[str, Any],
-    trigger: dict[str, Any] | None = None,
-) -> uuid.UUID:
-    async with UnitOfWork(maker) as uow:
-        wf = Workflow(id=uuid.uuid4(), workspace_id=workspace.id, name="t", current_version=1)
-        uow.session.add(wf)
-        await uow.session.flush()
-        uow.session.add(WorkflowVersion(workflow_id=wf.id, number=1, definition=definition))
-        ex = WorkflowExecution(
-            workspace_id=workspace.id,
-            workflow_id=wf.id,
-            version=1,
-            trigger_type="manual",
-            trigger_data=trigger or {},
-        )
-        uow.session.add(ex)
-        await uow.session.flush()
-        return ex.id
-
-
-async def state(
-    maker: async_sessionmaker[AsyncSession], execution_id: uuid.UUID
-) -> tuple[WorkflowExecution, dict[str, NodeExecution]]:
-    async with maker() as session:
-        ex = await session.get(WorkflowExecution, execution_id)
-        assert ex is not None
-        rows = (
-            await session.scalars(
-                select(NodeExecution).where(NodeExecution.execution_id == execution_id)
-            )
-        ).all()
-        return ex, {r.node_id: r for r in rows}
-
-
-def model_runner(
-    runner: Runner, maker: async_sessionmaker[AsyncSession], url: str, name: str
-) -> Runner:
-    """A runner whose agent nodes talk to the local Messages-API server at `url`."""
-    from pydantic import SecretStr
-
-    anthropic = runner.settings.anthropic.model_copy(
-        update={"api_key": SecretStr("k"), "base_url": url, "max_retries": 0}
-    )
-    return Runner(
-        runner.settings.model_copy(update={"anthropic": anthropic}),
-        maker,
-        runner.http,
-        name,
-        Enqueued(),
-    )
-
-
-def trig() -> dict[str, Any]:
-    return {"id": "start", "type": "trigger", "config": {"kind": "manual"}}
-
-
-def chain(n: int) -> dict[str, Any]:
-    nodes = [trig()]
-    conns = []
-    previous = "start"
-    for i in range(n):
-        source = "{{ trigger.x + 1 }}" if i == 0 else "{{ nodes.n" + str(i - 1) + ".output + 1 }}"
-        nodes.append(
-            {
-                "id": f"n{i}",
-                "type": "logic",
-                "config": {"kind": "transform", "template": source},
-            }
-        )
-        conns.append({"source": previous, "target": f"n{i}"})
-        previous = f"n{i}"
-    return {"nodes": nodes, "connections": conns, "settings": {}}
 
 
 async def test_a_chain_runs_to_completion_with_every_node_checkpointed(
@@ -242,8 +167,8 @@ async def test_a_permanent_failure_fails_the_run_at_once(
     assert await runner.execute(execution_id) == "failed"
     ex, rows = await state(maker, execution_id)
     assert rows["call"].attempt == 1
-    assert rows["call"].error["class"] == "permanent"
-    assert ex.error["node_id"] == "call"
+    assert error_of(rows["call"])["class"] == "permanent"
+    assert error_of(ex)["node_id"] == "call"
     assert "never" not in rows or rows["never"].status != "completed"
 
 
@@ -273,9 +198,10 @@ async def test_continue_on_error_takes_the_error_branch(
 async def test_cancel_is_prompt_and_aborts_the_call_in_flight(
     runner: Runner, maker: async_sessionmaker[AsyncSession], workspace: Workspace, target: Target
 ) -> None:
-    execution_id = await start(maker, workspace, one_call(f"{target.base}/slow/10"))
+    key = uuid.uuid4().hex[:8]
+    execution_id = await start(maker, workspace, one_call(f"{target.base}/slow/10?n={key}"))
     task = asyncio.create_task(runner.execute(execution_id))
-    await asyncio.sleep(0.5)
+    await eventually(lambda: target.query_hits[key] == 1, timeout_s=10, what="the call to start")
     requested = time.monotonic()
     async with UnitOfWork(maker) as uow:
         await uow.session.execute(
@@ -316,7 +242,7 @@ async def test_a_redelivered_run_resumes_from_its_checkpoints(
     # again with a lapsed lease (what the reaper then hands on).
     async with UnitOfWork(maker) as uow:
         await uow.session.execute(
-            NodeExecution.__table__.delete().where(
+            delete(NodeExecution).where(
                 NodeExecution.execution_id == execution_id, NodeExecution.node_id.in_(["c2", "c3"])
             )
         )
@@ -337,9 +263,11 @@ async def test_a_redelivered_run_resumes_from_its_checkpoints(
 async def test_a_live_lease_makes_a_second_delivery_a_no_op(
     runner: Runner, maker: async_sessionmaker[AsyncSession], workspace: Workspace, target: Target
 ) -> None:
-    execution_id = await start(maker, workspace, one_call(f"{target.base}/slow/1"))
+    key = uuid.uuid4().hex[:8]
+    execution_id = await start(maker, workspace, one_call(f"{target.base}/slow/1?n={key}"))
     first = asyncio.create_task(runner.execute(execution_id))
-    await asyncio.sleep(0.3)
+    # The first delivery holds the lease once its call is in flight.
+    await eventually(lambda: target.query_hits[key] == 1, timeout_s=10, what="the call to start")
     other = Runner(runner.settings, maker, runner.http, "another-worker", Enqueued())
     assert await other.execute(execution_id) == "not_claimed"
     assert await first == "completed"
@@ -363,7 +291,7 @@ async def test_private_addresses_are_refused(
     execution_id = await start(maker, workspace, one_call(url))
     assert await runner.execute(execution_id) == "failed"
     _, rows = await state(maker, execution_id)
-    assert "may not reach" in rows["call"].error["message"]
+    assert "may not reach" in error_of(rows["call"])["message"]
     assert rows["call"].attempt == 1
 
 
@@ -386,7 +314,7 @@ async def test_a_redirect_to_a_private_address_is_refused(
             )
             assert await guarded.execute(execution_id) == "failed"
         _, rows = await state(maker, execution_id)
-        assert "127.0.0.1" in rows["call"].error["message"]
+        assert "127.0.0.1" in error_of(rows["call"])["message"]
         assert forbidden.hits["ok"] == 0
         assert allowed.hits["redirect"] == 1
 
@@ -418,9 +346,7 @@ async def test_retry_from_a_failed_run_reuses_completed_nodes(
     assert await runner.execute(execution_id) == "failed"
     async with UnitOfWork(maker) as uow:
         source = await uow.session.get(WorkflowExecution, execution_id)
-        user = User(email=f"u-{uuid.uuid4().hex[:8]}@example.com")
-        uow.session.add(user)
-        await uow.session.flush()
+        user = await create(uow.session, UserFactory)
         access = WorkspaceAccess(Principal(user=user), workspace, Role.OWNER, resource=source)
         retried = await service.retry(uow, access)
         uow._after_commit.clear()  # no broker here: the test runs it directly
@@ -521,26 +447,24 @@ async def test_agent_node_retries_what_is_transient_only(
     _, rows = await state(maker, execution_id)
     assert rows["think"].attempt == attempts
     if error_class:
-        assert rows["think"].error["class"] == error_class
+        assert error_of(rows["think"])["class"] == error_class
 
 
 async def test_agent_node_at_max_iterations_fails_clearly(
     maker: async_sessionmaker[AsyncSession], runner: Runner, workspace: Workspace
 ) -> None:
 
-    from backend.models import Agent
     from tests.support.fake_anthropic import fake_anthropic
 
     async with UnitOfWork(maker) as uow:
-        agent = Agent(
+        agent = await create(
+            uow.session,
+            AgentFactory,
             workspace_id=workspace.id,
             name="looper",
-            model="claude-sonnet-5-5",
             max_tokens=100,
             tools=[{"type": "builtin", "name": "current_time"}],
         )
-        uow.session.add(agent)
-        await uow.session.flush()
     with fake_anthropic() as (url, _):
         agent_runner = model_runner(runner, maker, url, "agent-loop")
         node = {
@@ -555,7 +479,7 @@ async def test_agent_node_at_max_iterations_fails_clearly(
         )
         assert await agent_runner.execute(execution_id) == "failed"
     ex, rows = await state(maker, execution_id)
-    assert "max_iterations" in rows["think"].error["message"]
+    assert "max_iterations" in error_of(rows["think"])["message"]
     assert ex.status == "failed"
 
 
@@ -678,7 +602,7 @@ async def test_a_failing_iteration_fails_the_loop_and_stops_the_rest(
     execution_id = await start(maker, workspace, d, {"numbers": [1, 2, 3, 4]})
     assert await runner.execute(execution_id) == "failed"
     _, rows = await state(maker, execution_id)
-    assert "item 2" in rows["each"].error["message"]
+    assert "item 2" in error_of(rows["each"])["message"]
     assert target.query_hits[f"{key}-1"] == 1
     assert target.query_hits[f"{key}-4"] == 0  # sequential: never reached
 
@@ -686,9 +610,10 @@ async def test_a_failing_iteration_fails_the_loop_and_stops_the_rest(
 async def test_a_worker_that_lost_its_lease_writes_nothing(
     maker: async_sessionmaker[AsyncSession], runner: Runner, workspace: Workspace, target: Target
 ) -> None:
-    execution_id = await start(maker, workspace, one_call(f"{target.base}/slow/3"))
+    key = uuid.uuid4().hex[:8]
+    execution_id = await start(maker, workspace, one_call(f"{target.base}/slow/3?n={key}"))
     task = asyncio.create_task(runner.execute(execution_id))
-    await asyncio.sleep(0.5)
+    await eventually(lambda: target.query_hits[key] == 1, timeout_s=10, what="the call to start")
     # Another worker took the run over (the reaper decided this one was dead).
     async with UnitOfWork(maker) as uow:
         await uow.session.execute(
@@ -749,27 +674,15 @@ async def test_set_variables_survive_a_parked_retry(
 async def test_a_credential_is_injected_at_send_time_and_never_recorded(
     maker: async_sessionmaker[AsyncSession], runner: Runner, workspace: Workspace, target: Target
 ) -> None:
-    import json
-
-    from backend.kit.crypto import SecretBox
-    from backend.models import Credential
-
     canary = "canary-" + uuid.uuid4().hex
     async with UnitOfWork(maker) as uow:
-        credential = Credential(
-            id=uuid.uuid4(),
+        credential = await create(
+            uow.session,
+            CredentialFactory,
             workspace_id=workspace.id,
             name=f"c-{canary[-6:]}",
-            type="bearer",
-            secret_encrypted="",
+            data={"type": "bearer", "token": canary},
         )
-        payload = {
-            "id": str(credential.id),
-            "workspace_id": str(workspace.id),
-            "data": {"type": "bearer", "token": canary},
-        }
-        credential.secret_encrypted = SecretBox(runner.settings).seal(json.dumps(payload))
-        uow.session.add(credential)
     d = one_call(f"{target.base}/echo")
     d["nodes"][1]["config"]["credential_id"] = str(credential.id)
     execution_id = await start(maker, workspace, d)

@@ -5,19 +5,24 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session
 
 from backend.config import Settings
 from backend.kit.celery_app import create_celery_app
-from backend.models import NodeExecution, Workflow, WorkflowExecution, WorkflowVersion, Workspace
+from backend.models import NodeExecution, WorkflowExecution
+from tests.support.factories import (
+    WorkflowExecutionFactory,
+    WorkflowFactory,
+    WorkflowVersionFactory,
+    WorkspaceFactory,
+)
 from tests.support.procs import PYTHON, python_env, running, wait_for
 from tests.support.target import Target, http_target
 
@@ -65,22 +70,17 @@ def test_sigkill_mid_run_then_a_new_worker_finishes_it(
         *[{"source": f"s{i}", "target": f"s{i + 1}"} for i in range(9)],
     ]
     engine = create_engine(sync_url(database))
+    # Committed: the workers are other processes.
     with Session(engine) as session:
-        ws = Workspace(name="crash", slug=f"crash-{key}")
-        session.add(ws)
-        session.flush()
-        wf = Workflow(workspace_id=ws.id, name="crash", current_version=1)
-        session.add(wf)
-        session.flush()
-        session.add(
-            WorkflowVersion(
-                workflow_id=wf.id, number=1, definition={"nodes": nodes, "connections": connections}
-            )
+        ws = WorkspaceFactory.build(name="crash", slug=f"crash-{key}")
+        wf = WorkflowFactory.build(workspace_id=ws.id, name="crash")
+        version = WorkflowVersionFactory.build(
+            workflow_id=wf.id, definition={"nodes": nodes, "connections": connections}
         )
-        ex = WorkflowExecution(
-            workspace_id=ws.id, workflow_id=wf.id, version=1, trigger_type="manual"
-        )
-        session.add(ex)
+        ex = WorkflowExecutionFactory.build(workspace_id=ws.id, workflow_id=wf.id)
+        for row in (ws, wf, version, ex):
+            session.add(row)
+            session.flush()
         session.commit()
         execution_id = ex.id
 
@@ -92,6 +92,16 @@ def test_sigkill_mid_run_then_a_new_worker_finishes_it(
                 )
             )
             return list(rows.all())
+
+    def lease_lapsed() -> bool:
+        with Session(engine) as session:
+            return bool(
+                session.scalar(
+                    select(WorkflowExecution.lease_expires_at < func.now()).where(
+                        WorkflowExecution.id == execution_id
+                    )
+                )
+            )
 
     def status() -> str:
         with Session(engine) as session:
@@ -146,7 +156,7 @@ def test_sigkill_mid_run_then_a_new_worker_finishes_it(
                 log=tmp_path / "second.log",
             )
             # Once the dead worker's lease lapses, the reaper (beat's job) hands the run on.
-            time.sleep(5.5)
+            wait_for(lease_lapsed, timeout_s=30, what="the dead worker's lease to lapse")
             app.send_task("executions.reap")
             wait_for(
                 lambda: status() == "completed",

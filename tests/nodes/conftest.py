@@ -12,22 +12,27 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import boto3
 import pytest
 from moto.server import ThreadedMotoServer
+from pydantic import SecretStr
 from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from backend.config import Settings, StorageSettings
-from backend.kit.crypto import SecretBox
 from backend.kit.db import UnitOfWork
 from backend.kit.http_guard import guarded_client
 from backend.models import Credential, Workspace
-from tests.support.engine import Enqueued
+from tests.support.engine import Enqueued, loopback_settings
+from tests.support.factories import CredentialFactory, create
 from tests.support.mail import Mailbox
 from tests.support.procs import free_port
 from workers.engine.runner import Runner
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
 
 
 def node_settings(
@@ -38,14 +43,7 @@ def node_settings(
         smtp = smtp.model_copy(
             update={"host": "127.0.0.1", "port": smtp_port, "starttls": False, "timeout_s": 5}
         )
-    return settings.model_copy(
-        update={
-            "http": settings.http.model_copy(update={"allow_private_networks": ["127.0.0.1/32"]}),
-            "engine": settings.engine.model_copy(update={"watch_interval_s": 0.1}),
-            "storage": storage,
-            "smtp": smtp,
-        }
-    )
+    return loopback_settings(settings).model_copy(update={"storage": storage, "smtp": smtp})
 
 
 @pytest.fixture
@@ -80,14 +78,14 @@ class S3Server:
             s3_endpoint_url=self.endpoint,
             s3_bucket=self.bucket,
             s3_region="us-east-1",
-            s3_access_key_id="test-key",  # type: ignore[arg-type]
-            s3_secret_access_key="test-secret",  # type: ignore[arg-type]
+            s3_access_key_id=SecretStr("test-key"),
+            s3_secret_access_key=SecretStr("test-secret"),
             s3_prefix=prefix,
             s3_addressing_style="path",
             s3_timeout_s=5,
         )
 
-    def client(self):  # type: ignore[no-untyped-def]
+    def client(self) -> S3Client:
         return boto3.client(
             "s3",
             endpoint_url=self.endpoint,
@@ -187,7 +185,7 @@ CredentialMaker = Callable[[Workspace, dict[str, object]], Awaitable[uuid.UUID]]
 
 @pytest.fixture
 async def add_credential(
-    maker: async_sessionmaker[AsyncSession], settings: Settings
+    maker: async_sessionmaker[AsyncSession],
 ) -> AsyncIterator[CredentialMaker]:
     """Makes credential rows sealed the way the credentials service seals them, and
     deletes them afterwards: they are committed, and other tests (key rotation) read
@@ -196,16 +194,9 @@ async def add_credential(
 
     async def add(workspace: Workspace, data: dict[str, object]) -> uuid.UUID:
         async with UnitOfWork(maker) as uow:
-            credential = Credential(
-                id=uuid.uuid4(),
-                workspace_id=workspace.id,
-                name=f"c-{uuid.uuid4().hex[:8]}",
-                type=str(data["type"]),
-                secret_encrypted="",
+            credential = await create(
+                uow.session, CredentialFactory, workspace_id=workspace.id, data=data
             )
-            payload = {"id": str(credential.id), "workspace_id": str(workspace.id), "data": data}
-            credential.secret_encrypted = SecretBox(settings).seal(json.dumps(payload))
-            uow.session.add(credential)
         made.append(credential.id)
         return credential.id
 

@@ -17,7 +17,7 @@ from backend.config import Settings
 from backend.kit.http_guard import guarded_client
 from backend.models import Workspace
 from tests.nodes.conftest import S3Server, node_settings
-from tests.support.engine import Enqueued, start, state
+from tests.support.engine import Enqueued, error_of, start, state
 from workers.engine.runner import Runner
 
 
@@ -131,8 +131,8 @@ async def test_a_path_leaving_the_workspace_fails_the_node_permanently(
     assert rows["escape"].status == "failed"
     # Permanent: the retry policy was never consulted.
     assert rows["escape"].attempt == 1
-    assert rows["escape"].error["class"] == "permanent"
-    assert "leaves the workspace" in rows["escape"].error["message"]
+    assert error_of(rows["escape"])["class"] == "permanent"
+    assert "leaves the workspace" in error_of(rows["escape"])["message"]
     assert ex.status == "failed"
     assert glob.glob(f"{storage_root.parent}/**/planted.txt", recursive=True) == []
 
@@ -151,8 +151,8 @@ async def test_reading_a_symlink_out_of_the_workspace_fails_permanently(
     execution_id = await start(maker, workspace, workflow(read("load", "innocent.txt")))
     assert await runner.execute(execution_id) == "failed"
     _, rows = await state(maker, execution_id)
-    assert rows["load"].error["class"] == "permanent"
-    assert "outside the workspace" in rows["load"].error["message"]
+    assert error_of(rows["load"])["class"] == "permanent"
+    assert "outside the workspace" in error_of(rows["load"])["message"]
     assert "do not read" not in json.dumps(rows["load"].output)
 
 
@@ -181,7 +181,7 @@ async def test_a_missing_file_and_an_oversized_write_fail_clearly(
     execution_id = await start(maker, workspace, workflow(write("save", "a.txt", "123456789")))
     assert await small.execute(execution_id) == "failed"
     _, rows = await state(maker, execution_id)
-    assert "limit is 8" in rows["save"].error["message"]
+    assert "limit is 8" in error_of(rows["save"])["message"]
 
 
 async def test_file_nodes_on_s3_storage(

@@ -16,7 +16,7 @@ from backend.credentials.schemas import CredentialCreate
 from backend.kit.signing import SignatureError, new_secret, verify
 from backend.models import Workspace
 from tests.nodes.conftest import CredentialMaker, Receiver
-from tests.support.engine import Enqueued, start, state
+from tests.support.engine import Enqueued, error_of, start, state
 from tests.support.mail import Mailbox, body_of
 from tests.support.procs import free_port
 from workers.engine.runner import Runner
@@ -96,8 +96,8 @@ async def test_email_to_several_recipients_and_a_bad_address_is_permanent(
     assert await runner.execute(execution_id) == "failed"
     _, rows = await state(maker, execution_id)
     assert rows["tell"].attempt == 1
-    assert rows["tell"].error["class"] == "permanent"
-    assert "is not an email address" in rows["tell"].error["message"]
+    assert error_of(rows["tell"])["class"] == "permanent"
+    assert "is not an email address" in error_of(rows["tell"])["message"]
 
 
 async def test_an_unreachable_mail_server_is_transient_and_retried(
@@ -117,8 +117,8 @@ async def test_an_unreachable_mail_server_is_transient_and_retried(
     _, rows = await state(maker, execution_id)
     # Three attempts: the first and the policy's two retries.
     assert rows["tell"].attempt == 3
-    assert rows["tell"].error["class"] == "connection"
-    assert "unreachable" in rows["tell"].error["message"]
+    assert error_of(rows["tell"])["class"] == "connection"
+    assert "unreachable" in error_of(rows["tell"])["message"]
 
 
 # Webhooks ---------------------------------------------------------------------------------
@@ -200,8 +200,8 @@ async def test_a_webhook_answering_500_is_retried_then_fails_as_transient(
     _, rows = await state(maker, execution_id)
     assert receiver.hits["status/500"] == 3
     assert rows["tell"].attempt == 3
-    assert rows["tell"].error["class"] == "server_error"
-    assert rows["tell"].error["message"] == "the webhook answered HTTP 500"
+    assert error_of(rows["tell"])["class"] == "server_error"
+    assert error_of(rows["tell"])["message"] == "the webhook answered HTTP 500"
 
 
 @pytest.mark.parametrize("status", [400, 302])
@@ -222,7 +222,7 @@ async def test_a_webhook_answering_400_or_a_redirect_fails_at_once(
     assert receiver.hits[path] == 1
     assert receiver.hits["ok"] == 0  # the redirect was not followed
     assert rows["tell"].attempt == 1
-    assert rows["tell"].error["class"] == "permanent"
+    assert error_of(rows["tell"])["class"] == "permanent"
 
 
 async def test_a_webhook_to_a_blocked_address_never_leaves(
@@ -233,8 +233,8 @@ async def test_a_webhook_to_a_blocked_address_never_leaves(
     assert await runner.execute(execution_id) == "failed"
     _, rows = await state(maker, execution_id)
     assert rows["tell"].attempt == 1
-    assert rows["tell"].error["class"] == "permanent"
-    assert "may not reach" in rows["tell"].error["message"]
+    assert error_of(rows["tell"])["class"] == "permanent"
+    assert "may not reach" in error_of(rows["tell"])["message"]
 
 
 async def test_a_credential_of_another_type_cannot_sign(
@@ -258,7 +258,7 @@ async def test_a_credential_of_another_type_cannot_sign(
     execution_id = await start(maker, workspace, d)
     assert await runner.execute(execution_id) == "failed"
     _, rows = await state(maker, execution_id)
-    assert "use a webhook_secret credential" in rows["tell"].error["message"]
+    assert "use a webhook_secret credential" in error_of(rows["tell"])["message"]
     assert receiver.hits["ok"] == 0
 
 

@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
 from backend.config import StorageSettings
 from backend.kit.storage import (
@@ -199,7 +200,7 @@ def test_s3_settings_need_a_bucket_and_both_keys() -> None:
     with pytest.raises(ValueError, match="STORAGE__S3_BUCKET"):
         StorageSettings(backend="s3")
     with pytest.raises(ValueError, match="go together"):
-        StorageSettings(backend="s3", s3_bucket="b", s3_access_key_id="k")  # type: ignore[arg-type]
+        StorageSettings(backend="s3", s3_bucket="b", s3_access_key_id=SecretStr("k"))
 
 
 # S3 ---------------------------------------------------------------------------------------

@@ -11,10 +11,22 @@ from pydantic import SecretStr
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from backend.config import Settings
 from backend.kit.db import UnitOfWork
 from backend.models import NodeExecution, WorkflowExecution, Workspace
 from tests.support.factories import WorkflowExecutionFactory, create, create_workflow
 from workers.engine.runner import Runner
+
+
+def loopback_settings(settings: Settings) -> Settings:
+    """Settings for a runner whose nodes call servers the test runs on 127.0.0.1, and
+    that notices a cancel within 0.1 s."""
+    return settings.model_copy(
+        update={
+            "http": settings.http.model_copy(update={"allow_private_networks": ["127.0.0.1/32"]}),
+            "engine": settings.engine.model_copy(update={"watch_interval_s": 0.1}),
+        }
+    )
 
 
 class Enqueued(list[tuple[uuid.UUID, float]]):
@@ -55,6 +67,12 @@ async def state(
             )
         ).all()
         return ex, {r.node_id: r for r in rows}
+
+
+def error_of(row: WorkflowExecution | NodeExecution) -> dict[str, Any]:
+    """The error a failed run or node recorded (failing the test if there is none)."""
+    assert row.error is not None, f"no error recorded on {row.id}"
+    return row.error
 
 
 def model_runner(

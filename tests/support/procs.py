@@ -3,14 +3,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -46,6 +48,27 @@ def wait_for(
         time.sleep(0.2)
     tail = log.read_text()[-4000:] if log and log.exists() else ""
     raise AssertionError(f"{what}: not ready within {timeout_s} s\n{tail}")
+
+
+async def eventually(
+    check: Callable[[], bool | Awaitable[bool]],
+    *,
+    timeout_s: float,
+    what: str,
+    interval_s: float = 0.02,
+) -> None:
+    """`wait_for` for async tests: polls without blocking the event loop (the code
+    under test often runs as a task on the same loop). `check` may be async."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        outcome = check()
+        if inspect.isawaitable(outcome):
+            outcome = await outcome
+        if outcome:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout_s} s")
+        await asyncio.sleep(interval_s)
 
 
 def http_ok(url: str, *, auth: tuple[str, str] | None = None) -> Callable[[], bool]:

@@ -1,55 +1,24 @@
-"""Helpers for trigger tests: published workflows with trigger nodes, synced the way a
-save syncs them; committed variants for tests that need several connections."""
+"""Trigger test fixtures: committed workspaces for tests that need several
+connections, and a local webhook receiver. The helpers are tests.support.triggers'."""
 
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
-from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import pytest
 from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from backend.auth.permissions import Role
-from backend.config import Settings
 from backend.kit.db import create_sessionmaker
-from backend.models import Workflow, Workspace
-from backend.triggers import service as triggers
-from tests.support.factories import make_workflow
-from tests.support.identity import add_member, make_user, sign_in
+from backend.models import Workspace
+from tests.support.factories import WorkspaceFactory, create
+from tests.support.triggers import Receiver, published, with_trigger
 
-
-def with_trigger(config: dict[str, Any], node_id: str = "start") -> dict[str, Any]:
-    return {
-        "nodes": [
-            {"id": node_id, "type": "trigger", "config": config},
-            {
-                "id": "shape",
-                "type": "logic",
-                "config": {"kind": "transform", "template": "{{ trigger }}"},
-            },
-        ],
-        "connections": [{"source": node_id, "target": "shape"}],
-        "settings": {},
-    }
-
-
-async def published(
-    session: AsyncSession,
-    workspace: Workspace,
-    definition: dict[str, Any],
-    *,
-    now: datetime | None = None,
-) -> Workflow:
-    workflow = await make_workflow(session, workspace, definition=definition, status="published")
-    await triggers.sync(session, workflow, definition, now=now)
-    return workflow
+# tests/test_main.py and tests/test_api_property.py import these from here (they were
+# being edited elsewhere when the helpers moved to tests.support.triggers).
+__all__ = ["published", "with_trigger"]
 
 
 @pytest.fixture
@@ -63,8 +32,7 @@ async def committed(
 
     async def new_workspace() -> Workspace:
         async with maker() as session:
-            workspace = Workspace(name="Committed", slug=f"c-{uuid.uuid4().hex[:12]}")
-            session.add(workspace)
+            workspace = await create(session, WorkspaceFactory, name="Committed")
             await session.commit()
             made.append(workspace.id)
             return workspace
@@ -73,60 +41,6 @@ async def committed(
     async with maker() as session:
         await session.execute(delete(Workspace).where(Workspace.id.in_(made)))
         await session.commit()
-
-
-async def committed_owner(
-    maker: async_sessionmaker[AsyncSession], settings: Settings, workspace: Workspace
-) -> dict[str, str]:
-    """Headers of a committed owner of `workspace` (for tests that go through a worker)."""
-    async with maker() as session:
-        user = await make_user(session)
-        await add_member(session, workspace, user, Role.OWNER)
-        actor = await sign_in(session, settings, user)
-        await session.commit()
-    return {**actor.headers, "X-Workspace-ID": str(workspace.id)}
-
-
-@dataclass
-class Received:
-    path: str
-    headers: dict[str, str]
-    body: bytes
-
-
-class Receiver:
-    """A local HTTP endpoint on 127.0.0.1 that keeps every POST it gets."""
-
-    def __init__(self) -> None:
-        self.requests: list[Received] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers.get("content-length") or 0)
-                receiver.requests.append(
-                    Received(
-                        self.path,
-                        {k.lower(): v for k, v in self.headers.items()},
-                        self.rfile.read(length),
-                    )
-                )
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *_: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def wait_for(self, count: int = 1, timeout_s: float = 30) -> list[Received]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if len(self.requests) >= count:
-                return self.requests
-            time.sleep(0.05)
-        raise AssertionError(f"receiver got {len(self.requests)} requests, wanted {count}")
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from backend.models import Trigger, WorkflowExecution
 from backend.triggers.service import dispatch_due
 from tests.support.factories import make_workflow
 from tests.support.identity import make_workspace
-from tests.triggers.conftest import published, with_trigger
+from tests.support.triggers import published, with_trigger
 
 T0 = datetime(2026, 1, 5, 9, 0, 30, tzinfo=UTC)
 

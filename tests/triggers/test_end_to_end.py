@@ -21,7 +21,7 @@ from backend.models import Workspace
 from tests.support.asgi import client_for
 from tests.support.mail import Mailbox, body_of
 from tests.support.target import http_target
-from tests.triggers.conftest import Receiver, committed_owner
+from tests.support.triggers import Receiver, committed_owner
 
 pytestmark = [pytest.mark.xdist_group("crossprocess"), pytest.mark.usefixtures("worker_name")]
 

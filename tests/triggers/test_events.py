@@ -13,8 +13,9 @@ from backend.config import Settings
 from backend.kit.db import UnitOfWork
 from backend.models import Notification, WorkflowExecution
 from backend.triggers.hooks import execution_finished
+from tests.support.factories import WorkflowExecutionFactory, create
 from tests.support.identity import make_workspace, member
-from tests.triggers.conftest import published, with_trigger
+from tests.support.triggers import published, with_trigger
 
 
 def manual() -> dict[str, Any]:
@@ -67,12 +68,10 @@ async def test_a_finished_run_starts_each_listener_once_with_its_output(
     source = await published(session, workspace, manual())
     completed = await published(session, workspace, on(str(source.id)))
     failed_only = await published(session, workspace, on(str(source.id), ["failed"]))
-    run = WorkflowExecution(
-        workspace_id=workspace.id, workflow_id=source.id, version=1, trigger_type="manual",
+    run = await create(
+        session, WorkflowExecutionFactory, workspace_id=workspace.id, workflow_id=source.id,
         status="completed", output={"shape": {"ok": True}},
     )  # fmt: skip
-    session.add(run)
-    await session.flush()
     for _ in range(2):  # however often the end is processed
         async with UnitOfWork(sessionmaker) as uow:
             await execution_finished(uow, run)
@@ -98,12 +97,10 @@ async def test_cancelled_runs_start_nothing_and_notify_nobody(
     definition["settings"] = {"notify_on_failure": ["ops@example.com"]}
     source = await published(session, workspace, definition)
     listener = await published(session, workspace, on(str(source.id), ["completed", "failed"]))
-    run = WorkflowExecution(
-        workspace_id=workspace.id, workflow_id=source.id, version=1, trigger_type="manual",
+    run = await create(
+        session, WorkflowExecutionFactory, workspace_id=workspace.id, workflow_id=source.id,
         status="cancelled",
     )  # fmt: skip
-    session.add(run)
-    await session.flush()
     async with UnitOfWork(sessionmaker) as uow:
         await execution_finished(uow, run)
     assert (

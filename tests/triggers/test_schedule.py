@@ -17,8 +17,10 @@ def cfg(**fields: Any) -> ScheduleTrigger:
     return ScheduleTrigger.model_validate({"kind": "schedule", **fields})
 
 
-def utc(*parts: int) -> datetime:
-    return datetime(*parts, tzinfo=UTC)  # type: ignore[misc]
+def utc(
+    year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0
+) -> datetime:
+    return datetime(year, month, day, hour, minute, second, tzinfo=UTC)
 
 
 def test_cron_in_a_time_zone_fires_at_local_wall_time() -> None:

@@ -15,7 +15,7 @@ from backend.config import Settings
 from backend.kit import signing
 from backend.models import ActivityLog, Trigger, Workflow, WorkflowExecution
 from tests.support.identity import Actor, make_workspace, member
-from tests.triggers.conftest import published, with_trigger
+from tests.support.triggers import published, with_trigger
 
 
 async def hook(
