@@ -16,8 +16,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from backend.config import Settings
 from backend.kit.http_guard import guarded_client
 from backend.models import Workspace
-from tests.nodes.conftest import S3Server, node_settings
-from tests.support.engine import Enqueued, error_of, start, state
+from tests.support.engine import Enqueued, error_of, node_settings, start, state
+from tests.support.s3 import S3Server
 from workers.engine.runner import Runner
 
 

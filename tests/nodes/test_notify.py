@@ -15,10 +15,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from backend.credentials.schemas import CredentialCreate
 from backend.kit.signing import SignatureError, new_secret, verify
 from backend.models import Workspace
-from tests.nodes.conftest import CredentialMaker, Receiver
-from tests.support.engine import Enqueued, error_of, start, state
+from tests.support.engine import CredentialMaker, Enqueued, error_of, start, state
 from tests.support.mail import Mailbox, body_of
 from tests.support.procs import free_port
+from tests.support.webhooks import Receiver
 from workers.engine.runner import Runner
 
 

@@ -24,8 +24,8 @@ from backend.kit.storage import (
     normalise,
     storage_for,
 )
-from tests.nodes.conftest import S3Server
 from tests.support.procs import free_port
+from tests.support.s3 import S3Server
 
 
 @pytest.mark.parametrize(

@@ -5,13 +5,14 @@ read back."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pydantic import SecretStr
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from backend.config import Settings
+from backend.config import Settings, StorageSettings
 from backend.kit.db import UnitOfWork
 from backend.models import NodeExecution, WorkflowExecution, Workspace
 from tests.support.factories import WorkflowExecutionFactory, create, create_workflow
@@ -27,6 +28,22 @@ def loopback_settings(settings: Settings) -> Settings:
             "engine": settings.engine.model_copy(update={"watch_interval_s": 0.1}),
         }
     )
+
+
+def node_settings(
+    settings: Settings, storage: StorageSettings, smtp_port: int | None = None
+) -> Settings:
+    """loopback_settings, with `storage` and, given a port, mail to the test SMTP server."""
+    smtp = settings.smtp
+    if smtp_port is not None:
+        smtp = smtp.model_copy(
+            update={"host": "127.0.0.1", "port": smtp_port, "starttls": False, "timeout_s": 5}
+        )
+    return loopback_settings(settings).model_copy(update={"storage": storage, "smtp": smtp})
+
+
+# Makes a committed credential in a workspace from its secret data; its id.
+CredentialMaker = Callable[[Workspace, dict[str, object]], Awaitable[uuid.UUID]]
 
 
 class Enqueued(list[tuple[uuid.UUID, float]]):
