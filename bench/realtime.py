@@ -8,7 +8,11 @@ following (its hello answered: it received the run's first events), so the rest 
 run happens in front of all of them; clients ask for `resume_from: 0`, so each must
 receive every event of its run (lost must be 0). Counting a client as there once its
 handshake was done measured, on a loaded machine, how long the API took to answer a
-thousand hellos (seconds), not how long an event took to reach a follower."""
+thousand hellos (seconds), not how long an event took to reach a follower.
+
+Clients ask for batched frames (`?batch=1`: the events waiting for a client go as one
+JSON array); each event's latency is the arrival of the frame that carried it.
+BENCH_STREAM_BATCH=0 follows with one frame per event, as before."""
 
 from __future__ import annotations
 
@@ -95,8 +99,7 @@ def _result(frames: list[tuple[float, bytes | str]], code: int | None) -> dict[s
     latencies: list[tuple[float, float]] = []
     kinds: list[str] = []
     final: int | None = None
-    for now, raw in frames:
-        body = json.loads(raw)
+    for now, body in _messages(frames):
         if "seq" not in body:
             continue
         received.append(body["seq"])
@@ -110,7 +113,17 @@ def _result(frames: list[tuple[float, bytes | str]], code: int | None) -> dict[s
         "final": final,
         "code": code,
         "kinds": kinds,
+        "frames": len(frames),
     }
+
+
+def _messages(frames: list[tuple[float, bytes | str]]) -> Iterator[tuple[float, dict[str, Any]]]:
+    """Each message with the arrival time of its frame: a batched frame (a JSON array)
+    carries several."""
+    for now, raw in frames:
+        body = json.loads(raw)
+        for item in body if isinstance(body, list) else (body,):
+            yield now, item
 
 
 TERMINAL = ("completed", "failed", "cancelled")
@@ -298,8 +311,9 @@ async def measure_streams(
     )
     hello = json.dumps({"token": token, "resume_from": 0}).encode()
     t0 = time.monotonic()
+    query = "" if os.environ.get("BENCH_STREAM_BATCH") == "0" else "?batch=1"
     for i in range(clients):
-        url = f"{ws_base}/api/v1/ws/executions/{ids[i % EXECUTIONS]}"
+        url = f"{ws_base}/api/v1/ws/executions/{ids[i % EXECUTIONS]}{query}"
         tasks.append(asyncio.create_task(client(url, hello, events[i], results)))
         if i % 50 == 49:
             await asyncio.sleep(0)  # let the handshakes progress
@@ -333,6 +347,8 @@ async def measure_streams(
     for error in sorted({res["error"] for res in failed}):
         print(f"  {sum(1 for r in failed if r['error'] == error)} clients did not open: {error}")
     results = [res for res in results if not res.get("error")]
+    frames = sum(res["frames"] for res in results)
+    print(f"  {clients} clients: {delivered} events in {frames} frames ({query or 'unbatched'})")
     lost = 0
     for res in results:
         expected = res["final"] or 0
