@@ -419,7 +419,16 @@ async def record_nodes(
         _engine(sessionmaker), lambda conn: repo.write_checkpoints(conn, params)
     )
     if written == 0:
-        raise LeaseLost(f"lost the lease on {claim.id} before checkpointing {changes[0].node_id}")
+        # Nothing written: the lease is gone, or (a statement sent again after its
+        # connection dropped) the first send had landed and the node is already in that
+        # finished state. Only the first is a lost lease.
+        holds = await _on_fresh_connection(
+            _engine(sessionmaker), lambda conn: repo.holds_lease(conn, claim.id, claim.token)
+        )
+        if not holds:
+            raise LeaseLost(
+                f"lost the lease on {claim.id} before checkpointing {changes[0].node_id}"
+            )
 
 
 # Holding a run -------------------------------------------------------------------------------
@@ -517,10 +526,13 @@ async def close(
 
     async def attempt() -> WorkflowExecution | None:
         async with UnitOfWork(sessionmaker) as uow:
-            if to == E.CANCELLED:
-                # Nodes that never started are cancelled too, so the picture is whole.
+            if to != E.COMPLETED:
+                # Nodes waiting for a retry end with the run (a cancel, a timeout), so
+                # the picture is whole and nothing stays `retrying` forever.
                 transition("node", N.RETRYING, N.CANCELLED, at=now)
-                await repo.cancel_retrying_fenced(uow.session, claim.id, claim.token, N.CANCELLED)
+                await repo.end_retrying_fenced(
+                    uow.session, claim.id, claim.token, N.CANCELLED, f"run {to}"
+                )
             ex = await repo.close_fenced(
                 uow.session, claim.id, claim.token, to, now=now, duration_ms=duration_ms,
                 reason=reason, output=output, error=error, variables=variables,

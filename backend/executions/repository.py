@@ -20,7 +20,6 @@ import psycopg
 from psycopg.rows import dict_row, namedtuple_row
 from psycopg.types.json import Jsonb
 from sqlalchemy import (
-    exists,
     func,
     literal,
     or_,
@@ -110,13 +109,14 @@ async def insert_runs(session: AsyncSession, rows: list[dict[str, Any]]) -> list
 
 async def find_by_keys(
     session: AsyncSession, workspace_id: uuid.UUID, keys: list[str]
-) -> dict[str, uuid.UUID]:
+) -> dict[str, tuple[uuid.UUID, uuid.UUID]]:
+    """key -> (run id, workflow id) of the workspace's runs with those keys."""
     rows = await session.execute(
-        select(EX.idempotency_key, EX.id).where(
+        select(EX.idempotency_key, EX.id, EX.workflow_id).where(
             EX.workspace_id == workspace_id, EX.idempotency_key.in_(keys)
         )
     )
-    return {str(key): run_id for key, run_id in rows.all()}
+    return {str(key): (run_id, workflow_id) for key, run_id, workflow_id in rows.all()}
 
 
 async def find_by_key(
@@ -380,7 +380,11 @@ _JSON_COLUMNS = ("input", "output", "error")
 # its row count is the number of checkpoints written (0: the lease is gone, or the node
 # had already finished).
 CHECKPOINT = """
-WITH written AS (
+WITH prev AS (
+  SELECT status FROM node_executions
+  WHERE execution_id = %(execution_id)s::uuid AND node_id = %(node_id)s::varchar
+    AND iteration = %(iteration)s::int
+), written AS (
   INSERT INTO node_executions
     (id, execution_id, node_id, iteration, status, branch, attempt, input, output, error,
      next_attempt_at, started_at, finished_at, duration_ms, input_tokens, output_tokens,
@@ -407,7 +411,9 @@ WITH written AS (
 )
 INSERT INTO execution_transitions
   (execution_id, node_id, iteration, from_status, to_status, reason, actor, at)
-SELECT execution_id, node_id, iteration, %(from_status)s::varchar, status,
+SELECT execution_id, node_id, iteration,
+       -- What the row held before (a node that never had one: the runner's view).
+       coalesce((SELECT status FROM prev), %(from_status)s::varchar), status,
        %(reason)s::text, %(lease)s, updated_at
 FROM written
 """
@@ -498,7 +504,9 @@ async def renew_leases(
         text(
             "UPDATE workflow_executions AS ex SET lease_expires_at = :until "
             "FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS text[])) AS held(id, token) "
-            "WHERE ex.id = held.id AND ex.lease_owner = held.token RETURNING ex.id"
+            "WHERE ex.id = held.id AND ex.lease_owner = held.token "
+            # A lease handed back (expiring now) is not taken again by the heartbeat.
+            "AND ex.lease_expires_at > now() RETURNING ex.id"
         ),
         {"ids": ids, "tokens": tokens, "until": until},
     )
@@ -513,6 +521,11 @@ async def look(conn: AsyncConnection, ids: list[uuid.UUID]) -> Sequence[Any]:
     return rows.all()
 
 
+async def holds_lease(conn: AsyncConnection, execution_id: uuid.UUID, token: str) -> bool:
+    found = await conn.scalar(select(EX.id).where(EX.id == execution_id, EX.lease_owner == token))
+    return found is not None
+
+
 async def release_lease(conn: AsyncConnection, execution_id: uuid.UUID, token: str) -> None:
     await conn.execute(
         update(EX)
@@ -521,20 +534,26 @@ async def release_lease(conn: AsyncConnection, execution_id: uuid.UUID, token: s
     )
 
 
-async def cancel_retrying_fenced(
-    session: AsyncSession, execution_id: uuid.UUID, token: str, to: str
+async def end_retrying_fenced(
+    session: AsyncSession, execution_id: uuid.UUID, token: str, to: str, reason: str
 ) -> None:
-    """Nodes waiting for a retry are cancelled with their run (lease holder only)."""
+    """Nodes waiting for a retry end with their run (lease holder only), each with its
+    history row, in one statement."""
     await session.execute(
-        update(NE)
-        .where(
-            NE.execution_id == execution_id,
-            NE.status == "retrying",
-            exists(
-                select(EX.id)
-                .where(EX.id == execution_id, EX.lease_owner == token)
-                .with_for_update(read=True)
-            ),
-        )
-        .values(status=to, updated_at=func.now())
+        text(
+            """
+WITH ended AS (
+  UPDATE node_executions SET status = :to, updated_at = now()
+  WHERE execution_id = :execution_id AND status = 'retrying'
+    AND EXISTS (SELECT 1 FROM workflow_executions
+                WHERE id = :execution_id AND lease_owner = :token FOR SHARE)
+  RETURNING execution_id, node_id, iteration, updated_at
+)
+INSERT INTO execution_transitions
+  (execution_id, node_id, iteration, from_status, to_status, reason, actor, at)
+SELECT execution_id, node_id, iteration, 'retrying', :to, :reason, :token, updated_at
+FROM ended
+"""
+        ),
+        {"execution_id": execution_id, "token": token, "to": to, "reason": reason},
     )

@@ -14,7 +14,7 @@ from typing import Any
 
 import anyio
 from redis.asyncio import Redis
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.activity.service import record
@@ -31,7 +31,7 @@ from backend.executions.schemas import (
 )
 from backend.executions.state import TERMINAL_EXECUTION, ExecutionStatus, NodeStatus
 from backend.kit.db import UnitOfWork
-from backend.kit.errors import Conflict, InvalidTransition, NotFound
+from backend.kit.errors import Conflict, InvalidTransition, NotFound, ValidationFailed
 from backend.kit.logging import get_logger
 from backend.models import NodeExecution, Workflow, WorkflowExecution
 from backend.realtime.events import EXECUTION_STATUS, channel
@@ -130,6 +130,10 @@ async def start(
     return execution, True
 
 
+# Room for `batch:` and `#499` in the 200 characters an idempotency key may have.
+BATCH_KEY_MAX = 186
+
+
 async def start_many(
     uow: UnitOfWork,
     access: WorkspaceAccess,
@@ -144,7 +148,15 @@ async def start_many(
         raise Conflict(
             "an archived workflow cannot run; move it back to draft first", field="workflow_id"
         )
-    keys = [f"{idempotency_key}#{i}" if idempotency_key else None for i in range(len(data.items))]
+    if idempotency_key and len(idempotency_key) > BATCH_KEY_MAX:
+        raise ValidationFailed(
+            f"a batch's Idempotency-Key is at most {BATCH_KEY_MAX} characters",
+            field="Idempotency-Key",
+        )
+    # Their own namespace: a single start with the key `<K>` never meets a batch's runs.
+    keys = [
+        f"batch:{idempotency_key}#{i}" if idempotency_key else None for i in range(len(data.items))
+    ]
     rows = [
         {
             "workspace_id": workflow.workspace_id,
@@ -162,7 +174,12 @@ async def start_many(
     )
     if idempotency_key:
         found = await repo.find_by_keys(uow.session, workflow.workspace_id, [k for k in keys if k])
-        ids = [found[k] for k in keys if k]
+        runs = [found[k] for k in keys if k in found]
+        if len(runs) != len(keys) or any(w != workflow.id for _, w in runs):
+            raise Conflict(
+                "this Idempotency-Key was used for another batch", field="Idempotency-Key"
+            )
+        ids = [run_id for run_id, _ in runs]
     else:
         ids = created
     record(
@@ -422,6 +439,11 @@ async def wait_for_end(
                         break
     except (OSError, ConnectionError, TimeoutError) as exc:
         log.warning("execution.wait_unavailable", execution_id=str(execution_id), error=str(exc))
+        return None
+    except SQLAlchemyError as exc:
+        # The run is committed and enqueued: say so (202) rather than fail the request,
+        # which a client would retry into a second run.
+        log.warning("execution.wait_failed", execution_id=str(execution_id), error=str(exc))
         return None
     except Exception as exc:  # redis.exceptions.RedisError and kin
         if type(exc).__module__.startswith("redis"):

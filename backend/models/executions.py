@@ -112,7 +112,8 @@ class NodeExecution(RecordModel):
     execution_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("workflow_executions.id", ondelete="CASCADE")
     )
-    node_id: Mapped[str] = mapped_column(String(64))
+    # A loop body's node is `<loop>.<node>`: two ids of up to 64 characters and a dot.
+    node_id: Mapped[str] = mapped_column(String(200))
     iteration: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     status: Mapped[str] = mapped_column(String(20))
     # The branch a finished node took (if/switch/error), for the scheduler.
@@ -156,7 +157,7 @@ class ExecutionTransition(Base):
         ForeignKey("workflow_executions.id", ondelete="CASCADE")
     )
     # None for the run itself; `<loop>.<node>` with iteration > 0 for a loop body's node.
-    node_id: Mapped[str | None] = mapped_column(String(64))
+    node_id: Mapped[str | None] = mapped_column(String(200))
     iteration: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     # None when the row was created in `to_status`.
     from_status: Mapped[str | None] = mapped_column(String(20))

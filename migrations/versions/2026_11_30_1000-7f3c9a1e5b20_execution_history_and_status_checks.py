@@ -25,7 +25,7 @@ def upgrade() -> None:
         "execution_transitions",
         sa.Column("id", sa.BigInteger(), sa.Identity(always=False), nullable=False),
         sa.Column("execution_id", sa.Uuid(), nullable=False),
-        sa.Column("node_id", sa.String(length=64), nullable=True),
+        sa.Column("node_id", sa.String(length=200), nullable=True),
         sa.Column("iteration", sa.Integer(), server_default=sa.text("0"), nullable=False),
         sa.Column("from_status", sa.String(length=20), nullable=True),
         sa.Column("to_status", sa.String(length=20), nullable=False),
@@ -48,13 +48,32 @@ def upgrade() -> None:
         ["execution_id", "id"],
         unique=False,
     )
-    op.create_check_constraint(
-        op.f("ck_workflow_executions_status"), "workflow_executions", EXECUTION
+    # NOT VALID, then VALIDATE: adding a checked constraint scans the table under an
+    # exclusive lock; validating afterwards takes a lock that lets writes go on.
+    for table, name, check in (
+        ("workflow_executions", "ck_workflow_executions_status", EXECUTION),
+        ("node_executions", "ck_node_executions_status", NODE),
+    ):
+        op.execute(f"ALTER TABLE {table} ADD CONSTRAINT {name} CHECK ({check}) NOT VALID")
+        op.execute(f"ALTER TABLE {table} VALIDATE CONSTRAINT {name}")
+    # A loop body's node is `<loop>.<node>`: up to 129 characters, over the old 64.
+    op.alter_column(
+        "node_executions",
+        "node_id",
+        existing_type=sa.String(length=64),
+        type_=sa.String(length=200),
+        existing_nullable=False,
     )
-    op.create_check_constraint(op.f("ck_node_executions_status"), "node_executions", NODE)
 
 
 def downgrade() -> None:
+    op.alter_column(
+        "node_executions",
+        "node_id",
+        existing_type=sa.String(length=200),
+        type_=sa.String(length=64),
+        existing_nullable=False,
+    )
     op.drop_constraint(op.f("ck_node_executions_status"), "node_executions", type_="check")
     op.drop_constraint(op.f("ck_workflow_executions_status"), "workflow_executions", type_="check")
     op.drop_index("ix_execution_transitions_execution_id_id", table_name="execution_transitions")

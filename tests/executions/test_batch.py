@@ -60,6 +60,23 @@ def test_a_batch_of_runs_completes_in_order_and_a_retried_batch_starts_nothing(
         timeout=10,
     ).json()  # fmt: skip
     assert listed["total"] == 23
+    # The same key for another batch (another workflow, other items) is a conflict, and
+    # a single start with the key finds none of the batch's runs.
+    other = httpx.post(
+        f"{api}/api/v1/workflows", headers=owner, json={"name": "other", **_chain()}, timeout=10
+    ).json()["id"]
+    reused = {"workflow_id": other, "items": body["items"]}
+    r = httpx.post(f"{api}/api/v1/executions/batch", headers=headers, json=reused, timeout=30)
+    assert (r.status_code, r.json()["error"]) == (409, "conflict")
+    one_key = {**owner, "Idempotency-Key": headers["Idempotency-Key"] + "#0"}
+    single = httpx.post(
+        f"{api}/api/v1/executions", headers=one_key, json={"workflow_id": body["workflow_id"]},
+        timeout=10,
+    )  # fmt: skip
+    assert single.status_code == 202 and single.json()["id"] not in ids
+    long_key = {**owner, "Idempotency-Key": "k" * 190}
+    r = httpx.post(f"{api}/api/v1/executions/batch", headers=long_key, json=body, timeout=30)
+    assert (r.status_code, r.json()["error"]) == (422, "validation_error")
     too_many = {**body, "items": [{"trigger_data": {}}] * 501}
     r = httpx.post(f"{api}/api/v1/executions/batch", headers=owner, json=too_many, timeout=30)
     assert (r.status_code, r.json()["error"]) == (422, "validation_error")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
 from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -45,19 +44,22 @@ class Heartbeat:
     def __init__(self, settings: Settings, sessionmaker: async_sessionmaker[AsyncSession]) -> None:
         self.settings = settings
         self.sessionmaker = sessionmaker
-        self.held: dict[uuid.UUID, Held] = {}
+        # By lease token: the same run may be claimed again by this very process (its
+        # lease lapsed while the loop stalled); the older claim must then stop, not hide.
+        self.held: dict[str, Held] = {}
         self._task: asyncio.Task[None] | None = None
 
     def hold(self, claim: Claim) -> Held:
-        held = self.held[claim.id] = Held(claim)
+        for other in self.held.values():
+            if other.claim.id == claim.id:
+                other.stop("lost")
+        held = self.held[claim.token] = Held(claim)
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._beat())
         return held
 
     def let_go(self, claim: Claim) -> None:
-        current = self.held.get(claim.id)
-        if current is not None and current.claim is claim:
-            del self.held[claim.id]
+        self.held.pop(claim.token, None)
         if not self.held and self._task is not None:
             # Nothing left to watch: no task outlives the last run (tests reuse loops).
             self._task.cancel()
@@ -74,15 +76,18 @@ class Heartbeat:
                 if not held:
                     continue
                 try:
-                    claims = [h.claim for h in held]
-                    lost, cancel = await lifecycle.look(self.sessionmaker, claims)
-                    if time.monotonic() - last_renewal >= renew_every:
-                        ours = await lifecycle.renew(self.sessionmaker, claims, engine.lease_s)
-                        last_renewal = time.monotonic()
-                        lost |= {c.id for c in claims} - ours
-                        for h in held:
-                            if h.claim.id in ours:
-                                h.renewed_at = last_renewal
+                    # A look or renewal that hangs (a half-open connection, a locked
+                    # row) must not outlast the lease it is meant to keep.
+                    async with asyncio.timeout(renew_every):
+                        claims = [h.claim for h in held]
+                        lost, cancel = await lifecycle.look(self.sessionmaker, claims)
+                        if time.monotonic() - last_renewal >= renew_every:
+                            ours = await lifecycle.renew(self.sessionmaker, claims, engine.lease_s)
+                            last_renewal = time.monotonic()
+                            lost |= {c.id for c in claims} - ours
+                            for h in held:
+                                if h.claim.id in ours:
+                                    h.renewed_at = last_renewal
                     for h in held:
                         if h.claim.id in lost:
                             h.stop("lost")
@@ -91,8 +96,10 @@ class Heartbeat:
                 except Exception:
                     # A database blip must not silently end the watch: log, try again.
                     log.exception("execution.heartbeat_failed", runs=len(held))
-                    for h in held:
-                        if time.monotonic() - h.renewed_at > engine.lease_s * 0.8:
-                            # The lease may lapse before we can renew it: stop before the
-                            # reaper hands the run to another worker, so nothing runs twice.
-                            h.stop("lost")
+                # Checked on every beat, not only after an error: a lease this process
+                # could not renew for most of its length may be someone else's soon, so
+                # its runs stop before anything could run twice.
+                stale = time.monotonic() - engine.lease_s * 0.8
+                for h in held:
+                    if h.renewed_at < stale:
+                        h.stop("lost")

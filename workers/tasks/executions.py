@@ -15,7 +15,6 @@ goes back to the queue (`retry`): nothing that could not start is acknowledged a
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import os
 import socket
 import threading
@@ -25,7 +24,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from celery import Task, signals
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from backend.config import get_settings
 from backend.executions import lifecycle
@@ -33,6 +32,7 @@ from backend.kit.celery_app import celery_app
 from backend.kit.db import create_engine, create_sessionmaker
 from backend.kit.http_guard import guarded_client
 from backend.kit.logging import get_logger
+from backend.kit.tasks import PUBLISH_RETRY
 from backend.realtime.events import event_log
 from workers.engine.runner import Runner
 
@@ -68,36 +68,52 @@ class _Process:
             settings, self.sessionmaker, self.http, f"{socket.gethostname()}:{os.getpid()}", enqueue
         )
         self.slots = threading.BoundedSemaphore(settings.engine.runs_per_process)
-        self.runs: set[concurrent.futures.Future[str]] = set()
+        # The runs on the loop, as its own tasks (touched on the loop thread only), so a
+        # shutdown can cancel them there and wait for them to hand their leases back.
+        self.runs: set[asyncio.Task[str]] = set()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run a coroutine on the process's loop and wait for its result."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     def start(self, claim: lifecycle.Claim) -> None:
-        future = asyncio.run_coroutine_threadsafe(self.runner.run_claimed(claim), self.loop)
-        self.runs.add(future)
+        def create() -> None:
+            task = self.loop.create_task(self.runner.run_claimed(claim))
+            self.runs.add(task)
+            task.add_done_callback(done)
 
-        def done(f: concurrent.futures.Future[str]) -> None:
-            self.runs.discard(f)
+        def done(task: asyncio.Task[str]) -> None:
+            self.runs.discard(task)
             self.slots.release()
-            if not f.cancelled() and f.exception() is not None:
-                log.error("execution.crashed", execution_id=str(claim.id), exc_info=f.exception())
+            if not task.cancelled() and task.exception() is not None:
+                log.error(
+                    "execution.crashed", execution_id=str(claim.id), exc_info=task.exception()
+                )
 
-        future.add_done_callback(done)
+        self.loop.call_soon_threadsafe(create)
+
+    async def _stop_runs(self, grace: float) -> None:
+        """Runs in flight get `grace` seconds to end; the rest are cancelled and awaited:
+        cancelled, a run hands its lease back (released at once) for another worker."""
+        if self.runs:
+            await asyncio.wait(set(self.runs), timeout=grace)
+        left = set(self.runs)
+        for task in left:
+            task.cancel()
+        if left:
+            await asyncio.wait(left, timeout=5)
 
     def close(self) -> None:
-        """Let runs in flight finish for a while, then hand the rest back (their leases
-        are released and their messages sent again) and stop the loop."""
-        grace = self.settings.engine.shutdown_grace_s
-        concurrent.futures.wait(list(self.runs), timeout=grace)
-        for future in list(self.runs):
-            future.cancel()
-        concurrent.futures.wait(list(self.runs), timeout=5)
-        self.run(self.http.aclose())
-        self.run(self.engine.dispose())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
+        """A warm shutdown of this process (Celery's `worker_process_shutdown`). With
+        REMAP_SIGTERM=SIGQUIT (the compose file and manifests) pool children are killed
+        without it: then the runs' leases lapse and the reaper hands them on (~13 s)."""
+        try:
+            self.run(self._stop_runs(self.settings.engine.shutdown_grace_s))
+            self.run(self.http.aclose())
+            self.run(self.engine.dispose())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5)
 
 
 _process: _Process | None = None
@@ -119,9 +135,35 @@ def _close_process(**_: Any) -> None:
 
 
 def enqueue(execution_id: uuid.UUID, countdown: float = 0.0) -> None:
+    """Send a run's message. Called on the engine's loop (a park, a sub-run that does not
+    wait, the reaper): the send goes to a thread, so a broker that does not answer
+    never stalls the loop the process's other runs and its heartbeat share; with the
+    broker down it gives up quickly and the reaper sends it again from PostgreSQL."""
     # Never past what the broker can hold without redelivering (celery#2599).
     limit = get_settings().celery.max_countdown_s
-    celery_app.send_task(EXECUTE, args=[str(execution_id)], countdown=min(countdown, limit) or None)
+
+    def send() -> None:
+        try:
+            celery_app.send_task(
+                EXECUTE,
+                args=[str(execution_id)],
+                countdown=min(countdown, limit) or None,
+                ignore_result=True,
+                retry_policy=PUBLISH_RETRY,
+            )
+        except Exception as exc:
+            log.warning("execution.enqueue_failed", execution_id=str(execution_id), error=str(exc))
+
+    try:
+        asyncio.get_running_loop().run_in_executor(None, send)
+    except RuntimeError:  # no loop here (a Celery task's own thread): send in place
+        send()
+
+
+# What a claim may retry: the database or the network not answering. Anything else (a
+# bad id, a bug in a finished-listener) is logged and the message acknowledged: retried
+# forever it would hold a slot and the rest of its batch.
+UNREACHABLE = (OperationalError, InterfaceError, OSError)
 
 
 def _claim(p: _Process, execution_id: uuid.UUID) -> lifecycle.Claim | None:
@@ -132,7 +174,7 @@ def _claim(p: _Process, execution_id: uuid.UUID) -> lifecycle.Claim | None:
     while True:
         try:
             return p.run(p.runner.claim(execution_id))
-        except (OperationalError, DBAPIError, OSError) as exc:
+        except UNREACHABLE as exc:
             if time.monotonic() + pause > deadline:
                 raise
             log.warning("execution.claim_retry", execution_id=str(execution_id), error=str(exc))
@@ -141,16 +183,25 @@ def _claim(p: _Process, execution_id: uuid.UUID) -> lifecycle.Claim | None:
 
 
 def _start(p: _Process, execution_id: str) -> str:
-    """Claim one run and hand it to the process's loop; raises when the database could
-    not be reached (the caller sends the message back)."""
+    """Claim one run and hand it to the process's loop; raises UNREACHABLE when the
+    database could not be reached (the caller sends the message back)."""
+    try:
+        run_id = uuid.UUID(execution_id)
+    except ValueError:
+        log.error("execution.bad_message", execution_id=execution_id)
+        return "bad_message"
     # At most ENGINE__RUNS_PER_PROCESS runs at once in this process: the next message
     # waits here (and the broker gives others to the other processes).
     p.slots.acquire()
     try:
-        claim = _claim(p, uuid.UUID(execution_id))
-    except Exception:
+        claim = _claim(p, run_id)
+    except UNREACHABLE:
         p.slots.release()
         raise
+    except Exception:
+        p.slots.release()
+        log.exception("execution.claim_failed", execution_id=execution_id)
+        return "claim_failed"
     if claim is None:
         p.slots.release()
         return "not_claimed"
@@ -158,27 +209,32 @@ def _start(p: _Process, execution_id: str) -> str:
     return "started"
 
 
-@celery_app.task(name=EXECUTE, bind=True, max_retries=None, ignore_result=True)
+# Sent back this many times (2 s apart, after ENGINE__CLAIM_RETRY_S of retries each)
+# before a message is dropped; the reaper still finds its run pending in PostgreSQL.
+MAX_CLAIM_RETRIES = 30
+
+
+@celery_app.task(name=EXECUTE, bind=True, max_retries=MAX_CLAIM_RETRIES, ignore_result=True)
 def execute(self: Task, execution_id: str) -> str:  # type: ignore[type-arg]
     try:
         return _start(process(), execution_id)
-    except Exception as exc:
+    except UNREACHABLE as exc:
         log.warning("execution.claim_failed", execution_id=execution_id, error=str(exc))
         # Back to the queue, not acknowledged away: the run has not started.
         raise self.retry(countdown=2, exc=exc) from None
 
 
-@celery_app.task(name=EXECUTE_MANY, bind=True, max_retries=None, ignore_result=True)
+@celery_app.task(name=EXECUTE_MANY, bind=True, max_retries=MAX_CLAIM_RETRIES, ignore_result=True)
 def execute_many(self: Task, execution_ids: list[str]) -> dict[str, int]:  # type: ignore[type-arg]
     """Several runs in one message (POST /executions/batch): the broker's cost is paid
-    once for all of them. Each run is claimed on its own, as with `workflow.execute`; a
-    failure sends the message back with the runs not yet started."""
+    once for all of them. Each run is claimed on its own, as with `workflow.execute`; an
+    unreachable database sends the message back with the runs not yet started."""
     p = process()
     started = 0
     for index, execution_id in enumerate(execution_ids):
         try:
             started += _start(p, execution_id) == "started"
-        except Exception as exc:
+        except UNREACHABLE as exc:
             log.warning("execution.claim_failed", execution_id=execution_id, error=str(exc))
             raise self.retry(args=(execution_ids[index:],), countdown=2, exc=exc) from None
     return {"started": started, "runs": len(execution_ids)}
