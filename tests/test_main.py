@@ -7,6 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
@@ -143,7 +144,8 @@ async def test_unhandled_errors_answer_500_without_leaking(
         if isinstance(rec.msg, dict) and rec.msg.get("event") == "unhandled_error"
     ]
     assert logged
-    assert logged[0].msg["request_id"] == "trace-me-1"
+    first: Any = logged[0].msg
+    assert first["request_id"] == "trace-me-1"
 
 
 async def test_request_id_is_echoed_or_generated(
@@ -296,7 +298,7 @@ async def test_numbers_beyond_what_the_database_holds_are_422(
         r = await client.put(
             f"/api/v1/workflows/{workflow.id}",
             json={"name": "renamed"},
-            headers={**actor.headers, "If-Match": if_match},
+            headers={**actor.headers, "If-Match": if_match},  # type: ignore[arg-type]
         )
         _refused(r, "if-match", where="header")
     for wait in ("inf", "nan", "1e999"):

@@ -42,7 +42,7 @@ def test_three_queues_with_routes_by_task_area() -> None:
     router = celery_app.amqp.router
 
     def queue_of(name: str) -> str:
-        return router.route({}, name)["queue"].name
+        return str(router.route({}, name)["queue"].name)
 
     assert queue_of("workflow.execute") == "high_priority"
     assert queue_of("system.ping") == "default"

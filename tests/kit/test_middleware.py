@@ -3,6 +3,8 @@ per-user rate limit on the API backed by Redis."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -43,7 +45,7 @@ async def test_body_larger_than_the_cap_is_413(
         assert r.json()["error"] == "payload_too_large"
 
         # Without a Content-Length (chunked), the bytes are counted as they arrive.
-        async def chunks():  # type: ignore[no-untyped-def]
+        async def chunks() -> AsyncIterator[bytes]:
             for _ in range(4):
                 yield b"x" * 1024
 

@@ -336,7 +336,7 @@ async def test_one_socket_carries_runs_workflow_changes_and_live_counters(
 
 
 def test_only_the_runs_own_last_event_ends_a_stream() -> None:
-    from backend.realtime.router import is_terminal
+    from backend.realtime.events import is_terminal
 
     done = '{"seq":9,"id":"x","type":"execution.status","execution_id":"e","status":"completed"}'
     assert is_terminal(done)

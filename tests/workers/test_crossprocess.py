@@ -117,4 +117,4 @@ def test_flower_lists_the_worker_behind_basic_auth(
 
         wait_for(listed, timeout_s=60, what="worker in flower", proc=proc, log=log)
         # The password is never in the process list.
-        assert "s3cret-for-test" not in " ".join(proc.args)
+        assert "s3cret-for-test" not in " ".join(str(a) for a in proc.args)  # type: ignore[union-attr]
