@@ -9,11 +9,11 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from backend.config import Settings
-from backend.workflows.graph import RetryPolicy
+from backend.workflows.graph import RetryPolicy, ValidGraph
 from workers.engine.checkpoints import now
 from workers.engine.retry import NodeFailure, classify, retry_delay
 from workers.nodes.base import Handler, NodeContext, NodeResult
@@ -38,6 +38,14 @@ class Attempted:
             "class": self.failure.error_class,
             "attempt": self.attempt,
         }
+
+
+def node_time_limit(run_started: datetime, graph: ValidGraph, node_timeout: float | None) -> float:
+    """Seconds a node attempt may take: its own timeout, never past its run's deadline."""
+    left_in_run = (
+        run_started + timedelta(seconds=graph.settings.timeout_s) - now()
+    ).total_seconds()
+    return max(0.1, min(node_timeout or graph.settings.timeout_s, left_in_run))
 
 
 def output_size(result: NodeResult, limit: int) -> int:

@@ -15,7 +15,8 @@ from backend.executions import lifecycle
 from backend.executions import repository as repo
 from backend.executions.lifecycle import Claim, NodeChange
 from backend.executions.state import NodeStatus
-from workers.engine.dag import NodeState
+from backend.workflows.graph import SetLogic, ValidGraph
+from workers.engine.dag import NodeState, topological_order
 from workers.engine.progress import Progress
 
 N = NodeStatus
@@ -104,3 +105,15 @@ class Checkpoints:
         await asyncio.shield(lifecycle.record_nodes(self.sessionmaker, claim, changes))
         for node_id in nodes:
             self.progress.checkpointed(claim, node_id, N.SKIPPED, {})
+
+
+def variables_of(initial: dict[str, Any], graph: ValidGraph, run: RunState) -> dict[str, Any]:
+    """`vars` as the completed `set` nodes left them (a resumed run re-runs none)."""
+    variables = dict(initial)
+    for node_id in topological_order(graph.graph):
+        done = run.states.get(node_id)
+        if done and done.status == N.COMPLETED and isinstance(graph.configs[node_id], SetLogic):
+            output = run.outputs.get(node_id)
+            if isinstance(output, dict):
+                variables.update(output)
+    return variables

@@ -36,13 +36,12 @@ from backend.workflows.graph import (
     ForEachLogic,
     GraphInvalid,
     Node,
-    SetLogic,
     SubWorkflowIntegration,
     ValidGraph,
     WhileLogic,
 )
 from workers.engine import checkpoints
-from workers.engine.attempt import attempt_node
+from workers.engine.attempt import attempt_node, node_time_limit
 from workers.engine.checkpoints import Checkpoints, RunState, now
 from workers.engine.dag import (
     NodeState,
@@ -50,7 +49,6 @@ from workers.engine.dag import (
     is_finished,
     merge_any_nodes,
     skip_closure,
-    topological_order,
 )
 from workers.engine.graphs import pinned_graph
 from workers.engine.lease import Heartbeat, Held
@@ -138,7 +136,7 @@ class Runner:
             state=state,
             held=held,
             deadline=claim.started_at + timedelta(seconds=graph.settings.timeout_s),
-            variables=self._variables(claim, graph, state),
+            variables=checkpoints.variables_of(claim.variables, graph, state),
         )
         try:
             return await self._schedule(run)
@@ -160,18 +158,6 @@ class Runner:
             for task in leftover:
                 task.cancel()
             await asyncio.gather(*leftover, return_exceptions=True)
-
-    @staticmethod
-    def _variables(claim: Claim, graph: ValidGraph, state: RunState) -> dict[str, Any]:
-        """`vars` as the completed `set` nodes left them (a resumed run re-runs none)."""
-        variables = dict(claim.variables)
-        for node_id in topological_order(graph.graph):
-            done = state.states.get(node_id)
-            if done and done.status == N.COMPLETED and isinstance(graph.configs[node_id], SetLogic):
-                output = state.outputs.get(node_id)
-                if isinstance(output, dict):
-                    variables.update(output)
-        return variables
 
     # Scheduling -------------------------------------------------------------------------
 
@@ -308,15 +294,6 @@ class Runner:
         ctx.emit = functools.partial(self.progress.node_line, claim, key)
         return ctx
 
-    def _node_timeout(
-        self, run_claim: Claim, graph: ValidGraph, node_timeout: float | None
-    ) -> float:
-        """A node never outlives its run's deadline."""
-        left_in_run = (
-            run_claim.started_at + timedelta(seconds=graph.settings.timeout_s) - now()
-        ).total_seconds()
-        return max(0.1, min(node_timeout or graph.settings.timeout_s, left_in_run))
-
     async def _run_node(self, run: Run, node_id: str, limit: asyncio.Semaphore) -> None:
         claim, graph, state = run.claim, run.graph, run.state
         node, config = graph.nodes[node_id], graph.configs[node_id]
@@ -333,7 +310,7 @@ class Runner:
             "inputs": [p for p in upstream if state.status_of(p) == N.COMPLETED],
         }
         ctx = self._context(claim, node, config, scope, node_id)
-        time_limit = functools.partial(self._node_timeout, claim)
+        time_limit = functools.partial(node_time_limit, claim.started_at)
         if isinstance(config, ForEachLogic | WhileLogic):
             ctx.run_body = await self.loops.body_runner(
                 claim, graph, node_id, config, scope, ctx, time_limit
