@@ -68,9 +68,24 @@ class _Process:
             settings, self.sessionmaker, self.http, f"{socket.gethostname()}:{os.getpid()}", enqueue
         )
         self.slots = threading.BoundedSemaphore(settings.engine.runs_per_process)
+        self.reaping: asyncio.Task[None] | None = None
         # The runs on the loop, as its own tasks (touched on the loop thread only), so a
         # shutdown can cancel them there and wait for them to hand their leases back.
         self.runs: set[asyncio.Task[str]] = set()
+
+    async def _reap_forever(self) -> None:
+        interval = self.settings.engine.reaper_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                requeue, _ = await lifecycle.reap(self.sessionmaker, self.settings)
+            except Exception as exc:
+                log.warning("executions.reap_failed", error=str(exc))
+                continue
+            for execution_id in requeue:
+                enqueue(execution_id)
+            if requeue:
+                log.warning("executions.reaped", count=len(requeue), by="worker")
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run a coroutine on the process's loop and wait for its result."""
@@ -78,6 +93,12 @@ class _Process:
 
     def start(self, claim: lifecycle.Claim) -> None:
         def create() -> None:
+            if self.reaping is None:
+                # A process that runs workflows also reaps, on its own loop: a dead
+                # worker's runs are handed on even while beat is down or the `default`
+                # queue is backed up (a database outage holds task slots in claim
+                # retries), at one SKIP LOCKED query per process per reaper interval.
+                self.reaping = self.loop.create_task(self._reap_forever())
             task = self.loop.create_task(self.runner.run_claimed(claim))
             self.runs.add(task)
             task.add_done_callback(done)
@@ -95,6 +116,8 @@ class _Process:
     async def _stop_runs(self, grace: float) -> None:
         """Runs in flight get `grace` seconds to end; the rest are cancelled and awaited:
         cancelled, a run hands its lease back (released at once) for another worker."""
+        if self.reaping is not None:
+            self.reaping.cancel()
         if self.runs:
             await asyncio.wait(set(self.runs), timeout=grace)
         left = set(self.runs)
