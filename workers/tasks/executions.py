@@ -82,26 +82,50 @@ class _Process:
             except Exception as exc:
                 log.warning("executions.reap_failed", error=str(exc))
                 continue
+            taken = 0
             for execution_id in requeue:
-                enqueue(execution_id)
+                taken += await self._take_over(execution_id)
             if requeue:
-                log.warning("executions.reaped", count=len(requeue), by="worker")
+                log.warning("executions.reaped", count=len(requeue), taken=taken, by="worker")
+
+    async def _take_over(self, execution_id: uuid.UUID) -> bool:
+        """Run a reaped run here, now, if this process has a free slot: no message to
+        lose (one reserved by the dying worker comes back only after the visibility
+        timeout, and the reaper would send another only after the pending grace). With
+        no slot free, or a claim that fails, the run goes through the queue."""
+        if not self.slots.acquire(blocking=False):
+            enqueue(execution_id)
+            return False
+        try:
+            claim = await self.runner.claim(execution_id)
+        except Exception:
+            self.slots.release()
+            enqueue(execution_id)
+            return False
+        if claim is None:  # someone else took it first
+            self.slots.release()
+            return False
+        self._run(claim)
+        return True
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run a coroutine on the process's loop and wait for its result."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     def start(self, claim: lifecycle.Claim) -> None:
-        def create() -> None:
-            if self.reaping is None:
-                # A process that runs workflows also reaps, on its own loop: a dead
-                # worker's runs are handed on even while beat is down or the `default`
-                # queue is backed up (a database outage holds task slots in claim
-                # retries), at one SKIP LOCKED query per process per reaper interval.
-                self.reaping = self.loop.create_task(self._reap_forever())
-            task = self.loop.create_task(self.runner.run_claimed(claim))
-            self.runs.add(task)
-            task.add_done_callback(done)
+        """Hand a claimed run (its slot taken) to the loop, from a Celery task's thread."""
+        self.loop.call_soon_threadsafe(self._run, claim)
+
+    def _run(self, claim: lifecycle.Claim) -> None:
+        # On the loop thread.
+        if self.reaping is None:
+            # A process that runs workflows also reaps, on its own loop: a dead worker's
+            # runs are handed on even while beat is down or the `default` queue is backed
+            # up (a database outage holds task slots in claim retries), at one SKIP LOCKED
+            # query per process per reaper interval.
+            self.reaping = self.loop.create_task(self._reap_forever())
+        task = self.loop.create_task(self.runner.run_claimed(claim))
+        self.runs.add(task)
 
         def done(task: asyncio.Task[str]) -> None:
             self.runs.discard(task)
@@ -111,7 +135,7 @@ class _Process:
                     "execution.crashed", execution_id=str(claim.id), exc_info=task.exception()
                 )
 
-        self.loop.call_soon_threadsafe(create)
+        task.add_done_callback(done)
 
     async def _stop_runs(self, grace: float) -> None:
         """Runs in flight get `grace` seconds to end; the rest are cancelled and awaited:
