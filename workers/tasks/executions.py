@@ -54,12 +54,18 @@ class _Process:
         self.thread = threading.Thread(target=self.loop.run_forever, name="engine", daemon=True)
         self.thread.start()
         # No pre-ping on the worker's hot path: the lifecycle retries a statement whose
-        # connection turned out dead instead.
-        self.engine = create_engine(
-            settings.model_copy(
-                update={"db": settings.db.model_copy(update={"pool_pre_ping": False})}
-            )
+        # connection turned out dead instead. Every connection the pool may open stays
+        # pooled (no overflow): a burst of checkpoints (40 parallel nodes) otherwise
+        # opened overflow connections and closed them again, a new PostgreSQL backend
+        # each time (measured: fanout40 118-151 ms with 10 + 10 overflow, 92 ms with 20).
+        db = settings.db.model_copy(
+            update={
+                "pool_pre_ping": False,
+                "pool_size": settings.db.pool_size + settings.db.max_overflow,
+                "max_overflow": 0,
+            }
         )
+        self.engine = create_engine(settings.model_copy(update={"db": db}))
         self.sessionmaker = create_sessionmaker(self.engine)
         self.http = guarded_client(
             settings.http.allow_private_networks, user_agent=settings.http.user_agent
