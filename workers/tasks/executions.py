@@ -74,7 +74,13 @@ class _Process:
             settings, self.sessionmaker, self.http, f"{socket.gethostname()}:{os.getpid()}", enqueue
         )
         self.slots = threading.BoundedSemaphore(settings.engine.runs_per_process)
+        # Every worker process reaps on its own loop from its first task on: a dead
+        # worker's runs are handed on even while beat is down or the `default` queue is
+        # backed up (a database outage holds task slots in claim retries; a beat-sent
+        # reap can sit behind them or go to the worker being killed), at one SKIP LOCKED
+        # query per process per reaper interval.
         self.reaping: asyncio.Task[None] | None = None
+        self.loop.call_soon_threadsafe(self._start_reaping)
         # The runs on the loop, as its own tasks (touched on the loop thread only), so a
         # shutdown can cancel them there and wait for them to hand their leases back.
         self.runs: set[asyncio.Task[str]] = set()
@@ -122,14 +128,13 @@ class _Process:
         """Hand a claimed run (its slot taken) to the loop, from a Celery task's thread."""
         self.loop.call_soon_threadsafe(self._run, claim)
 
-    def _run(self, claim: lifecycle.Claim) -> None:
+    def _start_reaping(self) -> None:
         # On the loop thread.
         if self.reaping is None:
-            # A process that runs workflows also reaps, on its own loop: a dead worker's
-            # runs are handed on even while beat is down or the `default` queue is backed
-            # up (a database outage holds task slots in claim retries), at one SKIP LOCKED
-            # query per process per reaper interval.
             self.reaping = self.loop.create_task(self._reap_forever())
+
+    def _run(self, claim: lifecycle.Claim) -> None:
+        # On the loop thread.
         task = self.loop.create_task(self.runner.run_claimed(claim))
         self.runs.add(task)
 
@@ -179,6 +184,14 @@ def process() -> _Process:
         if _process is None or _process.loop.is_closed():
             _process = _Process()
         return _process
+
+
+@signals.worker_process_init.connect
+def _open_process(**_: Any) -> None:
+    # At the pool child's start, not at its first task: its reaper must run even in a
+    # process that a restart left without work (the one that must take over the runs of
+    # a worker that dies next).
+    process()
 
 
 @signals.worker_process_shutdown.connect
