@@ -221,16 +221,13 @@ def _single_statements(engine: AsyncEngine) -> AsyncEngine:
 
 
 async def _on_fresh_connection(engine: AsyncEngine, work: Callable[[Any], Awaitable[Any]]) -> Any:
-    # Workers skip the pool's pre-ping (a round trip per statement): a connection
-    # PostgreSQL dropped fails once, is discarded, and the statement goes again.
-    for attempt in (1, 2):
-        try:
-            async with _single_statements(engine).connect() as conn:
-                return await work(conn)
-        except DBAPIError as exc:
-            if not exc.connection_invalidated or attempt == 2:
-                raise
-    raise AssertionError("unreachable")
+    """One autocommit statement, sent once more if its pooled connection was dead."""
+
+    async def once() -> Any:
+        async with _single_statements(engine).connect() as conn:
+            return await work(conn)
+
+    return await _once_more_on_a_dropped_connection(once)
 
 
 async def claim(
