@@ -1,0 +1,5 @@
+"""The `studio` command."""
+
+
+def run() -> None:
+    pass
