@@ -174,7 +174,14 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 response_started = True
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), *extra_headers]
+                headers = message.get("headers", [])
+                # A page that states its own policy (the console) keeps it: a second
+                # CSP header would intersect with it and block the page's scripts.
+                own_csp = any(name.lower() == API_CSP[0] for name, _ in headers)
+                message["headers"] = [
+                    *headers,
+                    *(h for h in extra_headers if not (own_csp and h is API_CSP)),
+                ]
             await send(message)
 
         limit = self.max_body_bytes
