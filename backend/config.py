@@ -326,6 +326,63 @@ class StorageSettings(BaseModel):
         return self
 
 
+class StdioCommand(BaseModel):
+    """An MCP server an operator allows tenants to start over stdio: a fixed command
+    line (tenants never supply one: that would be remote code execution) and the names
+    of the environment variables a tenant may set for it (tokens, say)."""
+
+    command: str = Field(min_length=1)
+    args: list[str] = Field(default_factory=list)
+    env_keys: list[str] = Field(default_factory=list)
+    description: str = ""
+
+
+class McpSettings(BaseModel):
+    """MCP servers (backend/mcp): timeouts and caps of every outbound MCP connection."""
+
+    connect_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    call_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    # A tool result larger than this (as JSON) fails the call rather than flooding a run.
+    max_result_bytes: int = Field(default=1_000_000, ge=1024)
+    # Tools one discovery stores at most (a server listing thousands is refused).
+    max_tools: int = Field(default=200, ge=1, le=10_000)
+    # Operator-listed stdio servers by name, e.g.
+    # MCP__STDIO_SERVERS='{"files": {"command": "mcp-server-files", "args": ["/srv"]}}'.
+    stdio_servers: dict[str, StdioCommand] = Field(default_factory=dict)
+
+
+class ToolsSettings(BaseModel):
+    """/api/v1/tools: per-user budget, web read caps and the pluggable providers."""
+
+    rate_limit: str = "100 per hour"
+    chat_max_tokens: int = Field(default=4096, ge=1, le=64_000)
+    web_read_timeout_s: float = Field(default=15.0, gt=0, le=120)
+    web_read_max_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
+    # Characters of main text a web read returns at most.
+    web_read_max_chars: int = Field(default=100_000, ge=100)
+    # Web search: "searxng" (GET <url>?q=&format=json), "brave" (X-Subscription-Token),
+    # or "jina" (GET <url>/<query>, JSON); unset: 424.
+    search_provider: Literal["searxng", "brave", "jina"] | None = None
+    search_url: str | None = None
+    search_api_key: SecretStr | None = None
+    search_timeout_s: float = Field(default=15.0, gt=0, le=120)
+    # Image generation: an OpenAI-compatible /images/generations endpoint; unset: 424.
+    image_url: str | None = None
+    image_api_key: SecretStr | None = None
+    image_model: str = "gpt-image-1"
+    image_timeout_s: float = Field(default=120.0, gt=0, le=600)
+    # Uploaded files (POST /tools/files/upload).
+    max_upload_bytes: int = Field(default=25 * 1024 * 1024, ge=1024)
+
+
+class DatabaseNodeSettings(BaseModel):
+    """The `database` action node: bounds of one statement against a user's database."""
+
+    connect_timeout_s: float = Field(default=10.0, gt=0, le=120)
+    statement_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    max_rows: int = Field(default=1000, ge=1, le=100_000)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_nested_delimiter="__",
@@ -358,6 +415,9 @@ class Settings(BaseSettings):
     http: HttpSettings = HttpSettings()
     realtime: RealtimeSettings = RealtimeSettings()
     storage: StorageSettings = StorageSettings()
+    mcp: McpSettings = McpSettings()
+    tools: ToolsSettings = ToolsSettings()
+    dbnode: DatabaseNodeSettings = DatabaseNodeSettings()
 
     @field_validator("database_url")
     @classmethod
