@@ -197,6 +197,30 @@ class AnthropicSettings(BaseModel):
     prices: list[ModelPrice] = Field(default_factory=lambda: list(DEFAULT_PRICES))
 
 
+class GenerateSettings(BaseModel):
+    """Text to workflow (POST /workflows/generate) and model suggestions."""
+
+    # Unset: anthropic.default_model.
+    model: str | None = None
+    max_tokens: int = Field(default=8192, ge=256, le=64_000)
+    # After the first answer, rounds in which the validator's problems go back to the
+    # model; a draft still invalid after them is returned with its problems.
+    max_repair_rounds: int = Field(default=2, ge=0, le=10)
+    # Estimated spend (price table) one request may reach before no further round is
+    # started; a provider spend-limit answer is refused with 402 at once.
+    max_cost_usd: float = Field(default=0.5, ge=0, le=100)
+    # The whole request, every round included.
+    timeout_s: float = Field(default=180.0, gt=0, le=1800)
+    # Strict tool input (grammar-constrained); a model that refuses it is asked again
+    # without, once per request.
+    strict_tools: bool = True
+    # Per workspace: every request spends money.
+    rate_limit: str = "60 per hour"
+    # How often beat recomputes run-history suggestions, and the window they look at.
+    suggestions_interval_s: float = Field(default=3600.0, ge=60)
+    suggestions_window_days: int = Field(default=30, ge=1, le=365)
+
+
 class EngineSettings(BaseModel):
     # A worker holds a run for this long; its process's heartbeat renews every lease it
     # holds each third of it. A run whose lease lapsed (its worker died) is someone
@@ -409,6 +433,7 @@ class Settings(BaseSettings):
     smtp: SmtpSettings = SmtpSettings()
     anthropic: AnthropicSettings = AnthropicSettings()
     engine: EngineSettings = EngineSettings()
+    generate: GenerateSettings = GenerateSettings()
     triggers: TriggerSettings = TriggerSettings()
     notifications: NotificationSettings = NotificationSettings()
     maintenance: MaintenanceSettings = MaintenanceSettings()
