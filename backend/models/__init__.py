@@ -17,6 +17,7 @@ from backend.models.identity import (
     Workspace,
     WorkspaceMember,
 )
+from backend.models.mcp import File, McpServer, McpTool, ToolUsage
 from backend.models.triggers import Notification, NotificationSecret, Trigger
 from backend.models.workflows import Agent, Credential, Workflow, WorkflowVersion
 
@@ -29,12 +30,16 @@ __all__ = [
     "Credential",
     "ExecutionEvent",
     "ExecutionTransition",
+    "File",
     "Invitation",
+    "McpServer",
+    "McpTool",
     "NodeExecution",
     "Notification",
     "NotificationSecret",
     "OtpCode",
     "RecordModel",
+    "ToolUsage",
     "Trigger",
     "User",
     "Workflow",
