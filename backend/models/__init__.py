@@ -1,5 +1,6 @@
 """Every ORM model, imported here so Alembic and the mappers see them all at once."""
 
+from backend.models.analytics import AnalyticsAggregate, AnalyticsCursor
 from backend.models.base import Base, RecordModel
 from backend.models.executions import (
     ExecutionEvent,
@@ -24,6 +25,8 @@ from backend.models.workflows import Agent, Credential, Workflow, WorkflowVersio
 __all__ = [
     "ActivityLog",
     "Agent",
+    "AnalyticsAggregate",
+    "AnalyticsCursor",
     "ApiKey",
     "AuthSession",
     "Base",
