@@ -131,19 +131,56 @@ class HttpRequestAction(Strict):
 
 
 class FileReadAction(Strict):
+    """A file of the workspace's storage, by `path`, or an uploaded file (the files
+    API) by `file_id` (a template, so an upstream node's output can name it)."""
+
     kind: Literal["file_read"]
-    path: Template
+    path: Template | None = None
+    file_id: Template | None = None
     # Output the parsed JSON document instead of its text.
     parse_json: bool = False
 
+    @model_validator(mode="after")
+    def _one_target(self) -> FileReadAction:
+        if (self.path is None) == (self.file_id is None):
+            raise ValueError("path: give exactly one of `path` or `file_id`")
+        return self
+
 
 class FileWriteAction(Strict):
+    """Writes `path`, or replaces the content of the uploaded file `file_id`."""
+
     kind: Literal["file_write"]
-    path: Template
+    path: Template | None = None
+    file_id: Template | None = None
     content: Template
     # base64: the rendered content is decoded first (binary files, e.g. a file_read's
     # base64 output written elsewhere).
     encoding: Literal["text", "base64"] = "text"
+
+    @model_validator(mode="after")
+    def _one_target(self) -> FileWriteAction:
+        if (self.path is None) == (self.file_id is None):
+            raise ValueError("path: give exactly one of `path` or `file_id`")
+        return self
+
+
+class DatabaseAction(Strict):
+    """One parameterised SQL statement against the PostgreSQL database a `postgres`
+    credential names. Values travel as bind parameters (`%(name)s` in `query`), never
+    formatted into the SQL; read-only unless `write` is set."""
+
+    kind: Literal["database"]
+    credential_id: uuid.UUID
+    # SQL text, not a template: only `parameters` carry run data.
+    query: str = Field(min_length=1, max_length=100_000)
+    parameters: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")], Template] = (
+        Field(default_factory=dict, max_length=100)
+    )
+    write: bool = False
+    # Capped by DBNODE__MAX_ROWS and DBNODE__STATEMENT_TIMEOUT_S.
+    max_rows: int | None = Field(default=None, ge=1, le=100_000)
+    timeout_s: float | None = Field(default=None, gt=0, le=3600)
 
 
 class NotifyAction(Strict):
@@ -165,7 +202,8 @@ class NotifyAction(Strict):
 
 
 ActionConfig = Annotated[
-    HttpRequestAction | FileReadAction | FileWriteAction | NotifyAction, Field(discriminator="kind")
+    HttpRequestAction | FileReadAction | FileWriteAction | NotifyAction | DatabaseAction,
+    Field(discriminator="kind"),
 ]
 
 
@@ -398,8 +436,11 @@ class Context:
     workflow_ids: frozenset[uuid.UUID] = frozenset()
     agent_ids: frozenset[uuid.UUID] = frozenset()
     credential_ids: frozenset[uuid.UUID] = frozenset()
-    # MCP servers of the workspace; None until the MCP domain exists (not checked).
+    # MCP servers of the workspace; None: not checked.
     mcp_server_ids: frozenset[uuid.UUID] | None = None
+    # Input schemas of the tools offered by those servers, by (server id, tool name);
+    # None: not checked. Tools marked `changed` or removed are left out.
+    mcp_tools: dict[tuple[uuid.UUID, str], dict[str, Any]] | None = None
     # Sub-workflows each workflow of the workspace references, by its current version.
     references: Callable[[uuid.UUID], Iterable[uuid.UUID]] = field(default=lambda _: ())
     # The workflows whose runs start each workflow of the workspace (event triggers).
@@ -462,10 +503,19 @@ def _expressions(config: Any) -> Iterable[tuple[str, str, bool]]:
         elif isinstance(config.body, dict):
             yield from _strings_in(config.body, "body")
     elif isinstance(config, FileReadAction):
-        yield "path", config.path, False
+        for name in ("path", "file_id"):
+            value = getattr(config, name)
+            if value is not None:
+                yield name, value, False
     elif isinstance(config, FileWriteAction):
-        yield "path", config.path, False
+        for name in ("path", "file_id"):
+            value = getattr(config, name)
+            if value is not None:
+                yield name, value, False
         yield "content", config.content, False
+    elif isinstance(config, DatabaseAction):
+        for key, value in config.parameters.items():
+            yield f"parameters.{key}", value, False
     elif isinstance(config, NotifyAction):
         for name in ("to", "url", "subject", "message"):
             value = getattr(config, name)
@@ -733,6 +783,26 @@ def _canonical(definition: dict[str, Any], configs: dict[str, Any]) -> dict[str,
     return {**definition, "nodes": nodes_out}
 
 
+def mcp_argument_problems(
+    schema: dict[str, Any], arguments: dict[str, str]
+) -> list[tuple[str, str]]:
+    """What can be checked of templated arguments against a tool's input schema before
+    they are rendered: required names present, no names the schema closes out. Values
+    are checked against the whole schema at run time, once rendered."""
+    out: list[tuple[str, str]] = []
+    properties = schema.get("properties")
+    properties = properties if isinstance(properties, dict) else {}
+    required = schema.get("required")
+    for name in required if isinstance(required, list) else []:
+        if isinstance(name, str) and name not in arguments:
+            out.append((f"arguments.{name}", f"the tool requires argument {name!r}"))
+    if schema.get("additionalProperties") is False:
+        for name in arguments:
+            if name not in properties:
+                out.append((f"arguments.{name}", f"the tool takes no argument {name!r}"))
+    return out
+
+
 def _check_references(node_id: str, config: Any, ctx: Context, problems: list[Problem]) -> None:
     credential = getattr(config, "credential_id", None)
     if credential is not None and credential not in ctx.credential_ids:
@@ -753,6 +823,20 @@ def _check_references(node_id: str, config: Any, ctx: Context, problems: list[Pr
                 "MCP server not found in this workspace", node_id=node_id, field="config.server_id"
             )
         )
+    elif isinstance(config, McpToolIntegration) and ctx.mcp_tools is not None:
+        schema = ctx.mcp_tools.get((config.server_id, config.tool))
+        if schema is None:
+            problems.append(
+                Problem(
+                    f"tool {config.tool!r} is not offered by this MCP server (unknown, "
+                    "removed, or changed and awaiting re-approval)",
+                    node_id=node_id,
+                    field="config.tool",
+                )
+            )
+        else:
+            for field_name, message in mcp_argument_problems(schema, config.arguments):
+                problems.append(Problem(message, node_id=node_id, field=f"config.{field_name}"))
     if (
         isinstance(config, AgentConfig)
         and config.agent_id is not None

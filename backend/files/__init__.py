@@ -1,0 +1,1 @@
+"""Uploaded files: metadata in the `files` table, bytes in the workspace storage."""
