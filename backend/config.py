@@ -407,6 +407,50 @@ class DatabaseNodeSettings(BaseModel):
     max_rows: int = Field(default=1000, ge=1, le=100_000)
 
 
+class AnalyticsSettings(BaseModel):
+    # How often beat sends analytics.aggregate (each pass folds in what changed since
+    # the last one, late finishes of old runs included).
+    aggregate_interval_s: float = Field(default=60.0, ge=5, le=3600)
+    # Answers of the analytics API are kept this long in Redis (0: not cached).
+    cache_ttl_s: float = Field(default=10.0, ge=0, le=600)
+    # The widest since..until a request may ask for, and the most points in a series.
+    max_range_days: int = Field(default=400, ge=1, le=3660)
+    max_points: int = Field(default=2000, ge=10, le=100_000)
+
+
+class MetricsSettings(BaseModel):
+    # Bearer token GET /metrics requires. Unset: /metrics answers only on the private
+    # port below (and 404 on the public one), so nothing is ever open by default.
+    token: SecretStr | None = None
+    # The API's private metrics listener (0: none) and the worker's aggregated endpoint,
+    # both bound to `address`; the NetworkPolicy keeps these ports inside the cluster.
+    address: str = "127.0.0.1"
+    api_port: int = Field(default=0, ge=0, le=65535)
+    worker_port: int = Field(default=9808, ge=0, le=65535)
+
+
+class TracingSettings(BaseModel):
+    # Traces go out only when OTEL_EXPORTER_OTLP_ENDPOINT is set (the SDK's own variable,
+    # with OTEL_EXPORTER_OTLP_HEADERS etc.); this names the service in them.
+    service_name: str = "orchestration-studio"
+    # Fraction of traces kept (parent-based: a trace is kept or dropped whole).
+    sample_ratio: float = Field(default=1.0, ge=0, le=1)
+
+
+class QuotaSettings(BaseModel):
+    """Limits per workspace (None: unlimited). A workspace overrides any of them in its
+    settings: {"quotas": {"runs_per_day": 500}}; null there lifts the limit."""
+
+    runs_per_day: int | None = Field(default=None, ge=0)
+    concurrent_runs: int | None = Field(default=None, ge=0)
+    ai_tokens_per_month: int | None = Field(default=None, ge=0)
+    ai_cost_per_month_usd: float | None = Field(default=None, ge=0)
+    tool_calls_per_hour: int | None = Field(default=None, ge=0)
+    # Redis counters are rebuilt from PostgreSQL at least this often (and at once after
+    # a Redis flush), so a lost counter never grants a second quota.
+    reconcile_s: int = Field(default=60, ge=1, le=86_400)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_nested_delimiter="__",
@@ -443,6 +487,10 @@ class Settings(BaseSettings):
     mcp: McpSettings = McpSettings()
     tools: ToolsSettings = ToolsSettings()
     dbnode: DatabaseNodeSettings = DatabaseNodeSettings()
+    analytics: AnalyticsSettings = AnalyticsSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    tracing: TracingSettings = TracingSettings()
+    quotas: QuotaSettings = QuotaSettings()
 
     @field_validator("database_url")
     @classmethod
