@@ -154,6 +154,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "schedule": settings.triggers.dispatch_interval_s,
                 "options": {"expires": settings.triggers.dispatch_interval_s},
             },
+            # Hourly aggregates for the analytics API; a pass rebuilds what changed.
+            "aggregate-analytics": {
+                "task": "analytics.aggregate",
+                "schedule": settings.analytics.aggregate_interval_s,
+                "options": {"expires": settings.analytics.aggregate_interval_s},
+            },
             "retention": {
                 "task": "maintenance.retention",
                 "schedule": settings.maintenance.interval_s,

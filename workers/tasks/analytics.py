@@ -1,0 +1,17 @@
+"""`analytics.aggregate` (beat, `default` queue): fold the runs that changed since the
+last pass into the hourly aggregates. Safe to run twice or in parallel: a pass rebuilds
+whole hours from the runs, under a per-workspace lock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from backend.analytics.aggregate import aggregate_pass
+from backend.kit.celery_app import celery_app
+from workers.tasks.executions import process
+
+
+@celery_app.task(name="analytics.aggregate")
+def aggregate() -> dict[str, Any]:
+    p = process()
+    return p.run(aggregate_pass(p.sessionmaker))
