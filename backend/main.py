@@ -24,6 +24,7 @@ from backend.auth.router import router as auth_router
 from backend.config import Settings, get_settings
 from backend.credentials.router import router as credentials_router
 from backend.executions.router import router as executions_router
+from backend.generate.router import router as generate_router
 from backend.health.router import router as health_router
 from backend.kit import bodies, errors, openapi
 from backend.kit.celery_app import celery_app
@@ -263,6 +264,8 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
         workspaces_router,
         api_keys_router,
         invitations_router,
+        # Before workflows: /workflows/generate must not be read as a workflow id.
+        generate_router,
         workflows_router,
         credentials_router,
         agents_router,

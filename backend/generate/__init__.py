@@ -1,0 +1,1 @@
+"""Text to workflow: the node catalogue, the model's rounds, deterministic repairs."""
