@@ -9,6 +9,11 @@ real `anthropic` SDK to talk to on 127.0.0.1. Its answers are scripted by the pr
 - "ratelimit-once": HTTP 429 the first time, then an answer;
 - "spend": HTTP 429 with the spend-limit message (not worth retrying);
 - "long answer": a 3000-character answer (streamed in small deltas when asked to);
+- `script(a, b, ...)` placed in the first user turn, with tools offered: the n-th
+  assistant turn calls the forced tool (tool_choice, else the first tool) with input
+  a, b, ... (the last one repeats), whatever else the turn says;
+- "no-strict" with a tool declared `strict`: HTTP 400, as an endpoint without strict
+  tool input answers;
 - anything else: "echo: <prompt>".
 With `"stream": true` the same answers come as the API's server-sent events.
 Every request is kept, so tests can check what the SDK actually sent.
@@ -16,7 +21,9 @@ Every request is kept, so tests can check what the SDK actually sent.
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 import threading
 import time
 import uuid
@@ -35,6 +42,14 @@ def _text_of(content: Any) -> str:
     if isinstance(content, str):
         return content
     return " ".join(str(b.get("text") or b.get("content") or "") for b in content)
+
+
+SCRIPT = re.compile(r"SCRIPT:([A-Za-z0-9_=-]+)")
+
+
+def script(*answers: dict[str, Any]) -> str:
+    """A marker for a prompt: the tool inputs the server answers with, turn by turn."""
+    return "SCRIPT:" + base64.urlsafe_b64encode(json.dumps(answers).encode()).decode()
 
 
 def build_app(requests: list[dict[str, Any]]) -> FastAPI:
@@ -84,6 +99,25 @@ def build_app(requests: list[dict[str, Any]]) -> FastAPI:
                 {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}},
                 status_code=529,
             )
+        scripted = SCRIPT.search(first)
+        if "no-strict" in first and any(t.get("strict") for t in body.get("tools", [])):
+            return JSONResponse(
+                {
+                    "type": "error",
+                    "error": {
+                        "type": "invalid_request_error",
+                        "message": "tools.0.strict: Extra inputs are not permitted",
+                    },
+                },
+                status_code=400,
+            )
+        if scripted and tools:
+            answers = json.loads(base64.urlsafe_b64decode(scripted.group(1)))
+            turn = sum(1 for m in msgs if m["role"] == "assistant")
+            forced = (body.get("tool_choice") or {}).get("name") or body["tools"][0]["name"]
+            use = {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:10]}", "name": forced}
+            use["input"] = answers[min(turn, len(answers) - 1)]
+            return reply([use], "tool_use")
         wanted = next((name for name in tools if f"use {name}" in first), None)
         looping = "loop forever" in first and tools
         answered = isinstance(last, list) and any(b.get("type") == "tool_result" for b in last)
