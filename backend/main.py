@@ -24,6 +24,7 @@ from backend.auth.router import router as auth_router
 from backend.config import Settings, get_settings
 from backend.credentials.router import router as credentials_router
 from backend.executions.router import router as executions_router
+from backend.files.router import router as files_router
 from backend.generate.router import router as generate_router
 from backend.health.router import router as health_router
 from backend.kit import bodies, errors, openapi
@@ -32,6 +33,7 @@ from backend.kit.db import create_engine, create_sessionmaker
 from backend.kit.logging import REQUEST_ID_KEY, configure_logging, current_request_id, get_logger
 from backend.kit.middleware import RequestContextMiddleware, rejected_body
 from backend.kit.ratelimit import RateLimiter
+from backend.mcp.router import router as mcp_router
 from backend.realtime.hub import Hub
 from backend.realtime.router import router as realtime_router
 from backend.triggers.router import hooks as hooks_router
@@ -273,6 +275,8 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
         realtime_router,
         triggers_router,
         hooks_router,
+        mcp_router,
+        files_router,
     )
     for router in routers:
         app.include_router(router, prefix=API_PREFIX)

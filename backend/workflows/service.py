@@ -66,7 +66,7 @@ async def lock_references(session: AsyncSession, workspace_id: uuid.UUID) -> Non
 async def validation_context(
     session: AsyncSession, workspace_id: uuid.UUID, workflow_id: uuid.UUID | None
 ) -> Context:
-    """Everything the validator may ask about the workspace, in three queries."""
+    """Everything the validator may ask about the workspace, in five queries."""
     rows = await session.execute(
         select(Workflow.id, WorkflowVersion.definition)
         .join(
@@ -83,11 +83,17 @@ async def validation_context(
     credentials = await session.scalars(
         select(Credential.id).where(Credential.workspace_id == workspace_id)
     )
+    # The MCP domain imports this module (workflows_using); imported here, not at the top.
+    from backend.mcp.service import validation_tools
+
+    mcp_server_ids, mcp_tools = await validation_tools(session, workspace_id)
     return Context(
         workflow_id=workflow_id,
         workflow_ids=frozenset(refs),
         agent_ids=frozenset(agents.all()),
         credential_ids=frozenset(credentials.all()),
+        mcp_server_ids=mcp_server_ids,
+        mcp_tools=mcp_tools,
         references=lambda wid: refs.get(wid, ()),
         event_sources=lambda wid: sources.get(wid, ()),
     )

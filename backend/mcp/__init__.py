@@ -1,0 +1,1 @@
+"""MCP servers: registration, connection (handshake + tool discovery), approval of changed tools."""
