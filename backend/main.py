@@ -22,6 +22,7 @@ from backend.agents.router import router as agents_router
 from backend.auth.router import api_keys as api_keys_router
 from backend.auth.router import router as auth_router
 from backend.config import Settings, get_settings
+from backend.console.router import router as console_router
 from backend.credentials.router import router as credentials_router
 from backend.executions.router import router as executions_router
 from backend.files.router import router as files_router
@@ -261,6 +262,8 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
         app.add_exception_handler(unavailable, _dependency_down)
 
     app.include_router(health_router)
+    # The console's static pages, outside /api/v1 and the OpenAPI document.
+    app.include_router(console_router)
     routers = (
         auth_router,
         workspaces_router,

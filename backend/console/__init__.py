@@ -1,0 +1,1 @@
+"""The console: static pages served by the API at /console."""
