@@ -9,7 +9,7 @@ PYTHON ?= python3
 # pytest arguments for `make test`; -n auto spreads the suite over the cores.
 PYTEST_ARGS ?= -n auto --dist loadgroup
 
-.PHONY: help install run test faults lint format migrate bench rotate-keys clean
+.PHONY: help install run test faults lint format migrate bench rotate-keys api-key browser test-browser clean
 
 help:
 	@echo "make run      start API, worker, beat and Flower (embedded PostgreSQL/Valkey unless DATABASE_URL/REDIS_URL are set)"
@@ -19,6 +19,8 @@ help:
 	@echo "make migrate  apply migrations to DATABASE_URL (or the embedded database)"
 	@echo "make bench    print the benchmark figures"
 	@echo "make rotate-keys  re-encrypt every credential under SECURITY__ENCRYPTION_KEY"
+	@echo "make api-key  print a new API key (creates the first user and workspace if there are none)"
+	@echo "make test-browser  the console's tests in headless Chromium (installs Debian's chromium)"
 
 .uv-bootstrap/bin/uv:
 	$(PYTHON) -m venv .uv-bootstrap
@@ -30,7 +32,7 @@ install: $(if $(findstring .uv-bootstrap,$(UV)),.uv-bootstrap/bin/uv)
 run: install
 	$(UV) run --frozen --no-sync python scripts/devstack.py run
 
-test: install
+test: install browser
 	$(UV) run --frozen --no-sync python scripts/devstack.py test -- $(PYTEST_ARGS)
 
 # Fault injection on a stack of its own (tests/faults); prints the figures. Bounded:
@@ -55,6 +57,31 @@ rotate-keys: install
 
 bench: install
 	$(UV) run --frozen --no-sync python scripts/devstack.py exec --ephemeral -- python -m bench
+
+# A new API key for scripts and CI, straight from the database (the running `make run`
+# stack's, or DATABASE_URL's): no mailbox needed. Arguments go through, e.g.
+# make api-key ARGS="--role viewer --workspace <id>". Migrates first (a no-op when
+# current): on a fresh machine there is no schema yet. The key alone goes to stdout.
+api-key: install
+	@$(UV) run --frozen --no-sync python scripts/devstack.py exec -- \
+	  sh -c 'alembic upgrade head >&2 && exec studio admin create-api-key "$$@"' studio $(ARGS)
+
+# The console's browser tests drive Debian's Chromium through Playwright (Playwright's
+# own browser download cannot work here). Installed with apt-get when missing (needs
+# root, as on CI; elsewhere it says what to run and the browser tests fail naming it);
+# CHROMIUM names another binary. `make test` runs them too, so it installs it first.
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@test -x "$(CHROMIUM)" || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's chromium (for the console's browser tests)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else \
+	    echo "note: no $(CHROMIUM); the console's browser tests need it: sudo apt-get install chromium"; \
+	  fi; }
+
+test-browser: install browser
+	CHROMIUM=$(CHROMIUM) $(UV) run --frozen --no-sync python scripts/devstack.py test -- tests/console -n 0 -p no:cacheprovider
 
 clean:
 	rm -rf .venv .uv-bootstrap .pytest_cache .mypy_cache .ruff_cache
