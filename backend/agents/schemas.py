@@ -13,10 +13,21 @@ from backend.auth.schemas import Name, StrictInput
 
 class BuiltinTool(StrictInput):
     type: Literal["builtin"] = "builtin"
-    name: Literal["current_time", "http_request"]
+    name: Literal["current_time", "http_request", "web_read", "web_search"]
 
 
-AgentTool = Annotated[BuiltinTool, Field(discriminator="type")]
+class McpTools(StrictInput):
+    """Tools of an MCP server of the workspace (its approved ones only; all of them
+    when `tools` is empty)."""
+
+    type: Literal["mcp"]
+    server_id: uuid.UUID
+    tools: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=list, max_length=100
+    )
+
+
+AgentTool = Annotated[BuiltinTool | McpTools, Field(discriminator="type")]
 
 
 class AgentFields(StrictInput):

@@ -31,7 +31,8 @@ from backend.kit.errors import (
 )
 from backend.kit.http_guard import guarded_client
 from backend.kit.repository import Repository
-from backend.models import Agent
+from backend.mcp import runtime as mcp_runtime
+from backend.models import Agent, McpServer
 from backend.workflows.service import workflows_using
 
 MAX_SUB_AGENT_DEPTH = 3
@@ -69,6 +70,21 @@ async def _check_sub_agents(
             stack.extend(graph.get(current, []))
 
 
+async def _check_mcp_servers(
+    session: AsyncSession, workspace_id: uuid.UUID, tools: list[Any] | None
+) -> None:
+    """MCP tool entries name servers of this workspace."""
+    for index, tool in enumerate(tools or []):
+        server_id = getattr(tool, "server_id", None)
+        if server_id is None:
+            continue
+        server = await session.get(McpServer, server_id)
+        if server is None or server.workspace_id != workspace_id:
+            raise ValidationFailed(
+                "MCP server not found in this workspace", field=f"tools[{index}].server_id"
+            )
+
+
 def _fields(data: AgentCreate | AgentUpdate) -> dict[str, Any]:
     values = data.model_dump(exclude_unset=True, mode="json")
     if "metadata" in values:
@@ -81,6 +97,7 @@ async def create(
 ) -> Agent:
     agent_id = uuid.uuid4()
     await _check_sub_agents(uow.session, access.workspace.id, agent_id, data.sub_agents)
+    await _check_mcp_servers(uow.session, access.workspace.id, data.tools)
     values = _fields(data)
     values.setdefault("model", settings.anthropic.default_model)
     if values["model"] is None:
@@ -121,6 +138,7 @@ async def update(uow: UnitOfWork, access: WorkspaceAccess, data: AgentUpdate) ->
     agent: Agent = access.resource
     if data.sub_agents is not None:
         await _check_sub_agents(uow.session, agent.workspace_id, agent.id, data.sub_agents)
+    await _check_mcp_servers(uow.session, agent.workspace_id, data.tools)
     values = _fields(data)
     for key, value in values.items():
         # null means "clear" only where a column can be empty (temperature: the
@@ -194,6 +212,9 @@ async def build_spec(
         return built[(agent.id, depth)]
     tools: list[runtime.Tool] = []
     for t in agent.tools:
+        if t.get("type") == "mcp" and settings is not None:
+            tools += await mcp_runtime.agent_tools(session, settings, agent.workspace_id, t)
+            continue
         if t.get("type") != "builtin":
             continue
         if t.get("name") == "http_request" and http is not None and settings is not None:

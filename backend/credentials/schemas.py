@@ -55,8 +55,22 @@ class WebhookSecret(StrictInput):
         return value
 
 
+class PostgresSecret(StrictInput):
+    """A PostgreSQL database for `database` nodes; every part is kept encrypted. The
+    host is checked like any outbound address (private ones need
+    HTTP__ALLOW_PRIVATE_NETWORKS)."""
+
+    type: Literal["postgres"]
+    host: str = Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9.:_-]+$")
+    port: int = Field(default=5432, ge=1, le=65535)
+    database: str = Field(min_length=1, max_length=63)
+    user: str = Field(min_length=1, max_length=63)
+    password: SecretStr = Field(default=SecretStr(""), max_length=1024)
+    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = "prefer"
+
+
 Secret = Annotated[
-    ApiKeySecret | BearerSecret | BasicSecret | HeadersSecret | WebhookSecret,
+    ApiKeySecret | BearerSecret | BasicSecret | HeadersSecret | WebhookSecret | PostgresSecret,
     Field(discriminator="type"),
 ]
 

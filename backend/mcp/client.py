@@ -45,9 +45,10 @@ class McpFailure(Exception):
     again later may help (timeouts, connection errors, 5xx) or not (refused address,
     unknown tool, bad arguments, a tool error)."""
 
-    def __init__(self, message: str, *, transient: bool) -> None:
+    def __init__(self, message: str, *, transient: bool, timeout: bool = False) -> None:
         super().__init__(message)
         self.transient = transient
+        self.timeout = timeout
 
 
 class Blocked(httpcore2.ConnectError):
@@ -183,7 +184,7 @@ def classify(exc: BaseException, what: str) -> McpFailure:
     if isinstance(exc, Blocked):
         return McpFailure(f"{what}: {exc}", transient=False)
     if isinstance(exc, TimeoutError | httpx2.TimeoutException):
-        return McpFailure(f"{what}: timed out", transient=True)
+        return McpFailure(f"{what}: timed out", transient=True, timeout=True)
     if isinstance(exc, httpx2.HTTPStatusError):
         status = exc.response.status_code
         return McpFailure(

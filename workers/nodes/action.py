@@ -11,13 +11,14 @@ import httpx
 
 from backend.kit.http_guard import BlockedAddress, ResponseTooLarge, TooManyRedirects, fetch
 from backend.workflows.graph import (
+    DatabaseAction,
     FileReadAction,
     FileWriteAction,
     HttpRequestAction,
     NotifyAction,
 )
 from workers.engine.retry import NodeFailure, classify_status
-from workers.nodes import files, notify
+from workers.nodes import database, files, notify
 from workers.nodes.base import NodeContext, NodeResult
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -133,6 +134,8 @@ async def run(ctx: NodeContext) -> NodeResult:
         return await files.file_write(ctx, ctx.config)
     if isinstance(ctx.config, NotifyAction):
         return await notify.run(ctx, ctx.config)
+    if isinstance(ctx.config, DatabaseAction):
+        return await database.run(ctx, ctx.config)
     raise NodeFailure(
         f"action kind {ctx.config.kind!r} is not supported by this engine yet", "permanent"
     )
