@@ -33,6 +33,8 @@ NOT_FOUND_DETAILS = (
     "agent not found",
     "credential not found",
     "workflow execution not found",
+    "mcp server not found",
+    "file not found",
 )
 
 

@@ -24,6 +24,8 @@ from backend.kit.crypto import SecretBox
 from backend.models import (
     Agent,
     Credential,
+    File,
+    McpServer,
     User,
     Workflow,
     WorkflowExecution,
@@ -231,10 +233,50 @@ async def make_execution(
     )
 
 
+async def make_mcp_server(
+    session: AsyncSession,
+    workspace: Workspace,
+    *,
+    url: str = "http://127.0.0.1:9/mcp",
+    **fields: Any,
+) -> McpServer:
+    """An HTTP MCP server row (not connected; its URL is refused by the default guard)."""
+    server = McpServer(
+        workspace_id=workspace.id,
+        name=fields.pop("name", f"mcp-{uuid.uuid4().hex[:8]}"),
+        transport=fields.pop("transport", "streamable_http"),
+        url=url,
+        **fields,
+    )
+    session.add(server)
+    await session.flush()
+    return server
+
+
+async def make_file(session: AsyncSession, workspace: Workspace, **fields: Any) -> File:
+    """A files row (metadata only: no bytes in storage)."""
+    file_id = uuid.uuid4()
+    file = File(
+        id=file_id,
+        workspace_id=workspace.id,
+        name=fields.pop("name", "notes.txt"),
+        size=fields.pop("size", 5),
+        content_type=fields.pop("content_type", "text/plain"),
+        sha256=fields.pop("sha256", "0" * 64),
+        storage_key=f".uploads/{file_id}",
+        **fields,
+    )
+    session.add(file)
+    await session.flush()
+    return file
+
+
 # Resource model -> factory, for tests that need "some row of this kind" in a workspace.
 FACTORIES: dict[type[Any], Callable[[AsyncSession, Workspace], Awaitable[Any]]] = {
     Workflow: make_workflow,
     Agent: make_agent,
     Credential: make_credential,
     WorkflowExecution: make_execution,
+    McpServer: make_mcp_server,
+    File: make_file,
 }
