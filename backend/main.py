@@ -19,6 +19,8 @@ from sqlalchemy.exc import IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backend.agents.router import router as agents_router
+from backend.analytics.router import router as analytics_router
+from backend.analytics.router import sockets as analytics_sockets
 from backend.auth.router import api_keys as api_keys_router
 from backend.auth.router import router as auth_router
 from backend.config import Settings, get_settings
@@ -276,6 +278,8 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
         agents_router,
         executions_router,
         realtime_router,
+        analytics_router,
+        analytics_sockets,
         triggers_router,
         hooks_router,
         mcp_router,

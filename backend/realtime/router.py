@@ -37,8 +37,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
 from redis.exceptions import RedisError
-from sqlalchemy import func, select
 
+from backend.analytics.live import counters
 from backend.auth.dependencies import Principal, WorkspaceAccess, authenticate, grant, require
 from backend.auth.permissions import Permission
 from backend.config import Settings
@@ -582,23 +582,16 @@ class Mux:
             self._recount[workspace_id] = asyncio.create_task(later())
 
     async def _counters(self, name: str, workspace_id: uuid.UUID) -> None:
+        # Runs by status and the current hour's aggregate (backend/analytics/live.py).
         async with self.app.state.sessionmaker() as session:
-            rows = await session.execute(
-                select(WorkflowExecution.status, func.count())
-                .where(WorkflowExecution.workspace_id == workspace_id)
-                .group_by(WorkflowExecution.status)
-            )
-            counts = {status: count for status, count in rows.all()}
+            data = await counters(session, workspace_id)
         self.send(
             {
                 "channel": name,
                 "event": {
                     "type": "analytics.counters",
                     "workspace_id": str(workspace_id),
-                    "data": {
-                        s: counts.get(s, 0)
-                        for s in ("pending", "running", "completed", "failed", "cancelled")
-                    },
+                    "data": data,
                 },
             }
         )
@@ -627,6 +620,12 @@ class Mux:
 
 @router.websocket("/ws")
 async def multiplexed_socket(websocket: WebSocket) -> None:
+    await serve_channels(websocket)
+
+
+async def serve_channels(websocket: WebSocket, subscribe: tuple[str, ...] = ()) -> None:
+    """The multiplexed socket; `subscribe`: channels it joins right after the hello
+    (WS /ws/analytics is this with the `analytics` channel)."""
     app = websocket.app
     settings: Settings = app.state.settings
     try:
@@ -650,6 +649,13 @@ async def multiplexed_socket(websocket: WebSocket) -> None:
         _send_mux(websocket, mux, settings, deadline, wants_batch(websocket))
     )
     try:
+        for channel in subscribe:
+            try:
+                await mux.subscribe(channel, None)
+            except DomainError as exc:
+                mux.send(
+                    {"type": "error", "channel": channel, "code": exc.code, "message": str(exc)}
+                )
         while not sender.done():
             receive = asyncio.create_task(websocket.receive_json())
             await asyncio.wait({receive, sender}, return_when=asyncio.FIRST_COMPLETED)
