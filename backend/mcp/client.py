@@ -21,10 +21,9 @@ import hashlib
 import ipaddress
 import json
 import socket
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import httpcore2
@@ -211,9 +210,15 @@ def stdio_parameters(settings: Settings, target: Target) -> StdioServerParameter
     return StdioServerParameters(command=allowed.command, args=list(allowed.args), env=env)
 
 
-@asynccontextmanager
-async def connect(settings: Settings, target: Target) -> AsyncIterator[Client]:
-    """A handshaken session, closed on exit. Raises McpFailure."""
+T = TypeVar("T")
+
+
+async def with_client(
+    settings: Settings, target: Target, what: str, work: Callable[[Client], Awaitable[T]]
+) -> T:
+    """Open a handshaken session, run `work` on it, close it; all in this task (anyio's
+    cancel scopes must be left where they were entered) and within one deadline:
+    connect + call timeout. Raises McpFailure; a cancellation passes through."""
     read_timeout = _call_timeout(settings, target)
     http: httpx2.AsyncClient | None = None
     if target.transport == "streamable_http":
@@ -222,7 +227,6 @@ async def connect(settings: Settings, target: Target) -> AsyncIterator[Client]:
         transport: Any = streamable_http_client(target.url, http_client=http)
     elif target.transport == "sse":
         assert target.url
-        headers = dict(target.headers)
 
         def factory(
             headers: dict[str, str] | None = None,
@@ -233,69 +237,78 @@ async def connect(settings: Settings, target: Target) -> AsyncIterator[Client]:
 
         transport = sse_client(
             target.url,
-            headers=headers,
+            headers=dict(target.headers),
             timeout=settings.mcp.connect_timeout_s,
             sse_read_timeout=read_timeout,
             httpx_client_factory=factory,
         )
     elif target.transport == "stdio":
-        transport = stdio_client(stdio_parameters(settings, target))
+        transport = stdio_client(stdio_parameters(settings, target), errlog=_stderr_sink())
     else:
         raise McpFailure(f"unknown transport {target.transport!r}", transient=False)
-    client = Client(transport, read_timeout_seconds=read_timeout, cache=None)
     try:
-        try:
-            with anyio.fail_after(settings.mcp.connect_timeout_s):
-                await client.__aenter__()
-        except BaseException as exc:
-            raise classify(exc, "connect") from None
-        try:
-            yield client
-        finally:
-            try:
-                with anyio.move_on_after(5, shield=True):
-                    await client.__aexit__(None, None, None)
-            except Exception:  # noqa: S110 - a close that fails leaves nothing to undo
-                pass
+        with anyio.fail_after(settings.mcp.connect_timeout_s + read_timeout):
+            async with Client(transport, read_timeout_seconds=read_timeout, cache=None) as client:
+                return await work(client)
+    except McpFailure:
+        raise
+    except Exception as exc:  # ExceptionGroups from the SDK's task groups included
+        cause = _root_cause(exc)
+        if isinstance(cause, McpFailure):
+            raise cause from None
+        raise classify(exc, what) from None
     finally:
         if http is not None:
             await http.aclose()
 
 
+_devnull: Any = None
+
+
+def _stderr_sink() -> Any:
+    """Where a stdio server's stderr goes: discarded (it may echo its env or inputs).
+    One handle for the process, not one per call."""
+    global _devnull
+    if _devnull is None:
+        import os
+
+        _devnull = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+    return _devnull
+
+
 async def discover(settings: Settings, target: Target) -> Discovery:
     """Handshake and list every tool (following pages), bounded by the settings."""
-    try:
-        async with connect(settings, target) as client:
-            tools: list[DiscoveredTool] = []
-            cursor: str | None = None
-            with anyio.fail_after(_call_timeout(settings, target)):
-                for _ in range(100):
-                    page = await client.list_tools(cursor=cursor)
-                    for tool in page.tools:
-                        tools.append(
-                            DiscoveredTool(
-                                name=tool.name,
-                                description=tool.description or "",
-                                input_schema=dict(tool.input_schema or {"type": "object"}),
-                            )
-                        )
-                        if len(tools) > settings.mcp.max_tools:
-                            raise McpFailure(
-                                f"the server lists more than {settings.mcp.max_tools} tools "
-                                "(MCP__MAX_TOOLS)",
-                                transient=False,
-                            )
-                    cursor = page.next_cursor
-                    if not cursor:
-                        break
-            info = client.server_info
-            server_info = {"name": info.name, "version": info.version} if info is not None else {}
-            server_info["protocol_version"] = client.protocol_version
-            return Discovery(tools=tools, server_info=server_info)
-    except McpFailure:
-        raise
-    except BaseException as exc:
-        raise classify(exc, "list tools") from None
+
+    async def work(client: Client) -> Discovery:
+        tools: list[DiscoveredTool] = []
+        cursor: str | None = None
+        for _ in range(100):
+            page = await client.list_tools(cursor=cursor)
+            for tool in page.tools:
+                tools.append(
+                    DiscoveredTool(
+                        name=tool.name,
+                        description=tool.description or "",
+                        input_schema=dict(tool.input_schema or {"type": "object"}),
+                    )
+                )
+                if len(tools) > settings.mcp.max_tools:
+                    raise McpFailure(
+                        f"the server lists more than {settings.mcp.max_tools} tools "
+                        "(MCP__MAX_TOOLS)",
+                        transient=False,
+                    )
+            cursor = page.next_cursor
+            if not cursor:
+                break
+        info = client.server_info
+        server_info: dict[str, Any] = (
+            {"name": info.name, "version": info.version} if info is not None else {}
+        )
+        server_info["protocol_version"] = client.protocol_version
+        return Discovery(tools=tools, server_info=server_info)
+
+    return await with_client(settings, target, "connect", work)
 
 
 def _text_of(content: list[Any]) -> str:
@@ -312,14 +325,11 @@ async def call(
 ) -> dict[str, Any]:
     """Call one tool; the answer is {structured, text, content}. A tool's own error
     (is_error) raises a permanent McpFailure carrying its text."""
-    try:
-        async with connect(settings, target) as client:
-            with anyio.fail_after(_call_timeout(settings, target)):
-                result = await client.call_tool(tool, arguments)
-    except McpFailure:
-        raise
-    except BaseException as exc:
-        raise classify(exc, f"call {tool}") from None
+
+    async def work(client: Client) -> Any:
+        return await client.call_tool(tool, arguments)
+
+    result = await with_client(settings, target, f"call {tool}", work)
     content = [block.model_dump(mode="json", exclude_none=True) for block in result.content]
     text = _text_of(result.content)
     if result.is_error:

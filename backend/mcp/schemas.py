@@ -84,19 +84,6 @@ class McpServerCreate(ServerFields):
     name: Annotated[Name, Field(max_length=100)]
     transport: Transport
 
-    @model_validator(mode="after")
-    def _consistent(self) -> McpServerCreate:
-        problem = shape_problem(
-            self.transport,
-            url=self.url,
-            command=self.command,
-            env=bool(self.env),
-            headers=bool(self.headers),
-        )
-        if problem:
-            raise ValueError(problem)
-        return self
-
 
 class McpServerPut(McpServerCreate):
     """Replaces the server's settings. Omitted `headers`/`env` keep the stored ones

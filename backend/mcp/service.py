@@ -134,6 +134,16 @@ async def create(
     uow: UnitOfWork, settings: Settings, access: WorkspaceAccess, data: McpServerCreate
 ) -> McpServer:
     env = _plain(data.env)
+    problem = shape_problem(
+        data.transport,
+        url=data.url,
+        command=data.command,
+        env=bool(env),
+        headers=bool(data.headers),
+    )
+    if problem:
+        field, _, message = problem.partition(": ")
+        raise ValidationFailed(message, field=field)
     _check_stdio(settings, data.transport, data.command, env)
     await _name_free(uow.session, access.workspace.id, data.name, None)
     server = McpServer(
