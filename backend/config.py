@@ -39,6 +39,10 @@ class DatabaseSettings(BaseModel):
     # Test each pooled connection before use (a round trip per checkout): survives a
     # PostgreSQL restart without one failed request per stale connection.
     pool_pre_ping: bool = True
+    # ...but only a connection idle at least this long (0: every checkout). One in
+    # constant use was proven alive moments ago; a dead one among them fails one
+    # statement, and SQLAlchemy then recycles the whole pool (README: the API's speed).
+    pre_ping_idle_s: float = Field(default=1.0, ge=0)
 
 
 class RedisSettings(BaseModel):
@@ -125,6 +129,11 @@ class AuthSettings(BaseModel):
     otp_lockout_window_s: int = Field(default=86_400, ge=60)
     otp_lockout_bypass_limit: str = "1 per hour"
     api_rate_limit: str = "1000 per hour"
+    # How long an API process may answer from what it last read about a credential and
+    # a workspace membership (README: the API's speed). A revoked session or key, a
+    # disabled account, a removed member or a lowered role takes effect within this
+    # bound everywhere; 0 turns the cache off.
+    principal_cache_ttl_s: float = Field(default=2.0, ge=0, le=5)
     invitation_ttl_s: int = Field(default=7 * 86_400, ge=300)
     invite_limit: str = "50 per hour"
 
