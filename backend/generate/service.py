@@ -168,7 +168,7 @@ def _system(
         + (f": {_one_line(n['description'])}" if n["description"] else "")
         for n in catalogue.catalogue(allowed)["nodes"]
     )  # fmt: skip
-    return SYSTEM.format(
+    parts = dict(
         constraints="\n".join(rules),
         kinds=kinds,
         agents="\n".join(
@@ -178,6 +178,11 @@ def _system(
         credentials="\n".join(f"- {c.id}: {_one_line(c.name, 100)} ({c.type})" for c in creds)
         or "(none)",
     )
+    # Not str.format: the text itself holds braces (Jinja, JSON).
+    text = SYSTEM
+    for key, value in parts.items():
+        text = text.replace("{" + key + "}", value)
+    return text
 
 
 def _extra_problems(
