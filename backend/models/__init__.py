@@ -18,6 +18,7 @@ from backend.models.identity import (
     Workspace,
     WorkspaceMember,
 )
+from backend.models.library import WorkflowSuggestion, WorkflowTemplate
 from backend.models.mcp import File, McpServer, McpTool, ToolUsage
 from backend.models.triggers import Notification, NotificationSecret, Trigger
 from backend.models.workflows import Agent, Credential, Workflow, WorkflowVersion
@@ -47,6 +48,8 @@ __all__ = [
     "User",
     "Workflow",
     "WorkflowExecution",
+    "WorkflowSuggestion",
+    "WorkflowTemplate",
     "WorkflowVersion",
     "Workspace",
     "WorkspaceMember",
