@@ -39,6 +39,7 @@ from backend.kit.ratelimit import RateLimiter
 from backend.mcp.router import router as mcp_router
 from backend.realtime.hub import Hub
 from backend.realtime.router import router as realtime_router
+from backend.templates_library.router import router as templates_router
 from backend.triggers.router import hooks as hooks_router
 from backend.triggers.router import router as triggers_router
 from backend.workflows.router import router as workflows_router
@@ -274,6 +275,7 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
         # Before workflows: /workflows/generate must not be read as a workflow id.
         generate_router,
         workflows_router,
+        templates_router,
         credentials_router,
         agents_router,
         executions_router,
