@@ -1,7 +1,7 @@
 """Following a run as it happens, over the API's WebSocket
-(`/api/v1/ws/executions/{id}`): a snapshot, then every event; on a dropped or
-recycled connection the CLI reconnects and resumes from the last seq it saw, so no
-event is shown twice or lost. Three views of the same stream: a live table for a
+(`/api/v1/ws/executions/{id}`): every event of the run from its first, then live; on
+a dropped or recycled connection the CLI reconnects and resumes from the last seq it
+saw, so no event is shown twice or lost. Three views of the same stream: a live table for a
 terminal, plain lines for a pipe or a log, NDJSON for scripts."""
 
 from __future__ import annotations
@@ -266,7 +266,7 @@ def ws_url(http_url: str, execution_id: str) -> str:
     return f"{base}{API}/ws/executions/{execution_id}"
 
 
-def _open(client: Client, execution_id: str, resume_from: int | None) -> ClientConnection:
+def _open(client: Client, execution_id: str, resume_from: int) -> ClientConnection:
     credential = client.credential()
     assert credential is not None
     try:
@@ -283,7 +283,7 @@ def _open(client: Client, execution_id: str, resume_from: int | None) -> ClientC
             "websocket_refused",
             f"the server refused the live stream (HTTP {exc.response.status_code})",
         ) from None
-    socket.send(json.dumps({} if resume_from is None else {"resume_from": resume_from}))
+    socket.send(json.dumps({"resume_from": resume_from}))
     return socket
 
 
@@ -298,7 +298,9 @@ def follow(
     """Show the run's events until it ends; its final status, or None if `timeout_s`
     passed first. Reconnects and resumes on the close codes that ask for it."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    last_seq: int | None = None
+    # From seq 0: the whole story (every node's transitions, the agent's text from its
+    # first word) rather than a snapshot of where it stands; later, what we missed.
+    last_seq = 0
     reconnects = 0
     refreshed = False
     try:

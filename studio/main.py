@@ -772,12 +772,12 @@ def executions_logs(execution_id: str, as_json: JsonOpt = False) -> None:
     if as_json:
         emit_json(entries)
         return
-    style = {"warning": "yellow", "error": "red"}
+    style = {"warning": "yellow", "error": "red"}  # info: "none", the plain style
     for entry in entries:
         level = entry["level"]
         node = f" {escape(entry['node_id'])}" if entry.get("node_id") else ""
         out.print(
-            f"{short_time(entry.get('at'))} [{style.get(level, '')}]{level:7}[/]{node} "
+            f"{short_time(entry.get('at'))} [{style.get(level, 'none')}]{level:7}[/]{node} "
             f"{escape(entry['message'])}"
         )
 

@@ -33,7 +33,9 @@ class Exit(IntEnum):
 
 RUN_EXIT = {"completed": Exit.OK, "failed": Exit.RUN_FAILED, "cancelled": Exit.RUN_CANCELLED}
 
-out = Console(highlight=False, soft_wrap=False)
+# Piped output is read by scripts and people's tools: wide enough that ids never fold
+# (rich assumes 80 columns when it cannot ask a terminal).
+out = Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 240)
 err = Console(stderr=True, highlight=False)
 
 
