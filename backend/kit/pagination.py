@@ -22,7 +22,8 @@ class PageParams(BaseModel):
     offset: int
 
 
-def _page_params(
+# async: a plain `def` dependency would run in a worker thread (a hop per request).
+async def _page_params(
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
     offset: Annotated[int, Query(ge=0, le=MAX_DB_INT)] = 0,
 ) -> PageParams:
