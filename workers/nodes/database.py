@@ -1,9 +1,9 @@
 """The `database` action: one parameterised SQL statement against the PostgreSQL
 database a `postgres` credential names.
 
-- Values are bind parameters (`%(name)s`), sent apart from the SQL through the extended
-  protocol, which also means one statement per node: `select 1; drop table t` is refused
-  by the server, never run.
+- Values are bind parameters (`%(name)s`), sent apart from the SQL; the statement is
+  prepared (extended protocol), which also means one statement per node: `select 1;
+  drop table t` is refused by the server, never run.
 - Read-only by default: the transaction starts with SET TRANSACTION READ ONLY unless the
   node says `write: true`.
 - Bounded: DBNODE__CONNECT_TIMEOUT_S, a statement_timeout (the node's `timeout_s` or
@@ -108,9 +108,10 @@ async def run(ctx: NodeContext, config: DatabaseAction) -> NodeResult:
                     if not config.write:
                         # The first statement of the transaction: nothing after it writes.
                         await cur.execute("SET TRANSACTION READ ONLY")
-                    # Always with a parameter mapping: psycopg then uses the extended
-                    # protocol, which runs exactly one statement.
-                    await cur.execute(config.query, parameters)
+                    # Prepared: the extended protocol, which runs exactly one statement
+                    # (with no parameters psycopg would otherwise send a simple query,
+                    # and `select 1; drop table t` would run both).
+                    await cur.execute(config.query, parameters, prepare=True)
                     columns = [d.name for d in cur.description] if cur.description else []
                     rows = await cur.fetchmany(max_rows + 1) if cur.description else []
                     affected = cur.rowcount
