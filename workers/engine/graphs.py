@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections import OrderedDict
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -18,6 +19,7 @@ from backend.workflows.graph import (
     GraphInvalid,
     ValidGraph,
     WhileLogic,
+    node_configs,
     validate,
 )
 from backend.workflows.service import validation_context
@@ -57,11 +59,36 @@ def body_graph(
     body = bodies.get(parent)
     if body is None:
         assert config.body is not None
+        raw = config.body.model_dump()
+        # The parent's validation already checked the body's references against the
+        # workspace (graph._check_references); an empty context here refused every agent,
+        # credential or sub-workflow a body names, so such loops failed at run time.
+        refs = _body_references(raw)
         body = validate(
-            config.body.model_dump(),
-            Context(workflow_id=workflow_id),
+            raw,
+            Context(
+                workflow_id=workflow_id,
+                agent_ids=refs["agent_id"],
+                credential_ids=refs["credential_id"],
+                workflow_ids=refs["workflow_id"],
+            ),
             require_trigger=False,
             extra_roots=LOOP_ROOTS[config.kind],
         )
         bodies[parent] = body
     return body
+
+
+def _body_references(definition: dict[str, Any]) -> dict[str, frozenset[uuid.UUID]]:
+    found: dict[str, set[uuid.UUID]] = {
+        "agent_id": set(),
+        "credential_id": set(),
+        "workflow_id": set(),
+    }
+    for config in node_configs(definition):
+        for name, ids in found.items():
+            try:
+                ids.add(uuid.UUID(str(config[name])))
+            except (KeyError, ValueError):
+                continue
+    return {name: frozenset(ids) for name, ids in found.items()}
