@@ -563,14 +563,20 @@ class Emitter:
         self._workspaces[execution_id] = workspace_id
         task = self._tasks.get(execution_id)
         if task is None or task.done():
-            self._now[execution_id] = asyncio.Event()
+            now = self._now[execution_id] = asyncio.Event()
+            # The task gets its queue and event now: a drain that runs before the task
+            # first does (a run closing right after its last emit) pops the dicts.
             self._tasks[execution_id] = asyncio.get_running_loop().create_task(
-                self._flush(execution_id)
+                self._flush(execution_id, queue, now, workspace_id)
             )
 
-    async def _flush(self, execution_id: uuid.UUID) -> None:
-        queue = self._queues[execution_id]
-        now = self._now[execution_id]
+    async def _flush(
+        self,
+        execution_id: uuid.UUID,
+        queue: deque[str],
+        now: asyncio.Event,
+        workspace_id: uuid.UUID,
+    ) -> None:
         while queue:
             # A short window lets the events of the next few nodes join the batch:
             # one Redis call for many events costs the runner far less than one each.
@@ -582,7 +588,7 @@ class Emitter:
             queue.clear()
             # Never fails the run: what Redis does not take now is kept and re-sent in
             # order once it answers (and followers fall back to the committed state).
-            await event_log().send(execution_id, self._workspaces[execution_id], batch)
+            await event_log().send(execution_id, workspace_id, batch)
 
     async def drain(self, execution_id: uuid.UUID) -> None:
         """Send everything queued for the run, now, and wait until it is out (published,
