@@ -99,7 +99,7 @@ TEMPLATES: list[Template] = [
         definition={
             "nodes": [
                 _node("start", "trigger", "Start with {items: [...]}", kind="manual"),
-                _node("each", "logic", "For each item", kind="for_each", items="trigger.items",
+                _node("each", "logic", "For each item", kind="for_each", items="trigger['items']",
                       max_concurrency=4, body={"nodes": [
                           _node("ask", "agent", "Ask", agent_id="<<agent>>",
                                 prompt="Handle this item: {{ item | tojson }}"),
@@ -221,7 +221,7 @@ TEMPLATES: list[Template] = [
                 _node("read", "action", "Read", kind="file_read", path="<<source>>",
                       parse_json=True),
                 _node("keep", "logic", "Keep active", kind="set", variables={
-                    "active": "{{ nodes.read.output | selectattr('active') | list | tojson }}",
+                    "active": "{{ nodes.read.output.content | selectattr('active') | list | tojson }}",
                 }),
                 _node("write", "action", "Write", kind="file_write", path="<<target>>",
                       content="{{ vars.active | tojson }}"),
@@ -232,15 +232,15 @@ TEMPLATES: list[Template] = [
     Template(
         id="poll-until-ready",
         name="Poll until a job is ready",
-        description="Starts a remote job, then checks it every pass until it reports done "
-        "(a bounded while loop).",
+        description="Checks a remote job until its status URL stops answering 202 "
+        "Accepted (a bounded while loop).",
         category="operations",
         parameters=[Parameter("status_url", "url", "The job's status URL")],
         definition={
             "nodes": [
                 _node("start", "trigger", "Start", kind="manual"),
                 _node("wait", "logic", "Until done", kind="while", max_iterations=20,
-                      condition="iteration == 0 or last.check.output.body.state != 'done'",
+                      condition="iteration == 0 or last.status == 202",
                       body={"nodes": [
                           _node("check", "action", "Check", kind="http_request",
                                 url="<<status_url>>"),
