@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Annotated, Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, HTTPException, Query, Request, UploadFile, status
+from fastapi import APIRouter, HTTPException, Query, Request, status
 from fastapi.responses import Response
+from starlette.datastructures import UploadFile
 
 from backend.auth.dependencies import SettingsDep, WorkspaceAccess, require
 from backend.auth.permissions import Permission
