@@ -56,6 +56,8 @@ rotate-keys: install
 	$(UV) run --frozen --no-sync python scripts/devstack.py exec -- python -m backend.credentials.rotate
 
 bench: install
+	@# The API part's load generator (Debian's wrk): installed when missing and possible.
+	@command -v wrk >/dev/null || apt-get install -y -qq wrk >/dev/null 2>&1 || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq wrk >/dev/null 2>&1) || echo "wrk not installed: BENCH_PARTS without api, or install wrk"
 	$(UV) run --frozen --no-sync python scripts/devstack.py exec --ephemeral -- python -m bench
 
 # A new API key for scripts and CI, straight from the database (the running `make run`
