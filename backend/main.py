@@ -37,6 +37,7 @@ from backend.kit.logging import REQUEST_ID_KEY, configure_logging, current_reque
 from backend.kit.middleware import RequestContextMiddleware, rejected_body
 from backend.kit.ratelimit import RateLimiter
 from backend.mcp.router import router as mcp_router
+from backend.observability import api as observability_api
 from backend.realtime.hub import Hub
 from backend.realtime.router import router as realtime_router
 from backend.templates_library.router import router as templates_router
@@ -250,6 +251,8 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
             allow_headers=["*"],
             expose_headers=["X-Request-ID"],
         )
+    # Inside the request context, so its 500s are counted as 500s.
+    observability_api.install(app, settings)
     # Added last so it is the outermost layer: CORS answers carry its headers too.
     app.add_middleware(
         RequestContextMiddleware,

@@ -1,0 +1,134 @@
+"""The API's metrics: a request middleware (route template, method, status, latency,
+open WebSockets) and GET /metrics, which needs METRICS__TOKEN as a bearer token, or is
+served only on the private METRICS__API_PORT listener when no token is set."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from backend.config import Settings
+from backend.kit.logging import get_logger
+from backend.observability import metrics
+
+log = get_logger(__name__)
+
+
+def _route(scope: Scope) -> str:
+    # The template (/api/v1/executions/{execution_id}), never the raw path: one series
+    # per route, however many ids clients send. Unrouted requests share one label.
+    route = scope.get("route")
+    template = getattr(route, "path", None)
+    if not template:
+        return "unmatched"
+    # Routers mounted under a prefix match the rest of the path: put the prefix back,
+    # taken from the request's own path (as many leading segments as it has more).
+    parts = str(scope.get("path", "")).split("/")
+    extra = len(parts) - 1 - str(template).count("/")
+    prefix = "/".join(parts[: extra + 1]) if extra > 0 else ""
+    return prefix + str(template)
+
+
+class MetricsMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await self._socket(scope, receive, send)
+            return
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def watch(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            route, method = _route(scope), scope.get("method", "GET")
+            metrics.HTTP_REQUESTS.labels(route=route, method=method, status=str(status)).inc()
+            metrics.HTTP_LATENCY.labels(route=route, method=method).observe(
+                time.perf_counter() - started
+            )
+
+    async def _socket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gauge: Any = None
+
+        async def watch(message: Message) -> None:
+            nonlocal gauge
+            if message["type"] == "websocket.accept" and gauge is None:
+                gauge = metrics.WEBSOCKETS.labels(route=_route(scope))
+                gauge.inc()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            if gauge is not None:
+                gauge.dec()
+
+
+def _exposition(app: FastAPI) -> tuple[bytes, str]:
+    extra = []
+    engine = getattr(app.state, "engine", None)
+    if engine is not None:
+        extra.append(metrics.PoolInUse(engine))
+    return metrics.render(metrics.registry(*extra))
+
+
+def install(app: FastAPI, settings: Settings) -> None:
+    """Middleware, GET /metrics, and the private listener when METRICS__API_PORT is set."""
+    app.add_middleware(MetricsMiddleware)
+    token = settings.metrics.token.get_secret_value() if settings.metrics.token else None
+
+    @app.get("/metrics", include_in_schema=True, tags=["operations"])
+    async def prometheus_metrics(request: Request) -> Response:
+        """Prometheus text format. Needs `Authorization: Bearer <METRICS__TOKEN>`; with no
+        token set, it is served only on the private port (METRICS__API_PORT)."""
+        given = request.headers.get("authorization", "")
+        if token is None or not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            # Not there, as far as a caller without the token can tell.
+            return Response(
+                content=b'{"error":"not_found","detail":"Not Found"}',
+                status_code=404,
+                media_type="application/json",
+            )
+        body, content_type = _exposition(request.app)
+        return Response(content=body, media_type=content_type)
+
+    if settings.metrics.api_port:
+        _private_listener(app, settings)
+
+
+def _private_listener(app: FastAPI, settings: Settings) -> None:
+    from prometheus_client import start_http_server
+
+    class _Live:
+        """Reads the app's pool when scraped (the engine exists once the app started)."""
+
+        def collect(self) -> Any:
+            engine = getattr(app.state, "engine", None)
+            if engine is not None:
+                yield from metrics.PoolInUse(engine).collect()
+
+    try:
+        start_http_server(
+            settings.metrics.api_port,
+            addr=settings.metrics.address,
+            registry=metrics.registry(_Live()),
+        )
+    except OSError as exc:
+        # Another API process of this host has it (uvicorn --workers): that one serves
+        # the numbers of all of them (multiprocess), so this is not an error.
+        log.info("metrics.port_taken", port=settings.metrics.api_port, error=str(exc))
