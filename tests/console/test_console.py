@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
+from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
 
 from tests.support.mail import Mailbox, code_in
 from tests.support.paths import ROOT
@@ -164,9 +164,9 @@ def test_sign_in_start_a_run_and_watch_every_node_turn_green(
             page.locator('#dag g.node[data-node-id="join"][data-status="completed"]').count() == 0
         )
         # ... and every node turns green, as events arrive, without a reload.
-        page.wait_for_function(
-            "document.querySelectorAll('#dag g.node.completed').length === 5", timeout=60_000
-        )
+        # (Playwright's expect polls from its own world: a string predicate evaluated in
+        # the page would be refused by the page's CSP, as it should be.)
+        expect(page.locator("#dag g.node.completed")).to_have_count(5, timeout=60_000)
         page.wait_for_selector('#run[data-status="completed"]')
         assert page.inner_text("#run-status") == "completed"
         assert page.inner_text("#live") in ("ended", "live")
@@ -178,18 +178,14 @@ def test_sign_in_start_a_run_and_watch_every_node_turn_green(
 
         # A node's input and output on click.
         page.click('#dag g.node[data-node-id="fetch"]')
-        page.wait_for_function(
-            "document.getElementById('node-detail').textContent.includes('output')"
-        )
+        expect(page.locator("#node-detail")).to_contain_text('"output"')
         assert '"status": "completed"' in page.inner_text("#node-detail")
 
         # A run that ended is replayed from its events: opened afresh, all green.
         run_url = page.url
         page.goto(f"{api}/console")
         page.goto(run_url)
-        page.wait_for_function(
-            "document.querySelectorAll('#dag g.node.completed').length === 5", timeout=30_000
-        )
+        expect(page.locator("#dag g.node.completed")).to_have_count(5, timeout=30_000)
 
         # Cancel from the page: a run that would take long stops.
         slow = {
