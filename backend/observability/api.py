@@ -90,7 +90,10 @@ def _exposition(app: FastAPI) -> tuple[bytes, str]:
 def install(app: FastAPI, settings: Settings) -> None:
     """Middleware, GET /metrics, and the private listener when METRICS__API_PORT is set."""
     app.add_middleware(MetricsMiddleware)
+    # An empty token (a compose file's `${METRICS__TOKEN:-}`) is no token: "Bearer "
+    # must never open the endpoint.
     token = settings.metrics.token.get_secret_value() if settings.metrics.token else None
+    token = token or None
 
     @app.get("/metrics", include_in_schema=True, tags=["operations"])
     async def prometheus_metrics(request: Request) -> Response:

@@ -28,7 +28,9 @@ def value(text: str, name: str, **labels: str) -> float:
 async def _client(
     settings: Settings, sessionmaker: async_sessionmaker[AsyncSession], token: str | None
 ) -> AsyncIterator[httpx.AsyncClient]:
-    metrics = settings.metrics.model_copy(update={"token": SecretStr(token) if token else None})
+    metrics = settings.metrics.model_copy(
+        update={"token": SecretStr(token) if token is not None else None}
+    )
     app = create_app(settings.model_copy(update={"metrics": metrics}))
     async for c in client_for(app, sessionmaker):
         yield c
@@ -68,6 +70,8 @@ async def test_metrics_needs_the_token_and_counts_requests_by_route_template(
 async def test_without_a_token_metrics_is_not_served_on_the_public_port(
     settings: Settings, sessionmaker: async_sessionmaker[AsyncSession]
 ) -> None:
-    async for client in _client(settings, sessionmaker, None):
-        response = await client.get("/metrics", headers={"Authorization": "Bearer "})
-        assert response.status_code == 404
+    for token in (None, ""):
+        async for client in _client(settings, sessionmaker, token):
+            for header in ("Bearer ", "Bearer", ""):
+                response = await client.get("/metrics", headers={"Authorization": header})
+                assert response.status_code == 404

@@ -59,7 +59,8 @@ async def test_runs_move_the_worker_counters_summed_over_the_pool(
     settings: Settings,
 ) -> None:
     url, redis_url = metrics_worker
-    before = httpx.get(url, timeout=5).text
+    scrape = httpx.AsyncClient(timeout=5)
+    before = (await scrape.get(url)).text
     async with UnitOfWork(maker) as uow:
         workflow = await create_workflow(uow.session, workspace.id)
         ids = []
@@ -81,10 +82,11 @@ async def test_runs_move_the_worker_counters_summed_over_the_pool(
 
     text = before
     for _ in range(300):
-        text = httpx.get(url, timeout=5).text
+        text = (await scrape.get(url)).text
         if finished(text) >= 4:
             break
         await asyncio.sleep(0.1)
+    await scrape.aclose()
     assert finished(text) == 4
     assert value(text, "orch_runs_started_total") - value(before, "orch_runs_started_total") == 4
     # Node durations by type, from both pool processes' files.
