@@ -221,7 +221,8 @@ TEMPLATES: list[Template] = [
                 _node("read", "action", "Read", kind="file_read", path="<<source>>",
                       parse_json=True),
                 _node("keep", "logic", "Keep active", kind="set", variables={
-                    "active": "{{ nodes.read.output.content | selectattr('active') | list | tojson }}",
+                    "active": "{{ nodes.read.output.content | selectattr('active') | list"
+                              " | tojson }}",
                 }),
                 _node("write", "action", "Write", kind="file_write", path="<<target>>",
                       content="{{ vars.active | tojson }}"),

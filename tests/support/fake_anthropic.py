@@ -115,9 +115,9 @@ def build_app(requests: list[dict[str, Any]]) -> FastAPI:
             answers = json.loads(base64.urlsafe_b64decode(scripted.group(1)))
             turn = sum(1 for m in msgs if m["role"] == "assistant")
             forced = (body.get("tool_choice") or {}).get("name") or body["tools"][0]["name"]
-            use = {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:10]}", "name": forced}
-            use["input"] = answers[min(turn, len(answers) - 1)]
-            return reply([use], "tool_use")
+            call = {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:10]}", "name": forced}
+            call["input"] = answers[min(turn, len(answers) - 1)]
+            return reply([call], "tool_use")
         wanted = next((name for name in tools if f"use {name}" in first), None)
         looping = "loop forever" in first and tools
         answered = isinstance(last, list) and any(b.get("type") == "tool_result" for b in last)
