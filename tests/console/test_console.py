@@ -170,7 +170,9 @@ def test_sign_in_start_a_run_and_watch_every_node_turn_green(
         page.wait_for_selector('#run[data-status="completed"]')
         assert page.inner_text("#run-status") == "completed"
         assert page.inner_text("#live") in ("ended", "live")
-        assert "ms" in page.locator('#dag g.node[data-node-id="join"] text.meta').first.inner_text()
+        assert "ms" in (
+            page.locator('#dag g.node[data-node-id="join"] text.meta').first.text_content() or ""
+        )
         assert page.is_disabled("#cancel") and page.is_disabled("#retry")
         shot = artifacts() / "console-run.png"
         page.screenshot(path=str(shot), full_page=True)
