@@ -21,17 +21,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-import anyio
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from backend.config import Settings
 from backend.executions import repository as repo
 from backend.executions.state import TERMINAL_EXECUTION, ExecutionStatus, NodeStatus, transition
-from backend.kit.celery_app import celery_app
 from backend.kit.db import UnitOfWork
 from backend.kit.logging import get_logger
-from backend.kit.tasks import enqueue_after_commit
+from backend.kit.tasks import Send, enqueue_after_commit, send_in_thread
 from backend.models import ExecutionTransition, WorkflowExecution
 from backend.realtime.events import publish_after_commit
 
@@ -141,13 +139,13 @@ RUNS_PER_MESSAGE = 10
 
 
 async def _send_all(ids: list[uuid.UUID]) -> None:
-    # One thread hop for the whole batch (kombu is synchronous), one message per chunk.
-    def send() -> None:
-        for first in range(0, len(ids), RUNS_PER_MESSAGE):
-            chunk = [str(i) for i in ids[first : first + RUNS_PER_MESSAGE]]
-            celery_app.send_task(EXECUTE_MANY_TASK, args=[chunk], ignore_result=True)
-
-    await anyio.to_thread.run_sync(send)
+    # One thread hop for the whole batch, one message per chunk.
+    await send_in_thread(
+        *(
+            Send(EXECUTE_MANY_TASK, [[str(i) for i in ids[first : first + RUNS_PER_MESSAGE]]])
+            for first in range(0, len(ids), RUNS_PER_MESSAGE)
+        )
+    )
 
 
 async def history(session: AsyncSession, execution_id: uuid.UUID) -> Sequence[ExecutionTransition]:
@@ -347,27 +345,8 @@ async def finish_unheld(
 async def _cancel_waiting_nodes(
     uow: UnitOfWork, execution_id: uuid.UUID, *, now: datetime, actor: str | None
 ) -> None:
-    waiting = await repo.retrying_nodes(uow.session, execution_id)
-    if not waiting:
-        return
     transition("node", N.RETRYING, N.CANCELLED, at=now)
-    await repo.set_node_status(uow.session, execution_id, N.RETRYING, N.CANCELLED)
-    await repo.add_history(
-        uow.session,
-        [
-            repo.history_row(
-                execution_id,
-                N.RETRYING,
-                N.CANCELLED,
-                at=now,
-                actor=actor,
-                reason="run cancelled",
-                node_id=node_id,
-                iteration=iteration,
-            )
-            for node_id, iteration in waiting
-        ],
-    )
+    await repo.end_retrying(uow.session, execution_id, N.CANCELLED, "run cancelled", actor=actor)
 
 
 # Nodes ---------------------------------------------------------------------------------------
@@ -527,9 +506,10 @@ async def close(
                 # Nodes waiting for a retry end with the run (a cancel, a timeout), so
                 # the picture is whole and nothing stays `retrying` forever.
                 transition("node", N.RETRYING, N.CANCELLED, at=now)
-                await repo.end_retrying_fenced(
-                    uow.session, claim.id, claim.token, N.CANCELLED, f"run {to}"
-                )
+                await repo.end_retrying(
+                    uow.session, claim.id, N.CANCELLED, f"run {to}",
+                    actor=claim.token, fence=claim.token,
+                )  # fmt: skip
             ex = await repo.close_fenced(
                 uow.session, claim.id, claim.token, to, now=now, duration_ms=duration_ms,
                 reason=reason, output=output, error=error, variables=variables,

@@ -243,25 +243,6 @@ async def unfinished_descendants(
     return rows.all()
 
 
-async def retrying_nodes(session: AsyncSession, execution_id: uuid.UUID) -> Sequence[Any]:
-    rows = await session.execute(
-        select(NE.node_id, NE.iteration).where(
-            NE.execution_id == execution_id, NE.status == "retrying"
-        )
-    )
-    return rows.all()
-
-
-async def set_node_status(
-    session: AsyncSession, execution_id: uuid.UUID, from_status: str, to: str
-) -> None:
-    await session.execute(
-        update(NE)
-        .where(NE.execution_id == execution_id, NE.status == from_status)
-        .values(status=to, updated_at=func.now())
-    )
-
-
 # The reaper's scans ----------------------------------------------------------------------
 
 
@@ -534,26 +515,40 @@ async def release_lease(conn: AsyncConnection, execution_id: uuid.UUID, token: s
     )
 
 
-async def end_retrying_fenced(
-    session: AsyncSession, execution_id: uuid.UUID, token: str, to: str, reason: str
+async def end_retrying(
+    session: AsyncSession,
+    execution_id: uuid.UUID,
+    to: str,
+    reason: str,
+    *,
+    actor: str | None,
+    fence: str | None = None,
 ) -> None:
-    """Nodes waiting for a retry end with their run (lease holder only), each with its
-    history row, in one statement."""
+    """Nodes waiting for a retry end with their run, each with its history row, in one
+    statement. `fence`: only while that lease token holds the run (a worker closing
+    it); None for a run nobody holds (the row is already locked by the caller)."""
     await session.execute(
         text(
             """
 WITH ended AS (
   UPDATE node_executions SET status = :to, updated_at = now()
   WHERE execution_id = :execution_id AND status = 'retrying'
-    AND EXISTS (SELECT 1 FROM workflow_executions
-                WHERE id = :execution_id AND lease_owner = :token FOR SHARE)
+    AND (CAST(:fence AS text) IS NULL
+         OR EXISTS (SELECT 1 FROM workflow_executions
+                    WHERE id = :execution_id AND lease_owner = :fence FOR SHARE))
   RETURNING execution_id, node_id, iteration, updated_at
 )
 INSERT INTO execution_transitions
   (execution_id, node_id, iteration, from_status, to_status, reason, actor, at)
-SELECT execution_id, node_id, iteration, 'retrying', :to, :reason, :token, updated_at
+SELECT execution_id, node_id, iteration, 'retrying', :to, :reason, :actor, updated_at
 FROM ended
 """
         ),
-        {"execution_id": execution_id, "token": token, "to": to, "reason": reason},
+        {
+            "execution_id": execution_id,
+            "fence": fence,
+            "to": to,
+            "reason": reason,
+            "actor": actor,
+        },
     )

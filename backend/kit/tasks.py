@@ -1,7 +1,9 @@
-"""Enqueue Celery tasks by name, after the unit of work commits.
+"""Send Celery tasks by name: after a unit of work commits, or from an event loop.
 
-The API never imports `workers`; it names tasks. Publishing runs in a thread because
-kombu is synchronous.
+The API never imports `workers`; it names tasks. Every send here goes through `send`
+(one retry policy, no result subscription) and, from async code, runs in a thread
+because kombu is synchronous: a broker that does not answer must not stall the loop
+that requests, runs and heartbeats share.
 
 With the broker down, a publish gives up within a second instead of retrying for long:
 the row it is about is committed, so the request is answered as admitted, and what was
@@ -13,30 +15,79 @@ retried for about 20 s before the answer went out.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 
 from backend.kit.celery_app import celery_app
 from backend.kit.db import UnitOfWork
+from backend.kit.logging import get_logger
+
+log = get_logger(__name__)
 
 PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
+
+
+@dataclass(frozen=True)
+class Send:
+    """One task message."""
+
+    task: str
+    args: Sequence[Any] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    countdown: float | None = None
+    # What Flower and the worker's log show instead of the arguments.
+    argsrepr: str | None = None
+
+
+def send(*messages: Send) -> None:
+    """Publish now, in this thread (blocks while kombu talks to the broker)."""
+    for m in messages:
+        celery_app.send_task(
+            m.task,
+            args=list(m.args),
+            kwargs=m.kwargs,
+            countdown=m.countdown or None,
+            argsrepr=m.argsrepr,
+            ignore_result=True,
+            retry_policy=PUBLISH_RETRY,
+        )
+
+
+async def send_in_thread(*messages: Send) -> None:
+    """Publish from async code: one thread hop for all of them."""
+    await anyio.to_thread.run_sync(send, *messages)
+
+
+def send_from_loop(*messages: Send, what: dict[str, Any] | None = None) -> None:
+    """Fire and forget from code on an event loop that cannot await (a callback): the
+    send goes to the loop's executor; a failure is logged (`what` names the subject)
+    and left to the reaper. Without a running loop (a Celery task's own thread) it
+    sends in place."""
+
+    def publish() -> None:
+        try:
+            send(*messages)
+        except Exception as exc:
+            log.warning("task.send_failed", tasks=[m.task for m in messages], error=str(exc),
+                        **(what or {}))  # fmt: skip
+
+    try:
+        asyncio.get_running_loop().run_in_executor(None, publish)
+    except RuntimeError:
+        publish()
 
 
 def enqueue_after_commit(
     uow: UnitOfWork, task: str, *args: Any, argsrepr: str | None = None, **kwargs: Any
 ) -> None:
+    message = Send(task, args, kwargs, argsrepr=argsrepr)
+
     async def publish() -> None:
-        await anyio.to_thread.run_sync(
-            lambda: celery_app.send_task(
-                task,
-                args=args,
-                kwargs=kwargs,
-                argsrepr=argsrepr,
-                ignore_result=True,
-                retry_policy=PUBLISH_RETRY,
-            )
-        )
+        await send_in_thread(message)
 
     publish.__name__ = f"enqueue:{task}"
     uow.after_commit(publish)

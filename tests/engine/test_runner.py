@@ -9,12 +9,14 @@ import copy
 import json
 import time
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from backend.executions import lifecycle
 from backend.kit.db import UnitOfWork
 from backend.kit.http_guard import guarded_client
 from backend.models import (
@@ -153,6 +155,25 @@ async def test_a_long_retry_wait_parks_the_run_instead_of_holding_the_worker(
     assert await runner.execute(execution_id) == "completed"
     _, rows = await state(maker, execution_id)
     assert rows["call"].attempt == 2
+
+
+async def test_cancelling_a_parked_run_ends_its_retry_wait_with_history(
+    runner: Runner, maker: async_sessionmaker[AsyncSession], workspace: Workspace, target: Target
+) -> None:
+    key = uuid.uuid4().hex[:8]
+    d = one_call(f"{target.base}/flaky/{key}/1", retry={"max_retries": 2, "backoff_s": [30]})
+    execution_id = await start(maker, workspace, d)
+    assert await runner.execute(execution_id) == "parked"
+    async with UnitOfWork(maker) as uow:
+        ex = await uow.session.get(WorkflowExecution, execution_id, with_for_update=True)
+        assert ex is not None
+        await lifecycle.cancel_tree(uow, ex, datetime.now(UTC), actor="user:test")
+    ex, rows = await state(maker, execution_id)
+    assert (ex.status, rows["call"].status) == ("cancelled", "cancelled")
+    async with maker() as session:
+        history = await lifecycle.history(session, execution_id)
+    node_rows = [(h.from_status, h.to_status, h.actor) for h in history if h.node_id == "call"]
+    assert node_rows[-1] == ("retrying", "cancelled", "user:test")
 
 
 async def test_a_permanent_failure_fails_the_run_at_once(

@@ -77,6 +77,12 @@ OTHER_MACHINES = {
     "backend/workflows/service.py",
     "workers/tasks/triggers.py",
 }
+# A module can only assign a run's or a node's status if it can name one of them; other
+# domains' state machines (tools, tasks, deliveries) are not this test's business.
+NAMES_RUNS = re.compile(
+    r"WorkflowExecution|NodeExecution|workflow_executions|node_executions"
+    r"|ExecutionStatus|NodeStatus"
+)
 
 
 def test_no_status_is_assigned_outside_the_lifecycle() -> None:
@@ -84,9 +90,10 @@ def test_no_status_is_assigned_outside_the_lifecycle() -> None:
     found = []
     for path in [*ROOT.glob("backend/**/*.py"), *ROOT.glob("workers/**/*.py")]:
         rel = path.relative_to(ROOT).as_posix()
-        if rel in owners or rel in OTHER_MACHINES:
+        source = path.read_text()
+        if rel in owners or rel in OTHER_MACHINES or not NAMES_RUNS.search(source):
             continue
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+        for number, line in enumerate(source.splitlines(), 1):
             if ASSIGNMENT.search(line):
                 found.append(f"{rel}:{number}: {line.strip()}")
     assert found == []

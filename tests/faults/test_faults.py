@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 from backend.config import Settings
 from backend.kit.celery_app import create_celery_app
 from backend.models import (
+    ExecutionTransition,
     Trigger,
     Workflow,
     WorkflowExecution,
@@ -431,6 +432,29 @@ def test_no_run_lost_and_no_checkpoint_rerun_under_faults(
     }
 
     recovery_times = [t for r in recoveries for t in r.runs.values() if t is not None]
+    slow = {
+        slow_run: (t, r.killed_at)
+        for r in recoveries
+        for slow_run, t in r.runs.items()
+        if t is not None and t >= RECOVERY_BOUND_S
+    }
+    if slow:
+        # What the record says happened to each slow one (who reaped it, who claimed
+        # it, when), against the kill's wall-clock time: the next failure explains itself.
+        offset = time.time() - time.monotonic()
+        with Session(db) as s:
+            for slow_id, (took, killed_at) in slow.items():
+                killed = datetime.fromtimestamp(killed_at + offset, UTC)
+                print(f"[faults] slow recovery {slow_id}: {took:.1f} s, killed {killed:%H:%M:%S.%f}")
+                for h in s.scalars(
+                    select(ExecutionTransition)
+                    .where(ExecutionTransition.execution_id == slow_id)
+                    .order_by(ExecutionTransition.id)
+                ):
+                    print(
+                        f"    {h.at:%H:%M:%S.%f} {h.node_id or 'run'}: {h.from_status} -> "
+                        f"{h.to_status} by {h.actor} ({h.reason})"
+                    )
     unrecovered = sum(1 for r in recoveries for t in r.runs.values() if t is None)
     latencies = sorted(
         (r.finished_at - r.created_at).total_seconds() for r in load_runs if r.finished_at

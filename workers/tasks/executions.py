@@ -32,7 +32,7 @@ from backend.kit.celery_app import celery_app
 from backend.kit.db import create_engine, create_sessionmaker
 from backend.kit.http_guard import guarded_client
 from backend.kit.logging import get_logger
-from backend.kit.tasks import PUBLISH_RETRY
+from backend.kit.tasks import Send, send_from_loop
 from backend.realtime.events import event_log
 from workers.engine.runner import Runner
 
@@ -89,11 +89,15 @@ class _Process:
         interval = self.settings.engine.reaper_interval_s
         while True:
             await asyncio.sleep(interval)
+            started = time.monotonic()
             try:
                 requeue, _ = await lifecycle.reap(self.sessionmaker, self.settings)
             except Exception as exc:
                 log.warning("executions.reap_failed", error=str(exc))
                 continue
+            # Every pass, at debug: a reaper that stalls shows as a gap (LOG_LEVEL=DEBUG).
+            log.debug("executions.reap_pass", found=len(requeue),
+                      took_ms=round((time.monotonic() - started) * 1000, 1))  # fmt: skip
             taken = 0
             for execution_id in requeue:
                 taken += await self._take_over(execution_id)
@@ -207,23 +211,10 @@ def enqueue(execution_id: uuid.UUID, countdown: float = 0.0) -> None:
     broker down it gives up quickly and the reaper sends it again from PostgreSQL."""
     # Never past what the broker can hold without redelivering (celery#2599).
     limit = get_settings().celery.max_countdown_s
-
-    def send() -> None:
-        try:
-            celery_app.send_task(
-                EXECUTE,
-                args=[str(execution_id)],
-                countdown=min(countdown, limit) or None,
-                ignore_result=True,
-                retry_policy=PUBLISH_RETRY,
-            )
-        except Exception as exc:
-            log.warning("execution.enqueue_failed", execution_id=str(execution_id), error=str(exc))
-
-    try:
-        asyncio.get_running_loop().run_in_executor(None, send)
-    except RuntimeError:  # no loop here (a Celery task's own thread): send in place
-        send()
+    send_from_loop(
+        Send(EXECUTE, [str(execution_id)], countdown=min(countdown, limit)),
+        what={"execution_id": str(execution_id)},
+    )
 
 
 # What a claim may retry: the database or the network not answering. Anything else (a
