@@ -138,7 +138,7 @@ def main() -> int:
     )
 
     # BENCH_PARTS picks sections (default: all), e.g. BENCH_PARTS=streams make bench.
-    parts = set(os.environ.get("BENCH_PARTS", "foundation,engine,streams").split(","))
+    parts = set(os.environ.get("BENCH_PARTS", "foundation,engine,streams,api").split(","))
     from bench.engine import owner_headers
 
     headers = owner_headers(db_url)
@@ -331,6 +331,14 @@ def main() -> int:
                 f" {f['kb_per_conn']:>8.1f} {f['connect_s']:>6.1f} s {f['closed_early']:>6}"
                 f" {f['api_cpu_s']:>8.2f}/{f['client_cpu_s']:.2f} s {f['failed']:>6}"
             )
+
+    if "api" in parts:
+        # 6. The API's own speed (issue 20): wrk against a bare FastAPI app and the
+        #    product. Last: its POSTs leave runs queued that no worker here takes.
+        from bench.api import measure as measure_api
+
+        measure_api(process, env, headers, free_port, uvicorn)
+        celery_app.control.purge()
 
     with psycopg.connect(plain.render_as_string(hide_password=False), autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")

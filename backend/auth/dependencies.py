@@ -22,6 +22,8 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.auth import tokens
+from backend.auth.cache import CachedGrant, CachedPrincipal, attach, values_of
+from backend.auth.cache import cache as principal_cache
 from backend.auth.permissions import API_KEY_PERMISSIONS, Permission, Role, allows
 from backend.config import Settings
 from backend.kit.crypto import hash_token
@@ -44,6 +46,8 @@ class Principal:
     api_key: ApiKey | None = None
     # When the credential lapses (a WebSocket is closed then); None: it does not.
     expires_at: datetime | None = None
+    # How long what was read about this caller's memberships may be reused (settings).
+    cache_ttl_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -59,12 +63,14 @@ class WorkspaceAccess:
         return self.principal.user
 
 
-def get_settings_dep(request: Request) -> Settings:
+# async: FastAPI runs a plain `def` dependency in a worker thread, a thread hop on
+# every request for a dictionary lookup.
+async def get_settings_dep(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_limiter(request: Request) -> RateLimiter:
+async def get_limiter(request: Request) -> RateLimiter:
     limiter: RateLimiter = request.app.state.limiter
     return limiter
 
@@ -73,27 +79,77 @@ SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 LimiterDep = Annotated[RateLimiter, Depends(get_limiter)]
 
 
-async def _from_api_key(session: SessionDep, key: str) -> Principal:
-    api_key = await session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_token(key)))
+def _principal_from(session: AsyncSession, cached: CachedPrincipal) -> Principal:
+    sync = session.sync_session
+    user = attach(sync, User, cached.user)
+    api_key = attach(sync, ApiKey, cached.api_key) if cached.api_key is not None else None
+    return Principal(
+        user=user, session_id=cached.session_id, api_key=api_key, expires_at=cached.expires_at
+    )
+
+
+async def _from_api_key(session: AsyncSession, settings: Settings, key: str) -> Principal:
+    key_hash = hash_token(key)
     now = datetime.now(UTC)
+    cached = principal_cache.principal(f"key:{key_hash}")
+    if cached is not None and (cached.expires_at is None or cached.expires_at > now):
+        return _principal_from(session, cached)
+    # Key and its maker in one round trip.
+    row = (
+        await session.execute(
+            select(ApiKey, User)
+            .join(User, User.id == ApiKey.created_by)
+            .where(ApiKey.key_hash == key_hash)
+        )
+    ).first()
+    api_key, user = row if row is not None else (None, None)
     if (
         api_key is None
+        or user is None
         or api_key.revoked_at is not None
         or (api_key.expires_at is not None and api_key.expires_at <= now)
+        or not user.is_active
     ):
-        raise Unauthenticated("invalid API key")
-    user = await session.get(User, api_key.created_by)
-    if user is None or not user.is_active:
         raise Unauthenticated("invalid API key")
     if api_key.last_used_at is None or now - api_key.last_used_at > ACTIVITY_RESOLUTION:
         api_key.last_used_at = now
+    principal_cache.put_principal(
+        f"key:{key_hash}",
+        CachedPrincipal(
+            user=values_of(user),
+            session_id=None,
+            api_key=values_of(api_key),
+            expires_at=api_key.expires_at,
+        ),
+        settings.auth.principal_cache_ttl_s,
+    )
     return Principal(user=user, api_key=api_key, expires_at=api_key.expires_at)
 
 
-async def _from_access_token(session: SessionDep, settings: Settings, token: str) -> Principal:
+async def _from_access_token(session: AsyncSession, settings: Settings, token: str) -> Principal:
     claims = tokens.decode(settings, token, expected="access")
-    auth_session = await session.get(AuthSession, claims.session_id)
     now = datetime.now(UTC)
+    cache_key = f"session:{claims.session_id}"
+    cached = principal_cache.principal(cache_key)
+    if (
+        cached is not None
+        and cached.user_id == claims.user_id
+        and cached.expires_at is not None
+        and cached.expires_at > now
+    ):
+        principal = _principal_from(session, cached)
+        # The token's own expiry may come before the session's.
+        principal.expires_at = min(claims.expires_at or cached.expires_at, cached.expires_at)
+        return principal
+    # Session and user in one round trip.
+    row = (
+        await session.execute(
+            select(AuthSession, User)
+            .join(User, User.id == AuthSession.user_id)
+            .where(AuthSession.id == claims.session_id)
+        )
+    ).first()
+    auth_session, user = row if row is not None else (None, None)
     if (
         auth_session is None
         or auth_session.user_id != claims.user_id
@@ -101,11 +157,20 @@ async def _from_access_token(session: SessionDep, settings: Settings, token: str
         or auth_session.expires_at <= now
     ):
         raise Unauthenticated("session revoked or expired")
-    user = await session.get(User, claims.user_id)
     if user is None or not user.is_active:
         raise Unauthenticated("invalid token")
     if now - auth_session.last_activity_at > ACTIVITY_RESOLUTION:
         auth_session.last_activity_at = now
+    principal_cache.put_principal(
+        cache_key,
+        CachedPrincipal(
+            user=values_of(user),
+            session_id=auth_session.id,
+            api_key=None,
+            expires_at=auth_session.expires_at,
+        ),
+        settings.auth.principal_cache_ttl_s,
+    )
     expires_at = min(claims.expires_at or auth_session.expires_at, auth_session.expires_at)
     return Principal(user=user, session_id=auth_session.id, expires_at=expires_at)
 
@@ -129,11 +194,12 @@ async def authenticate(
     if not credential:
         raise Unauthenticated("missing credentials: send Authorization: Bearer <token>")
     if credential.startswith(API_KEY_PREFIX):
-        principal = await _from_api_key(session, credential)
+        principal = await _from_api_key(session, settings, credential)
         bucket = f"key:{principal.api_key.id}" if principal.api_key else ""
     else:
         principal = await _from_access_token(session, settings, credential)
         bucket = f"user:{principal.user.id}"
+    principal.cache_ttl_s = settings.auth.principal_cache_ttl_s
     await limiter.hit(settings.auth.api_rate_limit, "api", bucket)
     return principal
 
@@ -158,19 +224,42 @@ CurrentUser = Annotated[Principal, Depends(current_user)]
 PublicRoute = Depends(public_route)
 
 
-async def _membership_role(
-    session: SessionDep, workspace_id: uuid.UUID, user_id: uuid.UUID
-) -> Role | None:
-    role = await session.scalar(
-        select(WorkspaceMember.role).where(
-            WorkspaceMember.workspace_id == workspace_id, WorkspaceMember.user_id == user_id
+async def _membership(
+    session: AsyncSession, ttl_s: float, workspace_id: uuid.UUID, user_id: uuid.UUID
+) -> tuple[Workspace | None, Role | None]:
+    """The workspace and the person's role in it (None: not a member), from the cache or
+    in one round trip. Only memberships are cached: someone just added is let in at
+    once."""
+    cached = principal_cache.grant(user_id, workspace_id)
+    if cached is not None:
+        return attach(session.sync_session, Workspace, cached.workspace), Role(cached.role)
+    row = (
+        await session.execute(
+            select(Workspace, WorkspaceMember.role)
+            .outerjoin(
+                WorkspaceMember,
+                (WorkspaceMember.workspace_id == Workspace.id)
+                & (WorkspaceMember.user_id == user_id),
+            )
+            .where(Workspace.id == workspace_id)
         )
+    ).first()
+    if row is None:
+        return None, None
+    workspace, role = row
+    if role is None:
+        return workspace, None
+    principal_cache.put_grant(
+        user_id,
+        workspace_id,
+        CachedGrant(role=role, workspace=values_of(workspace)),
+        ttl_s,
     )
-    return Role(role) if role else None
+    return workspace, Role(role)
 
 
 async def _grant(
-    session: SessionDep,
+    session: AsyncSession,
     principal: Principal,
     workspace_id: uuid.UUID,
     permission: Permission,
@@ -181,7 +270,9 @@ async def _grant(
     Outsiders get NotFound with the same message a missing resource gets, so an id
     reveals nothing; insiders without the permission get PermissionDenied.
     """
-    member_role = await _membership_role(session, workspace_id, principal.user.id)
+    workspace, member_role = await _membership(
+        session, principal.cache_ttl_s, workspace_id, principal.user.id
+    )
     key = principal.api_key
     if key is not None:
         # A key is bound to one workspace, and can never do more than the person
@@ -198,7 +289,6 @@ async def _grant(
         role = member_role
     if not allows(role, permission):
         raise PermissionDenied(f"role {role.value} lacks {permission.value}")
-    workspace = await session.get(Workspace, workspace_id)
     if workspace is None:
         raise NotFound(not_found)
     return workspace, role

@@ -14,7 +14,7 @@ from typing import Any
 
 import anyio
 from redis.asyncio import Redis
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.activity.service import record
@@ -81,45 +81,45 @@ async def _new_run(
 async def start(
     uow: UnitOfWork, access: WorkspaceAccess, data: ExecutionCreate, idempotency_key: str | None
 ) -> tuple[WorkflowExecution, bool]:
-    """(execution, created). The same Idempotency-Key gives back the same execution."""
-    session = uow.session
-    if idempotency_key:
-        existing = await repo.find_by_key(session, access.workspace.id, idempotency_key)
-        if existing is not None:
-            if existing.workflow_id != data.workflow_id:
-                raise Conflict(
-                    "this Idempotency-Key was used for another workflow", field="Idempotency-Key"
-                )
-            return existing, False
+    """(execution, created). The same Idempotency-Key gives back the same execution.
+
+    Admission is one INSERT (with ON CONFLICT DO NOTHING on the key: the insert is the
+    idempotency check, so a first request pays no lookup and no savepoint), one for the
+    run's history and one for the activity log, then the commit; the message goes out
+    after it."""
     workflow: Workflow = access.resource
     if workflow.status == "archived":
+        if idempotency_key:
+            existing = await _replayed(uow.session, access, data, idempotency_key)
+            if existing is not None:
+                return existing, False
         raise Conflict(
             "an archived workflow cannot run; move it back to draft first", field="workflow_id"
         )
-    try:
-        async with session.begin_nested():
-            execution = await _new_run(
-                uow,
-                access,
-                workflow,
-                version=workflow.current_version,
-                trigger_type=data.trigger_type,
-                trigger_data=data.trigger_data,
-                reason=f"started ({data.trigger_type})",
-                idempotency_key=idempotency_key,
-            )
-    except IntegrityError:
-        # The same key raced in from a concurrent retry of the request: theirs won.
-        existing = (
-            await repo.find_by_key(session, access.workspace.id, idempotency_key)
-            if idempotency_key
-            else None
-        )
+    execution = await lifecycle.create_run(
+        uow,
+        workspace_id=workflow.workspace_id,
+        workflow_id=workflow.id,
+        version=workflow.current_version,
+        trigger_type=data.trigger_type,
+        trigger_data=data.trigger_data,
+        actor=actor_of(access.principal),
+        reason=f"started ({data.trigger_type})",
+        # Only a key can collide (API runs have no schedule slot).
+        skip_duplicate=idempotency_key is not None,
+        idempotency_key=idempotency_key,
+        created_by=access.user.id,
+    )
+    if execution is None:
+        # The key already has its run: an earlier request, or a concurrent retry whose
+        # insert committed first (ON CONFLICT waited for it).
+        assert idempotency_key is not None
+        existing = await _replayed(uow.session, access, data, idempotency_key)
         if existing is None:
-            raise
+            raise Conflict("this Idempotency-Key is in use; retry", field="Idempotency-Key")
         return existing, False
     record(
-        session,
+        uow.session,
         access.principal,
         workspace_id=workflow.workspace_id,
         action="execution.start",
@@ -128,6 +128,17 @@ async def start(
         details={"workflow_id": str(workflow.id), "version": execution.version},
     )
     return execution, True
+
+
+async def _replayed(
+    session: AsyncSession, access: WorkspaceAccess, data: ExecutionCreate, key: str
+) -> WorkflowExecution | None:
+    existing = await repo.find_by_key(session, access.workspace.id, key)
+    if existing is not None and existing.workflow_id != data.workflow_id:
+        raise Conflict(
+            "this Idempotency-Key was used for another workflow", field="Idempotency-Key"
+        )
+    return existing
 
 
 # Room for `batch:` and `#499` in the 200 characters an idempotency key may have.

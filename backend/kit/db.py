@@ -8,10 +8,15 @@ rolled-back unit of work sends nothing.
 
 from __future__ import annotations
 
+import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Self, TypeVar
 
 from fastapi import Depends, Request
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -29,19 +34,47 @@ AfterCommit = Callable[[], Awaitable[Any] | Any]
 
 
 def create_engine(settings: Settings) -> AsyncEngine:
-    return create_async_engine(
+    idle_s = settings.db.pre_ping_idle_s
+    engine = create_async_engine(
         settings.database_url,
         pool_size=settings.db.pool_size,
         max_overflow=settings.db.max_overflow,
         pool_timeout=settings.db.pool_timeout_s,
         # A connection dropped by a PostgreSQL restart is replaced, not handed out.
-        pool_pre_ping=settings.db.pool_pre_ping,
+        pool_pre_ping=settings.db.pool_pre_ping and idle_s <= 0,
         echo=settings.db.echo,
         connect_args={
             "options": f"-c statement_timeout={settings.db.statement_timeout_ms}",
             "application_name": settings.app_name[:60],
         },
     )
+    if settings.db.pool_pre_ping and idle_s > 0:
+        _ping_when_idle(engine.sync_engine, idle_s)
+    return engine
+
+
+def _ping_when_idle(engine: Engine, idle_s: float) -> None:
+    """Pre-ping, but only connections that sat in the pool `idle_s` or longer: under load
+    a connection comes back within milliseconds of its last statement, and a ping per
+    checkout was a round trip on every request. A PostgreSQL restart is still caught for
+    every connection that waited out the restart in the pool; one used right up to it
+    fails one statement, and SQLAlchemy then invalidates every older connection."""
+
+    @event.listens_for(engine.pool, "connect")
+    @event.listens_for(engine.pool, "checkin")
+    def stamp(_: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine.pool, "checkout")
+    def ping(dbapi_connection: Any, record: Any, _: Any) -> None:
+        since = record.info.get("idle_since")
+        if since is not None and time.monotonic() - since < idle_s:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            # The pool discards this connection and checks out (or opens) another.
+            raise DisconnectionError("stale pooled connection") from exc
 
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
@@ -50,12 +83,36 @@ def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]
     return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
 
 
-class UnitOfWork:
-    """One transaction plus the side effects that wait for its commit."""
+_autocommit_engines: weakref.WeakKeyDictionary[AsyncEngine, AsyncEngine] = (
+    weakref.WeakKeyDictionary()
+)
 
-    def __init__(self, sessionmaker: async_sessionmaker[AsyncSession]) -> None:
+
+def _autocommit(engine: AsyncEngine) -> AsyncEngine:
+    """The same pool, with connections in autocommit: no BEGIN and no COMMIT round trip."""
+    found = _autocommit_engines.get(engine)
+    if found is None:
+        found = _autocommit_engines[engine] = engine.execution_options(isolation_level="AUTOCOMMIT")
+    return found
+
+
+class UnitOfWork:
+    """One transaction plus the side effects that wait for its commit.
+
+    `read_only=True` (the hot GET routes, marked with `read_only`): the session's
+    connection runs in autocommit, so a request that only reads sends its statements
+    and nothing else: no BEGIN, no COMMIT. Each statement sees its own snapshot, which
+    a single-statement read cannot tell apart; a write that slips in (the sign-in
+    activity stamp) commits on its own. Bound to a connection (the tests' rolled-back
+    transaction), it is an ordinary unit of work.
+    """
+
+    def __init__(
+        self, sessionmaker: async_sessionmaker[AsyncSession], *, read_only: bool = False
+    ) -> None:
         self._sessionmaker = sessionmaker
         self._after_commit: list[AfterCommit] = []
+        self._read_only = read_only
         self.session: AsyncSession
 
     def after_commit(self, callback: AfterCommit) -> None:
@@ -68,7 +125,11 @@ class UnitOfWork:
         await self._run_after_commit()
 
     async def __aenter__(self) -> Self:
-        self.session = self._sessionmaker()
+        bind = self._sessionmaker.kw.get("bind")
+        if self._read_only and isinstance(bind, AsyncEngine):
+            self.session = self._sessionmaker(bind=_autocommit(bind))
+        else:
+            self.session = self._sessionmaker()
         return self
 
     async def __aexit__(
@@ -103,8 +164,21 @@ class UnitOfWork:
                 log.exception("after_commit.failed", callback=getattr(callback, "__name__", "?"))
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+_READ_METHODS = frozenset({"GET", "HEAD"})
+
+
+def read_only(endpoint: F) -> F:
+    """Marks a GET route whose unit of work only reads (see UnitOfWork)."""
+    endpoint.__read_only__ = True  # type: ignore[attr-defined]
+    return endpoint
+
+
 async def _unit_of_work(request: Request) -> AsyncIterator[UnitOfWork]:
-    async with UnitOfWork(request.app.state.sessionmaker) as uow:
+    reads = request.method in _READ_METHODS and getattr(
+        request.scope.get("endpoint"), "__read_only__", False
+    )
+    async with UnitOfWork(request.app.state.sessionmaker, read_only=reads) as uow:
         yield uow
 
 

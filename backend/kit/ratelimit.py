@@ -12,15 +12,27 @@ protects (the first part of its key names it):
   closed with DependencyUnavailable (503 `dependency_unavailable`): without them a
   Redis outage would lift the cap on guessing sign-in codes or mailing strangers, and
   both are rare, interactive requests a person can retry.
+
+Capacity budgets count with a sliding window counter (two integers per key, one Lua
+call: O(1) whatever the limit), abuse guards with an exact moving window (a list of one
+timestamp per hit, which its Lua script walks up to the limit). The counter weighs the
+previous window by how much of it still overlaps, so it can be off by a fraction of
+one window's worth at its edges; that is fine for sharing load and not for counting
+guesses at a sign-in code.
 """
 
 from __future__ import annotations
 
 import time
+from functools import lru_cache
 
-from limits import RateLimitItem, parse
+from limits import RateLimitItem
+from limits import parse as parse_limit
 from limits.aio.storage import RedisStorage
-from limits.aio.strategies import MovingWindowRateLimiter
+from limits.aio.strategies import (
+    MovingWindowRateLimiter,
+    SlidingWindowCounterRateLimiter,
+)
 from limits.errors import StorageError
 from redis.exceptions import RedisError
 
@@ -30,6 +42,11 @@ from backend.kit.logging import get_logger
 log = get_logger(__name__)
 
 FAIL_OPEN = frozenset({"api", "hook"})
+# Capacity budgets: the counter strategy (see above). The same set fails open.
+CAPACITY = FAIL_OPEN
+
+# Limits come from settings, a handful of strings: parse each once.
+parse = lru_cache(maxsize=128)(parse_limit)
 
 
 class RateLimiter:
@@ -46,12 +63,18 @@ class RateLimiter:
             socket_timeout=timeout_s,
             socket_connect_timeout=connect_timeout_s,
         )
-        self._limiter = MovingWindowRateLimiter(self._storage)
+        self._exact = MovingWindowRateLimiter(self._storage)
+        self._counter = SlidingWindowCounterRateLimiter(self._storage)
+
+    def _strategy(
+        self, key: tuple[str, ...]
+    ) -> MovingWindowRateLimiter | SlidingWindowCounterRateLimiter:
+        return self._counter if key and key[0] in CAPACITY else self._exact
 
     async def hit(self, limit: str, *key: str, what: str = "requests") -> None:
         item = parse(limit)
         try:
-            allowed = await self._limiter.hit(item, *key)
+            allowed = await self._strategy(key).hit(item, *key)
         except (StorageError, RedisError) as exc:
             self._unavailable(key, exc)
             return
@@ -62,7 +85,7 @@ class RateLimiter:
         """Refuse if the budget is spent, without spending any of it."""
         item = parse(limit)
         try:
-            allowed = await self._limiter.test(item, *key)
+            allowed = await self._strategy(key).test(item, *key)
         except (StorageError, RedisError) as exc:
             self._unavailable(key, exc)
             return
@@ -72,7 +95,7 @@ class RateLimiter:
     async def spend(self, limit: str, *key: str) -> None:
         """Spend one unit (a failure, say) without refusing this request."""
         try:
-            await self._limiter.hit(parse(limit), *key)
+            await self._strategy(key).hit(parse(limit), *key)
         except (StorageError, RedisError) as exc:
             self._unavailable(key, exc)
 
@@ -89,7 +112,7 @@ class RateLimiter:
 
     async def _refuse(self, item: RateLimitItem, key: tuple[str, ...], what: str) -> None:
         try:
-            stats = await self._limiter.get_window_stats(item, *key)
+            stats = await self._strategy(key).get_window_stats(item, *key)
             retry_after = max(1, int(stats.reset_time - time.time()) + 1)
         except (StorageError, RedisError):
             retry_after = item.get_expiry()

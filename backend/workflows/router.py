@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Path, Query, status
 
 from backend.auth.dependencies import WorkspaceAccess, require
 from backend.auth.permissions import Permission as P  # noqa: N817 - reads as a table
-from backend.kit.db import UnitOfWorkDep
+from backend.kit.db import UnitOfWorkDep, read_only
 from backend.kit.errors import ValidationFailed
 from backend.kit.pagination import MAX_DB_INT, Page, PageParamsDep
 from backend.models import Workflow
@@ -46,6 +46,7 @@ def _if_match(value: str | None) -> int | None:
 
 
 @router.get("")
+@read_only
 async def list_workflows(
     uow: UnitOfWorkDep,
     page: PageParamsDep,
@@ -58,12 +59,7 @@ async def list_workflows(
     items, total = await service.list_workflows(
         uow, access, status=status_, tag=tag, q=q, sort=sort, limit=page.limit, offset=page.offset
     )
-    return Page(
-        items=[WorkflowSummary.model_validate(w) for w in items],
-        total=total,
-        limit=page.limit,
-        offset=page.offset,
-    )
+    return Page(items=items, total=total, limit=page.limit, offset=page.offset)
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
@@ -85,6 +81,7 @@ async def import_workflow(
 
 
 @router.get("/{workflow_id}")
+@read_only
 async def get_workflow(
     uow: UnitOfWorkDep, access: WorkspaceAccess = _on(P.WORKFLOWS_READ)
 ) -> WorkflowRead:

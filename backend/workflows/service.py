@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import cast, or_, select, text
+from sqlalchemy import cast, func, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.activity.service import record
@@ -35,6 +35,7 @@ from backend.workflows.schemas import (
     Sort,
     WorkflowCreate,
     WorkflowRead,
+    WorkflowSummary,
     WorkflowUpdate,
 )
 
@@ -217,7 +218,30 @@ async def create(uow: UnitOfWork, access: WorkspaceAccess, data: WorkflowCreate)
 
 async def get(uow: UnitOfWork, access: WorkspaceAccess) -> WorkflowRead:
     workflow: Workflow = access.resource
-    return to_read(workflow, (await current_version(uow.session, workflow)).definition)
+    # The definition alone, as a column: no version row to build.
+    definition = await uow.session.scalar(
+        select(WorkflowVersion.definition).where(
+            WorkflowVersion.workflow_id == workflow.id,
+            WorkflowVersion.number == workflow.current_version,
+        )
+    )
+    assert definition is not None, "a workflow always has its current version"
+    return to_read(workflow, definition)
+
+
+# What a list shows of a workflow: columns, read as rows (no ORM objects on a hot path).
+SUMMARY_COLUMNS = (
+    Workflow.id,
+    Workflow.workspace_id,
+    Workflow.name,
+    Workflow.description,
+    Workflow.status,
+    Workflow.tags,
+    Workflow.current_version,
+    Workflow.created_by,
+    Workflow.created_at,
+    Workflow.updated_at,
+)
 
 
 async def list_workflows(
@@ -230,8 +254,10 @@ async def list_workflows(
     sort: Sort,
     limit: int,
     offset: int,
-) -> tuple[Sequence[Workflow], int]:
-    stmt = select(Workflow).where(Workflow.workspace_id == access.workspace.id)
+) -> tuple[list[WorkflowSummary], int]:
+    """One page and the total, in one statement (the total rides on each row as a
+    window count); a second one only for a page past the end, which has no rows."""
+    stmt = select(*SUMMARY_COLUMNS).where(Workflow.workspace_id == access.workspace.id)
     if status:
         stmt = stmt.where(Workflow.status == status)
     if tag:
@@ -246,8 +272,22 @@ async def list_workflows(
             )
         )
     column = getattr(Workflow, sort.lstrip("-"))
-    stmt = stmt.order_by(column.desc() if sort.startswith("-") else column.asc(), Workflow.id)
-    return await WorkflowRepository(uow.session).paginate(stmt, limit=limit, offset=offset)
+    page = (
+        stmt.add_columns(func.count().over().label("total"))
+        .order_by(column.desc() if sort.startswith("-") else column.asc(), Workflow.id)
+        .limit(limit)
+        .offset(offset)
+    )
+    rows = (await uow.session.execute(page)).all()
+    if rows:
+        total = int(rows[0].total)
+    elif offset == 0:
+        total = 0
+    else:
+        total = int(
+            await uow.session.scalar(select(func.count()).select_from(stmt.subquery())) or 0
+        )
+    return [WorkflowSummary.model_validate(row._mapping) for row in rows], total
 
 
 async def update(
