@@ -106,7 +106,7 @@ def measure(url: str | None = None) -> dict[str, Any]:
             wf = uuid.uuid4()
             conn.execute(
                 "INSERT INTO workflows (id, workspace_id, name, status, tags, current_version) "
-                "VALUES (%s, %s, %s, 'active', '[]', 1)", (wf, ws, f"Flow {i}"),
+                "VALUES (%s, %s, %s, 'active', '{}', 1)", (wf, ws, f"Flow {i}"),
             )  # fmt: skip
             conn.execute(
                 "INSERT INTO workflow_versions (id, workflow_id, number, definition) "
