@@ -61,6 +61,9 @@ data the run started with), `{{ vars.<name> }}` (set by `set` nodes). Conditions
 switch `when`, while, for_each `items`) are bare expressions such as \
 `nodes.fetch.output.status == 200`. A node may only read nodes that run before it: \
 there must be a path of connections from the node it reads to the node reading it.
+- A key named like a dict method (items, keys, values, get, update, pop, copy) must be \
+read with a subscript: `trigger['items']`, `nodes.fetch.output.body['items']`. \
+`trigger.items` is the dict's method, not the key, and the run fails.
 - Inside a for_each body, `item` and `index` are available; inside a while, `iteration` \
 and `last`.
 - Outputs: trigger -> the trigger data; http_request -> {status, headers, body}; agent -> \
