@@ -122,7 +122,8 @@ def _strict_refused(exc: Exception) -> bool:
 
 @dataclass
 class Caller:
-    """Asks the model to call `submit_workflow`; remembers whether strict input works."""
+    """Asks the model to call its one tool (`submit_workflow` unless told otherwise);
+    remembers whether strict input works."""
 
     client: anthropic.AsyncAnthropic
     settings: Settings
@@ -131,14 +132,17 @@ class Caller:
     plain_schema: dict[str, Any]
     spend: Spend
     strict: bool = True
+    # The forced tool; suggestions (backend/suggestions) submit through another one.
+    tool_name: str = SUBMIT_TOOL
+    tool_description: str = (
+        "Submit the complete workflow definition: every node and connection, "
+        "not only the changed ones."
+    )
 
     def _tool(self) -> dict[str, Any]:
         tool: dict[str, Any] = {
-            "name": SUBMIT_TOOL,
-            "description": (
-                "Submit the complete workflow definition: every node and connection, "
-                "not only the changed ones."
-            ),
+            "name": self.tool_name,
+            "description": self.tool_description,
             "input_schema": self.strict_schema if self.strict else self.plain_schema,
         }
         if self.strict:
@@ -180,7 +184,7 @@ class Caller:
             "system": system,
             "messages": messages,
             "tools": [self._tool()],
-            "tool_choice": {"type": "tool", "name": SUBMIT_TOOL},
+            "tool_choice": {"type": "tool", "name": self.tool_name},
         }
         if on_progress is None:
             response = await self.client.messages.create(**kwargs)
