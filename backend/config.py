@@ -228,6 +228,19 @@ class GenerateSettings(BaseModel):
     # How often beat recomputes run-history suggestions, and the window they look at.
     suggestions_interval_s: float = Field(default=3600.0, ge=60)
     suggestions_window_days: int = Field(default=30, ge=1, le=365)
+    # Run-history rules (backend/suggestions/rules.py): the finished runs in the window
+    # a rule about rates, percentiles or branches needs before it speaks.
+    suggestions_min_runs: int = Field(default=5, ge=1, le=100_000)
+    # Transient failures of a node with no retry for them that make a suggestion.
+    suggestions_min_transient_failures: int = Field(default=2, ge=1, le=100_000)
+    # A node whose p95 duration reaches this share of its time limit.
+    suggestions_timeout_ratio: float = Field(default=0.8, gt=0, le=1)
+    # An agent node whose share of its runs' cost reaches this.
+    suggestions_cost_share: float = Field(default=0.6, gt=0, le=1)
+    # The cheaper model the cost rule proposes (only to nodes on a dearer one).
+    suggestions_economy_model: str = Field(default="claude-haiku-4-5", min_length=1)
+    # Suggestions one model request (POST .../suggestions/generate) may return.
+    suggestions_max_generated: int = Field(default=5, ge=1, le=20)
 
 
 class EngineSettings(BaseModel):
