@@ -23,6 +23,8 @@ class NodeStatus(StrEnum):
     PENDING = "pending"
     RUNNING = "running"
     RETRYING = "retrying"
+    # Parked on a person or a time (approval, wait): the run holds no worker slot.
+    WAITING = "waiting"
     COMPLETED = "completed"
     FAILED = "failed"
     SKIPPED = "skipped"
@@ -42,8 +44,11 @@ EXECUTION_TRANSITIONS: dict[ExecutionStatus, frozenset[ExecutionStatus]] = {
 
 NODE_TRANSITIONS: dict[NodeStatus, frozenset[NodeStatus]] = {
     N.PENDING: frozenset({N.RUNNING, N.SKIPPED, N.CANCELLED}),
-    N.RUNNING: frozenset({N.COMPLETED, N.FAILED, N.RETRYING, N.CANCELLED}),
+    N.RUNNING: frozenset({N.COMPLETED, N.FAILED, N.RETRYING, N.WAITING, N.CANCELLED}),
     N.RETRYING: frozenset({N.RUNNING, N.FAILED, N.CANCELLED}),
+    # A waiting node is looked at again on every resume (running), and ends with what
+    # it waited for (completed/failed, as the history records it) or with its run.
+    N.WAITING: frozenset({N.RUNNING, N.COMPLETED, N.FAILED, N.CANCELLED}),
     N.COMPLETED: frozenset(),
     N.FAILED: frozenset(),
     N.SKIPPED: frozenset(),

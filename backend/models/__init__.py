@@ -18,12 +18,21 @@ from backend.models.identity import (
     Workspace,
     WorkspaceMember,
 )
+from backend.models.inbox import (
+    ActionLink,
+    NotificationPreference,
+    PushSubscription,
+    Task,
+    UserNotification,
+    WorkflowWatch,
+)
 from backend.models.library import WorkflowSuggestion, WorkflowTemplate
 from backend.models.mcp import File, McpServer, McpTool, ToolUsage
 from backend.models.triggers import Notification, NotificationSecret, Trigger
 from backend.models.workflows import Agent, Credential, Workflow, WorkflowVersion
 
 __all__ = [
+    "ActionLink",
     "ActivityLog",
     "Agent",
     "AnalyticsAggregate",
@@ -40,17 +49,22 @@ __all__ = [
     "McpTool",
     "NodeExecution",
     "Notification",
+    "NotificationPreference",
     "NotificationSecret",
     "OtpCode",
+    "PushSubscription",
     "RecordModel",
+    "Task",
     "ToolUsage",
     "Trigger",
     "User",
+    "UserNotification",
     "Workflow",
     "WorkflowExecution",
     "WorkflowSuggestion",
     "WorkflowTemplate",
     "WorkflowVersion",
+    "WorkflowWatch",
     "Workspace",
     "WorkspaceMember",
 ]

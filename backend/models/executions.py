@@ -29,7 +29,16 @@ from backend.models.base import Base, RecordModel
 # The statuses the state machines know (backend/executions/state.py); the database
 # refuses anything else, so no code path can write a status the lifecycle never checked.
 EXECUTION_STATUSES = ("pending", "running", "completed", "failed", "cancelled")
-NODE_STATUSES = ("pending", "running", "retrying", "completed", "failed", "skipped", "cancelled")
+NODE_STATUSES = (
+    "pending",
+    "running",
+    "retrying",
+    "waiting",
+    "completed",
+    "failed",
+    "skipped",
+    "cancelled",
+)
 
 
 def _one_of(column: str, values: tuple[str, ...]) -> str:
