@@ -473,6 +473,39 @@ class QuotaSettings(BaseModel):
     reconcile_s: int = Field(default=60, ge=1, le=86_400)
 
 
+class TaskSettings(BaseModel):
+    """People in the loop (issue 16): tasks, one-time links, resume URLs."""
+
+    # The API's address as people and outside systems reach it: the base of the
+    # one-time decision links in e-mails and of wait steps' resume URLs.
+    public_url: str = Field(default="http://127.0.0.1:8000", pattern=r"^https?://[^\s]+$")
+    # A decision link lives this long at most (never past its task's expiry).
+    link_ttl_s: int = Field(default=7 * 86_400, ge=300, le=366 * 86_400)
+    # How often beat expires open tasks past their deadline and wakes their runs.
+    expire_interval_s: float = Field(default=30.0, ge=1, le=3600)
+    resume_max_body_bytes: int = Field(default=256 * 1024, ge=1024, le=10 * 1024 * 1024)
+    # Per resume URL / decision link (they are public routes).
+    link_rate_limit: str = "60 per minute"
+
+
+class PushSettings(BaseModel):
+    """Push channels: Web Push (VAPID) for browsers, FCM HTTP v1 for mobile devices.
+    Unset keys switch a channel off (subscriptions are kept, nothing is sent)."""
+
+    # VAPID key pair: the private key as PEM or base64url (raw 32 bytes), the public
+    # key as browsers want it (base64url uncompressed point; GET /notifications/push-key).
+    vapid_private_key: SecretStr | None = None
+    vapid_public_key: str | None = None
+    vapid_subject: str = "mailto:admin@localhost"
+    # The Firebase service account's JSON (its token_uri is where tokens come from).
+    fcm_service_account: SecretStr | None = None
+    fcm_project_id: str | None = None
+    fcm_endpoint: str = Field(default="https://fcm.googleapis.com", pattern=r"^https?://[^\s]+$")
+    timeout_s: float = Field(default=10.0, gt=0, le=120)
+    # How long a push service keeps an undelivered message (Web Push TTL header).
+    ttl_s: int = Field(default=86_400, ge=0, le=28 * 86_400)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_nested_delimiter="__",
@@ -513,6 +546,8 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = MetricsSettings()
     tracing: TracingSettings = TracingSettings()
     quotas: QuotaSettings = QuotaSettings()
+    tasks: TaskSettings = TaskSettings()
+    push: PushSettings = PushSettings()
 
     @field_validator("database_url")
     @classmethod
