@@ -121,6 +121,15 @@ async def run(ctx: NodeContext) -> NodeResult:
             "iterations": result.iterations,
             "model": result.model,
             "tool_calls": [dataclasses.asdict(c) for c in result.tool_calls],
+            # The Messages API's usage names: analytics sums the cache figures from here.
+            "usage": {
+                "input_tokens": tokens_in,
+                "output_tokens": tokens_out,
+                "cache_read_input_tokens": result.usage.cache_read_input_tokens
+                + subs.usage.cache_read_input_tokens,
+                "cache_creation_input_tokens": result.usage.cache_creation_input_tokens
+                + subs.usage.cache_creation_input_tokens,
+            },
         },
         input_tokens=tokens_in,
         output_tokens=tokens_out,
