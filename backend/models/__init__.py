@@ -1,6 +1,6 @@
 """Every ORM model, imported here so Alembic and the mappers see them all at once."""
 
-from backend.models.analytics import AnalyticsAggregate, AnalyticsCursor
+from backend.models.analytics import AnalyticsAggregate, AnalyticsCursor, WorkspaceQuota
 from backend.models.base import Base, RecordModel
 from backend.models.executions import (
     ExecutionEvent,
@@ -28,6 +28,7 @@ from backend.models.inbox import (
 )
 from backend.models.library import WorkflowSuggestion, WorkflowTemplate
 from backend.models.mcp import File, McpServer, McpTool, ToolUsage
+from backend.models.n8n import N8nError, N8nExecution, N8nInstance, N8nWatch, N8nWorkflow
 from backend.models.triggers import Notification, NotificationSecret, Trigger
 from backend.models.workflows import Agent, Credential, Workflow, WorkflowVersion
 
@@ -47,6 +48,11 @@ __all__ = [
     "Invitation",
     "McpServer",
     "McpTool",
+    "N8nError",
+    "N8nExecution",
+    "N8nInstance",
+    "N8nWatch",
+    "N8nWorkflow",
     "NodeExecution",
     "Notification",
     "NotificationPreference",
@@ -67,4 +73,5 @@ __all__ = [
     "WorkflowWatch",
     "Workspace",
     "WorkspaceMember",
+    "WorkspaceQuota",
 ]
