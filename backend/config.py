@@ -506,6 +506,36 @@ class PushSettings(BaseModel):
     ttl_s: int = Field(default=86_400, ge=0, le=28 * 86_400)
 
 
+class N8nSettings(BaseModel):
+    """n8n fleets: the client for instances' public API, the sync, the error intake."""
+
+    # Beat's pass over instances; an instance is synced when its last sync is older.
+    sync_interval_s: float = Field(default=60.0, ge=5, le=86_400)
+    # How long one sync may hold an instance before another may take it.
+    sync_claim_s: int = Field(default=300, ge=30, le=3600)
+    # The first sync of an instance fetches executions started this far back.
+    executions_lookback_days: int = Field(default=7, ge=1, le=365)
+    # Executions pages (of page_size) one sync reads; the rest waits for the next one.
+    max_execution_pages: int = Field(default=20, ge=1, le=1000)
+    page_size: int = Field(default=100, ge=1, le=250)
+    # Failed executions per sync whose error message and node are fetched one by one.
+    error_details_per_sync: int = Field(default=50, ge=0, le=1000)
+    request_timeout_s: float = Field(default=15.0, gt=0, le=300)
+    # Attempts after the first on 429/5xx and connection errors, with backoff.
+    retries: int = Field(default=3, ge=0, le=10)
+    backoff_s: float = Field(default=0.5, ge=0, le=60)
+    max_response_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    # Per workspace per UTC day (None: unlimited); a workspace overrides them in its
+    # settings: {"quotas": {"n8n_toggles_per_day": 50}}.
+    toggles_per_day: int | None = Field(default=None, ge=0)
+    refreshes_per_day: int | None = Field(default=None, ge=0)
+    # Where an instance's error workflow posts (our public base URL as n8n reaches it);
+    # unset: the base URL of the request that installs it.
+    intake_base_url: str | None = None
+    intake_rate_limit: str = "600 per minute"
+    intake_max_body_bytes: int = Field(default=256 * 1024, ge=1024)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_nested_delimiter="__",
@@ -546,6 +576,7 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = MetricsSettings()
     tracing: TracingSettings = TracingSettings()
     quotas: QuotaSettings = QuotaSettings()
+    n8n: N8nSettings = N8nSettings()
     tasks: TaskSettings = TaskSettings()
     push: PushSettings = PushSettings()
 
