@@ -40,7 +40,9 @@ from backend.mcp.router import router as mcp_router
 from backend.observability import api as observability_api
 from backend.realtime.hub import Hub
 from backend.realtime.router import router as realtime_router
+from backend.suggestions.router import router as suggestions_router
 from backend.templates_library.router import router as templates_router
+from backend.tools.router import router as tools_router
 from backend.triggers.router import hooks as hooks_router
 from backend.triggers.router import router as triggers_router
 from backend.workflows.router import router as workflows_router
@@ -278,6 +280,7 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
         # Before workflows: /workflows/generate must not be read as a workflow id.
         generate_router,
         workflows_router,
+        suggestions_router,
         templates_router,
         credentials_router,
         agents_router,
@@ -289,6 +292,7 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
         hooks_router,
         mcp_router,
         files_router,
+        tools_router,
     )
     for router in routers:
         app.include_router(router, prefix=API_PREFIX)
