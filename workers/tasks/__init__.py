@@ -1,5 +1,21 @@
 """Celery tasks: thin adapters that take ids and JSON primitives and call services."""
 
-from workers.tasks import analytics, executions, maintenance, notifications, system, triggers
+from workers.tasks import (
+    analytics,
+    executions,
+    maintenance,
+    notifications,
+    suggestions,
+    system,
+    triggers,
+)
 
-__all__ = ["analytics", "executions", "maintenance", "notifications", "system", "triggers"]
+__all__ = [
+    "analytics",
+    "executions",
+    "maintenance",
+    "notifications",
+    "suggestions",
+    "system",
+    "triggers",
+]
