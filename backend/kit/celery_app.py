@@ -160,6 +160,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "schedule": settings.analytics.aggregate_interval_s,
                 "options": {"expires": settings.analytics.aggregate_interval_s},
             },
+            # Run-history suggestions of every workflow that ran in the window.
+            "recompute-suggestions": {
+                "task": "suggestions.recompute",
+                "schedule": settings.generate.suggestions_interval_s,
+                "options": {"expires": settings.generate.suggestions_interval_s},
+            },
             "retention": {
                 "task": "maintenance.retention",
                 "schedule": settings.maintenance.interval_s,
