@@ -43,6 +43,7 @@ from backend.realtime.router import router as realtime_router
 from backend.suggestions.router import router as suggestions_router
 from backend.templates_library.router import router as templates_router
 from backend.tools.router import router as tools_router
+from backend.tools.router import router as tools_router
 from backend.triggers.router import hooks as hooks_router
 from backend.triggers.router import router as triggers_router
 from backend.workflows.router import router as workflows_router
@@ -292,6 +293,7 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
         hooks_router,
         mcp_router,
         files_router,
+        tools_router,
         tools_router,
     )
     for router in routers:

@@ -33,6 +33,7 @@ from backend.kit.http_guard import guarded_client
 from backend.kit.repository import Repository
 from backend.mcp import runtime as mcp_runtime
 from backend.models import Agent, McpServer
+from backend.tools import web
 from backend.workflows.service import workflows_using
 
 MAX_SUB_AGENT_DEPTH = 3
@@ -206,7 +207,8 @@ async def build_spec(
 ) -> runtime.AgentSpec:
     """The runtime spec of an agent: its built-in tools and its sub-agents as tools.
     Sub-agent calls share the run's `budget` and add their usage and cost to `spent`.
-    `http_request` needs the guarded `http` client (and settings) to be offered."""
+    `http_request`, `web_read` and `web_search` need the guarded `http` client (and
+    settings) to be offered."""
     built = {} if built is None else built
     if (agent.id, depth) in built:
         return built[(agent.id, depth)]
@@ -219,6 +221,8 @@ async def build_spec(
             continue
         if t.get("name") == "http_request" and http is not None and settings is not None:
             tools.append(runtime.http_tool(http, settings))
+        elif t.get("name") in web.AGENT_TOOLS and http is not None and settings is not None:
+            tools.append(web.agent_tool(t["name"], http, settings))
         elif t.get("name") in runtime.BUILTINS:
             tools.append(runtime.BUILTINS[t["name"]])
     if depth < MAX_SUB_AGENT_DEPTH and agent.sub_agents:
