@@ -326,7 +326,12 @@ def test_no_run_lost_and_no_checkpoint_rerun_under_faults(
         for at, action in plan:
             idle(max(0.0, load_started + at - time.monotonic()))
             action()
-        submitter.join(span + 120)
+        # Recoveries are timed by polling, so the waiting polls too: a bare join here left
+        # the last kill's recovery unobserved until the submitter ended (it read ~22 s for
+        # runs whose history shows them reaped and claimed again ~10 s after the kill).
+        join_deadline = time.monotonic() + span + 120
+        while submitter.is_alive() and time.monotonic() < join_deadline:
+            idle(0.5)
         assert not submitter.is_alive()
 
         def unfinished(s: Session) -> int:
