@@ -220,7 +220,12 @@ class RequestContextMiddleware:
                 if scope["type"] == "http"
                 else capped_receive
             )
-            await self.app(scope, downstream, send_with_headers)
+            # A WebSocket's messages go straight out: the headers above belong to HTTP
+            # answers, and a live-progress socket sends thousands of frames a second
+            # (one wrapper call less on each of them).
+            await self.app(
+                scope, downstream, send_with_headers if scope["type"] == "http" else send
+            )
         except Exception as exc:
             # Answered here rather than by Starlette's ServerErrorMiddleware, which sits
             # outside us and would answer after the request id is gone. The trace goes
