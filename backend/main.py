@@ -30,6 +30,8 @@ from backend.executions.router import router as executions_router
 from backend.files.router import router as files_router
 from backend.generate.router import router as generate_router
 from backend.health.router import router as health_router
+from backend.inbox.router import public as task_links_router
+from backend.inbox.router import router as tasks_router
 from backend.kit import bodies, errors, openapi
 from backend.kit.celery_app import celery_app
 from backend.kit.db import create_engine, create_sessionmaker
@@ -38,11 +40,11 @@ from backend.kit.middleware import RequestContextMiddleware, rejected_body
 from backend.kit.ratelimit import RateLimiter
 from backend.mcp.router import router as mcp_router
 from backend.observability import api as observability_api
+from backend.push.router import router as notifications_router
 from backend.realtime.hub import Hub
 from backend.realtime.router import router as realtime_router
 from backend.suggestions.router import router as suggestions_router
 from backend.templates_library.router import router as templates_router
-from backend.tools.router import router as tools_router
 from backend.tools.router import router as tools_router
 from backend.triggers.router import hooks as hooks_router
 from backend.triggers.router import router as triggers_router
@@ -294,7 +296,9 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
         mcp_router,
         files_router,
         tools_router,
-        tools_router,
+        tasks_router,
+        task_links_router,
+        notifications_router,
     )
     for router in routers:
         app.include_router(router, prefix=API_PREFIX)
