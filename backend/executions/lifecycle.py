@@ -39,6 +39,10 @@ T = TypeVar("T")
 EXECUTE_TASK = "workflow.execute"
 EXECUTE_MANY_TASK = "workflow.execute_many"
 REAPER = "reaper"
+# A run parked on something with no deadline (an approval without expiry, a resume URL
+# with no timeout) waits until woken: no message is sent for it, and the reaper's scan
+# of due parked runs never reaches this.
+FOREVER = datetime(9999, 1, 1, tzinfo=UTC)
 
 # Finished listeners ------------------------------------------------------------------------
 
@@ -346,6 +350,7 @@ async def _cancel_waiting_nodes(
     uow: UnitOfWork, execution_id: uuid.UUID, *, now: datetime, actor: str | None
 ) -> None:
     transition("node", N.RETRYING, N.CANCELLED, at=now)
+    transition("node", N.WAITING, N.CANCELLED, at=now)
     await repo.end_retrying(uow.session, execution_id, N.CANCELLED, "run cancelled", actor=actor)
 
 
@@ -461,15 +466,21 @@ async def park(
     *,
     enqueue: Callable[[uuid.UUID, float], None],
     before_commit: Callable[[], Awaitable[None]] | None = None,
+    reason: str = "retry wait",
 ) -> bool:
-    """Release the worker slot until `at`: back to pending, re-enqueued with a countdown.
+    """Release the worker slot until `at` (FOREVER: until woken): back to pending,
+    re-enqueued with a countdown. A `wake` that came while the run was held (a task
+    decided, a resume URL called) parks it until now instead, so no wake-up is lost.
     False when this claim no longer holds the run."""
     now = _now()
     async with UnitOfWork(sessionmaker) as uow:
         ex = await repo.lock_run(uow.session, claim.id)
         if ex is None or ex.status != E.RUNNING or ex.lease_owner != claim.token:
             return False
-        await _set_run_status(uow, ex, E.PENDING, now=now, actor=claim.token, reason="retry wait")
+        # The claim cleared resume_at: set while held, it is a wake-up's time.
+        if ex.resume_at is not None and ex.resume_at < at:
+            at, reason = ex.resume_at, "woken while running"
+        await _set_run_status(uow, ex, E.PENDING, now=now, actor=claim.token, reason=reason)
         ex.resume_at = at
         ex.lease_owner = None
         ex.lease_expires_at = None
@@ -479,7 +490,25 @@ async def park(
         if before_commit is not None:
             await before_commit()
         publish_after_commit(uow, ex)
-        uow.after_commit(lambda: enqueue(claim.id, countdown))
+        if at != FOREVER:
+            uow.after_commit(lambda: enqueue(claim.id, countdown))
+    return True
+
+
+async def wake(uow: UnitOfWork, execution_id: uuid.UUID, *, actor: str | None, reason: str) -> bool:
+    """Something a parked node waits for happened (a task decided, a resume URL called,
+    an expiry): the run goes on now. A parked run is due at once and its message goes
+    after the commit; a run a worker holds is marked, so its park comes straight back
+    (see `park`). No status changes here: the node's own handler reads what happened
+    when the run resumes. False when the run has ended."""
+    now = _now()
+    ex = await repo.lock_run(uow.session, execution_id)
+    if ex is None or ex.status in TERMINAL_EXECUTION:
+        return False
+    ex.resume_at = now
+    if ex.status == E.PENDING:
+        log.info("execution.woken", execution_id=str(execution_id), actor=actor, reason=reason)
+        enqueue_after_commit(uow, EXECUTE_TASK, str(execution_id))
     return True
 
 
@@ -503,9 +532,10 @@ async def close(
     async def attempt() -> WorkflowExecution | None:
         async with UnitOfWork(sessionmaker) as uow:
             if to != E.COMPLETED:
-                # Nodes waiting for a retry end with the run (a cancel, a timeout), so
-                # the picture is whole and nothing stays `retrying` forever.
+                # Nodes waiting for a retry, a person or a time end with the run (a
+                # cancel, a timeout), so nothing stays `retrying`/`waiting` forever.
                 transition("node", N.RETRYING, N.CANCELLED, at=now)
+                transition("node", N.WAITING, N.CANCELLED, at=now)
                 await repo.end_retrying(
                     uow.session, claim.id, N.CANCELLED, f"run {to}",
                     actor=claim.token, fence=claim.token,

@@ -524,23 +524,29 @@ async def end_retrying(
     actor: str | None,
     fence: str | None = None,
 ) -> None:
-    """Nodes waiting for a retry end with their run, each with its history row, in one
-    statement. `fence`: only while that lease token holds the run (a worker closing
-    it); None for a run nobody holds (the row is already locked by the caller)."""
+    """Nodes waiting (for a retry, a person or a time) end with their run, each with its
+    history row, in one statement. `fence`: only while that lease token holds the run
+    (a worker closing it); None for a run nobody holds (the row is already locked by
+    the caller)."""
     await session.execute(
         text(
             """
-WITH ended AS (
-  UPDATE node_executions SET status = :to, updated_at = now()
-  WHERE execution_id = :execution_id AND status = 'retrying'
+WITH old AS (
+  SELECT id, status FROM node_executions
+  WHERE execution_id = :execution_id AND status IN ('retrying', 'waiting')
+  FOR UPDATE
+), ended AS (
+  UPDATE node_executions AS ne SET status = :to, updated_at = now()
+  FROM old
+  WHERE ne.id = old.id
     AND (CAST(:fence AS text) IS NULL
          OR EXISTS (SELECT 1 FROM workflow_executions
                     WHERE id = :execution_id AND lease_owner = :fence FOR SHARE))
-  RETURNING execution_id, node_id, iteration, updated_at
+  RETURNING ne.execution_id, ne.node_id, ne.iteration, ne.updated_at, old.status AS was
 )
 INSERT INTO execution_transitions
   (execution_id, node_id, iteration, from_status, to_status, reason, actor, at)
-SELECT execution_id, node_id, iteration, 'retrying', :to, :reason, :actor, updated_at
+SELECT execution_id, node_id, iteration, was, :to, :reason, :actor, updated_at
 FROM ended
 """
         ),
