@@ -298,8 +298,87 @@ class TransformLogic(Strict):
     template: Template
 
 
+def _json_schema_problem(schema: dict[str, Any]) -> str | None:
+    """Why `schema` is not a usable JSON Schema (checked by parsing, never by running)."""
+    from jsonschema import Draft202012Validator, SchemaError
+
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as exc:
+        return f"not a valid JSON Schema: {exc.message}"
+    if schema.get("type", "object") != "object":
+        return "the form's schema must describe an object (type: object)"
+    return None
+
+
+class ApprovalLogic(Strict):
+    """Parks the run (no worker slot held) until a person decides: a task in the inbox
+    (GET /tasks) with a title, a message and the data to review, decided by approve or
+    reject with an optional comment and form input (checked against `form`, a JSON
+    Schema). Who may decide: `assignees` (user ids) and/or members of at least
+    `min_role`; neither: the members who may execute the workflow. After `expires_in`
+    seconds the task expires and `on_timeout` decides. The decision is the node's
+    output; its branches are `approved` and `rejected`."""
+
+    kind: Literal["approval"]
+    title: Template = Field(min_length=1, max_length=500)
+    message: Template = Field(default="", max_length=20_000)
+    # What the person reviews: a template, or JSON whose strings are templates.
+    data: Template | dict[str, Any] | None = None
+    form: dict[str, Any] | None = None
+    assignees: list[uuid.UUID] = Field(default_factory=list, max_length=100)
+    min_role: Literal["viewer", "editor", "administrator", "owner"] | None = None
+    expires_in: int | None = Field(default=None, ge=1, le=366 * 86_400)
+    on_timeout: Literal["reject", "approve", "fail"] = "reject"
+    # E-mail (with one-time approve/reject links), in-app and push notices to the
+    # people who may decide.
+    notify: bool = True
+
+    @model_validator(mode="after")
+    def _form(self) -> ApprovalLogic:
+        if self.form is not None:
+            problem = _json_schema_problem(self.form)
+            if problem:
+                raise ValueError(f"form: {problem}")
+        return self
+
+
+class WaitLogic(Strict):
+    """Parks the run (no worker slot held) for `duration_s` seconds, until the time
+    `until` renders to (ISO 8601), or until someone calls its one-time resume URL
+    (`resume_url: true`; signed, single use, an optional JSON body becomes the output;
+    the URL is `execution.resume_urls.<node id>` in templates of the nodes before it).
+    A resume URL may have a `timeout_s`, after which the node takes its `timed_out`
+    branch (`resumed` otherwise)."""
+
+    kind: Literal["wait"]
+    duration_s: float | None = Field(default=None, ge=0, le=366 * 86_400, allow_inf_nan=False)
+    until: Template | None = None
+    resume_url: bool = False
+    timeout_s: float | None = Field(default=None, gt=0, le=366 * 86_400, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> WaitLogic:
+        modes = [self.duration_s is not None, self.until is not None, self.resume_url]
+        if sum(modes) != 1:
+            raise ValueError(
+                "duration_s: give exactly one of `duration_s`, `until` or `resume_url`"
+            )
+        if self.timeout_s is not None and not self.resume_url:
+            raise ValueError("timeout_s: only a `resume_url` wait has a timeout")
+        return self
+
+
 LogicConfig = Annotated[
-    IfLogic | SwitchLogic | ForEachLogic | WhileLogic | MergeLogic | SetLogic | TransformLogic,
+    IfLogic
+    | SwitchLogic
+    | ForEachLogic
+    | WhileLogic
+    | MergeLogic
+    | SetLogic
+    | TransformLogic
+    | ApprovalLogic
+    | WaitLogic,
     Field(discriminator="kind"),
 ]
 
@@ -462,6 +541,10 @@ def branch_labels(node: Node, config: Any) -> set[str] | None:
         return {"true", "false"}
     if isinstance(config, SwitchLogic):
         return {c.branch for c in config.cases} | {"default"}
+    if isinstance(config, ApprovalLogic):
+        return {"approved", "rejected"} | ({"error"} if node.continue_on_error else set())
+    if isinstance(config, WaitLogic) and config.resume_url:
+        return {"resumed", "timed_out"} | ({"error"} if node.continue_on_error else set())
     if node.continue_on_error:
         return {"error"}
     return None
@@ -526,6 +609,16 @@ def _expressions(config: Any) -> Iterable[tuple[str, str, bool]]:
             yield f"variables.{key}", value, False
     elif isinstance(config, TransformLogic):
         yield "template", config.template, False
+    elif isinstance(config, ApprovalLogic):
+        yield "title", config.title, False
+        if config.message:
+            yield "message", config.message, False
+        if isinstance(config.data, str):
+            yield "data", config.data, False
+        elif isinstance(config.data, dict):
+            yield from _strings_in(config.data, "data")
+    elif isinstance(config, WaitLogic) and config.until is not None:
+        yield "until", config.until, False
     elif isinstance(config, SubWorkflowIntegration):
         for key, value in config.input.items():
             yield f"input.{key}", value, False
@@ -875,6 +968,20 @@ def _check_references(node_id: str, config: Any, ctx: Context, problems: list[Pr
     ):
         _check_workflow_ref(node_id, config.workflow_id, ctx, problems, recursion=True)
     if isinstance(config, ForEachLogic | WhileLogic) and config.body is not None:
+        for raw in config.body.nodes:
+            kind = (
+                raw.get("config", {}).get("kind") if isinstance(raw.get("config"), dict) else None
+            )
+            if kind in ("approval", "wait"):
+                # A loop body runs inside its parent node's attempt, which cannot park.
+                problems.append(
+                    Problem(
+                        f"a {kind} step cannot be inside a loop body, where nothing can "
+                        "park the run: put it before or after the loop",
+                        node_id=node_id,
+                        field=f"config.body.{raw.get('id') or ''}".rstrip("."),
+                    )
+                )
         try:
             validate(
                 config.body.model_dump(),

@@ -15,11 +15,13 @@ from backend.executions import lifecycle
 from backend.executions import repository as repo
 from backend.executions.lifecycle import Claim, NodeChange
 from backend.executions.state import NodeStatus
-from backend.workflows.graph import SetLogic, ValidGraph
+from backend.workflows.graph import ApprovalLogic, SetLogic, ValidGraph, WaitLogic
 from workers.engine.dag import NodeState, topological_order
 from workers.engine.progress import Progress
 
 N = NodeStatus
+# Due at once: a resumed run looks at its waiting nodes again before anything else.
+LOOK_NOW = datetime(2000, 1, 1, tzinfo=UTC)
 
 
 def now() -> datetime:
@@ -32,6 +34,11 @@ class RunState:
     outputs: dict[str, Any] = field(default_factory=dict)
     attempts: dict[str, int] = field(default_factory=dict)
     retry_at: dict[str, datetime] = field(default_factory=dict)
+    # Nodes parked on a person or a time (approval, wait), and when each is due to be
+    # looked at again (a resumed run looks at every one of them at once).
+    waiting: dict[str, datetime] = field(default_factory=dict)
+    # (started_at, finished_at) of each checkpointed node: what a wait took.
+    spans: dict[str, tuple[datetime | None, datetime | None]] = field(default_factory=dict)
     errors: dict[str, dict[str, Any]] = field(default_factory=dict)
     # What templates see as `nodes`, kept up to date as outputs arrive rather than
     # rebuilt for every node (that was O(nodes) per node on the hot path). Sharing it
@@ -61,6 +68,9 @@ async def load(sessionmaker: async_sessionmaker[AsyncSession], execution_id: uui
         run.states[row.node_id] = NodeState(status, row.branch)
         run.record_output(row.node_id, row.output)
         run.attempts[row.node_id] = row.attempt
+        run.spans[row.node_id] = (row.started_at, row.finished_at)
+        if status == N.WAITING:
+            run.waiting[row.node_id] = LOOK_NOW
         if status == N.RETRYING and row.next_attempt_at is not None:
             run.retry_at[row.node_id] = row.next_attempt_at
     return run
@@ -105,6 +115,20 @@ class Checkpoints:
         await asyncio.shield(lifecycle.record_nodes(self.sessionmaker, claim, changes))
         for node_id in nodes:
             self.progress.checkpointed(claim, node_id, N.SKIPPED, {})
+
+
+def waited_s(graph: ValidGraph, run: RunState) -> float:
+    """Seconds this run spent parked on approval and wait nodes: they do not count
+    against its timeout (a person may take days; the run's own work may not)."""
+    total = 0.0
+    at = now()
+    for node_id, (started, finished) in run.spans.items():
+        config = graph.configs.get(node_id)
+        if started is None or not isinstance(config, ApprovalLogic | WaitLogic):
+            continue
+        end = finished if finished is not None else at
+        total += max(0.0, (end - started).total_seconds())
+    return total
 
 
 def variables_of(initial: dict[str, Any], graph: ValidGraph, run: RunState) -> dict[str, Any]:

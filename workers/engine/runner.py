@@ -26,18 +26,22 @@ from typing import Any
 import httpx
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-import backend.triggers  # noqa: F401  (registers the run-finished listeners)
+import backend.inbox  # (registers the run-finished listeners)
+import backend.triggers  # noqa: F401
 from backend.config import Settings
 from backend.executions import lifecycle
 from backend.executions.lifecycle import Claim, LeaseLost
 from backend.executions.state import ExecutionStatus, NodeStatus
+from backend.inbox import links
 from backend.kit.logging import get_logger
 from backend.workflows.graph import (
+    ApprovalLogic,
     ForEachLogic,
     GraphInvalid,
     Node,
     SubWorkflowIntegration,
     ValidGraph,
+    WaitLogic,
     WhileLogic,
 )
 from workers.engine import checkpoints
@@ -71,10 +75,16 @@ class Run:
     graph: ValidGraph
     state: RunState
     held: Held
+    # When the run started, moved on by the time it spent parked on approvals and
+    # waits: its deadline and every node's time limit count from here.
+    started: datetime
     deadline: datetime
     # `vars` as the completed `set` nodes left them.
     variables: dict[str, Any]
     running: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    # The one-time resume URLs of the run's `wait` steps (templates upstream of them
+    # hand them out as `execution.resume_urls.<node id>`).
+    resume_urls: dict[str, str] = field(default_factory=dict)
 
 
 class Runner:
@@ -130,13 +140,20 @@ class Runner:
             await self._close(claim, E.FAILED, error={"message": message, "problems": problems})
             return E.FAILED
         state = RunState() if claim.fresh else await checkpoints.load(self.sessionmaker, claim.id)
+        started = claim.started_at + timedelta(seconds=checkpoints.waited_s(graph, state))
         run = Run(
             claim=claim,
             graph=graph,
             state=state,
             held=held,
-            deadline=claim.started_at + timedelta(seconds=graph.settings.timeout_s),
+            started=started,
+            deadline=started + timedelta(seconds=graph.settings.timeout_s),
             variables=checkpoints.variables_of(claim.variables, graph, state),
+            resume_urls={
+                n: links.resume_url(self.settings, claim.id, n, 0)
+                for n, cfg in graph.configs.items()
+                if isinstance(cfg, WaitLogic) and cfg.resume_url
+            },
         )
         try:
             return await self._schedule(run)
@@ -191,17 +208,19 @@ class Runner:
             state.states.update(settled)
             at = now()
             due = [n for n, when in state.retry_at.items() if when <= at and n not in running]
+            due += [n for n, when in state.waiting.items() if when <= at and n not in running]
             for node_id in [*ready, *due]:
                 if node_id in running:
                     continue
                 state.retry_at.pop(node_id, None)
+                state.waiting.pop(node_id, None)
                 state.states[node_id] = NodeState(N.RUNNING)
                 running[node_id] = asyncio.create_task(self._run_node(run, node_id, limit))
             if failed_nodes(state.states, continue_on_error) and not running:
                 break
             if not running:
-                if state.retry_at:
-                    await self._park(run, min(state.retry_at.values()))
+                if state.retry_at or state.waiting:
+                    await self._park(run, min([*state.retry_at.values(), *state.waiting.values()]))
                     return "parked"
                 break
             await self._wait_for_any(run)
@@ -306,11 +325,14 @@ class Runner:
                 "id": str(claim.id),
                 "workflow_id": str(claim.workflow_id),
                 "version": claim.version,
+                "resume_urls": run.resume_urls,
             },
             "inputs": [p for p in upstream if state.status_of(p) == N.COMPLETED],
         }
         ctx = self._context(claim, node, config, scope, node_id)
-        time_limit = functools.partial(node_time_limit, claim.started_at)
+        if isinstance(config, ApprovalLogic | WaitLogic):
+            ctx.waiting_since = state.spans.get(node_id, (None, None))[0]
+        time_limit = functools.partial(node_time_limit, run.started)
         if isinstance(config, ForEachLogic | WhileLogic):
             ctx.run_body = await self.loops.body_runner(
                 claim, graph, node_id, config, scope, ctx, time_limit
@@ -376,15 +398,34 @@ class Runner:
             return
         result = done.result
         assert result is not None
+        # A node that waited counts from when its wait began (its duration is the wait).
+        began, took = done.started, done.elapsed_ms
+        if isinstance(config, ApprovalLogic | WaitLogic):
+            began = state.spans.get(node_id, (None, None))[0] or done.started
+            took = round((now() - began).total_seconds() * 1000, 3)
+        if result.waits:
+            until = result.wait_until or lifecycle.FOREVER
+            values = {
+                "attempt": done.attempt,
+                "output": result.output,
+                "input": {"config": node.config},
+                "next_attempt_at": result.wait_until,
+                "started_at": began,
+            }
+            await self.checkpoints.write(claim, node_id, N.RUNNING, N.WAITING, values)
+            state.spans[node_id] = (began, None)
+            state.states[node_id] = NodeState(N.WAITING)
+            state.waiting[node_id] = until
+            return
         run.variables.update(result.variables)
         values = {
             "branch": result.branch,
             "attempt": done.attempt,
             "output": result.output,
             "input": {"config": node.config},
-            "started_at": done.started,
+            "started_at": began,
             "finished_at": now(),
-            "duration_ms": done.elapsed_ms,
+            "duration_ms": took,
             "input_tokens": result.input_tokens,
             "output_tokens": result.output_tokens,
             "cost_usd": result.cost_usd,
@@ -398,9 +439,11 @@ class Runner:
     async def _park(self, run: Run, at: datetime) -> None:
         """Release the worker slot until `at`: the run waits in the database, not here."""
         drain = functools.partial(self.progress.drain, run.claim)
+        reason = "waiting" if run.state.waiting else "retry wait"
         await lifecycle.park(
-            self.sessionmaker, run.claim, at, enqueue=self.enqueue, before_commit=drain
-        )
+            self.sessionmaker, run.claim, at, enqueue=self.enqueue, before_commit=drain,
+            reason=reason,
+        )  # fmt: skip
 
     async def _close(self, claim: Claim, status: ExecutionStatus, **values: Any) -> None:
         # Every node event goes out before the run's last one.

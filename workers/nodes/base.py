@@ -6,6 +6,7 @@ import json
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -30,6 +31,11 @@ class NodeResult:
     cost_usd: float = 0.0
     # Variables a `set` node adds to the run's `vars`.
     variables: dict[str, Any] = field(default_factory=dict)
+    # A node that must wait (approval, wait): the run parks, holding no worker slot,
+    # until `wait_until` (None: until woken) or until something wakes it; the node runs
+    # again then and says whether it is done. `output` shows what it waits for.
+    waits: bool = False
+    wait_until: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +76,9 @@ class NodeContext:
     # through the loop, set by the engine; None for a node outside any loop.
     key: str | None = None
     iteration: int | None = None
+    # For a step that waits (approval, wait): when it began waiting, if it already
+    # parked the run before (None: this is its first look).
+    waiting_since: datetime | None = None
 
     @property
     def idempotency_key(self) -> str:
