@@ -166,6 +166,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "schedule": settings.generate.suggestions_interval_s,
                 "options": {"expires": settings.generate.suggestions_interval_s},
             },
+            # Open tasks past their deadline expire and wake their runs (issue 16).
+            "expire-tasks": {
+                "task": "notifications.expire_tasks",
+                "schedule": settings.tasks.expire_interval_s,
+                "options": {"expires": settings.tasks.expire_interval_s},
+            },
             "retention": {
                 "task": "maintenance.retention",
                 "schedule": settings.maintenance.interval_s,

@@ -3,6 +3,7 @@
 from workers.tasks import (
     analytics,
     executions,
+    inbox,
     maintenance,
     notifications,
     suggestions,
@@ -13,6 +14,7 @@ from workers.tasks import (
 __all__ = [
     "analytics",
     "executions",
+    "inbox",
     "maintenance",
     "notifications",
     "suggestions",
