@@ -357,7 +357,11 @@ class Hub:
     # Workspace notices -----------------------------------------------------------------------
 
     async def listen(self, workspace_id: uuid.UUID, follower: Follower) -> None:
-        name = workspace_channel(workspace_id)
+        await self.listen_channel(workspace_channel(workspace_id), follower)
+
+    async def listen_channel(self, name: str, follower: Follower) -> None:
+        """Notices of one Redis channel (`ws:<workspace>`, or `usr:<user>`: a person's
+        own notices, tasks and notifications)."""
         notices = self.notices.get(name)
         if notices is None:
             notices = self.notices[name] = Notices()
@@ -365,7 +369,9 @@ class Hub:
         notices.followers.add(follower)
 
     async def unlisten(self, workspace_id: uuid.UUID, follower: Follower) -> None:
-        name = workspace_channel(workspace_id)
+        await self.unlisten_channel(workspace_channel(workspace_id), follower)
+
+    async def unlisten_channel(self, name: str, follower: Follower) -> None:
         notices = self.notices.get(name)
         if notices is None:
             return
@@ -425,7 +431,7 @@ class Hub:
             feed = self.feeds.get(uuid.UUID(name[3:]))
             if feed is not None:
                 await self._deliver(feed, seq_of(text), text)
-        elif name.startswith("ws:"):
+        elif name.startswith(("ws:", "usr:")):
             notices = self.notices.get(name)
             for follower in list(notices.followers if notices else ()):
                 follower.offer(follower.last + 1, text)

@@ -8,7 +8,8 @@
   status.
 - `GET /api/v1/executions/{id}/events`: the same as SSE (`id:` = seq, `Last-Event-ID`).
 - `WS /api/v1/ws`: many channels on one socket (`executions:<id>`, `workflows`,
-  `workspace:<id>`, `analytics`), with subscribe/unsubscribe messages.
+  `workspace:<id>`, `analytics`, `user` / `user:<own id>`: the caller's tasks and
+  notifications), with subscribe/unsubscribe messages.
 
 Both sockets take `?batch=1`: whenever several messages are waiting for the client,
 they go as ONE text frame holding a JSON array of them, in order (a single message
@@ -492,6 +493,7 @@ class Mux:
         self.inbox = Inbox(self.hub.queue_size)
         self.executions: dict[uuid.UUID, Follower] = {}
         self.notices: dict[str, tuple[uuid.UUID, Follower]] = {}
+        self.users: dict[str, Follower] = {}
         self._recount: dict[uuid.UUID, asyncio.Task[None]] = {}
 
     def _follower(self, wrap: Any) -> Follower:
@@ -552,6 +554,18 @@ class Mux:
             await self.hub.listen(workspace_id, follower)
             if kind == "analytics":
                 await self._counters(name, workspace_id)
+        elif kind == "user":
+            # A person's own channel only (tasks for them, their notifications).
+            if self.principal.api_key is not None:
+                raise DomainError("the user channel is for people, not API keys", field="channel")
+            if arg and arg != str(self.principal.user.id):
+                raise DomainError("only your own user channel", field="channel")
+            if name in self.users:
+                return
+            prefix = f'{{"channel":"{name}","event":'
+            follower = self._follower(lambda text: prefix + text + "}")
+            self.users[name] = follower
+            await self.hub.listen_channel(f"usr:{self.principal.user.id}", follower)
         else:
             raise DomainError(f"unknown channel {name!r}", field="channel")
         self.send({"type": "subscribed", "channel": name})
@@ -607,6 +621,8 @@ class Mux:
         elif name in self.notices:
             workspace_id, follower = self.notices.pop(name)
             await self.hub.unlisten(workspace_id, follower)
+        elif name in self.users:
+            await self.hub.unlisten_channel(f"usr:{self.principal.user.id}", self.users.pop(name))
         self.send({"type": "unsubscribed", "channel": name})
 
     async def close(self) -> None:
@@ -616,6 +632,8 @@ class Mux:
             await self.hub.unfollow(execution_id, follower)
         for workspace_id, follower in list(self.notices.values()):
             await self.hub.unlisten(workspace_id, follower)
+        for follower in list(self.users.values()):
+            await self.hub.unlisten_channel(f"usr:{self.principal.user.id}", follower)
 
 
 @router.websocket("/ws")
