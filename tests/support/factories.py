@@ -26,6 +26,7 @@ from backend.models import (
     Credential,
     File,
     McpServer,
+    Task,
     User,
     Workflow,
     WorkflowExecution,
@@ -271,6 +272,21 @@ async def make_file(session: AsyncSession, workspace: Workspace, **fields: Any) 
     return file
 
 
+async def make_task(session: AsyncSession, workspace: Workspace, **fields: Any) -> Task:
+    """An open manual task anyone in the workspace may decide (min_role viewer)."""
+    task = Task(
+        workspace_id=workspace.id,
+        kind="manual",
+        status="open",
+        title=fields.pop("title", "Check this"),
+        min_role=fields.pop("min_role", "viewer"),
+        **fields,
+    )
+    session.add(task)
+    await session.flush()
+    return task
+
+
 # Resource model -> factory, for tests that need "some row of this kind" in a workspace.
 FACTORIES: dict[type[Any], Callable[[AsyncSession, Workspace], Awaitable[Any]]] = {
     Workflow: make_workflow,
@@ -279,4 +295,5 @@ FACTORIES: dict[type[Any], Callable[[AsyncSession, Workspace], Awaitable[Any]]] 
     WorkflowExecution: make_execution,
     McpServer: make_mcp_server,
     File: make_file,
+    Task: make_task,
 }
