@@ -63,17 +63,21 @@ class MetricsMiddleware:
             )
 
     async def _socket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Counted at the client's connect, which the endpoint receives after routing (so
+        # the route template is known): watching `receive` costs once per client
+        # message, where watching `send` cost a call on every frame of a live stream.
         gauge: Any = None
 
-        async def watch(message: Message) -> None:
+        async def watch() -> Message:
             nonlocal gauge
-            if message["type"] == "websocket.accept" and gauge is None:
+            message = await receive()
+            if message["type"] == "websocket.connect" and gauge is None:
                 gauge = metrics.WEBSOCKETS.labels(route=_route(scope))
                 gauge.inc()
-            await send(message)
+            return message
 
         try:
-            await self.app(scope, receive, watch)
+            await self.app(scope, watch, send)
         finally:
             if gauge is not None:
                 gauge.dec()

@@ -6,11 +6,15 @@ import re
 from collections.abc import AsyncIterator
 
 import httpx
+from fastapi import FastAPI, WebSocket
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from starlette.testclient import TestClient
 
 from backend.config import Settings
 from backend.main import create_app
+from backend.observability import metrics
+from backend.observability.api import MetricsMiddleware
 from tests.support.asgi import client_for
 from tests.support.identity import Actor
 
@@ -75,3 +79,24 @@ async def test_without_a_token_metrics_is_not_served_on_the_public_port(
             for header in ("Bearer ", "Bearer", ""):
                 response = await client.get("/metrics", headers={"Authorization": header})
                 assert response.status_code == 404
+
+
+def test_open_websockets_are_counted_by_route_without_touching_their_frames() -> None:
+    app = FastAPI()
+    app.add_middleware(MetricsMiddleware)
+    route = "/things/{thing_id}/live"
+
+    @app.websocket(route)
+    async def live(websocket: WebSocket, thing_id: str) -> None:
+        await websocket.accept()
+        for i in range(3):
+            await websocket.send_text(f"{thing_id}:{i}")
+        await websocket.receive_text()
+
+    gauge = metrics.WEBSOCKETS.labels(route=route)
+    before = gauge._value.get()
+    with TestClient(app) as client, client.websocket_connect("/things/7/live") as ws:
+        assert [ws.receive_text() for _ in range(3)] == ["7:0", "7:1", "7:2"]
+        assert gauge._value.get() == before + 1
+        ws.send_text("bye")
+    assert gauge._value.get() == before
