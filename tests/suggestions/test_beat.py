@@ -87,7 +87,7 @@ async def test_beat_recomputes_suggestions_in_a_real_worker_and_announces_them(
                 if body["type"] == "workflow.suggestions" and body["resource_id"] == str(wf.id):
                     heard = body
     assert heard["data"]["added"] == [str(rows[0].id)] and heard["data"]["open"] == 1
-    await pubsub.aclose()
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
     await redis.aclose()
 
     # Safe to run twice: the finding is refreshed, not added again.

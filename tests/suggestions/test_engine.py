@@ -87,7 +87,7 @@ async def notices(redis: Redis, channel: str, wanted: set[str]) -> dict[str, dic
                     body = json.loads(message["data"])
                     found.setdefault(body["type"], body)
     finally:
-        await pubsub.aclose()
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
     return found
 
 
