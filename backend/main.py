@@ -39,8 +39,11 @@ from backend.kit.logging import REQUEST_ID_KEY, configure_logging, current_reque
 from backend.kit.middleware import RequestContextMiddleware, rejected_body
 from backend.kit.ratelimit import RateLimiter
 from backend.mcp.router import router as mcp_router
+from backend.n8n.router import hooks as n8n_hooks_router
+from backend.n8n.router import router as n8n_router
 from backend.observability import api as observability_api
 from backend.push.router import router as notifications_router
+from backend.quotas.router import router as quotas_router
 from backend.realtime.hub import Hub
 from backend.realtime.router import router as realtime_router
 from backend.suggestions.router import router as suggestions_router
@@ -278,6 +281,7 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
     routers = (
         auth_router,
         workspaces_router,
+        quotas_router,
         api_keys_router,
         invitations_router,
         # Before workflows: /workflows/generate must not be read as a workflow id.
@@ -292,8 +296,10 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
         analytics_router,
         analytics_sockets,
         triggers_router,
+        n8n_hooks_router,
         hooks_router,
         mcp_router,
+        n8n_router,
         files_router,
         tools_router,
         tasks_router,

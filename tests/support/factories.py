@@ -20,12 +20,13 @@ from factory.declarations import LazyAttribute, LazyFunction
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.config import get_settings
-from backend.kit.crypto import SecretBox
+from backend.kit.crypto import SecretBox, new_token
 from backend.models import (
     Agent,
     Credential,
     File,
     McpServer,
+    N8nInstance,
     Task,
     User,
     Workflow,
@@ -287,6 +288,32 @@ async def make_task(session: AsyncSession, workspace: Workspace, **fields: Any) 
     return task
 
 
+async def make_n8n_instance(
+    session: AsyncSession,
+    workspace: Workspace,
+    *,
+    base_url: str = "http://127.0.0.1:9",
+    api_key: str = "n8n-test-key",
+    **fields: Any,
+) -> N8nInstance:
+    """An n8n instance row (never tested; its URL is refused by the default guard)."""
+    from backend.n8n.service import Secrets, seal
+
+    instance = N8nInstance(
+        id=uuid.uuid4(),
+        workspace_id=workspace.id,
+        name=fields.pop("name", f"n8n-{uuid.uuid4().hex[:8]}"),
+        base_url=base_url,
+        capabilities={},
+        notify={},
+        **fields,
+    )
+    seal(get_settings(), instance, Secrets(api_key, new_token("n8n_"), new_token()))
+    session.add(instance)
+    await session.flush()
+    return instance
+
+
 # Resource model -> factory, for tests that need "some row of this kind" in a workspace.
 FACTORIES: dict[type[Any], Callable[[AsyncSession, Workspace], Awaitable[Any]]] = {
     Workflow: make_workflow,
@@ -296,4 +323,5 @@ FACTORIES: dict[type[Any], Callable[[AsyncSession, Workspace], Awaitable[Any]]] 
     McpServer: make_mcp_server,
     File: make_file,
     Task: make_task,
+    N8nInstance: make_n8n_instance,
 }
