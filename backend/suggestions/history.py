@@ -30,8 +30,8 @@ NODE_FIGURES = text(
     """
     SELECT n.node_id,
            count(*) AS rows,
-           count(*) FILTER (WHERE n.status = 'completed') AS completed,
-           count(*) FILTER (WHERE n.status = 'failed') AS failed,
+           count(*) FILTER (WHERE n.status IN ('completed')) AS completed,
+           count(*) FILTER (WHERE n.status IN ('failed')) AS failed,
            count(n.duration_ms) FILTER (WHERE n.status IN ('completed', 'failed')) AS timed,
            percentile_cont(0.95) WITHIN GROUP (ORDER BY n.duration_ms)
                FILTER (WHERE n.status IN ('completed', 'failed')) AS p95_ms,
@@ -45,12 +45,12 @@ NODE_FIGURES = text(
 FAILURES = text(
     "SELECT n.node_id, coalesce(n.error->>'class', 'permanent') AS cls, count(*) AS n"
     + _RUNS
-    + " AND n.status = 'failed' GROUP BY 1, 2"
+    + " AND n.status IN ('failed') GROUP BY 1, 2"
 )
 BRANCHES = text(
     "SELECT n.node_id, n.branch, count(*) AS n"
     + _RUNS
-    + " AND n.status = 'completed' AND n.branch IS NOT NULL GROUP BY 1, 2"
+    + " AND n.status IN ('completed') AND n.branch IS NOT NULL GROUP BY 1, 2"
 )
 RUNS = text(
     """
@@ -59,6 +59,32 @@ RUNS = text(
       AND status IN ('completed', 'failed', 'cancelled')
     """
 )
+
+
+# Workflows a recompute pass looks at: those with finished runs started in the window,
+# and those with open run-history suggestions (their findings may be gone).
+TO_RECOMPUTE = text(
+    """
+    SELECT w.workspace_id, w.id FROM workflows w
+    WHERE w.id IN (SELECT DISTINCT workflow_id FROM workflow_executions
+                   WHERE created_at >= :since
+                     AND status IN ('completed', 'failed', 'cancelled'))
+    UNION
+    SELECT workspace_id, workflow_id FROM workflow_suggestions
+    WHERE status IN ('open') AND source IN ('history')
+    """
+)
+
+
+async def to_recompute(
+    session: AsyncSession, now: datetime, window_days: int
+) -> dict[uuid.UUID, list[uuid.UUID]]:
+    """Workflow ids by workspace."""
+    rows = await session.execute(TO_RECOMPUTE, {"since": now - timedelta(days=window_days)})
+    out: dict[uuid.UUID, list[uuid.UUID]] = {}
+    for workspace_id, workflow_id in rows.all():
+        out.setdefault(workspace_id, []).append(workflow_id)
+    return {ws: sorted(ids) for ws, ids in out.items()}
 
 
 @dataclass

@@ -17,7 +17,7 @@ import dataclasses
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import delete, func, select, text
@@ -31,7 +31,7 @@ from backend.generate.service import diff
 from backend.kit.db import UnitOfWork
 from backend.kit.errors import Conflict, NotFound, ValidationFailed
 from backend.kit.logging import get_logger
-from backend.models import Workflow, WorkflowExecution, WorkflowSuggestion, WorkflowVersion
+from backend.models import Workflow, WorkflowSuggestion, WorkflowVersion
 from backend.realtime.events import announce
 from backend.suggestions import history as figures
 from backend.suggestions import patch as patches
@@ -42,7 +42,6 @@ from backend.workflows.graph import Context, GraphInvalid, validate
 from backend.workflows.schemas import WorkflowUpdate
 
 log = get_logger(__name__)
-FINISHED = ("completed", "failed", "cancelled")
 NOTICE = "workflow.suggestions"
 
 
@@ -195,31 +194,16 @@ async def recompute_pass(
     """Beat: every workflow with finished runs in the window, or with open run-history
     suggestions (whose findings may be gone), one transaction each; a workflow that
     fails is logged and the pass goes on."""
-    since = now - timedelta(days=settings.generate.suggestions_window_days)
     async with sessionmaker() as session:
-        ran = select(Workflow.workspace_id, Workflow.id).where(
-            Workflow.id.in_(
-                select(WorkflowExecution.workflow_id)
-                .where(
-                    WorkflowExecution.created_at >= since,
-                    WorkflowExecution.status.in_(FINISHED),
-                )
-                .distinct()
-            )
+        by_workspace = await figures.to_recompute(
+            session, now, settings.generate.suggestions_window_days
         )
-        pending = select(WorkflowSuggestion.workspace_id, WorkflowSuggestion.workflow_id).where(
-            WorkflowSuggestion.status == "open", WorkflowSuggestion.source == "history"
-        )
-        rows = (await session.execute(ran.union(pending))).all()
-    by_workspace: dict[uuid.UUID, list[uuid.UUID]] = {}
-    for workspace_id, workflow_id in rows:
-        by_workspace.setdefault(workspace_id, []).append(workflow_id)
     totals = {"workflows": 0, "added": 0, "resolved": 0, "failed": 0}
     for workspace_id, workflow_ids in by_workspace.items():
         async with sessionmaker() as session:
             facts = await figures.workspace_facts(session, workspace_id)
             ctx = await workflows.validation_context(session, workspace_id, None)
-        for workflow_id in sorted(workflow_ids):
+        for workflow_id in workflow_ids:
             try:
                 async with UnitOfWork(sessionmaker) as uow:
                     workflow = await uow.session.get(Workflow, workflow_id)
