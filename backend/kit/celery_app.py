@@ -172,6 +172,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "schedule": settings.tasks.expire_interval_s,
                 "options": {"expires": settings.tasks.expire_interval_s},
             },
+            # n8n fleets: one tick sends a sync per instance that is due; the instance
+            # row's claim, not beat, keeps two syncs of one instance apart.
+            "sync-n8n-instances": {
+                "task": "n8n.sync_due",
+                "schedule": settings.n8n.sync_interval_s,
+                "options": {"expires": settings.n8n.sync_interval_s},
+            },
             "retention": {
                 "task": "maintenance.retention",
                 "schedule": settings.maintenance.interval_s,
