@@ -1,0 +1,166 @@
+"""Issue 16's "done when", through a real uvicorn and a real Celery worker: a run reaches
+an approval and parks (a second run completes meanwhile: no slot held), the assignee
+sees the task in the inbox and a decrypted web push, approves with form input, and the
+run completes on the `approved` branch with the input in its output; an expired task
+takes its `on_timeout` branch; a wait step resumes by its URL once and only once."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.push.loopback import PushService, push_service, vapid_keys
+from tests.support.crossprocess import api, owner, wait_until_done, workflow
+from tests.support.definitions import chain
+
+# The API and the worker are started after collection, with this environment: the
+# worker signs Web Push with this VAPID key.
+PRIVATE, PUBLIC = vapid_keys()
+os.environ.setdefault("PUSH__VAPID_PRIVATE_KEY", PRIVATE)
+os.environ.setdefault("PUSH__VAPID_PUBLIC_KEY", PUBLIC)
+
+pytestmark = [pytest.mark.xdist_group("crossprocess"), pytest.mark.usefixtures("worker_name")]
+__all__ = ["api", "owner"]
+
+FORM = {
+    "type": "object",
+    "properties": {"po": {"type": "string", "pattern": "^PO-[0-9]+$"}},
+    "required": ["po"],
+}
+
+
+def flow(**approval: Any) -> dict[str, Any]:
+    return {
+        "nodes": [
+            {"id": "start", "type": "trigger", "config": {"kind": "manual"}},
+            {"id": "ask", "type": "logic",
+             "config": {"kind": "approval", "title": "Buy {{ trigger.item }}?", **approval}},
+            {"id": "buy", "type": "logic",
+             "config": {"kind": "transform", "template": "{{ nodes.ask.output.input.po }}"}},
+            {"id": "skip", "type": "logic", "config": {"kind": "transform", "template": "no"}},
+        ],
+        "connections": [
+            {"source": "start", "target": "ask"},
+            {"source": "ask", "target": "buy", "branch": "approved"},
+            {"source": "ask", "target": "skip", "branch": "rejected"},
+        ],
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pushes() -> Any:
+    with push_service() as s:
+        yield s
+
+
+def start(api: str, headers: dict[str, str], wf: str, data: dict[str, Any]) -> str:
+    r = httpx.post(
+        f"{api}/api/v1/executions",
+        headers=headers,
+        json={"workflow_id": wf, "trigger_data": data},
+        timeout=10,
+    )
+    assert r.status_code == 202, r.text
+    return str(r.json()["id"])
+
+
+def poll(check: Any, timeout_s: float = 30) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("condition not met in time")
+
+
+def test_a_run_parks_on_an_approval_and_the_assignee_approves_it(
+    api: str, owner: dict[str, str], pushes: PushService
+) -> None:
+    sub = pushes.subscription("owner-browser")
+    r = httpx.post(f"{api}/api/v1/notifications/push-subscriptions", headers=owner, json=sub)
+    assert r.status_code == 201, r.text
+    assert httpx.get(f"{api}/api/v1/notifications/push-key", headers=owner).json() == {
+        "vapid_public_key": PUBLIC
+    }
+    wf = workflow(api, owner, flow(form=FORM))
+    run = start(api, owner, wf, {"item": "a laptop"})
+
+    def waiting() -> Any:
+        body = httpx.get(f"{api}/api/v1/executions/{run}", headers=owner, timeout=10).json()
+        nodes = {n["node_id"]: n["status"] for n in body["nodes"]}
+        return body if nodes.get("ask") == "waiting" else None
+
+    parked = poll(waiting)
+    assert parked["status"] == "pending"
+    # No slot held: another run goes through the same one-process worker meanwhile.
+    other = start(api, owner, workflow(api, owner, chain(3)), {"x": 1})
+    assert wait_until_done(api, owner, other)["status"] == "completed"
+
+    inbox = httpx.get(
+        f"{api}/api/v1/tasks", headers=owner, params={"assigned_to": "me", "status": "open"}
+    ).json()
+    (task,) = [t for t in inbox["items"] if t["execution_id"] == run]
+    assert task["title"] == "Buy a laptop?" and task["can_decide"] and task["form"] == FORM
+    # The push reached the browser, decryptable only with its keys.
+    poll(lambda: any(r[0] == "owner-browser" for r in pushes.received))
+    (payload,) = [p for name, p, _ in pushes.received if name == "owner-browser"]
+    assert payload["title"] == "Decision needed: Buy a laptop?"
+    assert payload["data"]["task_id"] == task["id"]
+    notes = httpx.get(f"{api}/api/v1/notifications", headers=owner).json()
+    assert any(n["data"].get("task_id") == task["id"] for n in notes["items"])
+
+    approve = f"{api}/api/v1/tasks/{task['id']}/approve"
+    bad = httpx.post(approve, headers=owner, json={"input": {"po": "nope"}})
+    assert bad.status_code == 422 and bad.json()["field"] == "input.po"
+    ok = httpx.post(approve, headers=owner, json={"input": {"po": "PO-7"}, "comment": "go"})
+    assert ok.status_code == 200, ok.text
+    done = wait_until_done(api, owner, run)
+    assert done["status"] == "completed", done
+    assert done["output"]["buy"] == "PO-7"
+    nodes = httpx.get(f"{api}/api/v1/executions/{run}/nodes", headers=owner).json()
+    ask = {n["node_id"]: n for n in nodes}["ask"]
+    assert ask["branch"] == "approved" and ask["output"]["input"] == {"po": "PO-7"}
+    assert {n["node_id"]: n["status"] for n in nodes}["skip"] == "skipped"
+
+
+def test_an_expired_task_takes_its_on_timeout_branch(api: str, owner: dict[str, str]) -> None:
+    wf = workflow(api, owner, flow(expires_in=1, on_timeout="reject", notify=False))
+    run = start(api, owner, wf, {"item": "a yacht"})
+    done = wait_until_done(api, owner, run, timeout_s=60)
+    assert done["status"] == "completed", done
+    assert "skip" in done["output"] and "buy" not in done["output"]
+    tasks = httpx.get(f"{api}/api/v1/tasks", headers=owner, params={"execution_id": run}).json()
+    assert [t["status"] for t in tasks["items"]] == ["expired"]
+
+
+def test_a_wait_step_resumes_by_its_url_once(api: str, owner: dict[str, str]) -> None:
+    definition = {
+        "nodes": [
+            {"id": "start", "type": "trigger", "config": {"kind": "manual"}},
+            {"id": "hold", "type": "logic", "config": {"kind": "wait", "resume_url": True}},
+            {"id": "after", "type": "logic",
+             "config": {"kind": "transform", "template": "{{ nodes.hold.output.body.n }}"}},
+        ],
+        "connections": [{"source": "start", "target": "hold"},
+                        {"source": "hold", "target": "after", "branch": "resumed"}],
+    }  # fmt: skip
+    run = start(api, owner, workflow(api, owner, definition), {})
+
+    def resume_url() -> Any:
+        nodes = httpx.get(f"{api}/api/v1/executions/{run}/nodes", headers=owner).json()
+        hold = {n["node_id"]: n for n in nodes}.get("hold")
+        return hold["output"]["resume_url"] if hold and hold["status"] == "waiting" else None
+
+    url = poll(resume_url)
+    token = url.rsplit("/", 1)[1]
+    first = httpx.post(f"{api}/api/v1/resume/{token}", json={"n": 3})
+    assert first.status_code == 202, first.text
+    second = httpx.post(f"{api}/api/v1/resume/{token}", json={"n": 4})
+    assert second.status_code == 409
+    done = wait_until_done(api, owner, run)
+    assert done["status"] == "completed" and done["output"] == {"after": 3}
