@@ -124,6 +124,14 @@ def _figures(hist: rules.History) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _non_finite(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _text(value: str, limit: int = 5000) -> str:
+    return value.replace("\x00", "")[:limit]
+
+
 def to_ops(suggestion: SuggestionIn) -> list[dict[str, Any]]:
     """The stored operations of a submitted suggestion (JSON strings decoded);
     PatchError when one does not decode or is incomplete."""
@@ -131,10 +139,14 @@ def to_ops(suggestion: SuggestionIn) -> list[dict[str, Any]]:
     for index, op in enumerate(suggestion.operations):
         value: Any = None
         if op.value_json not in (None, ""):
+            # PostgreSQL stores neither NUL characters nor non-finite numbers in JSON:
+            # refused here, as the model's mistake, not at the INSERT as a 500.
+            if "\x00" in op.value_json or "\\u0000" in op.value_json:
+                raise patches.PatchError("value_json holds a NUL character", index)
             try:
-                value = json.loads(op.value_json)
+                value = json.loads(op.value_json, parse_constant=_non_finite)
             except ValueError as exc:
-                raise patches.PatchError("value_json is not JSON", index) from exc
+                raise patches.PatchError(f"value_json is not JSON: {exc}", index) from exc
         if op.op == "set_node_field":
             out.append({"op": op.op, "node_id": op.node_id, "field": op.field, "value": value})
         elif op.op == "remove_node":
@@ -239,8 +251,12 @@ async def _ask(
                     found = problems_of(definition, ops, ctx)
                 except patches.PatchError as exc:
                     found = [Problem(str(exc), field="patch")]
-                if not found and len(valid) < limit:
-                    valid.append((suggestion, ops))
+                if not found:
+                    # A repair round may repeat one that was already fine: kept once.
+                    if len(valid) < limit and all(
+                        fingerprint(o) != fingerprint(ops) for _, o in valid
+                    ):
+                        valid.append((suggestion, ops))
                     continue
                 if found:
                     rejected.append(
@@ -413,8 +429,8 @@ async def _store(
     for key, (suggestion, ops) in wanted.items():
         content = {
             "kind": suggestion.kind,
-            "reason": suggestion.reason[:5000],
-            "evidence": {"summary": suggestion.evidence[:5000], "model": model},
+            "reason": _text(suggestion.reason),
+            "evidence": {"summary": _text(suggestion.evidence), "model": model},
             "base_version": base_version,
         }
         row = existing.get(key)

@@ -162,23 +162,31 @@ async def test_a_patch_that_stays_invalid_comes_back_rejected(
     method = op("set_node_field", node_id="fetch", field="config.method", value_json='"FETCH"')
     bad_value = {**LABEL, "operations": [method]}
     not_json = {**LABEL, "operations": [op("set_setting", field="timeout_s", value_json="{")]}
+    nan = {**LABEL, "operations": [op("set_setting", field="timeout_s", value_json="NaN")]}
+    nul = {**LABEL, "operations": [op("set_node_field", node_id="fetch", field="label",
+                                      value_json='"a\\u0000b"')]}  # fmt: skip
+    # A fine one, said with a NUL (PostgreSQL refuses those): stored without it, once.
+    fine = {**LABEL, "reason": "name\u0000 the step"}
     before = len(server[1])
     r = await llm.post(
         f"{API}/{wf_id}/suggestions/generate",
         headers=editor.headers,
-        json={"instruction": script({"suggestions": [bad_value, not_json]})},
+        json={"instruction": script({"suggestions": [bad_value, not_json, nan, nul, fine]})},
     )
     assert r.status_code == 200, r.text
     out = r.json()
-    assert out["items"] == [] and out["rounds"] == 3  # 1 + GENERATE__MAX_REPAIR_ROUNDS
+    assert out["rounds"] == 3  # 1 + GENERATE__MAX_REPAIR_ROUNDS
+    assert [s["reason"] for s in out["items"]] == ["name the step"]
     assert len(server[1]) - before == 3
     problems = [p for rejected in out["rejected"] for p in rejected["problems"]]
     assert {(p["node_id"], p["field"]) for p in problems} == {
         ("fetch", "config.method"), (None, "patch"),
     }  # fmt: skip
-    assert any("not JSON" in p["message"] for p in problems)
+    messages = " ".join(p["message"] for p in problems)
+    assert "not JSON" in messages and "NaN is not a JSON number" in messages
+    assert "NUL" in messages
     listed = await llm.get(f"{API}/{wf_id}/suggestions", headers=editor.headers)
-    assert listed.json()["total"] == 0
+    assert listed.json()["total"] == 1
 
 
 async def test_spend_limit_is_402_no_key_is_424_and_bad_input_422(
