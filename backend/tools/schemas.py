@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Message text is the caller's own: kept exactly (no whitespace stripping, unlike
 # StrictInput), but bounded.
@@ -59,14 +59,14 @@ class ChatRequest(_Input):
     )
     stream: bool = False
 
-    @model_validator(mode="after")
-    def _conversation(self) -> ChatRequest:
-        if self.messages[0].role != "user":
-            raise ValueError("messages: the first message must be the user's")
-        total = sum(m.size() for m in self.messages) + len(self.system or "")
-        if total > MAX_TOTAL_TEXT:
-            raise ValueError(f"messages: more than {MAX_TOTAL_TEXT} characters in all")
-        return self
+    @field_validator("messages")
+    @classmethod
+    def _conversation(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        if messages and messages[0].role != "user":
+            raise ValueError("the first message must be the user's")
+        if sum(m.size() for m in messages) > MAX_TOTAL_TEXT:
+            raise ValueError(f"more than {MAX_TOTAL_TEXT} characters in all")
+        return messages
 
 
 class UsageRead(BaseModel):

@@ -3,7 +3,8 @@ real `anthropic` SDK to talk to on 127.0.0.1. Its answers are scripted by the pr
 
 - "use <tool>" in the first user turn, with that tool offered: a tool_use turn, then,
   once the tool_result comes back, a text answer quoting it ("use http_request on
-  <url>" asks for that URL);
+  <url>" and "use web_read on <url>" ask for that URL, "use web_search for <query>"
+  for that query);
 - "loop forever": a tool_use turn every time (to hit the iteration cap);
 - "overloaded": HTTP 529, as the real API answers when overloaded;
 - "ratelimit-once": HTTP 429 the first time, then an answer;
@@ -126,9 +127,12 @@ def build_app(requests: list[dict[str, Any]]) -> FastAPI:
             tool_input: dict[str, Any] = (
                 {"task": "say hi"} if name.startswith("agent_") else {"timezone": "Europe/Paris"}
             )
-            if name == "http_request":
-                # "use http_request on <url>"
+            if name in ("http_request", "web_read"):
+                # "use http_request on <url>", "use web_read on <url>"
                 tool_input = {"url": first.split(" on ", 1)[1].split()[0]}
+            elif name == "web_search":
+                # "use web_search for <query>"
+                tool_input = {"query": first.split(" for ", 1)[1].strip()}
             use: dict[str, Any] = {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:10]}"}
             use |= {"name": name, "input": tool_input}
             return reply([{"type": "text", "text": "Let me check."}, use], "tool_use")
