@@ -216,3 +216,32 @@ async def test_the_notifications_api(
     assert (
         await c.delete(f"/api/v1/notifications/push-subscriptions/{sid}", headers=h)
     ).status_code == 404
+
+
+async def test_an_invitation_reaches_the_invited_persons_inbox(
+    committed_client: httpx.AsyncClient,
+    maker: async_sessionmaker[AsyncSession],
+    settings: Settings,
+    workspace: Workspace,
+) -> None:
+    from tests.support.identity import make_user, sign_in
+
+    async with UnitOfWork(maker) as uow:
+        admin = await member(uow.session, settings, workspace, Role.ADMINISTRATOR)
+        invitee = await sign_in(uow.session, settings, await make_user(uow.session))
+    r = await committed_client.post(
+        f"/api/v1/workspaces/{workspace.id}/invite",
+        headers=admin.headers,
+        json={"email": invitee.user.email, "role": "editor"},
+    )
+    assert r.status_code == 201, r.text
+    page = (await committed_client.get("/api/v1/notifications", headers=invitee.headers)).json()
+    assert [n["kind"] for n in page["items"]] == ["invitation"]
+    assert page["items"][0]["data"] == {"workspace_id": str(workspace.id), "role": "editor"}
+    # An address with no account yet gets only the e-mail.
+    r = await committed_client.post(
+        f"/api/v1/workspaces/{workspace.id}/invite",
+        headers=admin.headers,
+        json={"email": f"nobody-{uuid.uuid4().hex[:6]}@example.com"},
+    )
+    assert r.status_code == 201
