@@ -57,6 +57,11 @@ executions_app = typer.Typer(
     help="Runs: list, inspect, follow, cancel, retry.",
     no_args_is_help=True,
 )
+tasks_app = typer.Typer(
+    rich_markup_mode="markdown",
+    help="Tasks people decide: approval steps runs wait on, and manual tasks.",
+    no_args_is_help=True,
+)
 admin_app = typer.Typer(
     rich_markup_mode="markdown",
     help="Run where the database is: bootstrap for automation.",
@@ -65,6 +70,7 @@ admin_app = typer.Typer(
 app.add_typer(workspaces_app, name="workspaces")
 app.add_typer(workflows_app, name="workflows")
 app.add_typer(executions_app, name="executions")
+app.add_typer(tasks_app, name="tasks")
 app.add_typer(admin_app, name="admin")
 
 JsonOpt = Annotated[
@@ -816,6 +822,92 @@ def executions_retry(
 
 
 # Admin --------------------------------------------------------------------------------------
+
+
+@tasks_app.command("list")
+@handled
+def tasks_list(
+    status: Annotated[
+        str | None, typer.Option(help="open, approved, rejected, expired or cancelled.")
+    ] = "open",
+    mine: Annotated[bool, typer.Option("--mine", help="Only tasks you may decide.")] = False,
+    workflow: Annotated[str | None, typer.Option(help="Only this workflow's tasks.")] = None,
+    limit: Limit = 20,
+    offset: Offset = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """The inbox, newest first (open ones by default; --status '' for all)."""
+    params = {
+        "status": status or None,
+        "assigned_to": "me" if mine else None,
+        "workflow_id": _uuid(workflow, "workflow") if workflow else None,
+        "limit": limit,
+        "offset": offset,
+    }
+    with Client(context()) as client:
+        page = client.call("GET", "/tasks", params=params, needs_workspace=True)
+    if as_json:
+        emit_json(page)
+        return
+    table(
+        ["id", "status", "title", "run", "node", "yours", "expires"],
+        [
+            [
+                t["id"],
+                t["status"],
+                t["title"],
+                t["execution_id"] or "",
+                t["node_id"] or "",
+                "yes" if t["can_decide"] else "",
+                short_time(t["expires_at"]) if t["expires_at"] else "",
+            ]
+            for t in page["items"]
+        ],
+    )
+
+
+def _decide(task_id: str, action: str, comment: str | None, value: str | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"comment": comment}
+    if value is not None:
+        body["input"] = _input(value)
+    with Client(context()) as client:
+        result: dict[str, Any] = client.call(
+            "POST", f"/tasks/{_uuid(task_id, 'task')}/{action}", json=body
+        )
+    return result
+
+
+InputOpt = Annotated[
+    str | None,
+    typer.Option("--input", help="The form's input: JSON, or @file.json (@- for stdin)."),
+]
+CommentOpt = Annotated[str | None, typer.Option("--comment", "-m", help="Why.")]
+
+
+@tasks_app.command("approve")
+@handled
+def tasks_approve(
+    task_id: str, comment: CommentOpt = None, value: InputOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Approve a task (once: a task already decided exits with a conflict)."""
+    body = _decide(task_id, "approve", comment, value)
+    if as_json:
+        emit_json(body)
+    else:
+        out.print(f"task {body['id']}: {body['status']}")
+
+
+@tasks_app.command("reject")
+@handled
+def tasks_reject(
+    task_id: str, comment: CommentOpt = None, value: InputOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Reject a task."""
+    body = _decide(task_id, "reject", comment, value)
+    if as_json:
+        emit_json(body)
+    else:
+        out.print(f"task {body['id']}: {body['status']}")
 
 
 @admin_app.command("create-api-key")

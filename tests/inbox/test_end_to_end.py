@@ -6,7 +6,9 @@ takes its `on_timeout` branch; a wait step resumes by its URL once and only once
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import time
 from typing import Any
 
@@ -16,6 +18,7 @@ import pytest
 from tests.push.loopback import PushService, push_service, vapid_keys
 from tests.support.crossprocess import api, owner, wait_until_done, workflow
 from tests.support.definitions import chain
+from tests.support.procs import PYTHON, python_env
 
 # The API and the worker are started after collection, with this environment: the
 # worker signs Web Push with this VAPID key.
@@ -164,3 +167,45 @@ def test_a_wait_step_resumes_by_its_url_once(api: str, owner: dict[str, str]) ->
     assert second.status_code == 409
     done = wait_until_done(api, owner, run)
     assert done["status"] == "completed" and done["output"] == {"after": 3}
+
+
+def test_studio_tasks_list_approve_reject(api: str, owner: dict[str, str], tmp_path: Any) -> None:
+    def studio(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [PYTHON, "-m", "studio", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=python_env(STUDIO_CONFIG_DIR=str(tmp_path), STUDIO_URL=api, **env),
+        )
+
+    made = studio(
+        "admin", "create-api-key", "--workspace", owner["X-Workspace-ID"], "--role", "editor",
+        "--json",
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    key = json.loads(made.stdout)["key"]
+    ids = []
+    for title in ("Renew the domain", "Order chairs"):
+        r = httpx.post(
+            f"{api}/api/v1/tasks",
+            headers=owner,
+            json={"title": title, "form": FORM, "notify": False},
+        )
+        assert r.status_code == 201, r.text
+        ids.append(r.json()["id"])
+    listed = studio("tasks", "list", "--mine", "--json", STUDIO_API_KEY=key)
+    assert listed.returncode == 0, listed.stderr
+    assert set(ids) <= {t["id"] for t in json.loads(listed.stdout)["items"]}
+    bad = studio("tasks", "approve", ids[0], "--input", '{"po": "x"}', STUDIO_API_KEY=key)
+    assert bad.returncode != 0 and "input.po" in bad.stderr
+    ok = studio(
+        "tasks", "approve", ids[0], "--input", '{"po": "PO-9"}', "-m", "fine", "--json",
+        STUDIO_API_KEY=key,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["decision"]["input"] == {"po": "PO-9"}
+    again = studio("tasks", "reject", ids[0], STUDIO_API_KEY=key)
+    assert again.returncode != 0 and "already approved" in again.stderr
+    no = studio("tasks", "reject", ids[1], "--input", '{"po": "PO-1"}', STUDIO_API_KEY=key)
+    assert no.returncode == 0 and "rejected" in no.stdout
