@@ -15,6 +15,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -58,28 +59,28 @@ def row(
 def process(
     argv: list[str], env: dict[str, str], ready: Callable[[], bool]
 ) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(
-        argv,
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        process_group=0,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not _safe(ready):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{argv[:4]} did not start")
-            time.sleep(0.2)
-        yield proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
+    # Its output goes to a file, so a process that did not start says why.
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, process_group=0
+        )
         try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            # Generous: on a loaded 2-core machine importing the app alone took 20-30 s.
+            deadline = time.monotonic() + 180
+            while not _safe(ready):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    tail = log.read().decode(errors="replace")[-3000:]
+                    raise RuntimeError(f"{argv[:4]} did not start:\n{tail}")
+                time.sleep(0.2)
+            yield proc
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 def _safe(check: Callable[[], bool]) -> bool:
@@ -299,10 +300,14 @@ def main() -> int:
             ),
             process(
                 # BENCH_STREAM_WS=wsproto|websockets|websockets-sansio: uvicorn's WebSocket
-                # implementation for this part (default: uvicorn's choice).
+                # implementation for this part (default: uvicorn's choice). The API runs
+                # as the Procfile runs it, one process per core (BENCH_STREAM_API_WORKERS):
+                # each process fans out to the sockets it accepted.
                 [
                     *uvicorn(port),
                     *(["--ws", ws] if (ws := os.environ.get("BENCH_STREAM_WS")) else []),
+                    "--workers",
+                    os.environ.get("BENCH_STREAM_API_WORKERS", str(os.cpu_count() or 1)),
                 ],
                 stream_env,
                 lambda: httpx.get(f"{base}/health").status_code == 200,

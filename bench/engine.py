@@ -184,6 +184,7 @@ async def throughput(
 
     async def post(first: int) -> None:
         async with gate:
+            body: dict[str, Any]
             if batch == 1:
                 body = {"workflow_id": wf, "trigger_data": {"x": first}}
                 r = await client.post("/api/v1/executions", headers=headers, json=body)

@@ -259,6 +259,23 @@ async def _raw_client(
     results.append({**_result(client.frames, client.code), "error": client.error})
 
 
+class ApiProcesses:
+    """The API as the Procfile runs it: uvicorn's supervisor and its worker processes
+    (one per core). Memory and CPU are the sum over all of them."""
+
+    def __init__(self, pid: int) -> None:
+        self.main = psutil.Process(pid)
+
+    def all(self) -> list[psutil.Process]:
+        return [self.main, *self.main.children(recursive=True)]
+
+    def rss(self) -> int:
+        return sum(p.memory_info().rss for p in self.all())
+
+    def cpu_s(self) -> float:
+        return sum(sum(p.cpu_times()[:2]) for p in self.all())
+
+
 def _profile(api_pid: int, clients: int) -> list[Any]:
     """BENCH_STREAM_PROFILE=<prefix>: py-spy records the API process and this one for
     the live part (`uv run --with py-spy`), as raw stacks in <prefix>.<clients>.*.txt."""
@@ -267,6 +284,7 @@ def _profile(api_pid: int, clients: int) -> list[Any]:
     prefix = os.environ.get("BENCH_STREAM_PROFILE")
     if not prefix:
         return []
+    api = ApiProcesses(api_pid)
     secs = os.environ.get("BENCH_STREAM_PROFILE_S", "4")
     return [
         subprocess.Popen(
@@ -278,7 +296,11 @@ def _profile(api_pid: int, clients: int) -> list[Any]:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        for name, pid in (("api", api_pid), ("client", os.getpid()))
+        for name, pid in (
+            # The worker processes (the supervisor only watches them), or the one process.
+            *((f"api{i}", p.pid) for i, p in enumerate(api.all()[1:] or api.all())),
+            ("client", os.getpid()),
+        )
     ]
 
 
@@ -286,7 +308,7 @@ async def measure_streams(
     base: str, headers: dict[str, str], api_pid: int, gate: Gate, clients: int
 ) -> dict[str, Any]:
     token = headers["Authorization"].removeprefix("Bearer ")
-    api = psutil.Process(api_pid)
+    api = ApiProcesses(api_pid)
     gate.reset()
     async with httpx.AsyncClient(base_url=base, timeout=60) as http:
         r = await http.post(
@@ -296,7 +318,7 @@ async def measure_streams(
         )
         r.raise_for_status()
         wf = r.json()["id"]
-        rss_before = api.memory_info().rss
+        rss_before = api.rss()
         ids = []
         for _ in range(EXECUTIONS):
             r = await http.post("/api/v1/executions", headers=headers, json={"workflow_id": wf})
@@ -324,15 +346,15 @@ async def measure_streams(
         raise RuntimeError(f"{waiting} of {clients} clients got no event in 240 s") from None
     connect_s = time.monotonic() - t0
     await asyncio.sleep(0.5)
-    rss_connected = api.memory_info().rss
+    rss_connected = api.rss()
     connected_at = time.time()
     spies = _profile(api_pid, clients)
-    api_cpu, own_cpu = sum(api.cpu_times()[:2]), time.process_time()
+    api_cpu, own_cpu = api.cpu_s(), time.process_time()
     gate.opened.set()
     await asyncio.gather(*tasks, return_exceptions=True)
     # CPU seconds from the gate to the last close: the API process, and this one (the
     # clients), so a client that costs more than the server shows.
-    api_cpu, own_cpu = sum(api.cpu_times()[:2]) - api_cpu, time.process_time() - own_cpu
+    api_cpu, own_cpu = api.cpu_s() - api_cpu, time.process_time() - own_cpu
     for spy in spies:
         spy.wait()
     if os.environ.get("BENCH_STREAM_DUMP"):
@@ -348,7 +370,10 @@ async def measure_streams(
         print(f"  {sum(1 for r in failed if r['error'] == error)} clients did not open: {error}")
     results = [res for res in results if not res.get("error")]
     frames = sum(res["frames"] for res in results)
-    print(f"  {clients} clients: {delivered} events in {frames} frames ({query or 'unbatched'})")
+    print(
+        f"  {clients} clients: {delivered} events in {frames} frames ({query or 'unbatched'}), "
+        f"API in {len(api.all()[1:] or api.all())} process(es)"
+    )
     lost = 0
     for res in results:
         expected = res["final"] or 0
