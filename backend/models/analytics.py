@@ -1,5 +1,6 @@
-"""Precomputed analytics: one row per workspace, hour, dimension and key, rebuilt from
-the runs by `analytics.aggregate`, so the analytics API never scans a month of runs."""
+"""Precomputed analytics: one row per workspace, hour (and day), dimension and key,
+rebuilt from the runs by `analytics.aggregate`, so the analytics API never scans a month
+of runs; and each workspace's quota overrides."""
 
 from __future__ import annotations
 
@@ -30,7 +31,10 @@ class AnalyticsAggregate(Base):
     workspace_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("workspaces.id", ondelete="CASCADE"), primary_key=True
     )
-    # The hour the runs were created in (UTC); days, weeks and months are sums of hours.
+    # "hour": the runs created in that hour; "day": the sum of that day's hour rows,
+    # rebuilt with them, so a month is read as ~30 rows per key instead of ~720.
+    span: Mapped[str] = mapped_column(String(5), primary_key=True, server_default="hour")
+    # The hour (or day) the runs were created in (UTC); weeks and months are sums.
     bucket: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
     kind: Mapped[str] = mapped_column(String(20), primary_key=True)
     key: Mapped[str] = mapped_column(String(400), primary_key=True)
@@ -75,3 +79,20 @@ class AnalyticsCursor(Base):
 # the analytics that need it, rather than on the executions model.
 CHANGED_AT = func.coalesce(WorkflowExecution.finished_at, WorkflowExecution.created_at)
 Index("ix_workflow_executions_changed_at", CHANGED_AT)
+
+
+class WorkspaceQuota(Base):
+    """An operator's per-workspace quota overrides (`python -m backend.quotas set`):
+    {quota name: limit or null (unlimited)}; a name absent here takes QUOTAS__* from
+    settings. Kept apart from `workspaces.settings`, which the workspace's own
+    administrators may edit: a tenant never lifts its own quota."""
+
+    __tablename__ = "workspace_quotas"
+
+    workspace_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="CASCADE"), primary_key=True
+    )
+    limits: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )

@@ -1,0 +1,1 @@
+"""Per-workspace quotas: limits, usage against them, and admission of work."""
