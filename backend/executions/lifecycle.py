@@ -31,6 +31,7 @@ from backend.kit.db import UnitOfWork
 from backend.kit.logging import get_logger
 from backend.kit.tasks import Send, enqueue_after_commit, send_in_thread
 from backend.models import ExecutionTransition, WorkflowExecution
+from backend.quotas import service as quotas
 from backend.realtime.events import publish_after_commit
 
 log = get_logger(__name__)
@@ -88,7 +89,14 @@ async def create_run(
     """Every run starts here (API, retry, rerun, schedules, webhooks, events, sub-runs):
     a `pending` row, its first history entry and, after the commit, its message. With
     `skip_duplicate`, None when a unique key (idempotency key, schedule slot) already
-    has its run: the database decides, so two dispatchers can never both fire one."""
+    has its run: the database decides, so two dispatchers can never both fire one.
+    Quotas are checked first (backend/quotas): QuotaExceeded, or None for a schedule or
+    event run skipped over a quota (recorded there; raising would undo an event's close)."""
+    admission = await quotas.admit_runs(
+        uow.session, workspace_id, 1, trigger_type=trigger_type, actor=actor, values=values
+    )
+    if admission is None:
+        return None
     execution = await repo.insert_run(
         uow.session,
         {
@@ -104,6 +112,7 @@ async def create_run(
         skip_duplicate=skip_duplicate,
     )
     if execution is None:
+        await admission.release(1)
         return None
     await repo.add_history(
         uow.session,
@@ -126,8 +135,19 @@ async def create_runs(
     columns of create_run; a row whose unique key already has its run is skipped (the
     caller finds those by key)."""
     now = _now()
+    admission = quotas.FREE
+    if rows:  # one batch is one workflow's runs from one caller: admitted together
+        first = rows[0]
+        found = await quotas.admit_runs(
+            uow.session, first["workspace_id"], len(rows),
+            trigger_type=first["trigger_type"], actor=actor, values=first,
+        )  # fmt: skip
+        admission = found or quotas.FREE
+        if found is None:
+            return []
     values = [{"id": uuid.uuid4(), "status": E.PENDING.value, **row} for row in rows]
     ids = await repo.insert_runs(uow.session, values)
+    await admission.release(len(values) - len(ids))
     await repo.add_history(
         uow.session,
         [repo.history_row(i, None, E.PENDING, at=now, actor=actor, reason=reason) for i in ids],
