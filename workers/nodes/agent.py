@@ -9,7 +9,9 @@ from typing import Any
 
 from backend.agents import runtime
 from backend.agents.service import build_spec
+from backend.kit.errors import QuotaExceeded
 from backend.models import Agent
+from backend.quotas import service as quotas
 from backend.workflows.graph import AgentConfig
 from workers.engine.retry import NodeFailure, classify
 from workers.nodes.base import NodeContext, NodeResult
@@ -54,6 +56,12 @@ async def run(ctx: NodeContext) -> NodeResult:
     )
     result = runtime.AgentResult(output="", stop_reason="", iterations=0, model=config.model or "")
     subs = runtime.AgentResult(output="", stop_reason="", iterations=0, model=config.model or "")
+    try:  # the workspace's monthly AI tokens and cost (QUOTAS__*): no call past them
+        async with ctx.sessionmaker() as session:
+            await quotas.check_ai(session, ctx.workspace_id, settings)
+    except QuotaExceeded as exc:
+        await client.close()
+        raise NodeFailure(str(exc), "permanent") from exc
     try:
         if config.agent_id is not None:
             async with ctx.sessionmaker() as session:
@@ -111,6 +119,7 @@ async def run(ctx: NodeContext) -> NodeResult:
     tokens_in = result.usage.input_tokens + subs.usage.input_tokens
     tokens_out = result.usage.output_tokens + subs.usage.output_tokens
     cost = (result.cost or 0.0) + (subs.cost or 0.0)
+    await quotas.spend_ai(ctx.workspace_id, tokens_in + tokens_out, cost)
     if result.stop_reason == "max_iterations":
         # A loop that hit its cap ends as a failure, not as a quiet success.
         raise NodeFailure(f"agent stopped at max_iterations ({config.max_iterations})", "permanent")
