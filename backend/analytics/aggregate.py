@@ -2,8 +2,9 @@
 
 `compute` turns one workspace's runs created in [start, end) into rows (one per hour,
 dimension and key); it writes nothing, so the API uses it for the live tail too.
-`rebuild` replaces the stored rows of some hours with freshly computed ones, in one
-transaction: running it twice for the same hours leaves the same rows (idempotent).
+`rebuild` replaces the stored rows of some hours with freshly computed ones, and the
+rows of their days with the sums of their hours, in one transaction: running it twice
+for the same hours leaves the same rows (idempotent).
 `aggregate_pass` finds the hours holding a run created or finished since the cursor
 (late finishes of old runs included) and rebuilds them; beat sends it as
 `analytics.aggregate` on the `default` queue.
@@ -31,6 +32,7 @@ log = get_logger(__name__)
 
 CURSOR = "aggregate"
 HOUR = timedelta(hours=1)
+DAY = timedelta(days=1)
 # Each pass looks this far behind its cursor again: a run inserted by a transaction
 # that began before the last pass and committed after it has a created_at (and a
 # worker's finished_at) older than the cursor. Rebuilding is idempotent, so looking
@@ -48,6 +50,10 @@ _COUNTERS = (
 
 def hour_of(at: datetime) -> datetime:
     return at.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+def day_of(at: datetime) -> datetime:
+    return hour_of(at).replace(hour=0)
 
 
 @dataclass
@@ -96,6 +102,13 @@ class Row:
         self.cost_usd += cost or 0.0
         self.cache_read_tokens += cache[0]
         self.cache_write_tokens += cache[1]
+
+    def fold(self, row: Any) -> None:
+        """Add a stored row (hours into their day)."""
+        for name in _COUNTERS:
+            setattr(self, name, getattr(self, name) + (row[name] or 0))
+        histogram.merge(self.duration_hist, row["duration_hist"] or {})
+        histogram.merge(self.wait_hist, row["wait_hist"] or {})
 
     def values(self) -> dict[str, Any]:
         out = {name: getattr(self, name) for name in _COUNTERS}
@@ -300,17 +313,71 @@ async def rebuild(
             await session.execute(
                 delete(AnalyticsAggregate).where(
                     AnalyticsAggregate.workspace_id == workspace_id,
+                    AnalyticsAggregate.span == "hour",
                     AnalyticsAggregate.bucket.in_(slice_hours),
                 )
             )
-            values = [
-                {"workspace_id": workspace_id, "bucket": b, "kind": k, "key": key, **row.values()}
-                for (b, k, key), row in rows.items()
-            ]
-            for first in range(0, len(values), 1000):
-                await session.execute(pg_insert(AnalyticsAggregate), values[first : first + 1000])
-            written += len(values)
+            written += await _insert(session, workspace_id, "hour", rows)
+            written += await _rebuild_days(session, workspace_id, {day_of(h) for h in slice_hours})
     return written
+
+
+async def _insert(
+    session: AsyncSession, workspace_id: uuid.UUID, span: str, rows: dict[Key, Row]
+) -> int:
+    values = [
+        {"workspace_id": workspace_id, "span": span, "bucket": b, "kind": k, "key": key,
+         **row.values()}
+        for (b, k, key), row in rows.items()
+    ]  # fmt: skip
+    for first in range(0, len(values), 1000):
+        await session.execute(pg_insert(AnalyticsAggregate), values[first : first + 1000])
+    return len(values)
+
+
+_HOURS_OF_DAYS = text(
+    """
+    SELECT date_trunc('day', bucket, 'UTC') AS day, kind, key, runs, pending, running,
+           completed, failed, cancelled, duration_count, duration_sum_ms, duration_hist,
+           wait_count, wait_sum_ms, wait_hist, retries, input_tokens, output_tokens,
+           cache_read_tokens, cache_write_tokens, cost_usd
+    FROM analytics_aggregates
+    WHERE workspace_id = :ws AND span = 'hour' AND bucket >= :start AND bucket < :end
+    """
+)
+
+
+async def _rebuild_days(session: AsyncSession, workspace_id: uuid.UUID, days: set[datetime]) -> int:
+    """Each of these days' row = the sum of its stored hour rows (read back inside the
+    same transaction and lock, so hours rebuilt by an earlier slice count too)."""
+    written = 0
+    for first, last in _day_ranges(days):
+        await session.execute(
+            delete(AnalyticsAggregate).where(
+                AnalyticsAggregate.workspace_id == workspace_id,
+                AnalyticsAggregate.span == "day",
+                AnalyticsAggregate.bucket >= first,
+                AnalyticsAggregate.bucket < last,
+            )
+        )
+        result = await session.execute(
+            _HOURS_OF_DAYS, {"ws": workspace_id, "start": first, "end": last}
+        )
+        summed: dict[Key, Row] = defaultdict(Row)
+        for r in result:
+            summed[(r.day, r.kind, r.key)].fold(r._mapping)
+        written += await _insert(session, workspace_id, "day", summed)
+    return written
+
+
+def _day_ranges(days: set[datetime]) -> list[tuple[datetime, datetime]]:
+    out: list[tuple[datetime, datetime]] = []
+    for d in sorted(days):
+        if out and out[-1][1] == d:
+            out[-1] = (out[-1][0], d + DAY)
+        else:
+            out.append((d, d + DAY))
+    return out
 
 
 _CHANGED = text(

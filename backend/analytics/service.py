@@ -1,6 +1,7 @@
-"""Answers of the analytics API: stored hourly aggregates for the hours the last pass
-covered, plus the live tail computed from the runs themselves, summed into totals,
-series and breakdowns; each answer kept briefly in Redis."""
+"""Answers of the analytics API: stored aggregates (day rows for whole days, hour rows
+for the edges) for the time the last pass covered, summed in PostgreSQL, plus the live
+tail computed from the runs themselves, into totals, series and breakdowns; each answer
+kept briefly in Redis."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import hashlib
 import json
 import uuid
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -16,11 +17,21 @@ from typing import Any, Literal
 from fastapi.encoders import jsonable_encoder
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from sqlalchemy import select, text
+from sqlalchemy import TextClause, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.analytics import histogram
-from backend.analytics.aggregate import HOUR, OVERLAP, compute, cursor, hour_of
+from backend.analytics.aggregate import (
+    DAY,
+    HOUR,
+    OVERLAP,
+    Key,
+    Row,
+    compute,
+    cursor,
+    day_of,
+    hour_of,
+)
 from backend.config import Settings
 from backend.kit.errors import ValidationFailed
 from backend.kit.logging import get_logger
@@ -100,6 +111,10 @@ def period_of(bucket: datetime, granularity: Granularity) -> datetime:
     return day.replace(day=1)
 
 
+def _no_quantiles(_: Mapping[str, int]) -> dict[str, float | None]:
+    return {"p50": None, "p95": None, "p99": None}
+
+
 class Sum:
     """Aggregate rows added together."""
 
@@ -108,7 +123,7 @@ class Sum:
         self.duration_hist: dict[str, int] = {}
         self.wait_hist: dict[str, int] = {}
 
-    def add(self, row: dict[str, Any], hists: bool = True) -> None:
+    def add(self, row: Mapping[str, Any], hists: bool = True) -> None:
         v = self.values
         for name in _SUMS:
             v[name] += row[name] or 0
@@ -116,9 +131,16 @@ class Sum:
             histogram.merge(self.duration_hist, row["duration_hist"] or {})
             histogram.merge(self.wait_hist, row["wait_hist"] or {})
 
-    def stats(self) -> dict[str, Any]:
+    def merge(self, other: Sum) -> None:
+        for name in _SUMS:
+            self.values[name] += other.values[name]
+        histogram.merge(self.duration_hist, other.duration_hist)
+        histogram.merge(self.wait_hist, other.wait_hist)
+
+    def stats(self, quantiles: bool = True) -> dict[str, Any]:
         v = self.values
         ended = v["completed"] + v["failed"] + v["cancelled"]
+        q = histogram.quantiles if quantiles else _no_quantiles
         return {
             "runs": int(v["runs"]),
             "by_status": {s: int(v[s]) for s in STATUSES},
@@ -127,11 +149,11 @@ class Sum:
                 "mean": round(v["duration_sum_ms"] / v["duration_count"], 3)
                 if v["duration_count"]
                 else None,
-                **histogram.quantiles(self.duration_hist),
+                **q(self.duration_hist),
             },
             "queue_wait_ms": {
                 "mean": round(v["wait_sum_ms"] / v["wait_count"], 3) if v["wait_count"] else None,
-                **histogram.quantiles(self.wait_hist),
+                **q(self.wait_hist),
             },
             "retries": int(v["retries"]),
             "tokens": {
@@ -144,83 +166,176 @@ class Sum:
         }
 
 
-_STORED = text(
-    """
-    SELECT bucket, kind, key, runs, pending, running, completed, failed, cancelled,
-           duration_count, duration_sum_ms, duration_hist, wait_count, wait_sum_ms,
-           wait_hist, retries, input_tokens, output_tokens, cache_read_tokens,
-           cache_write_tokens, cost_usd
+Group = tuple[datetime | None, str, str]  # (period or None for the whole window, kind, key)
+
+_COLUMNS = ", ".join(f"sum({c}) AS {c}" for c in _SUMS)
+_PERIOD = {
+    "hour": "bucket",
+    "day": "date_trunc('day', bucket, 'UTC')",
+    "week": "date_trunc('week', bucket, 'UTC')",  # ISO weeks: Monday
+    "month": "date_trunc('month', bucket, 'UTC')",
+}
+# Stored rows: day rows for whole days, hour rows for the ragged edges (or hour rows
+# throughout for an hourly series), filtered by kind and optionally by key or key prefix.
+_SOURCE = """
     FROM analytics_aggregates
-    WHERE workspace_id = :ws AND bucket >= :since AND bucket < :until
-      AND kind = ANY(:kinds)
-    """
-)
+    WHERE workspace_id = :ws AND kind = ANY(:kinds)
+      AND (CAST(:key AS text) IS NULL OR key = :key OR key LIKE :prefix)
+      AND ((span = 'day' AND bucket >= :d0 AND bucket < :d1)
+        OR (span = 'hour' AND ((bucket >= :since AND bucket < :d0)
+                            OR (bucket >= :d1 AND bucket < :until))))
+"""
 
 
-async def rows_for(
-    session: AsyncSession, workspace_id: uuid.UUID, w: Window, kinds: Iterable[str]
-) -> list[dict[str, Any]]:
-    """The aggregate rows of the window: stored ones up to where the last pass reached
-    (less its overlap), the rest computed live from the runs."""
-    wanted = list(kinds)
-    position = await cursor(session)
-    live_from = hour_of(position - OVERLAP) if position else w.since
-    live_from = min(max(live_from, w.since), w.until)
-    out: list[dict[str, Any]] = []
-    if live_from > w.since:
-        result = await session.execute(
-            _STORED, {"ws": workspace_id, "since": w.since, "until": live_from, "kinds": wanted}
-        )
-        out = [dict(r._mapping) for r in result]
-    if live_from < w.until:
-        live = await compute(session, workspace_id, live_from, w.until)
-        for (bucket, kind, key), row in live.items():
-            if kind in wanted:
-                out.append({"bucket": bucket, "kind": kind, "key": key, **row.values()})
-    return out
+def _hist_rows(column: str, period: str, which: str) -> str:
+    source = _SOURCE.replace(
+        "FROM analytics_aggregates",
+        f"FROM analytics_aggregates, jsonb_each_text({column}) AS e(slot, n)",
+    )
+    return (
+        f"SELECT {period} AS period, kind, key, '{which}' AS which, e.slot, "
+        f"e.n::bigint AS n {source}"
+    )
 
 
-def totals(rows: Iterable[dict[str, Any]], kind: str, key: str | None = None) -> Sum:
+# Built once from the constants above (no input reaches the text): one statement per
+# series shape (None: the whole window). Histograms are summed slot by slot in SQL.
+_COUNTER_SQL: dict[str | None, TextClause] = {}
+_HIST_SQL: dict[str | None, TextClause] = {}
+for _shape, _period in [*_PERIOD.items(), (None, "CAST(NULL AS timestamptz)")]:
+    _COUNTER_SQL[_shape] = text(
+        f"SELECT {_period} AS period, kind, key, {_COLUMNS} {_SOURCE} GROUP BY 1, 2, 3"
+    )
+    _HIST_SQL[_shape] = text(
+        "SELECT period, kind, key, which, slot, sum(n) AS n FROM ("  # noqa: S608
+        f"{_hist_rows('duration_hist', _period, 'd')} UNION ALL "
+        f"{_hist_rows('wait_hist', _period, 'w')}) s GROUP BY 1, 2, 3, 4, 5"
+    )
+
+
+def _ceil_day(at: datetime) -> datetime:
+    day = day_of(at)
+    return day if day == at else day + DAY
+
+
+class Source:
+    """The rows one answer is built from: stored aggregates up to where the last pass
+    reached (less its overlap), and the live tail computed from the runs once per answer.
+    Sums (and histograms, where percentiles are shown) are added up in PostgreSQL."""
+
+    def __init__(self, session: AsyncSession, workspace_id: uuid.UUID, w: Window) -> None:
+        self.session, self.workspace_id, self.w = session, workspace_id, w
+        self._live: dict[Key, Row] | None = None
+        self._live_from: datetime | None = None
+
+    async def live_from(self) -> datetime:
+        if self._live_from is None:
+            position = await cursor(self.session)
+            start = hour_of(position - OVERLAP) if position else self.w.since
+            self._live_from = min(max(start, self.w.since), self.w.until)
+        return self._live_from
+
+    async def live(self) -> dict[Key, Row]:
+        if self._live is None:
+            start = await self.live_from()
+            self._live = (
+                await compute(self.session, self.workspace_id, start, self.w.until)
+                if start < self.w.until
+                else {}
+            )
+        return self._live
+
+    async def groups(
+        self,
+        kinds: Iterable[str],
+        *,
+        series: bool = False,
+        key: str | None = None,
+        prefix: str | None = None,
+        hists: bool = True,
+    ) -> dict[Group, Sum]:
+        """Sums per (period, kind, key) with `series`, else per (None, kind, key)."""
+        wanted = list(kinds)
+        w, live_from = self.w, await self.live_from()
+        out: dict[Group, Sum] = defaultdict(Sum)
+        if live_from > w.since:
+            if series and w.granularity == "hour":
+                d0 = d1 = live_from  # hour rows throughout
+            else:
+                d0, d1 = _ceil_day(w.since), day_of(live_from)
+                if d0 >= d1:
+                    d0 = d1 = live_from
+            params = {
+                "ws": self.workspace_id, "kinds": wanted, "key": key,
+                "prefix": f"{prefix}%" if prefix else None,
+                "since": w.since, "until": live_from, "d0": d0, "d1": d1,
+            }  # fmt: skip
+            shape = w.granularity if series else None
+            for r in await self.session.execute(_COUNTER_SQL[shape], params):
+                out[(r.period, r.kind, r.key)].add(dict(r._mapping), hists=False)
+            if hists:
+                for r in await self.session.execute(_HIST_SQL[shape], params):
+                    target = out[(r.period, r.kind, r.key)]
+                    hist = target.duration_hist if r.which == "d" else target.wait_hist
+                    hist[r.slot] = hist.get(r.slot, 0) + int(r.n)
+        for (bucket, kind, row_key), row in (await self.live()).items():
+            if kind not in wanted:
+                continue
+            if key is not None and row_key != key and not (prefix and row_key.startswith(prefix)):
+                continue
+            at = period_of(bucket, w.granularity) if series else None
+            out[(at, kind, row_key)].add(row.values(), hists=hists)
+        return out
+
+
+def totals(groups: dict[Group, Sum], kind: str, key: str | None = None) -> Sum:
     s = Sum()
-    for r in rows:
-        if r["kind"] == kind and (key is None or r["key"] == key):
-            s.add(r)
+    for (_, k, row_key), part in groups.items():
+        if k == kind and (key is None or row_key == key):
+            s.merge(part)
     return s
 
 
 def series(
-    rows: Iterable[dict[str, Any]], kind: str, w: Window, key: str | None = None
+    groups: dict[Group, Sum], kind: str, key: str | None = None, *, stats: bool = True
 ) -> list[dict[str, Any]]:
     periods: dict[datetime, Sum] = defaultdict(Sum)
-    for r in rows:
-        if r["kind"] == kind and (key is None or r["key"] == key):
-            periods[period_of(r["bucket"], w.granularity)].add(r)
-    return [{"period": p, **periods[p].stats()} for p in sorted(periods)]
+    for (period, k, row_key), part in groups.items():
+        if period is not None and k == kind and (key is None or row_key == key):
+            periods[period.astimezone(UTC)].merge(part)
+    return [{"period": p, **periods[p].stats(quantiles=stats)} for p in sorted(periods)]
 
 
 def by_key(
-    rows: Iterable[dict[str, Any]], kind: str, names: dict[str, str] | None = None
+    groups: dict[Group, Sum],
+    kind: str,
+    names: dict[str, str] | None = None,
+    *,
+    stats: bool = True,
 ) -> list[dict[str, Any]]:
     keyed: dict[str, Sum] = defaultdict(Sum)
-    for r in rows:
-        if r["kind"] == kind:
-            keyed[r["key"]].add(r)
-    out = [{"key": k, "name": (names or {}).get(k), **s.stats()} for k, s in keyed.items()]
+    for (_, k, row_key), part in groups.items():
+        if k == kind:
+            keyed[row_key].merge(part)
+    out = [
+        {"key": k, "name": (names or {}).get(k), **s.stats(quantiles=stats)}
+        for k, s in keyed.items()
+    ]
     out.sort(key=lambda item: (-item["cost_usd"], -item["runs"], item["key"]))
     return out
 
 
 def failing_nodes(
-    rows: Iterable[dict[str, Any]], limit: int = 20, workflow: str | None = None
+    groups: dict[Group, Sum], limit: int = 20, workflow: str | None = None
 ) -> list[dict[str, Any]]:
     counts: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    for r in rows:
-        if r["kind"] != "failure":
+    for (_, kind, key), part in groups.items():
+        if kind != "failure":
             continue
-        workflow_id, node_id, error_class = _split_failure(r["key"])
+        workflow_id, node_id, error_class = _split_failure(key)
         if workflow is not None and workflow_id != workflow:
             continue
-        counts[(workflow_id, node_id)][error_class] += int(r["failed"])
+        counts[(workflow_id, node_id)][error_class] += int(part.values["failed"])
     out: list[dict[str, Any]] = [
         {
             "workflow_id": wf,
@@ -256,50 +371,59 @@ def _window_body(w: Window) -> dict[str, Any]:
 
 
 async def overview(session: AsyncSession, workspace_id: uuid.UUID, w: Window) -> dict[str, Any]:
-    rows = await rows_for(session, workspace_id, w, ("workspace", "failure", "model"))
+    source = Source(session, workspace_id, w)
+    whole = await source.groups(("workspace", "failure", "model"))
+    points = await source.groups(("workspace",), series=True)
     return {
         "window": _window_body(w),
-        "totals": totals(rows, "workspace").stats(),
-        "series": series(rows, "workspace", w),
-        "top_failing_nodes": failing_nodes(rows, limit=10),
-        "by_model": by_key(rows, "model"),
+        "totals": totals(whole, "workspace").stats(),
+        "series": series(points, "workspace"),
+        "top_failing_nodes": failing_nodes(whole, limit=10),
+        "by_model": by_key(whole, "model"),
     }
 
 
 async def workflow(
     session: AsyncSession, workspace_id: uuid.UUID, workflow_id: uuid.UUID, w: Window
 ) -> dict[str, Any]:
-    rows = await rows_for(session, workspace_id, w, ("workflow", "failure"))
     key = str(workflow_id)
+    source = Source(session, workspace_id, w)
+    whole = await source.groups(("workflow",), key=key)
+    failures = await source.groups(("failure",), key=key, prefix=f"{key}/", hists=False)
+    points = await source.groups(("workflow",), series=True, key=key)
     return {
         "window": _window_body(w),
         "workflow_id": key,
-        "totals": totals(rows, "workflow", key).stats(),
-        "series": series(rows, "workflow", w, key),
-        "top_failing_nodes": failing_nodes(rows, limit=20, workflow=key),
+        "totals": totals(whole, "workflow", key).stats(),
+        "series": series(points, "workflow", key),
+        "top_failing_nodes": failing_nodes(failures, limit=20, workflow=key),
     }
 
 
 async def performance(session: AsyncSession, workspace_id: uuid.UUID, w: Window) -> dict[str, Any]:
-    rows = await rows_for(session, workspace_id, w, ("workspace", "workflow", "node_type"))
+    source = Source(session, workspace_id, w)
+    whole = await source.groups(("workspace", "workflow", "node_type"))
+    points = await source.groups(("workspace",), series=True)
     return {
         "window": _window_body(w),
-        "totals": totals(rows, "workspace").stats(),
-        "series": series(rows, "workspace", w),
-        "by_workflow": by_key(rows, "workflow", await names(session, workspace_id, Workflow)),
-        "by_node_type": by_key(rows, "node_type"),
+        "totals": totals(whole, "workspace").stats(),
+        "series": series(points, "workspace"),
+        "by_workflow": by_key(whole, "workflow", await names(session, workspace_id, Workflow)),
+        "by_node_type": by_key(whole, "node_type"),
     }
 
 
 async def usage(session: AsyncSession, workspace_id: uuid.UUID, w: Window) -> dict[str, Any]:
-    rows = await rows_for(session, workspace_id, w, ("workspace", "workflow", "model", "agent"))
+    source = Source(session, workspace_id, w)
+    whole = await source.groups(("workspace", "workflow", "model", "agent"))
+    points = await source.groups(("workspace",), series=True)
     return {
         "window": _window_body(w),
-        "totals": totals(rows, "workspace").stats(),
-        "series": series(rows, "workspace", w),
-        "by_workflow": by_key(rows, "workflow", await names(session, workspace_id, Workflow)),
-        "by_model": by_key(rows, "model"),
-        "by_agent": by_key(rows, "agent", await names(session, workspace_id, Agent)),
+        "totals": totals(whole, "workspace").stats(),
+        "series": series(points, "workspace"),
+        "by_workflow": by_key(whole, "workflow", await names(session, workspace_id, Workflow)),
+        "by_model": by_key(whole, "model"),
+        "by_agent": by_key(whole, "agent", await names(session, workspace_id, Agent)),
     }
 
 
@@ -309,16 +433,22 @@ def _money(item: dict[str, Any]) -> dict[str, Any]:
 
 
 async def costs(session: AsyncSession, workspace_id: uuid.UUID, w: Window) -> dict[str, Any]:
-    """Tokens and money only: by model, agent, workflow and period, costliest first."""
-    body = await usage(session, workspace_id, w)
+    """Tokens and money only: by model, agent, workflow and period, costliest first (no
+    percentiles shown, so no histograms read)."""
+    source = Source(session, workspace_id, w)
+    whole = await source.groups(("workspace", "workflow", "model", "agent"), hists=False)
+    points = await source.groups(("workspace",), series=True, hists=False)
+    total = totals(whole, "workspace").stats(quantiles=False)
+    workflows = await names(session, workspace_id, Workflow)
+    agents = await names(session, workspace_id, Agent)
     return {
-        "window": body["window"],
-        "cost_usd": body["totals"]["cost_usd"],
-        "tokens": body["totals"]["tokens"],
-        "series": [_money(p) for p in body["series"]],
-        "by_model": [_money(i) for i in body["by_model"]],
-        "by_agent": [_money(i) for i in body["by_agent"]],
-        "by_workflow": [_money(i) for i in body["by_workflow"]],
+        "window": _window_body(w),
+        "cost_usd": total["cost_usd"],
+        "tokens": total["tokens"],
+        "series": [_money(p) for p in series(points, "workspace", stats=False)],
+        "by_model": [_money(i) for i in by_key(whole, "model", stats=False)],
+        "by_agent": [_money(i) for i in by_key(whole, "agent", agents, stats=False)],
+        "by_workflow": [_money(i) for i in by_key(whole, "workflow", workflows, stats=False)],
     }
 
 

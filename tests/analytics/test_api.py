@@ -149,7 +149,7 @@ async def test_aggregation_is_idempotent_and_folds_in_late_finishes(
 ) -> None:
     def snapshot(rows: Any) -> set[tuple[Any, ...]]:
         return {
-            (r.bucket, r.kind, r.key, r.runs, r.completed, r.failed, r.duration_count,
+            (r.span, r.bucket, r.kind, r.key, r.runs, r.completed, r.failed, r.duration_count,
              r.cost_usd, tuple(sorted(r.duration_hist.items())))
             for r in rows
         }  # fmt: skip
@@ -173,10 +173,35 @@ async def test_aggregation_is_idempotent_and_folds_in_late_finishes(
     await aggregate_pass(sessionmaker)
     row = await session.get(
         AnalyticsAggregate,
-        (month.workspace.id, old.replace(minute=0), "workflow", str(month.workflow.id)),
+        (month.workspace.id, "hour", old.replace(minute=0), "workflow", str(month.workflow.id)),
         populate_existing=True,
     )
     assert row is not None and (row.runs, row.completed, row.running) == (1, 1, 0)
+    # Its day row was rebuilt with it: the sum of that day's hour rows, histograms too.
+    day_start = old.replace(hour=0, minute=0)
+    hours = (
+        await session.scalars(
+            fresh.where(
+                AnalyticsAggregate.span == "hour",
+                AnalyticsAggregate.kind == "workflow",
+                AnalyticsAggregate.key == str(month.workflow.id),
+                AnalyticsAggregate.bucket >= day_start,
+                AnalyticsAggregate.bucket < day_start + timedelta(days=1),
+            )
+        )
+    ).all()
+    day = await session.get(
+        AnalyticsAggregate,
+        (month.workspace.id, "day", day_start, "workflow", str(month.workflow.id)),
+        populate_existing=True,
+    )
+    assert day is not None and len(hours) >= 2
+    assert (day.runs, day.completed, day.running) == (
+        sum(h.runs for h in hours),
+        sum(h.completed for h in hours),
+        0,
+    )
+    assert sum(day.duration_hist.values()) == sum(sum(h.duration_hist.values()) for h in hours)
     body = await _get(client, viewer, "overview", **_window(month, "hour"))
     assert body["totals"]["runs"] == 121
     assert body["totals"]["by_status"]["completed"] == 61
