@@ -450,7 +450,9 @@ def test_no_run_lost_and_no_checkpoint_rerun_under_faults(
         with Session(db) as s:
             for slow_id, (took, killed_at) in slow.items():
                 killed = datetime.fromtimestamp(killed_at + offset, UTC)
-                print(f"[faults] slow recovery {slow_id}: {took:.1f} s, killed {killed:%H:%M:%S.%f}")
+                print(
+                    f"[faults] slow recovery {slow_id}: {took:.1f} s, killed {killed:%H:%M:%S.%f}"
+                )
                 for h in s.scalars(
                     select(ExecutionTransition)
                     .where(ExecutionTransition.execution_id == slow_id)
