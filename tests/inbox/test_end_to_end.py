@@ -11,6 +11,7 @@ import os
 import subprocess
 import time
 from typing import Any
+from uuid import uuid4
 
 import httpx
 import pytest
@@ -209,3 +210,57 @@ def test_studio_tasks_list_approve_reject(api: str, owner: dict[str, str], tmp_p
     assert again.returncode != 0 and "already approved" in again.stderr
     no = studio("tasks", "reject", ids[1], "--input", '{"po": "PO-1"}', STUDIO_API_KEY=key)
     assert no.returncode == 0 and "rejected" in no.stdout
+
+
+async def test_task_events_arrive_on_the_workspace_and_the_users_own_channel(
+    api: str, owner: dict[str, str]
+) -> None:
+    import asyncio
+
+    import websockets
+
+    url = api.replace("http://", "ws://") + "/api/v1/ws"
+    token = owner["Authorization"].removeprefix("Bearer ")
+    async with websockets.connect(url) as ws:
+        await ws.send(json.dumps({"token": token, "workspace_id": owner["X-Workspace-ID"]}))
+
+        async def next_message(pred: Any) -> dict[str, Any]:
+            while True:
+                body = json.loads(await asyncio.wait_for(ws.recv(), 20))
+                if pred(body):
+                    return dict(body)
+
+        await ws.send(json.dumps({"action": "subscribe", "channel": "user"}))
+        await next_message(lambda b: b.get("type") == "subscribed" and b["channel"] == "user")
+        await ws.send(json.dumps({"action": "subscribe", "channel": "user:" + str(uuid4())}))
+        refused = await next_message(lambda b: b.get("type") == "error")
+        assert "your own" in refused["message"]
+        await ws.send(json.dumps({"action": "subscribe", "channel": "workspace"}))
+        await next_message(lambda b: b.get("type") == "subscribed")
+
+        r = await asyncio.to_thread(
+            httpx.post,
+            f"{api}/api/v1/tasks",
+            headers=owner,
+            json={"title": "Sign the lease", "notify": True},
+        )
+        assert r.status_code == 201, r.text
+        tid = r.json()["id"]
+
+        def about(channel: str, kind: str) -> Any:
+            return lambda b: (
+                b.get("channel") == channel
+                and b.get("event", {}).get("type") == kind
+                and (b["event"].get("task") or b["event"].get("notification", {}).get("data", {}))
+                and tid in json.dumps(b["event"])
+            )
+
+        await next_message(about("user", "task.created"))
+        await next_message(about("workspace", "task.created"))
+        note = await next_message(about("user", "notification.created"))
+        assert note["event"]["notification"]["kind"] == "task.assigned"
+        await asyncio.to_thread(
+            httpx.post, f"{api}/api/v1/tasks/{tid}/approve", headers=owner, json={}
+        )
+        decided = await next_message(about("user", "task.decided"))
+        assert decided["event"]["task"]["status"] == "approved"
