@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backend.config import Settings
 from backend.kit.logging import get_logger
-from backend.observability import metrics
+from backend.observability import metrics, tracing
 
 log = get_logger(__name__)
 
@@ -92,7 +92,9 @@ def _exposition(app: FastAPI) -> tuple[bytes, str]:
 
 
 def install(app: FastAPI, settings: Settings) -> None:
-    """Middleware, GET /metrics, and the private listener when METRICS__API_PORT is set."""
+    """Middleware, GET /metrics, the private listener when METRICS__API_PORT is set, and
+    traces when OTEL_EXPORTER_OTLP_ENDPOINT is set (FastAPI's own request spans)."""
+    tracing.setup(settings, "api")
     app.add_middleware(MetricsMiddleware)
     # An empty token (a compose file's `${METRICS__TOKEN:-}`) is no token: "Bearer "
     # must never open the endpoint.
