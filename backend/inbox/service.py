@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from jsonschema import Draft202012Validator
+import jsonschema_rs
 from sqlalchemy import Select, and_, false, func, or_, select, text, true, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -253,12 +253,16 @@ def check_input(task: Task, value: Any) -> None:
         return
     if value is None:
         value = {}
-    errors = sorted(Draft202012Validator(task.form).iter_errors(value), key=lambda e: e.path)
-    if errors:
-        first = errors[0]
-        where = ".".join(str(p) for p in first.absolute_path)
+    # jsonschema-rs: its regex engine runs in linear time, so a form's `pattern` cannot
+    # be made to backtrack for minutes by what a decider sends.
+    try:
+        validator = jsonschema_rs.validator_for(task.form)
+    except (ValueError, jsonschema_rs.ValidationError) as exc:
+        raise ValidationFailed(f"the task's form is not usable: {exc}", field="form") from None
+    for error in validator.iter_errors(value):
+        where = ".".join(str(p) for p in error.instance_path)
         raise ValidationFailed(
-            f"input does not match the form: {first.message}",
+            f"input does not match the form: {error.message}",
             field="input" + (f".{where}" if where else ""),
         )
 

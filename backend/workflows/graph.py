@@ -308,6 +308,13 @@ def _json_schema_problem(schema: dict[str, Any]) -> str | None:
         return f"not a valid JSON Schema: {exc.message}"
     if schema.get("type", "object") != "object":
         return "the form's schema must describe an object (type: object)"
+    # The validator input is checked with (linear-time regexes): it must accept it too.
+    import jsonschema_rs
+
+    try:
+        jsonschema_rs.validator_for(schema)
+    except Exception as exc:
+        return f"not a usable JSON Schema: {str(exc)[:200]}"
     return None
 
 
