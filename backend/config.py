@@ -460,8 +460,9 @@ class TracingSettings(BaseModel):
 
 
 class QuotaSettings(BaseModel):
-    """Limits per workspace (None: unlimited). A workspace overrides any of them in its
-    settings: {"quotas": {"runs_per_day": 500}}; null there lifts the limit."""
+    """Limits per workspace (None: unlimited). An operator overrides any of them for one
+    workspace with `python -m backend.quotas set <id> runs_per_day=500` (null lifts it);
+    a workspace's own settings never can (see backend/quotas)."""
 
     runs_per_day: int | None = Field(default=None, ge=0)
     concurrent_runs: int | None = Field(default=None, ge=0)
