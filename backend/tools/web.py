@@ -18,6 +18,7 @@ import asyncio
 import html
 import json
 import re
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -116,6 +117,13 @@ async def guarded_get(
         raise UpstreamError(f"{what} sent more than {max_bytes} bytes ({too_large})") from None
     except TooManyRedirects as exc:
         raise UpstreamError(f"{what}: {exc}") from None
+    except socket.gaierror as exc:
+        if setting is not None:
+            raise DependencyUnavailable(f"{what} does not resolve: {exc}") from None
+        # A name that does not exist is the URL's fault, like a malformed one.
+        raise ValidationFailed(
+            f"{request.url.host} (or a host it redirects to) does not resolve", field="url"
+        ) from None
     except (httpx.HTTPError, OSError) as exc:
         raise DependencyUnavailable(
             f"{what} could not be reached: {type(exc).__name__}: {exc}"

@@ -101,6 +101,14 @@ async def test_private_and_metadata_addresses_are_refused(
     assert r.json()["field"] == "url" and "refused" in r.json()["detail"]
 
 
+async def test_a_host_that_does_not_resolve_is_the_urls_fault(
+    api: httpx.AsyncClient, editor: Actor
+) -> None:
+    r = await api.post(READ, headers=editor.headers, json={"url": "http://no-such-host.invalid/"})
+    assert r.status_code == 422, r.text
+    assert r.json()["field"] == "url" and "does not resolve" in r.json()["detail"]
+
+
 async def test_loopback_is_refused_unless_an_operator_allows_it(
     api_for: ApiFor, local: Settings, editor: Actor, sites: Sites
 ) -> None:
