@@ -401,6 +401,8 @@ async def unclaim(uow: UnitOfWork, task_id: uuid.UUID, *, user: User, role: Role
     task = await _lock(uow.session, task_id)
     if task.status != OPEN:
         raise _already(task)
+    if task.claimed_by is None:
+        return task
     if task.claimed_by != user.id and not role.at_least(Role.ADMINISTRATOR):
         raise PermissionDenied("only whoever claimed it (or an administrator) can release it")
     task.claimed_by, task.claimed_at = None, None
