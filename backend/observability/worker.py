@@ -1,7 +1,7 @@
 """Worker metrics: runs started (Celery's task_prerun for the execute tasks), runs
-finished with their node durations, retries, tokens and cost (a lifecycle finished
-listener, in the run's own closing transaction), lease losses and reaper actions (their
-log events), and queue depth (read from the broker when scraped). The worker's main
+finished (a lifecycle finished listener: counted once the run's end commits), node
+durations, retries, tokens and cost (an observer of the engine's node checkpoints, from
+what the engine holds: no query), lease losses and reaper actions (their log events), and queue depth (read from the broker when scraped). The worker's main
 process serves them all, summed over the prefork pool, on METRICS__WORKER_PORT."""
 
 from __future__ import annotations
@@ -11,72 +11,57 @@ import os
 from typing import Any
 
 from celery import signals
-from sqlalchemy import select, text
 
-from backend.analytics.aggregate import node_map
 from backend.config import get_settings
-from backend.executions import lifecycle
+from backend.executions import lifecycle, observers
 from backend.kit.celery_app import QUEUES
 from backend.kit.db import UnitOfWork
 from backend.kit.logging import get_logger
-from backend.models import WorkflowExecution, WorkflowVersion
+from backend.models import WorkflowExecution
 from backend.observability import metrics
 
 log = get_logger(__name__)
 EXECUTE_TASKS = {"workflow.execute": 1, "workflow.execute_many": None}
 
-_NODES = text(
-    """
-    SELECT node_id, status, attempt, duration_ms, input_tokens, output_tokens, cost_usd,
-           CASE WHEN jsonb_typeof(output) = 'object' THEN output->>'model' END AS model
-    FROM node_executions WHERE execution_id = :id
-    """
-)
-_types: dict[tuple[Any, int], dict[str, tuple[str, str | None]]] = {}
+TERMINAL_NODE = {"completed", "failed", "cancelled"}
 
 
 @lifecycle.on_finished
 async def run_finished(uow: UnitOfWork, execution: WorkflowExecution) -> None:
-    """Counted when the run's end commits with it: a rolled-back end counts nothing."""
+    """Counted when the run's end commits with it: a rolled-back end counts nothing.
+    No query here: node figures come from the engine's checkpoints (node_checkpoint)."""
     status = str(execution.status)
     duration = execution.duration_ms
-    rows = (await uow.session.execute(_NODES, {"id": execution.id})).all()
-    pinned = (execution.workflow_id, execution.version)
-    if pinned not in _types and rows:
-        definition = await uow.session.scalar(
-            select(WorkflowVersion.definition).where(
-                WorkflowVersion.workflow_id == execution.workflow_id,
-                WorkflowVersion.number == execution.version,
-            )
-        )
-        _types[pinned] = node_map(definition or {})
-        if len(_types) > 2048:
-            _types.pop(next(iter(_types)))
-    types = _types.get(pinned, {})
 
-    def record() -> None:
+    async def after() -> None:
         metrics.RUNS_FINISHED.labels(status=status).inc()
         if duration is not None:
             metrics.RUN_DURATION.labels(status=status).observe(duration / 1000)
-        for r in rows:
-            hit = types.get(r.node_id) or types.get(r.node_id.rsplit(".", 1)[-1])
-            kind = hit[0] if hit else "unknown"
-            if r.duration_ms is not None:
-                metrics.NODE_DURATION.labels(type=kind, status=r.status).observe(
-                    r.duration_ms / 1000
-                )
-            if (r.attempt or 0) > 1:
-                metrics.RETRIES.labels(type=kind).inc(r.attempt - 1)
-            if r.model:
-                model = str(r.model)[:100]
-                metrics.TOKENS.labels(model=model, kind="input").inc(r.input_tokens or 0)
-                metrics.TOKENS.labels(model=model, kind="output").inc(r.output_tokens or 0)
-                metrics.COST.labels(model=model).inc(max(0.0, r.cost_usd or 0.0))
-
-    async def after() -> None:
-        record()
 
     uow.after_commit(after)
+
+
+@observers.on_node_checkpoint
+def node_checkpoint(cp: observers.NodeCheckpoint) -> None:
+    """A node's end, as the engine wrote it: duration, retries, tokens and cost."""
+    if cp.status not in TERMINAL_NODE:
+        return
+    values = cp.values
+    duration_ms = values.get("duration_ms")
+    if duration_ms is not None:
+        metrics.NODE_DURATION.labels(type=cp.node_type, status=cp.status).observe(
+            duration_ms / 1000
+        )
+    attempt = values.get("attempt") or 0
+    if attempt > 1:
+        metrics.RETRIES.labels(type=cp.node_type).inc(attempt - 1)
+    output = values.get("output")
+    model = output.get("model") if isinstance(output, dict) else None
+    if model:
+        model = str(model)[:100]
+        metrics.TOKENS.labels(model=model, kind="input").inc(values.get("input_tokens") or 0)
+        metrics.TOKENS.labels(model=model, kind="output").inc(values.get("output_tokens") or 0)
+        metrics.COST.labels(model=model).inc(max(0.0, values.get("cost_usd") or 0.0))
 
 
 @signals.task_prerun.connect

@@ -11,12 +11,14 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from backend.executions import lifecycle
+from backend.analytics.aggregate import node_map
+from backend.executions import lifecycle, observers
 from backend.executions import repository as repo
 from backend.executions.lifecycle import Claim, NodeChange
 from backend.executions.state import NodeStatus
 from backend.workflows.graph import ApprovalLogic, SetLogic, ValidGraph, WaitLogic
 from workers.engine.dag import NodeState, topological_order
+from workers.engine.graphs import cached_graph
 from workers.engine.progress import Progress
 
 N = NodeStatus
@@ -102,6 +104,13 @@ class Checkpoints:
         # the runner's view (the database itself is atomic either way).
         await asyncio.shield(lifecycle.record_nodes(self.sessionmaker, claim, [change]))
         self.progress.checkpointed(claim, node_id, to, values, iteration, size)
+        if observers.active():
+            observers.notify(
+                observers.NodeCheckpoint(
+                    claim.workflow_id, claim.version, node_id,
+                    _node_type(claim, node_id), to.value, values,
+                )
+            )  # fmt: skip
 
     async def skip(self, claim: Claim, nodes: list[str], run: RunState) -> None:
         """Untaken branches and what only they lead to, in one statement."""
@@ -115,6 +124,26 @@ class Checkpoints:
         await asyncio.shield(lifecycle.record_nodes(self.sessionmaker, claim, changes))
         for node_id in nodes:
             self.progress.checkpointed(claim, node_id, N.SKIPPED, {})
+
+
+# Node types by pinned version, loop bodies included, for observers (bounded like the
+# graph cache: a process sees few versions).
+_NODE_TYPES: dict[tuple[uuid.UUID, int], dict[str, tuple[str, str | None]]] = {}
+
+
+def _node_type(claim: Claim, node_id: str) -> str:
+    key = (claim.workflow_id, claim.version)
+    types = _NODE_TYPES.get(key)
+    if types is None:
+        graph = cached_graph(*key)
+        if graph is None:
+            return "unknown"
+        if len(_NODE_TYPES) >= 256:
+            _NODE_TYPES.pop(next(iter(_NODE_TYPES)))
+        types = _NODE_TYPES[key] = node_map(graph.definition)
+    # A loop body's nodes are addressed as <loop>.<node>[...]: the last part names it.
+    hit = types.get(node_id) or types.get(node_id.rsplit(".", 1)[-1])
+    return hit[0] if hit else "unknown"
 
 
 def waited_s(graph: ValidGraph, run: RunState) -> float:

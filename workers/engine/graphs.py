@@ -51,6 +51,11 @@ async def pinned_graph(sessionmaker: async_sessionmaker[AsyncSession], claim: Cl
     return graph
 
 
+def cached_graph(workflow_id: uuid.UUID, version: int) -> ValidGraph | None:
+    """The pinned version's graph if this process has it (every running run's has)."""
+    return _graphs.get((workflow_id, version))
+
+
 def body_graph(
     graph: ValidGraph, parent: str, config: ForEachLogic | WhileLogic, workflow_id: uuid.UUID
 ) -> ValidGraph:
