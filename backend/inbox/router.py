@@ -19,8 +19,8 @@ from backend.auth.dependencies import (
     WorkspaceAccess,
     require,
 )
-from backend.auth.permissions import Permission, Role
-from backend.inbox import links, service
+from backend.auth.permissions import Permission
+from backend.inbox import service
 from backend.inbox.schemas import (
     Decision,
     LinkDecision,
@@ -269,6 +269,3 @@ async def resume(
             raise ValidationFailed("the body must be JSON (or empty)", field="body") from None
     target = await service.resume(uow, settings, token, body)
     return ResumeAccepted(execution_id=target.execution_id, node_id=target.node_id)
-
-
-__all__ = ["Role", "links", "public", "router"]

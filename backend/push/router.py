@@ -19,7 +19,7 @@ from backend.auth.permissions import Permission
 from backend.kit.db import UnitOfWorkDep
 from backend.kit.errors import NotConfigured, NotFound, ValidationFailed
 from backend.kit.pagination import Page, PageParamsDep
-from backend.models import PushSubscription, UserNotification, Workflow
+from backend.models import UserNotification, Workflow
 from backend.push import senders, service
 
 router = APIRouter(prefix="/notifications", tags=["notifications"])
@@ -244,6 +244,3 @@ async def unwatch_workflow(
     ),
 ) -> None:
     await service.unwatch(uow.session, access.user.id, access.resource.id)
-
-
-__all__ = ["PushSubscription", "router"]

@@ -9,18 +9,19 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from backend.auth.permissions import Role
 from backend.config import Settings
 from backend.executions import lifecycle
 from backend.kit.db import UnitOfWork
-from backend.models import ActionLink, Task, Workspace
+from backend.models import ActionLink, Task, WorkflowExecution, Workspace
 from backend.workflows.graph import Context, GraphInvalid, validate
 from tests.support.asgi import client_for
 from tests.support.engine import Enqueued, start, state
@@ -166,18 +167,30 @@ async def test_an_expired_approval_takes_its_on_timeout_branch(
     assert (await task_of(maker, run)).status == "expired"
 
 
-async def test_on_timeout_fail_fails_the_step(
-    runner: Runner, maker: async_sessionmaker[AsyncSession], workspace: Workspace
+async def test_on_timeout_fail_fails_the_step_and_the_run_failure_reaches_its_watchers(
+    runner: Runner,
+    maker: async_sessionmaker[AsyncSession],
+    settings: Settings,
+    workspace: Workspace,
+    api: httpx.AsyncClient,
 ) -> None:
+    watcher = await person(maker, settings, workspace, Role.VIEWER)
     run = await start(
         maker, workspace, approval_flow(expires_in=1, on_timeout="fail", notify=False), {}
     )
+    ex, _ = await state(maker, run)
+    r = await api.put(f"/api/v1/notifications/watches/{ex.workflow_id}", headers=watcher.headers)
+    assert r.status_code == 204, r.text
     assert await runner.execute(run) == "parked"
     await asyncio.sleep(1.1)
     assert await finish(runner, maker, run) == "failed"
     _, nodes = await state(maker, run)
     assert nodes["ask"].status == "failed"
     assert "expired" in (nodes["ask"].error or {}).get("message", "")
+    notes = (await api.get("/api/v1/notifications", headers=watcher.headers)).json()
+    assert [(n["kind"], n["data"]["execution_id"]) for n in notes["items"]] == [
+        ("run.failed", str(run))
+    ]
 
 
 async def test_cancelling_a_parked_run_cancels_its_task_and_node(
@@ -333,3 +346,38 @@ def test_approval_and_wait_schemas_refuse_what_cannot_work() -> None:
                             "config": {"kind": "approval", "title": "x"}}]},
     }  # fmt: skip
     assert "config.body.a" in check(in_loop)
+
+
+async def test_a_retry_reuses_a_decision_instead_of_opening_a_new_task(
+    runner: Runner,
+    maker: async_sessionmaker[AsyncSession],
+    settings: Settings,
+    workspace: Workspace,
+    api: httpx.AsyncClient,
+) -> None:
+    owner = await person(maker, settings, workspace, Role.OWNER)
+    run = await start(maker, workspace, approval_flow(notify=False), {})
+    assert await runner.execute(run) == "parked"
+    # Decided, but the run was cancelled before it resumed to read the decision.
+    decision = {"decision": "approved", "input": None, "comment": "earlier", "via": "api"}
+    async with UnitOfWork(maker) as uow:
+        await uow.session.execute(
+            update(Task)
+            .where(Task.execution_id == run)
+            .values(status="approved", decision=decision, decided_at=func.now())
+        )
+        ex = await uow.session.get(WorkflowExecution, run, with_for_update=True)
+        assert ex is not None
+        await lifecycle.cancel_tree(uow, ex, datetime.now(UTC), actor="test")
+    assert (await task_of(maker, run)).status == "approved"  # a cancel keeps decisions
+    r = await api.post(f"/api/v1/executions/{run}/retry", headers=owner.headers)
+    assert r.status_code == 202, r.text
+    retry = uuid.UUID(r.json()["id"])
+    assert await finish(runner, maker, retry) == "completed"
+    _, nodes = await state(maker, retry)
+    assert nodes["ask"].branch == "approved" and nodes["ask"].output["comment"] == "earlier"
+    async with maker() as session:
+        opened = await session.scalar(
+            select(func.count()).select_from(Task).where(Task.execution_id == retry)
+        )
+    assert opened == 0
