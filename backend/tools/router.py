@@ -139,7 +139,7 @@ async def ai_chat(
         return await service.chat(uow, sessions, settings, limiter, access, body)
     params = service.chat_params(settings, body)
     await service.chat_client(settings).close()
-    await service.admit(settings, limiter, access)
+    await service.admit(uow, settings, limiter, access, model=True)
 
     async def job(emit: service.Emit) -> BaseModel:
         client = service.chat_client(settings)

@@ -32,6 +32,7 @@ from backend.kit.http_guard import guarded_client
 from backend.kit.logging import get_logger
 from backend.kit.ratelimit import RateLimiter
 from backend.models import ToolUsage
+from backend.quotas import service as quotas
 from backend.tools import image, web
 from backend.tools.schemas import (
     ChatRequest,
@@ -70,11 +71,24 @@ class Meter:
         return round(self.cost, 6) if self.cost is not None else None
 
 
-async def admit(settings: Settings, limiter: RateLimiter, access: WorkspaceAccess) -> None:
+async def admit(
+    uow: UnitOfWork,
+    settings: Settings,
+    limiter: RateLimiter,
+    access: WorkspaceAccess,
+    *,
+    model: bool = False,
+) -> None:
     """Spend one request of the caller's hourly budget (429 with Retry-After when it is
     spent; 503 when Redis cannot say: these calls cost money, so the budget fails
-    closed)."""
+    closed), then reserve one of the workspace's tool calls (QUOTAS__TOOL_CALLS_PER_HOUR)
+    and, for a model call, check its monthly AI tokens and cost (402 naming the quota).
+    The user's budget goes first: one user's refused flood does not eat the workspace's
+    quota."""
     await limiter.hit(settings.tools.rate_limit, "tools", str(access.user.id), what="tool requests")
+    await quotas.admit_tool_calls(uow.session, access.workspace.id, settings=settings)
+    if model:
+        await quotas.check_ai(uow.session, access.workspace.id, settings)
 
 
 async def record(sessions: Sessions, access: WorkspaceAccess, meter: Meter, *, ok: bool) -> None:
@@ -94,6 +108,10 @@ async def record(sessions: Sessions, access: WorkspaceAccess, meter: Meter, *, o
     try:
         async with UnitOfWork(sessions) as uow:
             uow.session.add(row)
+        # The workspace's monthly AI counters, which are rebuilt from these rows.
+        await quotas.spend_ai(
+            access.workspace.id, row.input_tokens + row.output_tokens, row.cost_usd or 0.0
+        )
     except Exception as exc:
         # The answer was paid for; losing it because the usage row failed would be
         # worse than the missing row, which the log keeps.
@@ -187,7 +205,7 @@ async def chat(
     params = chat_params(settings, data)
     client = chat_client(settings)
     try:
-        await admit(settings, limiter, access)
+        await admit(uow, settings, limiter, access, model=True)
         await uow.commit()
         meter = Meter("ai_chat", params["model"])
         started = time.perf_counter()
@@ -258,7 +276,7 @@ async def web_read(
     max_chars = _within(
         data.max_chars, settings.tools.web_read_max_chars, "max_chars", "TOOLS__WEB_READ_MAX_CHARS"
     )
-    await admit(settings, limiter, access)
+    await admit(uow, settings, limiter, access)
     await uow.commit()
     meter = Meter("web_read", cost=0.0)
     async with _http(settings) as http:
@@ -282,7 +300,7 @@ async def web_search(
     data: WebSearchRequest,
 ) -> WebSearchResult:
     provider, _, _ = web.search_provider(settings)
-    await admit(settings, limiter, access)
+    await admit(uow, settings, limiter, access)
     await uow.commit()
     meter = Meter("web_search", provider)
     async with _http(settings) as http:
@@ -304,7 +322,7 @@ async def ai_image(
     data: ImageRequest,
 ) -> ImageResult:
     image.check_configured(settings)
-    await admit(settings, limiter, access)
+    await admit(uow, settings, limiter, access)
     await uow.commit()
     meter = Meter("ai_image", settings.tools.image_model)
     async with _http(settings) as http:

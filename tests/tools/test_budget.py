@@ -104,3 +104,42 @@ async def test_tool_routes_are_in_the_openapi_document(api: httpx.AsyncClient) -
     assert "424" in paths[f"{API}/web/search"]["post"]["responses"]
     assert "424" in paths[f"{API}/ai/image"]["post"]["responses"]
     assert "text/event-stream" in paths[f"{API}/ai/chat"]["post"]["responses"]["200"]["content"]
+
+
+def with_quotas(settings: Settings, **limits: int) -> Settings:
+    return settings.model_copy(update={"quotas": settings.quotas.model_copy(update=limits)})
+
+
+async def test_the_workspace_quotas_apply_to_the_tools_api(
+    api_for: ApiFor, local: Settings, editor: Actor, sites: Sites
+) -> None:
+    read = {"url": f"{sites.base}/plain"}
+    async with api_for(with_quotas(local, tool_calls_per_hour=2)) as client:
+        for _ in range(2):
+            r = await client.post(f"{API}/web/read", headers=editor.headers, json=read)
+            assert r.status_code == 200, r.text
+        r = await client.post(f"{API}/web/read", headers=editor.headers, json=read)
+    assert r.status_code == 402, r.text
+    assert (r.json()["error"], r.json()["quota"], r.json()["limit"]) == (
+        "quota_exceeded", "tool_calls_per_hour", 2
+    )  # fmt: skip
+
+
+async def test_the_monthly_ai_tokens_quota_stops_chat_but_not_web_reads(
+    api_for: ApiFor, local: Settings, editor: Actor, sites: Sites
+) -> None:
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    async with api_for(with_quotas(local, ai_tokens_per_month=5)) as client:
+        # A call let in may cross the limit (17 tokens here); the next one is refused.
+        first = await client.post(f"{API}/ai/chat", headers=editor.headers, json=chat)
+        assert first.status_code == 200, first.text
+        for stream in (False, True):
+            r = await client.post(
+                f"{API}/ai/chat", headers=editor.headers, json={**chat, "stream": stream}
+            )
+            assert r.status_code == 402, r.text
+            assert r.json()["quota"] == "ai_tokens_per_month"
+        r = await client.post(
+            f"{API}/web/read", headers=editor.headers, json={"url": f"{sites.base}/plain"}
+        )
+        assert r.status_code == 200, r.text
