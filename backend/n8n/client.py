@@ -339,8 +339,8 @@ class N8nClient:
         if self.legacy_publish is not True:
             try:
                 value = await self._object("POST", f"{base}/{new}")
-            except Missing:
-                if self.legacy_publish is False:
+            except (Missing, Rejected) as exc:
+                if self.legacy_publish is False or exc.status not in (404, 405):
                     raise
                 # The 2.x route is not there (1.x), or the workflow is not: the old
                 # route tells which.
@@ -422,9 +422,27 @@ class N8nClient:
                 capabilities[scope] = False
         version = await self.version()
         major = _major(version)
+        if major is None:
+            major = await self._publish_generation()
         if major is not None:
             self.legacy_publish = major < 2
         return Probe(version=version, major=major, capabilities=capabilities)
+
+    async def _publish_generation(self) -> int | None:
+        """2 when the instance has the 2.x publish route, 1 when it has not. n8n 2.x
+        does not tell its version without a browser session, so the route is asked about
+        a workflow id that cannot exist: 2.x refuses it as a workflow (403/404 with its
+        own message), 1.x does not know the route (404/405 "not allowed"/"Cannot")."""
+        try:
+            await self.request("POST", "/workflows/0-studio-probe/publish")
+        except (Missing, Rejected, Forbidden) as exc:
+            text = exc.message.lower()
+            if exc.status == 405 or "not allowed" in text or "cannot post" in text:
+                return 1
+            return 2 if exc.status in (403, 404) else None
+        except N8nFailure:
+            return None
+        return 2
 
 
 def _major(version: str | None) -> int | None:

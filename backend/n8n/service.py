@@ -248,7 +248,8 @@ async def check(uow: UnitOfWork, settings: Settings, access: WorkspaceAccess) ->
         failed(instance, exc)
     else:
         instance.status, instance.status_reason = "ok", None
-        instance.n8n_version = probe.version
+        # 2.x keeps its exact version to signed-in sessions: then the generation.
+        instance.n8n_version = probe.version or (f"{probe.major}.x" if probe.major else None)
         caps: dict[str, Any] = dict(probe.capabilities)
         if probe.major is not None:
             caps["legacy_publish"] = probe.major < 2

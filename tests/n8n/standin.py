@@ -245,7 +245,8 @@ def build_app(s: StandIn) -> FastAPI:
 
     @app.get("/rest/settings")
     async def settings() -> dict[str, Any]:
-        return {"data": {"versionCli": s.version}}
+        # n8n 2.x tells its version only to a signed-in browser session; 1.x to anyone.
+        return {"data": {"versionCli": s.version} if s.legacy else {"authCookie": {}}}
 
     def page(items: list[dict[str, Any]], request: Request) -> dict[str, Any]:
         limit = min(int(float(request.query_params.get("limit", 100))), 250)
@@ -302,14 +303,16 @@ def build_app(s: StandIn) -> FastAPI:
 
     @app.post(API + "/workflows/{wid}/publish")
     async def publish(wid: str) -> Response:
-        if s.legacy:
-            return refuse(404, "not found")
+        if s.legacy:  # a route 1.x does not have, answered as n8n's validator does
+            return refuse(405, "POST method not allowed")
+        if wid not in s.workflows:  # 2.x, as the real one answers an unknown id
+            return refuse(403, "You do not have permission to activate this workflow.")
         return switch(wid, True, "/workflows/{workflowId}/publish")
 
     @app.post(API + "/workflows/{wid}/unpublish")
     async def unpublish(wid: str) -> Response:
         if s.legacy:
-            return refuse(404, "not found")
+            return refuse(405, "POST method not allowed")
         return switch(wid, False, "/workflows/{workflowId}/unpublish")
 
     @app.post(API + "/workflows/{wid}/activate")

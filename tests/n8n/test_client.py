@@ -66,9 +66,13 @@ async def test_publish_and_unpublish_on_2x_and_the_1x_fallback(
     ]  # fmt: skip
 
 
-async def test_a_missing_workflow_is_missing_on_either_route(
+async def test_a_missing_workflow_is_refused_on_either_generation(
     local: Settings, standin: StandIn
 ) -> None:
+    async with make(local, standin) as api:
+        with pytest.raises(n8n.Forbidden):
+            await api.publish("nope123")
+    standin.version = "1.123.4"
     async with make(local, standin) as api:
         with pytest.raises(n8n.Missing):
             await api.publish("nope123")
@@ -114,8 +118,13 @@ async def test_wrong_key_is_unauthorized(local: Settings, standin: StandIn) -> N
 async def test_probe_reports_version_and_read_scopes(local: Settings, standin: StandIn) -> None:
     async with make(local, standin) as api:
         probe = await api.probe()
-    assert probe.version == "2.41.1" and probe.major == 2
+    # 2.x tells no version to an API key: the generation comes from the publish route.
+    assert probe.version is None and probe.major == 2
     assert probe.capabilities == {"workflow:list": True, "execution:list": True, "tag:list": True}
+    standin.version = "1.123.4"
+    async with make(local, standin) as api:
+        old = await api.probe()
+    assert old.version == "1.123.4" and old.major == 1 and api.legacy_publish is True
 
 
 async def test_loopback_is_refused_without_an_operator_allowance(
