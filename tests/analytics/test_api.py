@@ -9,10 +9,12 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import BaseModel
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from backend.analytics.aggregate import aggregate_pass
+from backend.analytics.schemas import Costs, Overview, Performance, Usage, WorkflowAnalytics
 from backend.auth.permissions import Role
 from backend.config import Settings
 from backend.models import AnalyticsAggregate, Workspace
@@ -100,6 +102,17 @@ async def test_every_endpoint_answers_the_same_from_aggregates_and_from_the_live
     assert result["hours"] == 30 and result["rows"] > 0
     stored = {p: await _get(client, viewer, p, **_window(month)) for p in paths}
     assert stored == live
+    # The answers are written as JSON directly: each must be what its schema says,
+    # also hourly (day rows and hour rows mixed) and by week and month.
+    shapes: dict[str, type[BaseModel]] = {
+        "overview": Overview, "performance": Performance, "usage": Usage,
+        "costs": Costs, "workflows": WorkflowAnalytics,
+    }  # fmt: skip
+    for granularity in ("hour", "week", "month"):
+        for p in paths:
+            body = await _get(client, viewer, p, **_window(month, granularity))
+            shapes[p.split("/")[0]].model_validate(body, strict=False)
+            assert body["totals" if p != "costs" else "tokens"]
     rows = (await session.scalars(select(AnalyticsAggregate))).all()
     assert {r.kind for r in rows} >= {
         "workspace",
