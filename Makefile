@@ -9,11 +9,12 @@ PYTHON ?= python3
 # pytest arguments for `make test`; -n auto spreads the suite over the cores.
 PYTEST_ARGS ?= -n auto --dist loadgroup
 
-.PHONY: help install run test faults lint format migrate bench rotate-keys api-key browser test-browser clean
+.PHONY: help install run test test-n8n faults lint format migrate bench rotate-keys api-key browser test-browser clean
 
 help:
 	@echo "make run      start API, worker, beat and Flower (embedded PostgreSQL/Valkey unless DATABASE_URL/REDIS_URL are set)"
 	@echo "make test     run the test suite on throwaway servers"
+	@echo "make test-n8n  the n8n client and sync against a real n8n 2.41.1 (installs it once into ~/.cache: ~3 GB, ~8 min)"
 	@echo "make faults   fault injection: worker kills, Redis/PostgreSQL restarts, two beats (~5 min)"
 	@echo "make lint     ruff + mypy"
 	@echo "make migrate  apply migrations to DATABASE_URL (or the embedded database)"
@@ -34,6 +35,12 @@ run: install
 
 test: install browser
 	$(UV) run --frozen --no-sync python scripts/devstack.py test -- $(PYTEST_ARGS)
+
+# The n8n fleet tests against a real n8n (tests/n8n/real): installed from the npm
+# registry into a cache outside the repo once (N8N_CACHE, default ~/.cache/...),
+# started on loopback with a fresh database per run.
+test-n8n: install
+	ORCH_REAL_N8N=1 UV=$(UV) timeout 1800 $(UV) run --frozen --no-sync python scripts/devstack.py test -- tests/n8n/real -n 0 -s -p no:cacheprovider
 
 # Fault injection on a stack of its own (tests/faults); prints the figures. Bounded:
 # the suite's own waits end it in minutes, `timeout` is the backstop.
