@@ -147,14 +147,10 @@ def _send(settings: Settings, message: EmailMessage) -> dict[str, Any]:
 
 def _message_id(ctx: NodeContext) -> str:
     """The same for every attempt of one delivery, so a receiver can drop a duplicate
-    (Standard Webhooks' webhook-id); different per loop pass."""
-    position = [
-        str(ctx.execution_id),
-        ctx.node.id,
-        str(ctx.scope.get("index", "")),
-        str(ctx.scope.get("iteration", "")),
-    ]
-    return "msg_" + hashlib.sha256("\x1f".join(position).encode()).hexdigest()[:32]
+    (Standard Webhooks' webhook-id); different per loop pass. Derived from the node
+    execution's idempotency key, the one HTTP nodes send, so both name a node execution
+    the same way (the loop's own key and pass, not the body's scope)."""
+    return "msg_" + hashlib.sha256(ctx.idempotency_key.encode()).hexdigest()[:32]
 
 
 async def _signing_secret(ctx: NodeContext, credential_id: uuid.UUID) -> str:
