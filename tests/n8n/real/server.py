@@ -78,11 +78,12 @@ def _wait(base: str, proc: subprocess.Popen[bytes], log: Path, limit_s: float = 
         if proc.poll() is not None:
             raise RuntimeError(f"n8n exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
         try:
-            # /healthz answers before the REST routes are mounted.
-            if (
-                httpx.get(f"{base}/healthz", timeout=2).status_code == 200
-                and httpx.get(f"{base}/rest/settings", timeout=2).status_code == 200
-            ):
+            # /healthz answers first, then the REST routes say "n8n is starting up" in
+            # plain text for a while: ready is when settings come back as JSON.
+            settings = httpx.get(f"{base}/rest/settings", timeout=2)
+            if settings.status_code == 200 and settings.headers.get(
+                "content-type", ""
+            ).startswith("application/json"):
                 return
         except httpx.HTTPError:
             pass
