@@ -81,9 +81,9 @@ def _wait(base: str, proc: subprocess.Popen[bytes], log: Path, limit_s: float = 
             # /healthz answers first, then the REST routes say "n8n is starting up" in
             # plain text for a while: ready is when settings come back as JSON.
             settings = httpx.get(f"{base}/rest/settings", timeout=2)
-            if settings.status_code == 200 and settings.headers.get(
-                "content-type", ""
-            ).startswith("application/json"):
+            if settings.status_code == 200 and settings.headers.get("content-type", "").startswith(
+                "application/json"
+            ):
                 return
         except httpx.HTTPError:
             pass
