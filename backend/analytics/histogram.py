@@ -48,12 +48,26 @@ def _middle(index: int) -> float:
     return math.sqrt(low * high)
 
 
+_MIDDLES = [round(_middle(i), 3) for i in range(SLOTS)]
+
+
+def middle(index: int | None) -> float | None:
+    """A slot's value as a percentile reports it (None for no slot)."""
+    return None if index is None else _MIDDLES[min(max(int(index), 0), SLOTS - 1)]
+
+
+def _rank(q: float, total: int) -> int:
+    # ceil(q * total) in integers (q in hundredths), exactly as PostgreSQL's numeric
+    # ceil(0.95 * total) reads it: a float product like 56.99999... must not differ.
+    return max(1, (round(q * 100) * int(total) + 99) // 100)
+
+
 def percentile(hist: Mapping[str, int], q: float) -> float | None:
     """The q-quantile (0 < q <= 1) in ms, or None for an empty histogram."""
     total = sum(hist.values())
     if total <= 0:
         return None
-    rank = max(1, math.ceil(q * total))
+    rank = _rank(q, total)
     seen = 0
     for index in sorted(int(k) for k in hist):
         seen += hist[str(index)]
@@ -71,10 +85,10 @@ def quantiles(hist: Mapping[str, int]) -> dict[str, float | None]:
     if total <= 0:
         return {name: None for name, _ in _QS}
     out: dict[str, float | None] = {}
-    wanted = [(name, max(1, math.ceil(q * total))) for name, q in _QS]
+    wanted = [(name, _rank(q, total)) for name, q in _QS]
     seen = 0
-    for index in sorted(int(k) for k in hist):
-        seen += int(hist[str(index)])
+    for key in sorted(hist, key=int):
+        seen += int(hist[key])
         while wanted and seen >= wanted[0][1]:
-            out[wanted.pop(0)[0]] = round(_middle(index), 3)
+            out[wanted.pop(0)[0]] = _MIDDLES[min(int(key), SLOTS - 1)]
     return out

@@ -121,8 +121,13 @@ class Sum:
         self.values: dict[str, float] = dict.fromkeys(_SUMS, 0)
         self.duration_hist: dict[str, int] = {}
         self.wait_hist: dict[str, int] = {}
+        # Percentiles PostgreSQL already read off the summed histogram ("d"uration,
+        # "w"ait), for a group nothing else is added to (a past point of a series).
+        self.fixed: dict[str, dict[str, float | None]] = {}
+        self.parts = 0
 
     def add(self, row: Mapping[str, Any], hists: bool = True) -> None:
+        self.parts += 1
         v = self.values
         for name in _SUMS:
             v[name] += row[name] or 0
@@ -131,15 +136,25 @@ class Sum:
             histogram.merge(self.wait_hist, row["wait_hist"] or {})
 
     def merge(self, other: Sum) -> None:
+        # Fixed percentiles cannot be added up: they carry over only into an empty sum.
+        self.fixed = dict(other.fixed) if self.parts == 0 else {}
+        self.parts += max(1, other.parts)
         for name in _SUMS:
             self.values[name] += other.values[name]
         histogram.merge(self.duration_hist, other.duration_hist)
         histogram.merge(self.wait_hist, other.wait_hist)
 
+    def _quantiles(self, which: str, hist: dict[str, int]) -> dict[str, float | None]:
+        fixed = self.fixed.get(which)
+        return fixed if fixed is not None and not hist else histogram.quantiles(hist)
+
     def stats(self, quantiles: bool = True) -> dict[str, Any]:
         v = self.values
         ended = v["completed"] + v["failed"] + v["cancelled"]
-        q = histogram.quantiles if quantiles else _no_quantiles
+
+        def q(which: str, hist: dict[str, int]) -> dict[str, float | None]:
+            return self._quantiles(which, hist) if quantiles else _no_quantiles(hist)
+
         return {
             "runs": int(v["runs"]),
             "by_status": {s: int(v[s]) for s in STATUSES},
@@ -148,11 +163,11 @@ class Sum:
                 "mean": round(v["duration_sum_ms"] / v["duration_count"], 3)
                 if v["duration_count"]
                 else None,
-                **q(self.duration_hist),
+                **q("d", self.duration_hist),
             },
             "queue_wait_ms": {
                 "mean": round(v["wait_sum_ms"] / v["wait_count"], 3) if v["wait_count"] else None,
-                **q(self.wait_hist),
+                **q("w", self.wait_hist),
             },
             "retries": int(v["retries"]),
             "tokens": {
@@ -201,18 +216,36 @@ def _hist_rows(column: str, period: str, which: str) -> str:
 # series shape (None: the whole window). Histograms are summed slot by slot in SQL.
 _COUNTER_SQL: dict[str | None, TextClause] = {}
 _HIST_SQL: dict[str | None, TextClause] = {}
+_PCT_SQL: dict[str | None, TextClause] = {}
 for _shape, _period in [*_PERIOD.items(), (None, "CAST(NULL AS timestamptz)")]:
     _COUNTER_SQL[_shape] = text(
         f"SELECT {_period} AS period, kind, key, {_COLUMNS} {_SOURCE} GROUP BY 1, 2, 3"
     )
-    # One row per group and histogram, its slots summed into one small object: an
-    # hourly month is 1440 rows here, not the ~30k (group, slot) rows they are made of.
-    _HIST_SQL[_shape] = text(
-        "SELECT period, kind, key, which, jsonb_object_agg(slot, n) AS hist FROM ("  # noqa: S608
-        "SELECT period, kind, key, which, slot, sum(n) AS n FROM ("
+    _slots = (
+        "SELECT period, kind, key, which, slot::int AS slot, sum(n) AS n FROM ("  # noqa: S608
         f"{_hist_rows('duration_hist', _period, 'd')} UNION ALL "
-        f"{_hist_rows('wait_hist', _period, 'w')}) s GROUP BY 1, 2, 3, 4, 5"
-        ") t GROUP BY 1, 2, 3, 4"
+        f"{_hist_rows('wait_hist', _period, 'w')}) s"
+        " WHERE CAST(:tail AS timestamptz) IS NULL OR {cmp}"
+        " GROUP BY 1, 2, 3, 4, 5"
+    )
+    # Groups the live tail may add to (from :tail on; all of them outside a series):
+    # one row per group and histogram, its slots summed into one small object.
+    _HIST_SQL[_shape] = text(
+        "SELECT period, kind, key, which, jsonb_object_agg(slot, n) AS hist "  # noqa: S608
+        f"FROM ({_slots.format(cmp='period >= :tail')}) t GROUP BY 1, 2, 3, 4"
+    )
+    # The past points of a series: nothing is added to them, so PostgreSQL reads their
+    # percentiles' slots off the running sum (the rank rule of histogram.percentile).
+    _PCT_SQL[_shape] = text(
+        "SELECT period, kind, key, which,"  # noqa: S608
+        " min(slot) FILTER (WHERE cum >= greatest(1, ceil(0.50 * total))) AS p50,"
+        " min(slot) FILTER (WHERE cum >= greatest(1, ceil(0.95 * total))) AS p95,"
+        " min(slot) FILTER (WHERE cum >= greatest(1, ceil(0.99 * total))) AS p99"
+        " FROM (SELECT period, kind, key, which, slot,"
+        " sum(n) OVER (PARTITION BY period, kind, key, which ORDER BY slot) AS cum,"
+        " sum(n) OVER (PARTITION BY period, kind, key, which) AS total"
+        f" FROM ({_slots.format(cmp='period < :tail')}) h) c"
+        " WHERE total > 0 GROUP BY 1, 2, 3, 4"
     )
 
 
@@ -268,14 +301,24 @@ class Source:
                 d0, d1 = _ceil_day(w.since), day_of(live_from)
                 if d0 >= d1:
                     d0 = d1 = live_from
-            params = {
-                "ws": self.workspace_id, "kinds": wanted, "key": key,
+            params: dict[str, Any] = {
+                "ws": self.workspace_id, "kinds": wanted, "key": key, "tail": None,
                 "prefix": f"{prefix}%" if prefix else None,
                 "since": w.since, "until": live_from, "d0": d0, "d1": d1,
             }  # fmt: skip
             shape = w.granularity if series else None
             for r in await self.session.execute(_COUNTER_SQL[shape], params):
                 out[(r.period, r.kind, r.key)].add(dict(r._mapping), hists=False)
+            if hists and series:
+                # Points before the live tail's first period get their percentiles from
+                # PostgreSQL; the others (and whole-window groups) their histograms.
+                params["tail"] = period_of(live_from, w.granularity)
+                for r in await self.session.execute(_PCT_SQL[shape], params):
+                    out[(r.period, r.kind, r.key)].fixed[r.which] = {
+                        "p50": histogram.middle(r.p50),
+                        "p95": histogram.middle(r.p95),
+                        "p99": histogram.middle(r.p99),
+                    }
             if hists:
                 for r in await self.session.execute(_HIST_SQL[shape], params):
                     target = out[(r.period, r.kind, r.key)]
