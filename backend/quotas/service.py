@@ -478,7 +478,13 @@ async def check_ai(
 
 
 async def spend_ai(workspace_id: uuid.UUID, tokens: int, cost_usd: float) -> None:
-    """After a model call: what it spent, added to this month's counters."""
+    """After a model call: what it spent, added to this month's counters (no Redis call
+    when this process knows the workspace has no AI quota)."""
+    hit = _limits.get(workspace_id)
+    if hit is not None and all(
+        hit[1][name] is None for name in ("ai_tokens_per_month", "ai_cost_per_month_usd")
+    ):
+        return
     now = _now()
     await _add(workspace_id, "ai_tokens_per_month", tokens, now)
     await _add(workspace_id, "ai_cost_per_month_usd", cost_usd, now)

@@ -344,3 +344,38 @@ async def test_redis_being_down_falls_back_to_the_rows(
     with pytest.raises(QuotaExceeded):
         await quotas.admit_runs(session, ws.id, 1, trigger_type="manual", actor="user:x", values={})
     await dead.aclose()
+
+
+async def test_an_agent_node_past_the_monthly_token_quota_fails_without_calling_the_model(
+    settings: Settings, maker: async_sessionmaker[AsyncSession], workspace: Workspace
+) -> None:
+    from pydantic import SecretStr
+
+    from backend.kit.http_guard import guarded_client
+    from tests.support.engine import Enqueued, error_of, loopback_settings, start, state
+    from tests.support.fake_anthropic import fake_anthropic
+    from workers.engine.runner import Runner
+
+    async with UnitOfWork(maker) as uow:
+        await quotas.set_overrides(uow.session, workspace.id, {"ai_tokens_per_month": 0})
+    with fake_anthropic() as (url, requests):
+        anthropic = settings.anthropic.model_copy(
+            update={"api_key": SecretStr("k"), "base_url": url, "max_retries": 0}
+        )
+        run_settings = loopback_settings(settings).model_copy(update={"anthropic": anthropic})
+        async with guarded_client(["127.0.0.1/32"]) as http:
+            runner = Runner(run_settings, maker, http, f"quota-{uuid.uuid4().hex[:6]}", Enqueued())
+            definition = {
+                "nodes": [
+                    {"id": "start", "type": "trigger", "config": {"kind": "manual"}},
+                    {"id": "think", "type": "agent",
+                     "config": {"model": "claude-sonnet-5-5", "prompt": "hi"}},
+                ],
+                "connections": [{"source": "start", "target": "think"}],
+            }  # fmt: skip
+            execution_id = await start(maker, workspace, definition)
+            assert await runner.execute(execution_id) == "failed"
+    _, rows = await state(maker, execution_id)
+    error = error_of(rows["think"])
+    assert "ai_tokens_per_month" in error["message"] and rows["think"].attempt == 1
+    assert requests == []  # the model was never called
