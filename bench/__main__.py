@@ -139,7 +139,7 @@ def main() -> int:
     )
 
     # BENCH_PARTS picks sections (default: all), e.g. BENCH_PARTS=streams make bench.
-    parts = set(os.environ.get("BENCH_PARTS", "foundation,engine,streams,api").split(","))
+    parts = set(os.environ.get("BENCH_PARTS", "foundation,engine,streams,api,analytics").split(","))
     from bench.engine import owner_headers
 
     headers = owner_headers(db_url)
@@ -344,6 +344,14 @@ def main() -> int:
 
         measure_api(process, env, headers, free_port, uvicorn)
         celery_app.control.purge()
+
+    if "analytics" in parts:
+        # 7. Analytics (issue 14): 100k runs in one workspace, every endpoint uncached.
+        #    Last: it seeds the bench database with a month of runs.
+        from bench.analytics import measure as measure_analytics
+        from bench.analytics import report as report_analytics
+
+        report_analytics(measure_analytics(db_url))
 
     with psycopg.connect(plain.render_as_string(hide_password=False), autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
