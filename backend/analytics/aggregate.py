@@ -117,6 +117,9 @@ class Row:
         out["cost_usd"] = round(self.cost_usd, 9)
         out["duration_sum_ms"] = round(self.duration_sum_ms, 3)
         out["wait_sum_ms"] = round(self.wait_sum_ms, 3)
+        for prefix, hist in (("duration", self.duration_hist), ("wait", self.wait_hist)):
+            for name, value in histogram.quantiles(hist).items():
+                out[f"{prefix}_{name}"] = value
         return out
 
 

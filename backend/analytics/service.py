@@ -182,7 +182,14 @@ class Sum:
 
 Group = tuple[datetime | None, str, str]  # (period or None for the whole window, kind, key)
 
-_COLUMNS = ", ".join(f"sum({c}) AS {c}" for c in _SUMS)
+_STORED_PCT = tuple(f"{h}_{q}" for h in ("duration", "wait") for q in ("p50", "p95", "p99"))
+# Sums, the number of rows in the group, and the stored percentiles (a group of one
+# row takes them as they are).
+_COLUMNS = ", ".join(
+    [f"sum({c}) AS {c}" for c in _SUMS]
+    + ["count(*) AS n_rows"]
+    + [f"min({c}) AS {c}" for c in _STORED_PCT]
+)
 _PERIOD = {
     "hour": "bucket",
     "day": "date_trunc('day', bucket, 'UTC')",
@@ -225,7 +232,8 @@ for _shape, _period in [*_PERIOD.items(), (None, "CAST(NULL AS timestamptz)")]:
         "SELECT period, kind, key, which, slot::int AS slot, sum(n) AS n FROM ("  # noqa: S608
         f"{_hist_rows('duration_hist', _period, 'd')} UNION ALL "
         f"{_hist_rows('wait_hist', _period, 'w')}) s"
-        " WHERE CAST(:tail AS timestamptz) IS NULL OR {cmp}"
+        " WHERE (CAST(:tail AS timestamptz) IS NULL OR {cmp})"
+        " AND (CAST(:only AS timestamptz[]) IS NULL OR period = ANY(:only))"
         " GROUP BY 1, 2, 3, 4, 5"
     )
     # Groups the live tail may add to (from :tail on; all of them outside a series):
@@ -247,6 +255,16 @@ for _shape, _period in [*_PERIOD.items(), (None, "CAST(NULL AS timestamptz)")]:
         f" FROM ({_slots.format(cmp='period < :tail')}) h) c"
         " WHERE total > 0 GROUP BY 1, 2, 3, 4"
     )
+
+
+def _stored_percentiles(target: Sum, row: Any) -> None:
+    """A one-row group takes the row's stored percentiles (a row written before they
+    were stored has none although it has durations: it is left to the histograms)."""
+    for which, prefix, count in (("d", "duration", "duration_count"), ("w", "wait", "wait_count")):
+        p50 = getattr(row, f"{prefix}_p50")
+        if p50 is None and getattr(row, count):
+            continue
+        target.fixed[which] = {q: getattr(row, f"{prefix}_{q}") for q in ("p50", "p95", "p99")}
 
 
 def _ceil_day(at: datetime) -> datetime:
@@ -302,23 +320,33 @@ class Source:
                 if d0 >= d1:
                     d0 = d1 = live_from
             params: dict[str, Any] = {
-                "ws": self.workspace_id, "kinds": wanted, "key": key, "tail": None,
+                "ws": self.workspace_id, "kinds": wanted, "key": key, "tail": None, "only": None,
                 "prefix": f"{prefix}%" if prefix else None,
                 "since": w.since, "until": live_from, "d0": d0, "d1": d1,
             }  # fmt: skip
             shape = w.granularity if series else None
             for r in await self.session.execute(_COUNTER_SQL[shape], params):
-                out[(r.period, r.kind, r.key)].add(dict(r._mapping), hists=False)
+                target = out[(r.period, r.kind, r.key)]
+                target.add(dict(r._mapping), hists=False)
+                if series and r.n_rows == 1:
+                    _stored_percentiles(target, r)
             if hists and series:
-                # Points before the live tail's first period get their percentiles from
-                # PostgreSQL; the others (and whole-window groups) their histograms.
-                params["tail"] = period_of(live_from, w.granularity)
-                for r in await self.session.execute(_PCT_SQL[shape], params):
-                    out[(r.period, r.kind, r.key)].fixed[r.which] = {
-                        "p50": histogram.middle(r.p50),
-                        "p95": histogram.middle(r.p95),
-                        "p99": histogram.middle(r.p99),
-                    }
+                # Points before the live tail's first period: one row's percentiles are
+                # stored with it; for a point of several rows (a week, a month, a day of
+                # hour rows at the edge) PostgreSQL reads them off the summed slots. The
+                # later points (and whole-window groups) get their histograms.
+                tail = params["tail"] = period_of(live_from, w.granularity)
+                only = sorted(
+                    {p for (p, _, _), part in out.items() if p is not None and p < tail
+                     and len(part.fixed) < 2}
+                )  # fmt: skip
+                if only:
+                    for r in await self.session.execute(_PCT_SQL[shape], {**params, "only": only}):
+                        out[(r.period, r.kind, r.key)].fixed[r.which] = {
+                            "p50": histogram.middle(r.p50),
+                            "p95": histogram.middle(r.p95),
+                            "p99": histogram.middle(r.p99),
+                        }
             if hists:
                 for r in await self.session.execute(_HIST_SQL[shape], params):
                     target = out[(r.period, r.kind, r.key)]
