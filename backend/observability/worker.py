@@ -1,8 +1,9 @@
 """Worker metrics: runs started (Celery's task_prerun for the execute tasks), runs
 finished (a lifecycle finished listener: counted once the run's end commits), node
 durations, retries, tokens and cost (an observer of the engine's node checkpoints, from
-what the engine holds: no query), lease losses and reaper actions (their log events), and queue depth (read from the broker when scraped). The worker's main
-process serves them all, summed over the prefork pool, on METRICS__WORKER_PORT."""
+what the engine holds: no query), lease losses and reaper actions (their log events),
+and queue depth (read from the broker when scraped). The worker's main process serves
+them all, summed over the prefork pool, on METRICS__WORKER_PORT."""
 
 from __future__ import annotations
 
