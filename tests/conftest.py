@@ -56,7 +56,7 @@ from tests.support.databases import drop_database, migrate, recreate_database  #
 from tests.support.factories import WorkspaceFactory, create  # noqa: E402
 from tests.support.identity import Actor, member  # noqa: E402
 from tests.support.mail import Mailbox, start_smtp  # noqa: E402
-from tests.support.procs import PYTHON, free_port, python_env, running, wait_for  # noqa: E402
+from tests.support.procs import PYTHON, STARTUP_S, free_port, python_env, running, wait_for  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -219,6 +219,6 @@ def worker_name(
     with running(argv, env=env, log=log) as proc:
         wait_for(
             lambda: bool(celery_app.control.ping(destination=[name], timeout=0.5)),
-            timeout_s=60, what="celery worker", proc=proc, log=log,
+            timeout_s=STARTUP_S, what="celery worker", proc=proc, log=log,
         )  # fmt: skip
         yield name

@@ -153,7 +153,10 @@ async def set_preferences(
 # Push --------------------------------------------------------------------------------------
 
 
-@router.get("/push-key")
+@router.get(
+    "/push-key",
+    responses={424: {"description": "Web Push is not configured (PUSH__VAPID_PUBLIC_KEY)"}},
+)
 async def push_key(settings: SettingsDep, principal: CurrentUser) -> dict[str, str]:
     """The VAPID public key a browser subscribes with (applicationServerKey)."""
     if not settings.push.vapid_public_key:

@@ -22,7 +22,7 @@ import yaml
 
 from tests.support.definitions import chain
 from tests.support.mail import Mailbox, code_in
-from tests.support.procs import PYTHON, free_port, python_env
+from tests.support.procs import PYTHON, STARTUP_S, free_port, python_env
 from tests.support.target import http_target
 
 pytestmark = [pytest.mark.xdist_group("crossprocess"), pytest.mark.usefixtures("worker_name")]
@@ -455,7 +455,9 @@ def test_a_follow_resumes_after_the_server_recycles_the_socket(
         http_target() as target,
         running(argv, env=python_env(REALTIME__MAX_CONNECTION_S="1"), log=log) as proc,
     ):
-        wait_for(http_ok(f"{short}/health"), timeout_s=60, what="uvicorn", proc=proc, log=log)
+        wait_for(
+            http_ok(f"{short}/health"), timeout_s=STARTUP_S, what="uvicorn", proc=proc, log=log
+        )
         nodes = [{"id": "start", "type": "trigger", "config": {"kind": "manual"}}]
         connections = []
         for i in range(3):

@@ -15,7 +15,7 @@ import pytest
 from backend.config import Settings
 from tests.realtime.test_streams import assert_contiguous, follow, seqs, slow_flow, start
 from tests.support.crossprocess import signed_in_owner, workflow
-from tests.support.procs import PYTHON, free_port, http_ok, python_env, running, wait_for
+from tests.support.procs import PYTHON, STARTUP_S, free_port, http_ok, python_env, running, wait_for
 from tests.support.target import Target, http_target
 
 pytestmark = [pytest.mark.xdist_group("crossprocess"), pytest.mark.usefixtures("worker_name")]
@@ -50,7 +50,9 @@ def two_apis(database: str, crossprocess_logs: Path) -> Iterator[tuple[str, str]
         for port, proc, name in ((p1, a, "a"), (p2, b, "b")):
             base = f"http://127.0.0.1:{port}"
             log = crossprocess_logs / f"uvicorn-{name}.log"
-            wait_for(http_ok(f"{base}/health"), timeout_s=60, what="uvicorn", proc=proc, log=log)
+            wait_for(
+                http_ok(f"{base}/health"), timeout_s=STARTUP_S, what="uvicorn", proc=proc, log=log
+            )
             bases.append(base)
         yield bases[0], bases[1]
 

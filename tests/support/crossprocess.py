@@ -25,7 +25,7 @@ from backend.config import Settings
 from backend.kit.crypto import hash_token
 from backend.models import AuthSession
 from tests.support.factories import UserFactory, WorkspaceFactory, WorkspaceMemberFactory
-from tests.support.procs import PYTHON, free_port, http_ok, python_env, running, wait_for
+from tests.support.procs import PYTHON, STARTUP_S, free_port, http_ok, python_env, running, wait_for
 
 FINISHED = ("completed", "failed", "cancelled")
 
@@ -38,7 +38,7 @@ def api(database: str, crossprocess_logs: Path) -> Iterator[str]:
     argv = [PYTHON, "-m", "uvicorn", "backend.main:app", "--host", "127.0.0.1", "--port", str(port)]
     with running(argv, env=python_env(), log=log) as proc:
         base = f"http://127.0.0.1:{port}"
-        wait_for(http_ok(f"{base}/health"), timeout_s=60, what="uvicorn", proc=proc, log=log)
+        wait_for(http_ok(f"{base}/health"), timeout_s=STARTUP_S, what="uvicorn", proc=proc, log=log)
         yield base
 
 

@@ -20,6 +20,11 @@ import psutil
 
 from tests.support.paths import ROOT
 
+# How long a server or worker a test starts may take to answer: a start-up bound, not a
+# performance figure. Importing the app costs several seconds of CPU (the anthropic
+# and mcp SDKs), and on a 2-core machine shared with other suites it took 20-60 s.
+STARTUP_S = 180.0
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

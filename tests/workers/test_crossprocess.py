@@ -13,7 +13,7 @@ import pytest
 import structlog
 
 from backend.kit.celery_app import celery_app
-from tests.support.procs import PYTHON, free_port, http_ok, python_env, running, wait_for
+from tests.support.procs import PYTHON, STARTUP_S, free_port, http_ok, python_env, running, wait_for
 
 # The worker (a session fixture in conftest) is shared: its tests go to one xdist worker.
 pytestmark = pytest.mark.xdist_group("crossprocess")
@@ -36,7 +36,7 @@ def api(database: str, crossprocess_logs: Path) -> Iterator[tuple[str, Path]]:
     ]
     with running(argv, env=python_env(LOG__JSON_OUTPUT="true"), log=log) as proc:
         base = f"http://127.0.0.1:{port}"
-        wait_for(http_ok(f"{base}/health"), timeout_s=60, what="uvicorn", proc=proc, log=log)
+        wait_for(http_ok(f"{base}/health"), timeout_s=STARTUP_S, what="uvicorn", proc=proc, log=log)
         yield base, log
 
 
