@@ -9,10 +9,11 @@ import time
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backend.config import Settings
-from backend.kit.logging import get_logger
+from backend.kit.logging import REQUEST_ID_KEY, current_request_id, get_logger
 from backend.observability import metrics, tracing
 
 log = get_logger(__name__)
@@ -101,17 +102,29 @@ def install(app: FastAPI, settings: Settings) -> None:
     token = settings.metrics.token.get_secret_value() if settings.metrics.token else None
     token = token or None
 
-    @app.get("/metrics", include_in_schema=True, tags=["operations"])
+    @app.get(
+        "/metrics",
+        include_in_schema=True,
+        tags=["operations"],
+        responses={
+            200: {"content": {"text/plain": {}}, "description": "Prometheus text format"},
+            404: {"description": "No METRICS__TOKEN set, or not this bearer token"},
+        },
+    )
     async def prometheus_metrics(request: Request) -> Response:
         """Prometheus text format. Needs `Authorization: Bearer <METRICS__TOKEN>`; with no
         token set, it is served only on the private port (METRICS__API_PORT)."""
         given = request.headers.get("authorization", "")
         if token is None or not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            # Not there, as far as a caller without the token can tell.
-            return Response(
-                content=b'{"error":"not_found","detail":"Not Found"}',
+            # Not there, as far as a caller without the token can tell: the same body
+            # as any other 404 (with the request id the error schema requires).
+            return JSONResponse(
+                {
+                    "error": "not_found",
+                    "detail": "Not Found",
+                    REQUEST_ID_KEY: current_request_id() or "",
+                },
                 status_code=404,
-                media_type="application/json",
             )
         body, content_type = _exposition(request.app)
         return Response(content=body, media_type=content_type)
