@@ -17,6 +17,7 @@ import pytest
 
 from backend.config import Settings
 from tests.support.crossprocess import signed_in_owner, wait_until_done
+from tests.support.fake_anthropic import fake_anthropic
 from tests.support.procs import PYTHON, free_port, python_env, running, wait_for
 from tests.tracing.receiver import Receiver, Span, otlp_receiver
 
@@ -31,8 +32,11 @@ def stack(
     test's worker may take this test's run: its spans would be missing)."""
     worker_number = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
     redis_url = os.environ["REDIS_URL"].rsplit("/", 1)[0] + f"/{15 - worker_number}"
-    with otlp_receiver() as receiver:
+    with otlp_receiver() as receiver, fake_anthropic() as (model_url, _):
         env = python_env(
+            ANTHROPIC__BASE_URL=model_url,
+            ANTHROPIC__API_KEY="test-key",
+            ANTHROPIC__MAX_RETRIES="0",
             REDIS_URL=redis_url,
             OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url,
             OTEL_BSP_SCHEDULE_DELAY="100",
@@ -88,8 +92,11 @@ def test_one_run_is_one_linked_trace_from_request_to_outbound_call(
             {"id": "start", "type": "trigger", "config": {"kind": "manual"}},
             {"id": "fetch", "type": "action",
              "config": {"kind": "http_request", "url": f"{receiver.url}/hello"}},
+            {"id": "think", "type": "agent",
+             "config": {"model": "claude-sonnet-5-5", "prompt": "hi"}},
         ],
-        "connections": [{"source": "start", "target": "fetch"}],
+        "connections": [{"source": "start", "target": "fetch"},
+                        {"source": "fetch", "target": "think"}],
     }  # fmt: skip
     r = httpx.post(
         f"{api}/api/v1/workflows", headers=owner, json={"name": "traced", **definition}, timeout=30
@@ -110,6 +117,14 @@ def test_one_run_is_one_linked_trace_from_request_to_outbound_call(
         ]  # fmt: skip
 
     wait_for(lambda: bool(outbound()), timeout_s=30, what="the HTTP node's client span")
+
+    def model_calls() -> list[Span]:
+        return [
+            s for s in receiver.snapshot()
+            if s.kind == "client" and "/v1/messages" in str(s.attributes.get("url.full"))
+        ]  # fmt: skip
+
+    wait_for(lambda: bool(model_calls()), timeout_s=30, what="the model call's client span")
     time.sleep(0.5)  # the rest of the batch (the task's span ends after the run)
     wait_for(
         lambda: any(s.name.startswith("run/") for s in receiver.snapshot()),
@@ -130,11 +145,14 @@ def test_one_run_is_one_linked_trace_from_request_to_outbound_call(
     assert "/api/v1/executions" in root.name, names
     assert {s.trace_id for s in chain} == {call.trace_id}
     assert {s.service for s in chain} == {"studio-under-test"}
-    # Both nodes have their span in the same trace, under the same task.
+    # Every node has its span in the same trace, under the same task.
     node_spans = [s for s in spans.values() if s.name.startswith("node ")]
     assert {s.attributes["orch.node.id"] for s in node_spans if s.trace_id == call.trace_id} == {
-        "start", "fetch",
+        "start", "fetch", "think",
     }  # fmt: skip
+    # The model call (the anthropic SDK's httpx request) is a client span of the agent node.
+    model_chain = _chain(spans, model_calls()[0])
+    assert model_chain[1].name == "node agent" and model_chain[-1] == root
     # Instrumented once: the admitting request has exactly one server span.
     servers = [s for s in spans.values() if s.trace_id == call.trace_id and s.kind == "server"]
     assert len(servers) == 1, [(s.name, s.attributes) for s in servers]
