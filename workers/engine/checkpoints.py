@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -16,10 +16,13 @@ from backend.executions import lifecycle, observers
 from backend.executions import repository as repo
 from backend.executions.lifecycle import Claim, NodeChange
 from backend.executions.state import NodeStatus
-from backend.workflows.graph import ApprovalLogic, SetLogic, ValidGraph, WaitLogic
+from backend.workflows.graph import ApprovalLogic, Node, SetLogic, ValidGraph, WaitLogic
 from workers.engine.dag import NodeState, topological_order
 from workers.engine.graphs import cached_graph
 from workers.engine.progress import Progress
+
+if TYPE_CHECKING:  # attempt.py imports this module
+    from workers.engine.attempt import Attempted
 
 N = NodeStatus
 # Due at once: a resumed run looks at its waiting nodes again before anything else.
@@ -124,6 +127,85 @@ class Checkpoints:
         await asyncio.shield(lifecycle.record_nodes(self.sessionmaker, claim, changes))
         for node_id in nodes:
             self.progress.checkpointed(claim, node_id, N.SKIPPED, {})
+
+    async def outcome(
+        self,
+        claim: Claim,
+        state: RunState,
+        variables: dict[str, Any],
+        node_id: str,
+        node: Node,
+        config: Any,
+        done: Attempted,
+    ) -> None:
+        """Checkpoint how a node's attempts ended: failed, retrying (its next attempt
+        due), waiting (a step that parks the run), or completed with its output; the
+        run's in-memory state follows what was written."""
+        if done.failure is not None:
+            state.errors[node_id] = done.error()
+            if done.retry_in is not None:
+                at = now() + timedelta(seconds=done.retry_in)
+                values = {
+                    "attempt": done.attempt,
+                    "error": done.error(),
+                    "next_attempt_at": at,
+                    "started_at": done.started,
+                    "duration_ms": done.elapsed_ms,
+                }
+                await self.write(claim, node_id, N.RUNNING, N.RETRYING, values)
+                state.states[node_id] = NodeState(N.RETRYING)
+                state.retry_at[node_id] = at
+                return
+            branch = "error" if node.continue_on_error else None
+            values = {
+                "branch": branch,
+                "attempt": done.attempt,
+                "error": done.error(),
+                "input": {"config": node.config},
+                "started_at": done.started,
+                "finished_at": now(),
+                "duration_ms": done.elapsed_ms,
+            }
+            await self.write(claim, node_id, N.RUNNING, N.FAILED, values)
+            state.states[node_id] = NodeState(N.FAILED, branch)
+            return
+        result = done.result
+        assert result is not None
+        # A node that waited counts from when its wait began (its duration is the wait).
+        began, took = done.started, done.elapsed_ms
+        if isinstance(config, ApprovalLogic | WaitLogic):
+            began = state.spans.get(node_id, (None, None))[0] or done.started
+            took = round((now() - began).total_seconds() * 1000, 3)
+        if result.waits:
+            until = result.wait_until or lifecycle.FOREVER
+            values = {
+                "attempt": done.attempt,
+                "output": result.output,
+                "input": {"config": node.config},
+                "next_attempt_at": result.wait_until,
+                "started_at": began,
+            }
+            await self.write(claim, node_id, N.RUNNING, N.WAITING, values)
+            state.spans[node_id] = (began, None)
+            state.states[node_id] = NodeState(N.WAITING)
+            state.waiting[node_id] = until
+            return
+        variables.update(result.variables)
+        values = {
+            "branch": result.branch,
+            "attempt": done.attempt,
+            "output": result.output,
+            "input": {"config": node.config},
+            "started_at": began,
+            "finished_at": now(),
+            "duration_ms": took,
+            "input_tokens": result.input_tokens,
+            "output_tokens": result.output_tokens,
+            "cost_usd": result.cost_usd,
+        }
+        await self.write(claim, node_id, N.RUNNING, N.COMPLETED, values, size=done.size)
+        state.record_output(node_id, result.output)
+        state.states[node_id] = NodeState(N.COMPLETED, result.branch)
 
 
 # Node types by pinned version, loop bodies included, for observers (bounded like the

@@ -368,71 +368,7 @@ class Runner:
                     await self.checkpoints.write(claim, node_id, N.RUNNING, N.CANCELLED, values)
                 state.states[node_id] = NodeState(N.CANCELLED)
                 raise
-        if done.failure is not None:
-            state.errors[node_id] = done.error()
-            if done.retry_in is not None:
-                at = now() + timedelta(seconds=done.retry_in)
-                values = {
-                    "attempt": done.attempt,
-                    "error": done.error(),
-                    "next_attempt_at": at,
-                    "started_at": done.started,
-                    "duration_ms": done.elapsed_ms,
-                }
-                await self.checkpoints.write(claim, node_id, N.RUNNING, N.RETRYING, values)
-                state.states[node_id] = NodeState(N.RETRYING)
-                state.retry_at[node_id] = at
-                return
-            branch = "error" if node.continue_on_error else None
-            values = {
-                "branch": branch,
-                "attempt": done.attempt,
-                "error": done.error(),
-                "input": {"config": node.config},
-                "started_at": done.started,
-                "finished_at": now(),
-                "duration_ms": done.elapsed_ms,
-            }
-            await self.checkpoints.write(claim, node_id, N.RUNNING, N.FAILED, values)
-            state.states[node_id] = NodeState(N.FAILED, branch)
-            return
-        result = done.result
-        assert result is not None
-        # A node that waited counts from when its wait began (its duration is the wait).
-        began, took = done.started, done.elapsed_ms
-        if isinstance(config, ApprovalLogic | WaitLogic):
-            began = state.spans.get(node_id, (None, None))[0] or done.started
-            took = round((now() - began).total_seconds() * 1000, 3)
-        if result.waits:
-            until = result.wait_until or lifecycle.FOREVER
-            values = {
-                "attempt": done.attempt,
-                "output": result.output,
-                "input": {"config": node.config},
-                "next_attempt_at": result.wait_until,
-                "started_at": began,
-            }
-            await self.checkpoints.write(claim, node_id, N.RUNNING, N.WAITING, values)
-            state.spans[node_id] = (began, None)
-            state.states[node_id] = NodeState(N.WAITING)
-            state.waiting[node_id] = until
-            return
-        run.variables.update(result.variables)
-        values = {
-            "branch": result.branch,
-            "attempt": done.attempt,
-            "output": result.output,
-            "input": {"config": node.config},
-            "started_at": began,
-            "finished_at": now(),
-            "duration_ms": took,
-            "input_tokens": result.input_tokens,
-            "output_tokens": result.output_tokens,
-            "cost_usd": result.cost_usd,
-        }
-        await self.checkpoints.write(claim, node_id, N.RUNNING, N.COMPLETED, values, size=done.size)
-        state.record_output(node_id, result.output)
-        state.states[node_id] = NodeState(N.COMPLETED, result.branch)
+        await self.checkpoints.outcome(claim, state, run.variables, node_id, node, config, done)
 
     # Ending -------------------------------------------------------------------------------
 
