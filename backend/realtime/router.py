@@ -362,14 +362,18 @@ class Watch:
 
     def add(self, stream: Stream) -> None:
         self.streams.add(stream)
-        if self.task is None or self.task.done():
-            self.task = asyncio.get_running_loop().create_task(self._run(), name="ws.watch")
+        loop = asyncio.get_running_loop()
+        # A new task also when the app now runs on another loop (the old one is gone).
+        if self.task is None or self.task.done() or self.task.get_loop() is not loop:
+            self.task = loop.create_task(self._run(), name="ws.watch")
 
     async def _run(self) -> None:
         while self.streams:
             await asyncio.sleep(self.tick_s)
             now = time.monotonic()
             for stream in list(self.streams):
+                if stream.timed_out:
+                    continue  # cancelled once: a second cancel would outlive uncancel()
                 if (
                     stream.sending_since is not None
                     and now - stream.sending_since >= stream.send_timeout_s
