@@ -269,6 +269,15 @@ class ApiProcesses:
     def all(self) -> list[psutil.Process]:
         return [self.main, *self.main.children(recursive=True)]
 
+    def servers(self) -> int:
+        """The processes that serve requests: uvicorn's workers, or the one process
+        (multiprocessing's resource tracker is a child too, and serves nothing)."""
+        children = [
+            p for p in self.main.children()
+            if not any("resource_tracker" in part for part in p.cmdline())
+        ]  # fmt: skip
+        return len(children) or 1
+
     def rss(self) -> int:
         return sum(p.memory_info().rss for p in self.all())
 
@@ -372,7 +381,7 @@ async def measure_streams(
     frames = sum(res["frames"] for res in results)
     print(
         f"  {clients} clients: {delivered} events in {frames} frames ({query or 'unbatched'}), "
-        f"API in {len(api.all()[1:] or api.all())} process(es)"
+        f"API in {api.servers()} process(es)"
     )
     lost = 0
     for res in results:
