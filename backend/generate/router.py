@@ -10,10 +10,7 @@ then one `result` (the body the JSON answer would have had) or one `error`
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -26,15 +23,14 @@ from backend.auth.permissions import Permission as P  # noqa: N817 - reads as a 
 from backend.config import Settings
 from backend.generate import catalogue, service
 from backend.generate.schemas import EditRequest, EditResult, GenerateRequest, GenerateResult
+from backend.kit import sse
 from backend.kit.db import UnitOfWork, UnitOfWorkDep
-from backend.kit.errors import DomainError
 from backend.kit.logging import get_logger
 from backend.kit.ratelimit import RateLimiter
 from backend.models import Workflow
 
 log = get_logger(__name__)
 router = APIRouter(tags=["generate"])
-HEARTBEAT_S = 15.0
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     200: {
@@ -49,68 +45,18 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _sse(kind: str, data: Any) -> str:
-    return f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'), default=str)}\n\n"
-
-
-def _error_body(exc: Exception) -> dict[str, Any]:
-    from backend.main import status_for  # main imports this module
-
-    if isinstance(exc, DomainError):
-        body: dict[str, Any] = {"error": exc.code, "detail": exc.detail, **exc.extra}
-        if exc.field:
-            body["field"] = exc.field
-        return {**body, "status": status_for(exc)}
-    log.exception("generate.stream_failed", exc_info=exc)
-    return {"error": "internal_error", "detail": "internal error", "status": 500}
-
-
 Job = Callable[[UnitOfWork, service.Emit], Awaitable[BaseModel]]
 
 
 def _stream(request: Request, job: Job) -> StreamingResponse:
     """Run `job` in a unit of work of its own (the request's closes before the body is
     sent) and stream what it emits."""
-    queue: asyncio.Queue[str | None] = asyncio.Queue()
 
-    async def emit(kind: str, data: dict[str, Any]) -> None:
-        await queue.put(_sse(kind, data))
+    async def in_its_own_unit_of_work(emit: service.Emit) -> BaseModel:
+        async with UnitOfWork(request.app.state.sessionmaker) as uow:
+            return await job(uow, emit)
 
-    async def work() -> None:
-        try:
-            async with UnitOfWork(request.app.state.sessionmaker) as uow:
-                result = await job(uow, emit)
-            await queue.put(_sse("result", result.model_dump(mode="json")))
-        except Exception as exc:
-            await queue.put(_sse("error", _error_body(exc)))
-        finally:
-            await queue.put(None)
-
-    async def body() -> AsyncIterator[str]:
-        task = asyncio.create_task(work())
-        try:
-            while True:
-                try:
-                    async with asyncio.timeout(HEARTBEAT_S):
-                        item = await queue.get()
-                except TimeoutError:
-                    yield ": ping\n\n"
-                    continue
-                if item is None:
-                    break
-                yield item
-        finally:
-            # The client went away: stop paying for rounds nobody will read.
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-
-    return StreamingResponse(
-        body(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return sse.stream_job(in_its_own_unit_of_work, failed_event="generate.stream_failed")
 
 
 async def _preflight(

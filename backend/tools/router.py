@@ -12,10 +12,7 @@ budget) is refused as a plain JSON error instead.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -24,8 +21,8 @@ from pydantic import BaseModel
 
 from backend.auth.dependencies import LimiterDep, SettingsDep, WorkspaceAccess, require
 from backend.auth.permissions import Permission
+from backend.kit import sse
 from backend.kit.db import UnitOfWorkDep
-from backend.kit.errors import DomainError
 from backend.kit.logging import get_logger
 from backend.tools import service
 from backend.tools.schemas import (
@@ -42,7 +39,6 @@ from backend.tools.schemas import (
 log = get_logger(__name__)
 router = APIRouter(prefix="/tools", tags=["tools"])
 USE = Permission.WORKFLOWS_EXECUTE
-HEARTBEAT_S = 15.0
 
 
 def _responses(**extra: str) -> dict[int | str, dict[str, Any]]:
@@ -54,63 +50,8 @@ def _responses(**extra: str) -> dict[int | str, dict[str, Any]]:
     }
 
 
-def _sse(kind: str, data: Any) -> str:
-    return f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'), default=str)}\n\n"
-
-
-def _error_body(exc: Exception) -> dict[str, Any]:
-    from backend.main import status_for  # main imports this module
-
-    if isinstance(exc, DomainError):
-        body: dict[str, Any] = {"error": exc.code, "detail": exc.detail, **exc.extra}
-        if exc.field:
-            body["field"] = exc.field
-        return {**body, "status": status_for(exc)}
-    log.exception("tools.stream_failed", exc_info=exc)
-    return {"error": "internal_error", "detail": "internal error", "status": 500}
-
-
 def _stream(job: Callable[[service.Emit], Awaitable[BaseModel]]) -> StreamingResponse:
-    queue: asyncio.Queue[str | None] = asyncio.Queue()
-
-    async def emit(kind: str, data: dict[str, Any]) -> None:
-        await queue.put(_sse(kind, data))
-
-    async def work() -> None:
-        try:
-            result = await job(emit)
-            await queue.put(_sse("result", result.model_dump(mode="json")))
-        except Exception as exc:
-            await queue.put(_sse("error", _error_body(exc)))
-        finally:
-            await queue.put(None)
-
-    async def body() -> AsyncIterator[str]:
-        task = asyncio.create_task(work())
-        try:
-            while True:
-                try:
-                    async with asyncio.timeout(HEARTBEAT_S):
-                        item = await queue.get()
-                except TimeoutError:
-                    yield ": ping\n\n"
-                    continue
-                if item is None:
-                    break
-                yield item
-        finally:
-            # The client went away: stop paying for an answer nobody reads (what was
-            # used so far is still recorded).
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-
-    return StreamingResponse(
-        body(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return sse.stream_job(job, failed_event="tools.stream_failed")
 
 
 @router.post(
