@@ -472,6 +472,17 @@ class QuotaSettings(BaseModel):
     # Redis counters are rebuilt from PostgreSQL at least this often (and at once after
     # a Redis flush), so a lost counter never grants a second quota.
     reconcile_s: int = Field(default=60, ge=1, le=86_400)
+    # A workspace's owners and administrators are notified (kind `quota.warning`) the
+    # first time its use of a counted quota reaches each of these percentages of the
+    # limit in a period (once per threshold and period; a refusal counts as 100). []: off.
+    warn_at_percent: list[int] = Field(default_factory=lambda: [80, 100], max_length=10)
+
+    @field_validator("warn_at_percent")
+    @classmethod
+    def _percentages(cls, value: list[int]) -> list[int]:
+        if any(not 1 <= v <= 100 for v in value):
+            raise ValueError("each warning threshold is a percentage from 1 to 100")
+        return sorted(set(value))
 
 
 class TaskSettings(BaseModel):
@@ -526,8 +537,10 @@ class N8nSettings(BaseModel):
     retries: int = Field(default=3, ge=0, le=10)
     backoff_s: float = Field(default=0.5, ge=0, le=60)
     max_response_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
-    # Per workspace per UTC day (None: unlimited); a workspace overrides them in its
-    # settings: {"quotas": {"n8n_toggles_per_day": 50}}.
+    # Per workspace per UTC day (None: unlimited): the defaults of the quotas
+    # n8n_toggles_per_day and n8n_refreshes_per_day. An operator overrides them per
+    # workspace (`python -m backend.quotas set`); the workspace's administrators may only
+    # lower them for themselves, in its settings: {"quotas": {"n8n_toggles_per_day": 50}}.
     toggles_per_day: int | None = Field(default=None, ge=0)
     refreshes_per_day: int | None = Field(default=None, ge=0)
     # Where an instance's error workflow posts (our public base URL as n8n reaches it);
