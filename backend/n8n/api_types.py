@@ -93,6 +93,21 @@ class TagList(TypedDict, total=False):
     nextCursor: str | None
 
 
+class Credential(TypedDict, total=False):
+    """GET /credentials (owner/admin keys with credential:list; never the secrets)."""
+
+    id: str
+    name: str
+    type: str
+    createdAt: str
+    updatedAt: str
+
+
+class CredentialList(TypedDict, total=False):
+    data: list[Credential]
+    nextCursor: str | None
+
+
 class WorkflowCreate(TypedDict, total=False):
     """POST /workflows and PUT /workflows/{id}: these four are required (the spec refuses
     other, read-only keys with additionalProperties: false)."""

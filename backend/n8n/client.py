@@ -31,6 +31,8 @@ import httpx
 from backend.config import Settings
 from backend.kit.http_guard import BlockedAddress, ResponseTooLarge, guarded_client
 from backend.n8n.api_types import (
+    Credential,
+    CredentialList,
     Execution,
     ExecutionList,
     RetryBody,
@@ -387,6 +389,14 @@ class N8nClient:
         body: RetryBody = {"loadWorkflow": load_workflow}
         path = f"/executions/{_segment(execution_id)}/retry"
         return cast(Execution, await self._object("POST", path, body=dict(body)))
+
+    async def credentials(self) -> list[Credential]:
+        """Every credential's id, name and type (no secrets); n8n answers 403 to a key
+        without `credential:list` (only owner and admin keys have it)."""
+        out: list[Credential] = []
+        async for page in self.pages("/credentials", {}):
+            out += cast(CredentialList, {"data": page})["data"]
+        return out
 
     async def tags(self) -> list[Tag]:
         out: list[Tag] = []

@@ -55,6 +55,11 @@ class StandIn:
     violations: list[str] = field(default_factory=list)
     # Statuses to answer the next API calls with, in order (then normal service).
     faults: list[int] = field(default_factory=list)
+    # One-shot faults for one route: (method, path suffix, status), used in order.
+    route_faults: list[tuple[str, str, int]] = field(default_factory=list)
+    credentials: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # False: GET /credentials answers 403, as for a key without credential:list.
+    credential_list: bool = True
     ids: Iterator[int] = field(default_factory=lambda: itertools.count(1000))
 
     @property
@@ -71,6 +76,9 @@ class StandIn:
         self.calls.clear()
         self.violations.clear()
         self.faults.clear()
+        self.route_faults.clear()
+        self.credentials.clear()
+        self.credential_list = True
         self.version = "2.41.1"
 
     # Seeding ---------------------------------------------------------------------------
@@ -170,6 +178,12 @@ class StandIn:
                 return payload, str(n["parameters"]["url"])
         return payload, None
 
+    def add_credential(self, name: str, type_: str) -> dict[str, Any]:
+        cid = f"cr{next(self.ids)}"
+        self.credentials[cid] = {"id": cid, "name": name, "type": type_, "createdAt": _now(),
+                                 "updatedAt": _now(), "shared": []}  # fmt: skip
+        return self.credentials[cid]
+
     # Views -----------------------------------------------------------------------------
 
     def single(self, workflow: dict[str, Any]) -> dict[str, Any]:
@@ -240,6 +254,11 @@ def build_app(s: StandIn) -> FastAPI:
                 headers = {"Retry-After": "0"} if status == 429 else None
                 return JSONResponse({"message": f"fault {status}"}, status_code=status,
                                     headers=headers)  # fmt: skip
+            for fault in s.route_faults:
+                method, suffix, status = fault
+                if request.method == method and request.url.path.endswith(suffix):
+                    s.route_faults.remove(fault)
+                    return JSONResponse({"message": f"fault {status}"}, status_code=status)
         response: Response = await call_next(request)
         return response
 
@@ -292,6 +311,31 @@ def build_app(s: StandIn) -> FastAPI:
         workflow["updatedAt"] = _now()
         workflow["versionId"] = f"v-{wid}-{time.monotonic_ns()}"
         return reply("/workflows/{workflowId}", "put", 200, s.single(workflow))
+
+    @app.delete(API + "/workflows/{wid}")
+    async def delete_workflow(wid: str) -> Response:
+        if wid not in s.workflows:
+            return refuse(404, "Not Found")
+        gone = s.workflows.pop(wid)
+        return reply("/workflows/{workflowId}", "delete", 200, s.single(gone))
+
+    @app.get(API + "/credentials")
+    async def list_credentials(request: Request) -> Response:
+        if not s.credential_list:
+            return refuse(403, "Forbidden")
+        return reply("/credentials", "get", 200, page(list(s.credentials.values()), request))
+
+    @app.post(API + "/credentials")
+    async def create_credential(request: Request) -> Response:
+        body = await request.json()
+        problems = spec.violations(spec.request_schema("/credentials", "post"), body)
+        if problems:
+            return refuse(400, "request/body " + problems[0])
+        made = s.add_credential(body["name"], body["type"])
+        out = {k: v for k, v in made.items() if k != "shared"}
+        out.update(isManaged=False, isGlobal=False, isResolvable=False,
+                   resolvableAllowFallback=False, resolverId=None)  # fmt: skip
+        return reply("/credentials", "post", 200, out)
 
     def switch(wid: str, on: bool, template: str) -> Response:
         if wid not in s.workflows:

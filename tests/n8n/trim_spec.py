@@ -28,6 +28,8 @@ PATHS = {
     "/executions/{executionId}": ["get"],
     "/executions/{executionId}/retry": ["post"],
     "/tags": ["get"],
+    # Promotions map credentials by name and type (listing needs credential:list).
+    "/credentials": ["get", "post"],
 }
 
 
