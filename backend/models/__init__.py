@@ -29,6 +29,13 @@ from backend.models.inbox import (
 from backend.models.library import WorkflowSuggestion, WorkflowTemplate
 from backend.models.mcp import File, McpServer, McpTool, ToolUsage
 from backend.models.n8n import N8nError, N8nExecution, N8nInstance, N8nWatch, N8nWorkflow
+from backend.models.n8n_envs import (
+    N8nBaseline,
+    N8nDriftIncident,
+    N8nEnvironment,
+    N8nPipeline,
+    N8nSnapshot,
+)
 from backend.models.triggers import Notification, NotificationSecret, Trigger
 from backend.models.workflows import Agent, Credential, Workflow, WorkflowVersion
 
@@ -48,9 +55,14 @@ __all__ = [
     "Invitation",
     "McpServer",
     "McpTool",
+    "N8nBaseline",
+    "N8nDriftIncident",
+    "N8nEnvironment",
     "N8nError",
     "N8nExecution",
     "N8nInstance",
+    "N8nPipeline",
+    "N8nSnapshot",
     "N8nWatch",
     "N8nWorkflow",
     "NodeExecution",
