@@ -20,7 +20,8 @@ from backend.kit.errors import ValidationFailed
 from backend.kit.middleware import BodyTooLarge
 from backend.kit.pagination import Page, PageParamsDep
 from backend.models import N8nInstance
-from backend.n8n import intake, service
+from backend.n8n import environments, intake, service
+from backend.n8n.env_router import router as environments_router
 from backend.n8n.repository import paginate
 from backend.n8n.schemas import (
     ErrorRead,
@@ -213,7 +214,9 @@ async def toggle_workflow(
 ) -> WorkflowRead:
     """Switch the workflow on (publish; activate on n8n 1.x) or off on the instance.
     Counts against `n8n_toggles_per_day` (402 past it); n8n's refusal is a 502 with its
-    message (a workflow without a trigger cannot be published, say)."""
+    message (a workflow without a trigger cannot be published, say). A protected
+    environment's workflows answer 409 `environment_protected` (promote instead)."""
+    await environments.guard_direct_change(uow.session, access.resource.id, "toggle")
     row = await service.toggle(uow, settings, access, workflow_n8n_id, body.active)
     return WorkflowRead.model_validate(row)
 
@@ -340,3 +343,7 @@ async def receive_error(
         raise ValidationFailed("the body is not valid JSON", field="body") from exc
     row, new = await intake.receive(uow, settings, token, payload)
     return IntakeAccepted(error_id=row.id, new=new)
+
+
+# Environments, pipelines, snapshots and drift (issue 18): their own module.
+router.include_router(environments_router)
