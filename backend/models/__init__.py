@@ -36,6 +36,7 @@ from backend.models.n8n_envs import (
     N8nPipeline,
     N8nSnapshot,
 )
+from backend.models.n8n_promotions import N8nDeployment, N8nLineage, N8nPromotion
 from backend.models.triggers import Notification, NotificationSecret, Trigger
 from backend.models.workflows import Agent, Credential, Workflow, WorkflowVersion
 
@@ -56,12 +57,15 @@ __all__ = [
     "McpServer",
     "McpTool",
     "N8nBaseline",
+    "N8nDeployment",
     "N8nDriftIncident",
     "N8nEnvironment",
     "N8nError",
     "N8nExecution",
     "N8nInstance",
+    "N8nLineage",
     "N8nPipeline",
+    "N8nPromotion",
     "N8nSnapshot",
     "N8nWatch",
     "N8nWorkflow",
