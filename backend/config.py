@@ -548,6 +548,10 @@ class N8nSettings(BaseModel):
     intake_base_url: str | None = None
     intake_rate_limit: str = "600 per minute"
     intake_max_body_bytes: int = Field(default=256 * 1024, ge=1024)
+    # Environments (issue 18): how often beat compares each environment with its
+    # baselines, and the UTC hour of the nightly snapshots.
+    drift_interval_s: float = Field(default=300.0, ge=30, le=86_400)
+    nightly_snapshot_hour: int = Field(default=2, ge=0, le=23)
 
 
 class Settings(BaseSettings):

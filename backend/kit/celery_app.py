@@ -11,6 +11,7 @@ from typing import Any
 
 import structlog
 from celery import Celery, signals
+from celery.schedules import crontab
 from celery.worker.consumer.consumer import (  # type: ignore[attr-defined]
     COLLECT_SOCKET_TIMEOUT,
 )
@@ -178,6 +179,18 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "task": "n8n.sync_due",
                 "schedule": settings.n8n.sync_interval_s,
                 "options": {"expires": settings.n8n.sync_interval_s},
+            },
+            # n8n environments (issue 18): drift checks of the environments that are
+            # due, and one snapshot pass a night (only where a definition changed).
+            "n8n-drift": {
+                "task": "n8n.drift_due",
+                "schedule": settings.n8n.drift_interval_s,
+                "options": {"expires": settings.n8n.drift_interval_s},
+            },
+            "n8n-nightly-snapshots": {
+                "task": "n8n.nightly_snapshots",
+                "schedule": crontab(minute=0, hour=settings.n8n.nightly_snapshot_hour),
+                "options": {"expires": 3600},
             },
             "retention": {
                 "task": "maintenance.retention",
