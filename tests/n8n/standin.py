@@ -337,6 +337,13 @@ def build_app(s: StandIn) -> FastAPI:
                    resolvableAllowFallback=False, resolverId=None)  # fmt: skip
         return reply("/credentials", "post", 200, out)
 
+    @app.delete(API + "/workflows/{wid}")
+    async def delete_workflow(wid: str) -> Response:
+        if wid not in s.workflows:
+            return refuse(404, "Not Found")
+        gone = s.single(s.workflows.pop(wid))
+        return reply("/workflows/{workflowId}", "delete", 200, gone)
+
     def switch(wid: str, on: bool, template: str) -> Response:
         if wid not in s.workflows:
             return refuse(404, "Not Found")
