@@ -12,10 +12,10 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import Select, select
 from sqlalchemy import update as sql_update
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -25,18 +25,17 @@ from backend.config import Settings
 from backend.kit import signing
 from backend.kit.crypto import SecretBox, hash_token, new_token
 from backend.kit.db import UnitOfWork
-from backend.kit.errors import Conflict, NotFound, QuotaExceeded, UpstreamError, ValidationFailed
+from backend.kit.errors import Conflict, NotFound, UpstreamError, ValidationFailed
 from backend.kit.repository import Repository
-from backend.models import ActivityLog, N8nError, N8nExecution, N8nInstance, N8nWatch, N8nWorkflow
+from backend.models import N8nError, N8nExecution, N8nInstance, N8nWatch, N8nWorkflow
 from backend.n8n import client as n8n
 from backend.n8n import sync
 from backend.n8n.api_types import Node, Workflow, WorkflowCreate
 from backend.n8n.schemas import InstallErrorWorkflow, InstanceCreate, InstancePatch, Notify
+from backend.quotas import service as quotas
 
 INTAKE_PATH = "/api/v1/hooks/n8n/"
 ERROR_WORKFLOW_NAME = "Orchestration Studio: report errors"
-QUOTA_ACTIONS = {"n8n_toggles_per_day": "n8n.workflow.toggle",
-                 "n8n_refreshes_per_day": "n8n.instance.refresh"}  # fmt: skip
 
 
 class InstanceRepository(Repository[N8nInstance]):
@@ -271,40 +270,19 @@ async def check(uow: UnitOfWork, settings: Settings, access: WorkspaceAccess) ->
 # Quotas -----------------------------------------------------------------------------------
 
 
-def _limit(settings: Settings, workspace_settings: dict[str, Any], name: str) -> int | None:
-    overrides = workspace_settings.get("quotas") if isinstance(workspace_settings, dict) else None
-    if isinstance(overrides, dict) and name in overrides:
-        value = overrides[name]
-        return value if isinstance(value, int) and not isinstance(value, bool) else None
-    default: int | None = getattr(settings.n8n, name.removeprefix("n8n_"))
-    return default
-
-
 async def check_quota(
     session: AsyncSession, settings: Settings, access: WorkspaceAccess, name: str
 ) -> None:
-    """Refuse (402) when today's count of the action (from the activity log, so it
-    survives restarts and counts every process) reached the workspace's limit."""
-    limit = _limit(settings, access.workspace.settings or {}, name)
-    if limit is None:
-        return
-    now = datetime.now(UTC)
-    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
-    used = await session.scalar(
-        select(func.count()).where(
-            ActivityLog.workspace_id == access.workspace.id,
-            ActivityLog.action == QUOTA_ACTIONS[name],
-            ActivityLog.created_at >= day,
-        )
+    """Reserve one of today's toggles or refreshes (backend/quotas: the operator's
+    limit, or the workspace's own lower one; counted from the activity log), or refuse
+    with 402."""
+    await quotas.admit_action(
+        session,
+        access.workspace.id,
+        name,
+        workspace_settings=access.workspace.settings,
+        settings=settings,
     )
-    if (used or 0) >= limit:
-        raise QuotaExceeded(
-            f"{name}: {used} of {limit} used today (UTC); the count resets at midnight UTC",
-            quota=name,
-            limit=limit,
-            used=int(used or 0),
-            resets_at=(day + timedelta(days=1)).isoformat(),
-        )
 
 
 # Sync on demand ---------------------------------------------------------------------------

@@ -4,7 +4,9 @@ Push, FCM), each as their preferences say. Other domains call `notify`; the push
 out from a worker (`notifications.push`) after the commit.
 
 Kinds: `task.assigned` (a task someone may decide), `task.decided`, `run.failed` (a run
-of a workflow they own or watch), `invitation` (to a workspace). Channels: `in_app`,
+of a workflow they own or watch), `invitation` (to a workspace), `quota.warning` (to a
+workspace's owners and administrators: backend/quotas/warnings), `n8n.error` (a failure an
+n8n instance reported: backend/n8n/intake). Channels: `in_app`,
 `email`, `web_push`, `fcm`. What a person has not switched off is on.
 """
 
@@ -41,7 +43,7 @@ from backend.push import senders
 from backend.realtime.events import event_log
 
 log = get_logger(__name__)
-KINDS = ("task.assigned", "task.decided", "run.failed", "invitation")
+KINDS = ("task.assigned", "task.decided", "run.failed", "invitation", "quota.warning", "n8n.error")
 CHANNELS = ("in_app", "email", "web_push", "fcm")
 PUSH_TASK = "notifications.push"
 # One notice reaches at most this many people (a task open to a large workspace).

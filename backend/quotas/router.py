@@ -1,5 +1,7 @@
 """GET /api/v1/workspaces/{workspace_id}/usage (workspace.read): usage against each
-quota. Limits are set by operators (`python -m backend.quotas`), not through the API."""
+quota. Limits are set by operators (`python -m backend.quotas`), not through the API;
+a workspace's administrators may only lower the n8n quotas for themselves (its settings'
+`quotas`)."""
 
 from __future__ import annotations
 
@@ -25,4 +27,5 @@ async def workspace_usage(
     """Each quota's limit (null: unlimited), what is used, what remains, and when it
     resets (UTC calendar hour, day or month)."""
     ws = access.workspace.id
-    return {"workspace_id": str(ws), "quotas": await service.usage(session, ws, settings)}
+    quotas = await service.usage(session, ws, settings, access.workspace.settings)
+    return {"workspace_id": str(ws), "quotas": quotas}

@@ -13,6 +13,8 @@ QuotaName = Literal[
     "ai_tokens_per_month",
     "ai_cost_per_month_usd",
     "tool_calls_per_hour",
+    "n8n_toggles_per_day",
+    "n8n_refreshes_per_day",
 ]
 
 

@@ -45,6 +45,7 @@ from backend.config import Settings, get_settings
 from backend.kit.errors import QuotaExceeded, ValidationFailed
 from backend.kit.logging import get_logger
 from backend.models import ActivityLog, WorkspaceQuota
+from backend.quotas import warnings
 
 log = get_logger(__name__)
 
@@ -55,7 +56,12 @@ QUOTAS: dict[str, Period | None] = {
     "ai_tokens_per_month": "month",
     "ai_cost_per_month_usd": "month",
     "tool_calls_per_hour": "hour",
+    "n8n_toggles_per_day": "day",
+    "n8n_refreshes_per_day": "day",
 }
+# Quotas counted from the activity log: the action each one counts.
+ACTIONS = {"n8n_toggles_per_day": "n8n.workflow.toggle",
+           "n8n_refreshes_per_day": "n8n.instance.refresh"}  # fmt: skip
 LIMITS_TTL_S = 5.0
 # Trigger kinds whose runs are skipped, not refused, when started by their trigger.
 SKIPPED_TRIGGERS = ("schedule", "event")
@@ -95,7 +101,13 @@ def forget(workspace_id: uuid.UUID) -> None:
 
 
 def defaults(settings: Settings) -> dict[str, float | None]:
-    return {name: getattr(settings.quotas, name) for name in QUOTAS}
+    out: dict[str, float | None] = {}
+    for name in QUOTAS:
+        # The n8n quotas' defaults live with the other n8n settings (N8N__TOGGLES_PER_DAY).
+        group = settings.n8n if name.startswith("n8n_") else settings.quotas
+        value = getattr(group, name.removeprefix("n8n_") if group is settings.n8n else name)
+        out[name] = None if value is None else float(value)
+    return out
 
 
 async def limits_of(
@@ -195,6 +207,10 @@ _AI = text(
     ) s
     """
 )
+_ACTIONS = text(
+    "SELECT count(*) FROM activity_log "
+    "WHERE workspace_id = :ws AND action = :action AND created_at >= :start AND created_at < :end"
+)
 _TOOL_CALLS = text(
     "SELECT count(*) FROM tool_usage "
     "WHERE workspace_id = :ws AND created_at >= :start AND created_at < :end"
@@ -213,6 +229,8 @@ async def used_in_db(
         return float(await session.scalar(_RUNS_IN, params) or 0)
     if name == "tool_calls_per_hour":
         return float(await session.scalar(_TOOL_CALLS, params) or 0)
+    if name in ACTIONS:
+        return float(await session.scalar(_ACTIONS, {**params, "action": ACTIONS[name]}) or 0)
     row = (await session.execute(_AI, params)).one()
     return float(row.tokens if name == "ai_tokens_per_month" else row.cost)
 
@@ -291,9 +309,34 @@ async def _reserve(
     settings: Settings,
     now: datetime,
 ) -> Verdict:
-    """Check `used + amount` against `limit` and add `amount`, atomically, rebuilding
-    the counter from PostgreSQL first when it is missing or stale. Redis down: the
-    PostgreSQL figure decides (slower, never more permissive)."""
+    """Check `used + amount` against `limit` and add `amount`, atomically (`used`: after
+    the reservation), and warn the workspace's admins when that crossed a warning
+    threshold (arithmetic on the answer: no call when nothing was crossed)."""
+    verdict = await _reserve_once(session, workspace_id, name, amount, limit, settings, now)
+    if amount > 0 and limit is not None and settings.quotas.warn_at_percent:
+        if verdict.ok:
+            before, after = verdict.used - amount, verdict.used
+        else:  # a refusal: the limit is reached, whatever the counter says
+            before, after = verdict.used, max(verdict.used, limit)
+        period = QUOTAS[name]
+        assert period is not None
+        start, end = period_bounds(period, now)
+        warnings.signal(settings, workspace_id, name, limit, before, after, start, end)
+    return verdict
+
+
+async def _reserve_once(
+    session: AsyncSession,
+    workspace_id: uuid.UUID,
+    name: str,
+    amount: float,
+    limit: float | None,
+    settings: Settings,
+    now: datetime,
+) -> Verdict:
+    """`_reserve` without the warnings, rebuilding the counter from PostgreSQL first
+    when it is missing or stale. Redis down: the PostgreSQL figure decides (slower,
+    never more permissive)."""
     key = counter_key(workspace_id, name, now)
     period = QUOTAS[name]
     assert period is not None
@@ -317,21 +360,24 @@ async def _reserve(
         log.warning("quotas.redis_unavailable", error=repr(exc), quota=name)
     used_now = await used_in_db(session, workspace_id, name, now)
     if limit is None:
-        return Verdict(True, used_now)
+        return Verdict(True, used_now + amount)
     ok = used_now + amount <= limit and not (amount == 0 and used_now >= limit)
-    return Verdict(ok, used_now)
+    return Verdict(ok, used_now + amount if ok else used_now)
 
 
-async def _add(workspace_id: uuid.UUID, name: str, amount: float, now: datetime) -> None:
+async def _add(workspace_id: uuid.UUID, name: str, amount: float, now: datetime) -> float | None:
+    """Move an existing counter; its new value (None: no counter, or Redis down)."""
     if not amount:
-        return
+        return None
     try:
-        await redis_client().eval(
+        value = await redis_client().eval(
             _ADD, 1, counter_key(workspace_id, name, now), repr(float(amount))
         )
     except RedisError as exc:
         # The next rebuild (at most QUOTAS__RECONCILE_S away) reads it from the rows.
         log.warning("quotas.redis_unavailable", error=repr(exc), quota=name)
+        return None
+    return None if value is None else float(value)
 
 
 def _refusal(name: str, limit: float, used: float, now: datetime) -> QuotaExceeded:
@@ -486,8 +532,15 @@ async def spend_ai(workspace_id: uuid.UUID, tokens: int, cost_usd: float) -> Non
     ):
         return
     now = _now()
-    await _add(workspace_id, "ai_tokens_per_month", tokens, now)
-    await _add(workspace_id, "ai_cost_per_month_usd", cost_usd, now)
+    settings = get_settings()
+    for name, amount in (("ai_tokens_per_month", tokens), ("ai_cost_per_month_usd", cost_usd)):
+        after = await _add(workspace_id, name, amount, now)
+        # The limits check_ai read before the call (kept past their TTL: a warning
+        # may go by limits a few seconds old; admission never does).
+        limit = hit[1][name] if hit is not None else None
+        if after is not None and limit is not None and settings.quotas.warn_at_percent:
+            start, end = period_bounds("month", now)
+            warnings.signal(settings, workspace_id, name, limit, after - amount, after, start, end)
 
 
 async def admit_tool_calls(
@@ -507,15 +560,56 @@ async def admit_tool_calls(
         raise _refusal("tool_calls_per_hour", limit, verdict.used, now)
 
 
+def own_limit(workspace_settings: Any, name: str) -> float | None:
+    """A limit the workspace's administrators set for themselves in its settings
+    (`{"quotas": {name: n}}`); it can only lower the operator's, never lift it."""
+    mine = workspace_settings.get("quotas") if isinstance(workspace_settings, dict) else None
+    value = mine.get(name) if isinstance(mine, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        return None
+    return float(value) if value != float("inf") else None
+
+
+async def admit_action(
+    session: AsyncSession,
+    workspace_id: uuid.UUID,
+    name: str,
+    *,
+    workspace_settings: Any = None,
+    settings: Settings | None = None,
+) -> None:
+    """Before an action a daily quota counts (the n8n toggles and refreshes, counted
+    from the activity log rows they write): reserve one, or QuotaExceeded (402). The
+    limit is the operator's, or the workspace's own when that is lower."""
+    settings = settings or get_settings()
+    limit = (await limits_of(session, workspace_id, settings))[name]
+    own = own_limit(workspace_settings, name)
+    if own is not None and (limit is None or own < limit):
+        limit = own
+    if limit is None:
+        return
+    now = _now()
+    verdict = await _reserve(session, workspace_id, name, 1, limit, settings, now)
+    if not verdict.ok:
+        raise _refusal(name, limit, verdict.used, now)
+
+
 # Reading ----------------------------------------------------------------------------------
 
 
 async def usage(
-    session: AsyncSession, workspace_id: uuid.UUID, settings: Settings | None = None
+    session: AsyncSession,
+    workspace_id: uuid.UUID,
+    settings: Settings | None = None,
+    workspace_settings: Any = None,
 ) -> list[dict[str, Any]]:
     """Each quota: its limit, what is used, what remains, and when it resets."""
     settings = settings or get_settings()
-    limits = await limits_of(session, workspace_id, settings)
+    limits = dict(await limits_of(session, workspace_id, settings))
+    for name in ACTIONS:
+        own, current = own_limit(workspace_settings, name), limits[name]
+        if own is not None and (current is None or own < current):
+            limits[name] = own
     now = _now()
     out = []
     for name, period in QUOTAS.items():
