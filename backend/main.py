@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -44,6 +43,7 @@ from backend.n8n.promotion_router import router as n8n_promotions_router
 from backend.n8n.router import hooks as n8n_hooks_router
 from backend.n8n.router import router as n8n_router
 from backend.observability import api as observability_api
+from backend.observability import tracing
 from backend.push.router import router as notifications_router
 from backend.quotas.router import router as quotas_router
 from backend.realtime.hub import Hub
@@ -200,15 +200,6 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-def _freeze_heap() -> None:
-    """Move everything start-up made (the imported app, its models, its routes: a few
-    hundred thousand objects that live as long as the process) out of the collector's
-    reach. Otherwise every full collection walks all of them again, and requests
-    allocate enough to run one every few hundred requests."""
-    gc.collect()
-    gc.freeze()
-
-
 def create_app(settings: Settings | None = None, *, celery: Celery | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings)
@@ -244,7 +235,6 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
             queue_size=settings.realtime.queue_size,
         )
         await app.state.hub.start()
-        _freeze_heap()
         try:
             yield
         finally:
@@ -259,6 +249,11 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
         lifespan=lifespan,
         docs_url="/docs",
         openapi_url="/openapi.json",
+        # FastAPI's own request telemetry asks the OpenTelemetry API for three global
+        # providers on every request (environment lookups included) to learn that none
+        # is set. Traces are the only part we use, and only with an OTLP endpoint
+        # (observability/tracing.py); metrics are Prometheus, logs structlog.
+        telemetry={"tracing": tracing.wanted(), "metrics": False, "logs": False},
     )
     if settings.security.cors_origins:
         origins = settings.security.cors_origins
