@@ -12,15 +12,21 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import anthropic
 import httpx
 
 from backend.config import DEFAULT_PRICES, ModelPrice, Settings
 from backend.kit.errors import NotConfigured
 from backend.kit.http_guard import fetch
+from backend.kit.lazy import lazy_module
+
+if TYPE_CHECKING:
+    import anthropic
+else:
+    # Imported on first use: see backend/kit/lazy.py.
+    anthropic = lazy_module("anthropic")
 
 ToolHandler = Callable[[dict[str, Any]], Awaitable[Any]]
 

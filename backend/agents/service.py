@@ -8,9 +8,8 @@ import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anthropic
 import httpx
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -30,11 +29,18 @@ from backend.kit.errors import (
     ValidationFailed,
 )
 from backend.kit.http_guard import guarded_client
+from backend.kit.lazy import lazy_module
 from backend.kit.repository import Repository
 from backend.mcp import runtime as mcp_runtime
 from backend.models import Agent, McpServer
 from backend.tools import web
 from backend.workflows.service import workflows_using
+
+if TYPE_CHECKING:
+    import anthropic
+else:
+    # Imported on first use: see backend/kit/lazy.py.
+    anthropic = lazy_module("anthropic")
 
 MAX_SUB_AGENT_DEPTH = 3
 

@@ -15,12 +15,18 @@ from __future__ import annotations
 import copy
 import json
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anthropic
 from pydantic import TypeAdapter
 
+from backend.kit.lazy import lazy_module
 from backend.workflows import graph
+
+if TYPE_CHECKING:
+    import anthropic
+else:
+    # Imported on first use: see backend/kit/lazy.py.
+    anthropic = lazy_module("anthropic")
 
 Schema = dict[str, Any]
 REF = "#/$defs/"

@@ -7,9 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
-
-import anthropic
+from typing import TYPE_CHECKING, Any
 
 from backend.agents import runtime
 from backend.config import Settings
@@ -19,7 +17,14 @@ from backend.kit.errors import (
     RateLimited,
     UpstreamError,
 )
+from backend.kit.lazy import lazy_module
 from backend.kit.logging import get_logger
+
+if TYPE_CHECKING:
+    import anthropic
+else:
+    # Imported on first use: see backend/kit/lazy.py.
+    anthropic = lazy_module("anthropic")
 
 log = get_logger(__name__)
 

@@ -15,9 +15,8 @@ import json
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anthropic
 from sqlalchemy import select
 
 from backend.activity.service import record
@@ -36,11 +35,18 @@ from backend.generate.schemas import (
 )
 from backend.kit.db import UnitOfWork
 from backend.kit.errors import DependencyUnavailable, QuotaExceeded, UpstreamError, ValidationFailed
+from backend.kit.lazy import lazy_module
 from backend.kit.ratelimit import RateLimiter
 from backend.models import Agent, Credential, Workflow
 from backend.workflows import service as workflows
 from backend.workflows.graph import Context, GraphInvalid, Problem, validate
 from backend.workflows.schemas import WorkflowCreate, WorkflowUpdate
+
+if TYPE_CHECKING:
+    import anthropic
+else:
+    # Imported on first use: see backend/kit/lazy.py.
+    anthropic = lazy_module("anthropic")
 
 Emit = Callable[[str, dict[str, Any]], Awaitable[None]]
 # Agents and credentials named to the model when the request does not choose.

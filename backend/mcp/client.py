@@ -23,18 +23,26 @@ import json
 import socket
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import httpcore2
 import httpx2
-from mcp import Client, MCPError, StdioServerParameters
-from mcp.client.sse import sse_client
-from mcp.client.stdio import stdio_client
-from mcp.client.streamable_http import streamable_http_client
 
 from backend.config import Settings
 from backend.kit.http_guard import _allowed
+from backend.kit.lazy import lazy_module
+
+if TYPE_CHECKING:
+    import mcp
+    from mcp.client import sse, stdio, streamable_http
+else:
+    # The SDK is imported on first use (see backend/kit/lazy.py): most processes never
+    # open an MCP session.
+    mcp = lazy_module("mcp")
+    sse = lazy_module("mcp.client.sse")
+    stdio = lazy_module("mcp.client.stdio")
+    streamable_http = lazy_module("mcp.client.streamable_http")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -192,12 +200,12 @@ def classify(exc: BaseException, what: str) -> McpFailure:
         )
     if isinstance(exc, httpx2.TransportError | httpcore2.NetworkError | OSError):
         return McpFailure(f"{what}: connection failed: {exc}", transient=True)
-    if isinstance(exc, MCPError):
+    if isinstance(exc, mcp.MCPError):
         return McpFailure(f"{what}: the server refused: {exc}", transient=False)
     return McpFailure(f"{what}: {type(exc).__name__}: {exc}", transient=False)
 
 
-def stdio_parameters(settings: Settings, target: Target) -> StdioServerParameters:
+def stdio_parameters(settings: Settings, target: Target) -> mcp.StdioServerParameters:
     allowed = settings.mcp.stdio_servers.get(target.command or "")
     if allowed is None:
         raise McpFailure(
@@ -207,14 +215,14 @@ def stdio_parameters(settings: Settings, target: Target) -> StdioServerParameter
     env = {k: v for k, v in target.env.items() if k in allowed.env_keys}
     # The SDK starts from its own minimal set (HOME, LOGNAME, PATH, SHELL, TERM, USER)
     # and adds these: nothing else of the worker's environment (keys!) is passed on.
-    return StdioServerParameters(command=allowed.command, args=list(allowed.args), env=env)
+    return mcp.StdioServerParameters(command=allowed.command, args=list(allowed.args), env=env)
 
 
 T = TypeVar("T")
 
 
 async def with_client(
-    settings: Settings, target: Target, what: str, work: Callable[[Client], Awaitable[T]]
+    settings: Settings, target: Target, what: str, work: Callable[[mcp.Client], Awaitable[T]]
 ) -> T:
     """Open a handshaken session, run `work` on it, close it; all in this task (anyio's
     cancel scopes must be left where they were entered) and within one deadline:
@@ -224,7 +232,7 @@ async def with_client(
     if target.transport == "streamable_http":
         assert target.url
         http = guarded_http(settings, target.headers, read_timeout_s=read_timeout)
-        transport: Any = streamable_http_client(target.url, http_client=http)
+        transport: Any = streamable_http.streamable_http_client(target.url, http_client=http)
     elif target.transport == "sse":
         assert target.url
 
@@ -235,7 +243,7 @@ async def with_client(
         ) -> httpx2.AsyncClient:
             return guarded_http(settings, headers, read_timeout_s=read_timeout)
 
-        transport = sse_client(
+        transport = sse.sse_client(
             target.url,
             headers=dict(target.headers),
             timeout=settings.mcp.connect_timeout_s,
@@ -243,12 +251,13 @@ async def with_client(
             httpx_client_factory=factory,
         )
     elif target.transport == "stdio":
-        transport = stdio_client(stdio_parameters(settings, target), errlog=_stderr_sink())
+        transport = stdio.stdio_client(stdio_parameters(settings, target), errlog=_stderr_sink())
     else:
         raise McpFailure(f"unknown transport {target.transport!r}", transient=False)
     try:
         with anyio.fail_after(settings.mcp.connect_timeout_s + read_timeout):
-            async with Client(transport, read_timeout_seconds=read_timeout, cache=None) as client:
+            session = mcp.Client(transport, read_timeout_seconds=read_timeout, cache=None)
+            async with session as client:
                 return await work(client)
     except McpFailure:
         raise
@@ -279,7 +288,7 @@ def _stderr_sink() -> Any:
 async def discover(settings: Settings, target: Target) -> Discovery:
     """Handshake and list every tool (following pages), bounded by the settings."""
 
-    async def work(client: Client) -> Discovery:
+    async def work(client: mcp.Client) -> Discovery:
         tools: list[DiscoveredTool] = []
         cursor: str | None = None
         for _ in range(100):
@@ -326,7 +335,7 @@ async def call(
     """Call one tool; the answer is {structured, text, content}. A tool's own error
     (is_error) raises a permanent McpFailure carrying its text."""
 
-    async def work(client: Client) -> Any:
+    async def work(client: mcp.Client) -> Any:
         return await client.call_tool(tool, arguments)
 
     result = await with_client(settings, target, f"call {tool}", work)

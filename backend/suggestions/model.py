@@ -16,9 +16,8 @@ import json
 import uuid
 from dataclasses import asdict
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import anthropic
 from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy import select
 
@@ -30,6 +29,7 @@ from backend.generate import service as generator
 from backend.generate.model import Caller, Spend
 from backend.kit.db import UnitOfWork
 from backend.kit.errors import DependencyUnavailable, QuotaExceeded, UpstreamError
+from backend.kit.lazy import lazy_module
 from backend.kit.ratelimit import RateLimiter
 from backend.models import Workflow, WorkflowSuggestion
 from backend.suggestions import history as figures
@@ -39,6 +39,12 @@ from backend.suggestions.schemas import GenerateSuggestions, GenerateSuggestions
 from backend.suggestions.service import to_read
 from backend.workflows import service as workflows
 from backend.workflows.graph import Context, GraphInvalid, Problem, validate
+
+if TYPE_CHECKING:
+    import anthropic
+else:
+    # Imported on first use: see backend/kit/lazy.py.
+    anthropic = lazy_module("anthropic")
 
 TOOL = "submit_suggestions"
 MODEL_KINDS = (*rules.KINDS, "reliability", "performance", "cost", "simplify", "other")

@@ -17,9 +17,8 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anthropic
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from backend.agents import runtime
@@ -29,6 +28,7 @@ from backend.generate.model import refusal as provider_refusal
 from backend.kit.db import UnitOfWork
 from backend.kit.errors import DependencyUnavailable, DomainError, ValidationFailed
 from backend.kit.http_guard import guarded_client
+from backend.kit.lazy import lazy_module
 from backend.kit.logging import get_logger
 from backend.kit.ratelimit import RateLimiter
 from backend.models import ToolUsage
@@ -44,6 +44,12 @@ from backend.tools.schemas import (
     WebSearchRequest,
     WebSearchResult,
 )
+
+if TYPE_CHECKING:
+    import anthropic
+else:
+    # Imported on first use: see backend/kit/lazy.py.
+    anthropic = lazy_module("anthropic")
 
 log = get_logger(__name__)
 

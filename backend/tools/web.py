@@ -21,11 +21,10 @@ import re
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urldefrag, urljoin
 
 import httpx
-import trafilatura
 
 # lxml ships no type information (lxml-stubs is a separate, partial package).
 from lxml import etree  # type: ignore[import-untyped]
@@ -42,6 +41,13 @@ from backend.kit.errors import (
     ValidationFailed,
 )
 from backend.kit.http_guard import BlockedAddress, ResponseTooLarge, TooManyRedirects, fetch
+from backend.kit.lazy import lazy_module
+
+if TYPE_CHECKING:
+    import trafilatura
+else:
+    # Imported on first use: see backend/kit/lazy.py.
+    trafilatura = lazy_module("trafilatura")
 
 ACCEPT = (
     "text/html,application/xhtml+xml;q=0.9,text/markdown;q=0.9,text/plain;q=0.8,"
