@@ -201,8 +201,48 @@ class NotifyAction(Strict):
         return self
 
 
+class N8nAction(Strict):
+    """Drive a workflow on one of the workspace's n8n instances (backend/n8n).
+    `webhook`: call the workflow's production webhook (the instance's base URL +
+    `/webhook/<path>` of its Webhook node; the workflow must be active). n8n 2.41's public
+    API has no route that runs a workflow, so that is how a flow starts one.
+    `retry_execution`: n8n's `POST /executions/{id}/retry` (optionally with the saved
+    workflow). The API key never travels to the webhook."""
+
+    kind: Literal["n8n"]
+    instance_id: uuid.UUID
+    operation: Literal["webhook", "retry_execution"] = "webhook"
+    # n8n's id of the workflow (webhook: whose Webhook node is called).
+    n8n_workflow_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    # Which Webhook node, by its path, when the workflow has several.
+    webhook_path: str | None = Field(default=None, min_length=1, max_length=500)
+    # Default: the Webhook node's own HTTP method.
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"] | None = None
+    headers: dict[str, Template] = Field(default_factory=dict)
+    query: dict[str, Template] = Field(default_factory=dict)
+    body: Template | dict[str, Any] | None = None
+    # retry_execution: n8n's execution id (a template: an upstream node may give it).
+    execution_id: Template | None = None
+    load_workflow: bool = False
+    timeout_s: float = Field(default=30, gt=0, le=600)
+    max_response_bytes: int = Field(default=5 * 1024 * 1024, ge=1, le=100 * 1024 * 1024)
+
+    @model_validator(mode="after")
+    def _operation_needs(self) -> N8nAction:
+        if self.operation == "webhook" and self.n8n_workflow_id is None:
+            raise ValueError("n8n_workflow_id: the webhook operation needs the n8n workflow's id")
+        if self.operation == "retry_execution" and not self.execution_id:
+            raise ValueError("execution_id: retry_execution needs the n8n execution's id")
+        return self
+
+
 ActionConfig = Annotated[
-    HttpRequestAction | FileReadAction | FileWriteAction | NotifyAction | DatabaseAction,
+    HttpRequestAction
+    | FileReadAction
+    | FileWriteAction
+    | NotifyAction
+    | DatabaseAction
+    | N8nAction,
     Field(discriminator="kind"),
 ]
 
@@ -524,6 +564,8 @@ class Context:
     credential_ids: frozenset[uuid.UUID] = frozenset()
     # MCP servers of the workspace; None: not checked.
     mcp_server_ids: frozenset[uuid.UUID] | None = None
+    # n8n instances of the workspace; None: not checked.
+    n8n_instance_ids: frozenset[uuid.UUID] | None = None
     # Input schemas of the tools offered by those servers, by (server id, tool name);
     # None: not checked. Tools marked `changed` or removed are left out.
     mcp_tools: dict[tuple[uuid.UUID, str], dict[str, Any]] | None = None
@@ -592,6 +634,17 @@ def _expressions(config: Any) -> Iterable[tuple[str, str, bool]]:
             yield "body", config.body, False
         elif isinstance(config.body, dict):
             yield from _strings_in(config.body, "body")
+    elif isinstance(config, N8nAction):
+        for key, value in config.headers.items():
+            yield f"headers.{key}", value, False
+        for key, value in config.query.items():
+            yield f"query.{key}", value, False
+        if isinstance(config.body, str):
+            yield "body", config.body, False
+        elif isinstance(config.body, dict):
+            yield from _strings_in(config.body, "body")
+        if config.execution_id:
+            yield "execution_id", config.execution_id, False
     elif isinstance(config, FileReadAction):
         for name in ("path", "file_id"):
             value = getattr(config, name)
@@ -904,6 +957,18 @@ def mcp_argument_problems(
 
 
 def _check_references(node_id: str, config: Any, ctx: Context, problems: list[Problem]) -> None:
+    if (
+        isinstance(config, N8nAction)
+        and ctx.n8n_instance_ids is not None
+        and config.instance_id not in ctx.n8n_instance_ids
+    ):
+        problems.append(
+            Problem(
+                "n8n instance not found in this workspace",
+                node_id=node_id,
+                field="config.instance_id",
+            )
+        )
     credential = getattr(config, "credential_id", None)
     if credential is not None and credential not in ctx.credential_ids:
         problems.append(

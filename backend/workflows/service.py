@@ -17,7 +17,7 @@ from backend.auth.dependencies import WorkspaceAccess
 from backend.kit.db import UnitOfWork
 from backend.kit.errors import Conflict, InvalidTransition, NotFound, ValidationFailed
 from backend.kit.repository import Repository
-from backend.models import Agent, Credential, Workflow, WorkflowVersion
+from backend.models import Agent, Credential, N8nInstance, Workflow, WorkflowVersion
 from backend.triggers import service as triggers
 from backend.workflows.graph import (
     REFERENCE_FIELDS,
@@ -67,7 +67,7 @@ async def lock_references(session: AsyncSession, workspace_id: uuid.UUID) -> Non
 async def validation_context(
     session: AsyncSession, workspace_id: uuid.UUID, workflow_id: uuid.UUID | None
 ) -> Context:
-    """Everything the validator may ask about the workspace, in five queries."""
+    """Everything the validator may ask about the workspace, in six queries."""
     rows = await session.execute(
         select(Workflow.id, WorkflowVersion.definition)
         .join(
@@ -88,6 +88,9 @@ async def validation_context(
     from backend.mcp.service import validation_tools
 
     mcp_server_ids, mcp_tools = await validation_tools(session, workspace_id)
+    n8n_instances = await session.scalars(
+        select(N8nInstance.id).where(N8nInstance.workspace_id == workspace_id)
+    )
     return Context(
         workflow_id=workflow_id,
         workflow_ids=frozenset(refs),
@@ -95,6 +98,7 @@ async def validation_context(
         credential_ids=frozenset(credentials.all()),
         mcp_server_ids=mcp_server_ids,
         mcp_tools=mcp_tools,
+        n8n_instance_ids=frozenset(n8n_instances.all()),
         references=lambda wid: refs.get(wid, ()),
         event_sources=lambda wid: sources.get(wid, ()),
     )

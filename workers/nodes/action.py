@@ -15,10 +15,11 @@ from backend.workflows.graph import (
     FileReadAction,
     FileWriteAction,
     HttpRequestAction,
+    N8nAction,
     NotifyAction,
 )
 from workers.engine.retry import NodeFailure, classify_status
-from workers.nodes import database, files, notify
+from workers.nodes import database, files, n8n, notify
 from workers.nodes.base import NodeContext, NodeResult
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -136,6 +137,8 @@ async def run(ctx: NodeContext) -> NodeResult:
         return await notify.run(ctx, ctx.config)
     if isinstance(ctx.config, DatabaseAction):
         return await database.run(ctx, ctx.config)
+    if isinstance(ctx.config, N8nAction):
+        return await n8n.run(ctx, ctx.config)
     raise NodeFailure(
         f"action kind {ctx.config.kind!r} is not supported by this engine yet", "permanent"
     )
