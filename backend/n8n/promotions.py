@@ -559,6 +559,7 @@ async def plan(
         task_ids=[],
         requested_by=access.user.id,
         approved_by=[],
+        created_at=_now(),
     )
     session.add(promotion)
     await session.flush()
@@ -864,23 +865,27 @@ async def execute(
             field="gates", keep_changes=True, promotion_status=promotion.status,
             gates=closed,
         )  # fmt: skip
-    promotion.status = "executing"
-    await session.flush()
-    record(session, access.principal, workspace_id=promotion.workspace_id,
-           action="n8n.promotion.execute", resource_type="n8n_promotion",
-           resource_id=promotion.id, details={"action": promotion.action})  # fmt: skip
-    steps = Steps()
-    deploy = N8nDeployment(
-        id=uuid.uuid4(), workspace_id=promotion.workspace_id, promotion_id=promotion.id,
-        environment_id=to_env.id, from_env_id=promotion.from_env_id, instance_id=target.id,
-        lineage_id=promotion.lineage_id, n8n_workflow_id=promotion.target_workflow_id,
-        name=promotion.name, action=promotion.action, status="executing", steps=[],
-        digest=promotion.digest, by_user_id=access.user.id,
-    )  # fmt: skip
-    session.add(deploy)
-    promotion.deployment_id = deploy.id
-    await session.flush()
-    outcome = await _carry_out(uow, settings, access, promotion, target, deploy, steps)
+    api = client_of(settings, target)
+    async with api:
+        before = await _target_now(api, target, promotion)
+        promotion.status = "executing"
+        await session.flush()
+        record(session, access.principal, workspace_id=promotion.workspace_id,
+               action="n8n.promotion.execute", resource_type="n8n_promotion",
+               resource_id=promotion.id, details={"action": promotion.action})  # fmt: skip
+        steps = Steps()
+        deploy = N8nDeployment(
+            id=uuid.uuid4(), workspace_id=promotion.workspace_id, promotion_id=promotion.id,
+            environment_id=to_env.id, from_env_id=promotion.from_env_id, instance_id=target.id,
+            lineage_id=promotion.lineage_id, n8n_workflow_id=promotion.target_workflow_id,
+            name=promotion.name, action=promotion.action, status="executing", steps=[],
+            digest=promotion.digest, by_user_id=access.user.id, created_at=_now(),
+        )  # fmt: skip
+        session.add(deploy)
+        promotion.deployment_id = deploy.id
+        await session.flush()
+        outcome = await _carry_out(uow, settings, access, api, promotion, target, deploy,
+                                   steps, before)  # fmt: skip
     deploy.steps = steps.items
     promotion.executed_by, promotion.executed_at = access.user.id, _now()
     for item in steps.items:
@@ -899,99 +904,107 @@ async def execute(
     return promotion, deploy
 
 
+async def _target_now(
+    api: n8n.N8nClient, target: N8nInstance, promotion: N8nPromotion
+) -> dict[str, Any] | None:
+    """The target workflow as it is now; a plan it outran (edited, or deleted, since the
+    plan was made: the diff people approved is not what would happen) is refused."""
+    if promotion.target_workflow_id is None:
+        return None
+    try:
+        before = dict(await api.workflow(promotion.target_workflow_id))
+    except n8n.Missing:
+        raise Conflict("the target workflow is gone since the plan: plan again",
+                       field="target_workflow_id") from None  # fmt: skip
+    except n8n.N8nFailure as exc:
+        raise _calls(target, exc) from exc
+    if snapshots.digest(compared(before)) != promotion.plan.get("target_digest"):
+        raise Conflict("the target workflow changed since the plan: plan again to see the "
+                       "new diff", field="target_workflow_id")  # fmt: skip
+    return before
+
+
 async def _carry_out(
     uow: UnitOfWork,
     settings: Settings,
     access: WorkspaceAccess,
+    api: n8n.N8nClient,
     promotion: N8nPromotion,
     target: N8nInstance,
     deploy: N8nDeployment,
     steps: Steps,
+    before: dict[str, Any] | None,
 ) -> str | None:
     """The steps; None when deployed, else what failed (the target rolled back)."""
     session = uow.session
     body: WorkflowCreate = promotion.body  # type: ignore[assignment]
-    before: dict[str, Any] | None = None
     written_id: str | None = None
     created = False
-    api = client_of(settings, target)
-    async with api:
-        try:
-            # 1. The target as it is now: snapshot it, and refuse a plan it outran.
-            if promotion.target_workflow_id is not None:
-                try:
-                    before = dict(await api.workflow(promotion.target_workflow_id))
-                except n8n.Missing:
-                    steps.add("snapshot", False, "the target workflow is gone since the plan")
-                    return _end(promotion, deploy, "the target workflow is gone; plan again",
-                                rolled_back=True)  # fmt: skip
-                now = snapshots.digest(compared(before))
-                if now != promotion.plan.get("target_digest"):
-                    steps.add("snapshot", False, "the target changed since the plan")
-                    return _end(promotion, deploy, "the target changed since the plan; plan "
-                                "again to see the new diff", rolled_back=True)  # fmt: skip
-                pre = await snapshots.take(
-                    session, workspace_id=promotion.workspace_id, instance_id=target.id,
-                    n8n_workflow_id=promotion.target_workflow_id, reason="pre-promotion",
-                    by_user_id=access.user.id, note=f"promotion {promotion.id}",
-                    settings=settings, definition=before,
-                )  # fmt: skip
-                deploy.pre_snapshot_id = pre.id
-                steps.add("snapshot", True, f"pre-promotion snapshot {pre.id}",
-                          snapshot_id=str(pre.id))  # fmt: skip
-            else:
-                steps.add("snapshot", True, "a new workflow: nothing to snapshot")
-            # 2. Write.
-            if promotion.target_workflow_id is None:
-                written = await api.create_workflow(body)
-                written_id = str(written.get("id") or "")
-                if not written_id:
-                    raise n8n.N8nFailure("n8n created the workflow but named no id")
-                created = True
-            else:
-                written_id = promotion.target_workflow_id
-                await api.update_workflow(written_id, body)
-            deploy.n8n_workflow_id = promotion.target_workflow_id = written_id
-            steps.add("write", True, f"{'created' if created else 'updated'} {written_id}",
-                      n8n_workflow_id=written_id)  # fmt: skip
-            # 3. Publish: a source that runs makes the target run; a target that ran
-            # keeps running, on the new version (in 2.x a PUT alone leaves the old one on).
-            if promotion.source_active or (before or {}).get("active"):
-                await api.publish(written_id)
-                steps.add("publish", True, "published")
-            else:
-                steps.add("publish", True, "left unpublished (the source is not active)")
-            # 4. Verify.
-            back = dict(await api.workflow(written_id))
-            got = snapshots.digest(compared(back))
-            if got != promotion.digest:
-                changes = snapshots.diff(compared(dict(body)), compared(back))
-                steps.add("verify", False, "the read-back differs from the plan",
-                          differences=changes[:20])  # fmt: skip
-                raise _Verify("the workflow read back differs from what was written")
-            steps.add("verify", True, f"read back; digest {got[:12]} matches the plan",
-                      marker=marker_of(back) == str(promotion.lineage_id))  # fmt: skip
-        except (n8n.N8nFailure, _Verify) as exc:
-            message = exc.message if isinstance(exc, n8n.N8nFailure) else str(exc)
-            if not isinstance(exc, _Verify):
-                steps.add(_failed_step(steps), False, message)
-            ok = await _rollback(api, promotion, before, written_id, created, steps)
-            return _end(promotion, deploy, message, rolled_back=ok)
-        # 5. Record: the target's new state snapshotted, made the drift baseline, synced.
-        post = await snapshots.take(
-            session, workspace_id=promotion.workspace_id, instance_id=target.id,
-            n8n_workflow_id=written_id, reason="promotion", by_user_id=access.user.id,
-            note=f"promotion {promotion.id}", settings=settings, definition=back,
-        )  # fmt: skip
-        await snapshots.set_baseline(session, instance_id=target.id, n8n_workflow_id=written_id,
-                                     snapshot_id=post.id)  # fmt: skip
-        deploy.snapshot_id = post.id
-        steps.add("baseline", True, f"drift baseline is snapshot {post.id}",
-                  snapshot_id=str(post.id))  # fmt: skip
-        await link(session, promotion.workspace_id, promotion.lineage_id, target.id, written_id)
-        await _sync_row(session, target, back)
-        deploy.status, promotion.status = "deployed", "deployed"
-        return None
+    try:
+        # 1. Snapshot the target as it is now.
+        if promotion.target_workflow_id is not None and before is not None:
+            pre = await snapshots.take(
+                session, workspace_id=promotion.workspace_id, instance_id=target.id,
+                n8n_workflow_id=promotion.target_workflow_id, reason="pre-promotion",
+                by_user_id=access.user.id, note=f"promotion {promotion.id}",
+                settings=settings, definition=before,
+            )  # fmt: skip
+            deploy.pre_snapshot_id = pre.id
+            steps.add("snapshot", True, f"pre-promotion snapshot {pre.id}",
+                      snapshot_id=str(pre.id))  # fmt: skip
+        else:
+            steps.add("snapshot", True, "a new workflow: nothing to snapshot")
+        # 2. Write.
+        if promotion.target_workflow_id is None:
+            written = await api.create_workflow(body)
+            written_id = str(written.get("id") or "")
+            if not written_id:
+                raise n8n.N8nFailure("n8n created the workflow but named no id")
+            created = True
+        else:
+            written_id = promotion.target_workflow_id
+            await api.update_workflow(written_id, body)
+        deploy.n8n_workflow_id = promotion.target_workflow_id = written_id
+        steps.add("write", True, f"{'created' if created else 'updated'} {written_id}",
+                  n8n_workflow_id=written_id)  # fmt: skip
+        # 3. Publish: a source that runs makes the target run; a target that ran
+        # keeps running, on the new version (in 2.x a PUT alone leaves the old one on).
+        if promotion.source_active or (before or {}).get("active"):
+            await api.publish(written_id)
+            steps.add("publish", True, "published")
+        else:
+            steps.add("publish", True, "left unpublished (the source is not active)")
+        # 4. Verify.
+        back = dict(await api.workflow(written_id))
+        got = snapshots.digest(compared(back))
+        if got != promotion.digest:
+            changes = snapshots.diff(compared(dict(body)), compared(back))
+            steps.add("verify", False, "the read-back differs from the plan",
+                      differences=changes[:20])  # fmt: skip
+            raise _Verify("the workflow read back differs from what was written")
+        steps.add("verify", True, f"read back; digest {got[:12]} matches the plan",
+                  marker=marker_of(back) == str(promotion.lineage_id))  # fmt: skip
+    except (n8n.N8nFailure, _Verify) as exc:
+        message = exc.message if isinstance(exc, n8n.N8nFailure) else str(exc)
+        if not isinstance(exc, _Verify):
+            steps.add(_failed_step(steps), False, message)
+        ok = await _rollback(api, promotion, before, written_id, created, steps)
+        return _end(promotion, deploy, message, rolled_back=ok)
+    # 5. Record: the target's new state snapshotted, made the drift baseline, synced.
+    post = await snapshots.take(
+        session, workspace_id=promotion.workspace_id, instance_id=target.id,
+        n8n_workflow_id=written_id, reason="promotion", by_user_id=access.user.id,
+        note=f"promotion {promotion.id}", settings=settings, definition=back,
+    )  # fmt: skip
+    await snapshots.set_baseline(session, instance_id=target.id, n8n_workflow_id=written_id,
+                                 snapshot_id=post.id)  # fmt: skip
+    deploy.snapshot_id = post.id
+    steps.add("baseline", True, f"drift baseline is snapshot {post.id}",
+              snapshot_id=str(post.id))  # fmt: skip
+    await link(session, promotion.workspace_id, promotion.lineage_id, target.id, written_id)
+    await _sync_row(session, target, back)
+    deploy.status, promotion.status = "deployed", "deployed"
+    return None
 
 
 class _Verify(Exception):
