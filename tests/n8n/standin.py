@@ -312,13 +312,6 @@ def build_app(s: StandIn) -> FastAPI:
         workflow["versionId"] = f"v-{wid}-{time.monotonic_ns()}"
         return reply("/workflows/{workflowId}", "put", 200, s.single(workflow))
 
-    @app.delete(API + "/workflows/{wid}")
-    async def delete_workflow(wid: str) -> Response:
-        if wid not in s.workflows:
-            return refuse(404, "Not Found")
-        gone = s.workflows.pop(wid)
-        return reply("/workflows/{workflowId}", "delete", 200, s.single(gone))
-
     @app.get(API + "/credentials")
     async def list_credentials(request: Request) -> Response:
         if not s.credential_list:
