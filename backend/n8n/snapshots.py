@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, select
@@ -144,7 +145,8 @@ def references(definition: dict[str, Any]) -> dict[str, Any]:
         for kind, ref in (node.get("credentials") or {}).items():
             if isinstance(ref, dict) and ref.get("id") and ref.get("name") is not None:
                 credentials[f"{kind}/{ref['name']}"] = str(ref["id"])
-    return {"layout": layout, "credentials": credentials}
+    # The nodes' order on n8n (JSONB keeps object keys in its own order).
+    return {"layout": layout, "credentials": credentials, "order": list(layout)}
 
 
 def to_n8n(
@@ -161,7 +163,11 @@ def to_n8n(
     layout = {**now_refs.get("layout", {}), **mine.get("layout", {})}
     cred_ids = {**now_refs.get("credentials", {}), **mine.get("credentials", {})}
     nodes: list[dict[str, Any]] = []
-    for i, (name, spec) in enumerate(normalised.get("nodes", {}).items()):
+    given = normalised.get("nodes", {})
+    order = [n for n in mine.get("order") or now_refs.get("order") or [] if n in given]
+    names = order + sorted(n for n in given if n not in order)
+    for i, name in enumerate(names):
+        spec = given[name]
         node: dict[str, Any] = {k: v for k, v in spec.items() if k in NODE_KEYS}
         node["name"] = name
         place = layout.get(name, {})
@@ -299,6 +305,9 @@ def build(
         by_user_id=by_user_id,
         n8n_version_id=str(version)[:64] if version else None,
         node_count=len(normal["nodes"]),
+        # The clock's time, not the transaction's: snapshots taken in one transaction
+        # (pre-restore, restore) still list in the order they were taken.
+        created_at=datetime.now(UTC),
     )
 
 
