@@ -639,8 +639,9 @@ async def _open_tasks(
     assignees = [u for u in named if u in members]
     min_role = policy.get("approver_min_role") if isinstance(
         policy.get("approver_min_role"), str) else None  # fmt: skip
-    if named and not assignees and min_role is None:
-        # The people the policy named left: administrators decide rather than anyone.
+    if not assignees and min_role is None:
+        # Nobody named (or everyone named left): administrators decide, as the
+        # environment's policy reads it (environments.may_approve), rather than any editor.
         min_role = "administrator"
     plan = promotion.plan
     data = {
