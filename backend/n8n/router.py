@@ -271,7 +271,9 @@ async def install_error_workflow(
 ) -> InstallResult:
     """Create (or update) and publish on the instance an error workflow (Error Trigger
     -> HTTP Request to this instance's intake URL), and make it the error workflow of
-    the named workflows (or all synced ones). Safe to repeat."""
+    the named workflows (or all synced ones). Safe to repeat. It edits workflows: a
+    protected environment answers 409 `environment_protected`."""
+    await environments.guard_direct_change(uow.session, access.resource.id, "edit")
     result = await service.install_error_workflow(uow, settings, access, body, _base(request))
     return InstallResult(**result)
 
