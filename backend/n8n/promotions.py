@@ -521,6 +521,15 @@ async def plan(
     except n8n.N8nFailure as exc:
         raise _calls(calling, exc) from exc
     body = target_body(workflow, current, target, creds.ids, lineage_id)
+    for what, value, field in (("source", workflow, "workflow.n8n_workflow_id"),
+                               ("target", current, "target_workflow_id")):  # fmt: skip
+        # n8n stores what PostgreSQL cannot (a NUL in a parameter): say so, not a 500.
+        if value is not None and _has_nul(value):
+            raise ValidationFailed(
+                f"the {what} workflow holds a NUL character (\\u0000), which cannot be "
+                "stored; remove it in n8n first",
+                field=field,
+            )
     after = compared(dict(body))
     before = compared(current) if current is not None else EMPTY
     threshold = (
@@ -579,6 +588,23 @@ async def plan(
                     "missing_credentials": len(creds.missing),
                     "changes": len(promotion.plan["diff"])})  # fmt: skip
     return promotion
+
+
+def _has_nul(value: Any) -> bool:
+    """Whether any key or text in the JSON holds a NUL (iterative: n8n's JSON may nest
+    deeper than Python recursion allows)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 async def _find_target(

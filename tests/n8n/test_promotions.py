@@ -559,3 +559,45 @@ async def test_the_routes_are_in_openapi(api: httpx.AsyncClient) -> None:
                  "/api/v1/n8n/promotions/{promotion_id}/execute",
                  "/api/v1/n8n/deployments"):  # fmt: skip
         assert path in paths
+
+
+async def test_hostile_ids_and_what_n8n_holds_are_refused_clearly(
+    api: httpx.AsyncClient, session: AsyncSession, team: Workspace, editor: Actor,
+    dev: StandIn, prod: StandIn,
+) -> None:  # fmt: skip
+    f = await fleet(api, session, editor, team, dev, prod)
+    for path in (f"{URL}/not-a-uuid", f"{URL}/{uuid.uuid4()}", f"{URL}/%00/approve"):
+        r = await api.get(path, headers=editor.headers)
+        assert r.status_code in (404, 405, 422), (path, r.text)
+    r = await api.post(f"{URL}/{uuid.uuid4()}/execute", headers=editor.headers)
+    assert r.status_code == 404
+    for params in ({"environment": "x"}, {"lineage_id": "1; drop table"}, {"limit": "-1"}):
+        r = await api.get("/api/v1/n8n/deployments", headers=editor.headers, params=params)
+        assert r.status_code == 422, (params, r.text)
+    r = await api.get(URL, headers=editor.headers, params={"status": "deployed' or 1=1"})
+    assert r.status_code == 422
+    r = await api.post(f"{URL}/{uuid.uuid4()}/approve", headers=editor.headers,
+                       json={"comment": "x" * 10_001})  # fmt: skip
+    assert r.status_code in (404, 422)
+    # A NUL in what n8n holds (PostgreSQL cannot store it): a clear 422, nothing stored.
+    wf = dev.add_workflow("Nul", nodes=2)
+    wf["nodes"][1]["parameters"] = {"value": "a\x00b"}
+    r = await api.post(URL, headers=editor.headers, json=plan_body(f, wf["id"]))
+    assert r.status_code == 422 and r.json()["field"] == "workflow.n8n_workflow_id", r.text
+    # n8n down at plan time: 502 with its reason, nothing stored.
+    prod.faults.extend([503, 503, 503, 503])
+    ok = dev.add_workflow("Fine", nodes=1)
+    r = await api.post(URL, headers=editor.headers, json=plan_body(f, ok["id"]))
+    assert r.status_code == 502, r.text
+    r = await api.get(URL, headers=editor.headers)
+    assert r.json()["total"] == 0
+    # Deployments filtered by lineage.
+    p = await plan(api, editor, plan_body(f, ok["id"], min_success_rate=0))
+    r = await api.post(f"{URL}/{p['id']}/execute", headers=editor.headers)
+    assert r.status_code == 200, r.text
+    r = await api.get("/api/v1/n8n/deployments", headers=editor.headers,
+                      params={"lineage_id": p["lineage_id"]})  # fmt: skip
+    assert r.json()["total"] == 1
+    r = await api.get("/api/v1/n8n/deployments", headers=editor.headers,
+                      params={"lineage_id": str(uuid.uuid4())})  # fmt: skip
+    assert r.json()["total"] == 0
