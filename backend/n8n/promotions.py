@@ -28,9 +28,8 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sqlalchemy import Select, delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -53,7 +52,7 @@ from backend.models import (
 )
 from backend.models.n8n_promotions import N8nDeployment, N8nLineage, N8nPromotion
 from backend.n8n import client as n8n
-from backend.n8n import snapshots, sync
+from backend.n8n import environments, snapshots, sync
 from backend.n8n.api_types import Workflow, WorkflowCreate
 from backend.n8n.service import client_of, failed, upstream
 
@@ -137,32 +136,8 @@ async def _in_order(
     return False
 
 
-def within_hours(policy: dict[str, Any], now: datetime) -> tuple[bool, str]:
-    """The allowed-hours policy ({timezone, days: 0=Monday..6, start, end}; {} = always)."""
-    if not policy:
-        return True, "no allowed-hours policy"
-    try:
-        zone = ZoneInfo(str(policy.get("timezone") or "UTC"))
-    except (ZoneInfoNotFoundError, ValueError):
-        zone = ZoneInfo("UTC")
-    local = now.astimezone(zone)
-    days = policy.get("days")
-    if isinstance(days, list) and days and local.weekday() not in days:
-        return False, f"{local:%A} is not an allowed day ({zone.key})"
-    try:
-        start = time.fromisoformat(str(policy.get("start") or "00:00"))
-        end = time.fromisoformat(str(policy.get("end") or "23:59:59"))
-    except ValueError:
-        return True, "allowed hours unreadable; not enforced"
-    moment = local.time().replace(tzinfo=None)
-    inside = start <= moment < end if start <= end else (moment >= start or moment < end)
-    window = f"{start:%H:%M}-{end:%H:%M} {zone.key}"
-    return (True, f"within {window}") if inside else (False, f"outside {window}")
-
-
 def _required_approvals(env: N8nEnvironment) -> int:
-    value = (env.approvals or {}).get("min_approvals")
-    return max(int(value), 0) if isinstance(value, int) and not isinstance(value, bool) else 0
+    return max(environments.approvals_needed(env), 0)
 
 
 # Lineage ----------------------------------------------------------------------------------
@@ -428,9 +403,17 @@ async def drift_gate(
 
 
 def hours_gate(env: N8nEnvironment, now: datetime) -> dict[str, Any]:
-    inside, why = within_hours(env.allowed_hours or {}, now)
-    return {"name": "allowed_hours", "passed": inside, "detail": why,
-            "policy": env.allowed_hours or {}}  # fmt: skip
+    """The target environment's allowed hours, read as the environments module reads
+    them (days 0 = Monday; a window over midnight belongs to the day it opens)."""
+    window = env.allowed_hours or {}
+    inside = environments.within_hours(env, now)
+    if not window:
+        detail = "no allowed-hours policy"
+    else:
+        span = f"{window.get('start')}-{window.get('end')} {window.get('timezone')}"
+        days = f" on days {window['days']} (0 = Monday)" if window.get("days") else ""
+        detail = ("within " if inside else "outside ") + span + days
+    return {"name": "allowed_hours", "passed": inside, "detail": detail, "policy": window}
 
 
 def approvals_gate(promotion: N8nPromotion, required: int) -> dict[str, Any]:

@@ -6,11 +6,9 @@ then an update found by lineage, deployed over the first."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
-import pytest
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.auth.permissions import Role
@@ -18,18 +16,11 @@ from backend.config import Settings
 from backend.models import N8nEnvironment, N8nPipeline, Workspace
 from backend.n8n import promotions
 from tests.n8n import spec
-from tests.n8n.real.server import RealN8n, running
+from tests.n8n.real.server import RealN8n
 from tests.support.identity import Actor, member
 
 URL = "/api/v1/n8n/promotions"
 INSTANCES = "/api/v1/n8n/instances"
-
-
-@pytest.fixture(scope="module")
-def second_n8n(real_n8n: RealN8n) -> Iterator[RealN8n]:
-    """A production n8n beside the session's (dev) one."""
-    with running() as n8n:
-        yield n8n
 
 
 async def credential(n8n: RealN8n, name: str) -> dict[str, Any]:
@@ -65,10 +56,10 @@ def calling_workflow(path: str, cred: dict[str, Any], url: str) -> dict[str, Any
 
 
 async def test_promotion_between_two_real_instances_with_a_mapped_credential_and_an_approval(
-    real_n8n: RealN8n, second_n8n: RealN8n, api: httpx.AsyncClient, session: AsyncSession,
+    n8n_pair: tuple[RealN8n, RealN8n], api: httpx.AsyncClient, session: AsyncSession,
     settings: Settings, team: Workspace, editor: Actor,
 ) -> None:  # fmt: skip
-    dev, prod = real_n8n, second_n8n
+    dev, prod = n8n_pair
     name = f"Orders API {uuid.uuid4().hex[:6]}"
     dev_cred = await credential(dev, name)
     prod_cred = await credential(prod, name)
