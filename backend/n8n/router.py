@@ -20,7 +20,7 @@ from backend.kit.errors import ValidationFailed
 from backend.kit.middleware import BodyTooLarge
 from backend.kit.pagination import Page, PageParamsDep
 from backend.models import N8nInstance
-from backend.n8n import environments, intake, service
+from backend.n8n import drift, environments, intake, service
 from backend.n8n.env_router import router as environments_router
 from backend.n8n.repository import paginate
 from backend.n8n.schemas import (
@@ -218,6 +218,7 @@ async def toggle_workflow(
     environment's workflows answer 409 `environment_protected` (promote instead)."""
     await environments.guard_direct_change(uow.session, access.resource.id, "toggle")
     row = await service.toggle(uow, settings, access, workflow_n8n_id, body.active)
+    await drift.after_toggle(uow.session, access.resource.id, workflow_n8n_id, row.active)
     return WorkflowRead.model_validate(row)
 
 
