@@ -208,7 +208,8 @@ async def check_environment(uow: UnitOfWork, settings: Settings, env: N8nEnviron
         base_snap = await session.get(N8nSnapshot, base.snapshot_id) if base else None
         normal = snapshots.normalise(dict(workflow))
         now_digest = snapshots.digest(normal)
-        if base_snap is not None and base_snap.digest == now_digest:
+        active = bool(workflow.get("active"))
+        if base_snap is not None and base_snap.digest == now_digest and base_snap.active == active:
             out.in_sync += 1
             open_one = await unresolved(session, instance.id, wid)
             if open_one is not None:
@@ -222,6 +223,9 @@ async def check_environment(uow: UnitOfWork, settings: Settings, env: N8nEnviron
             else snapshots.diff({"name": normal["name"], "nodes": {}, "connections": {},
                                  "settings": {}}, normal)
         )  # fmt: skip
+        if base_snap is not None and base_snap.active != active:
+            # Switched on or off by hand: a change too (the definition may be the same).
+            changes.append({"kind": "active_changed", "before": base_snap.active, "after": active})
         await _drifted(uow, settings, env, instance, out, wid, kind, base_snap, workflow, changes,
                        now_digest)  # fmt: skip
     for wid, base in baselines.items():
@@ -259,7 +263,18 @@ async def _drifted(
     session = uow.session
     now = datetime.now(UTC)
     incident = await unresolved(session, instance.id, wid)
-    if incident is not None and incident.current_digest == now_digest and incident.kind == kind:
+    seen = (
+        await session.get(N8nSnapshot, incident.current_snapshot_id)
+        if incident is not None and incident.current_snapshot_id
+        else None
+    )
+    same_state = seen is None or workflow is None or seen.active == bool(workflow.get("active"))
+    if (
+        incident is not None
+        and incident.current_digest == now_digest
+        and incident.kind == kind
+        and same_state
+    ):
         # Seen before, not drifted further: no new snapshot, nobody told again.
         incident.last_seen_at = now
         return
@@ -359,11 +374,11 @@ async def revert(
                 n8n_workflow_id=incident.n8n_workflow_id, reason="pre-restore", by_user_id=by,
                 definition=live,
             )  # fmt: skip
-    publish = bool(live.get("active")) if live is not None else base.active
+    # Back to the baseline's state too: published if it was, off if it was off.
     written = await snapshots.write_back(
         settings, instance, base,
         n8n_workflow_id=incident.n8n_workflow_id if live is not None else None,
-        current=live, publish=publish,
+        current=live, publish=base.active, unpublish=not base.active,
     )  # fmt: skip
     new_id = str(written.get("id") or incident.n8n_workflow_id)
     after = await snapshots.take(
@@ -480,3 +495,25 @@ async def report(session: AsyncSession, env: N8nEnvironment) -> dict[str, Any]:
         "by_kind": by_kind,
         "resolved_last_30_days": {status: int(n) for status, n in closed.all()},
     }
+
+
+async def after_toggle(session: AsyncSession, instance_id: uuid.UUID, n8n_workflow_id: str,
+                       active: bool) -> None:  # fmt: skip
+    """A toggle through us (an unprotected environment) is not drift: the baseline moves
+    to the same definition in the new state (a copy of the baseline snapshot)."""
+    base = await snapshots.baseline_of(session, instance_id, n8n_workflow_id)
+    if base is None or base.active == active:
+        return
+    copy = N8nSnapshot(
+        id=uuid.uuid4(), workspace_id=base.workspace_id, instance_id=instance_id,
+        n8n_workflow_id=n8n_workflow_id, name=base.name, active=active,
+        definition=base.definition, digest=base.digest, reason="baseline",
+        note="switched " + ("on" if active else "off") + " through Orchestration Studio",
+        by_user_id=None, n8n_version_id=base.n8n_version_id, node_count=base.node_count,
+        created_at=datetime.now(UTC),
+    )  # fmt: skip
+    session.add(copy)
+    await session.flush()
+    await snapshots.set_baseline(
+        session, instance_id=instance_id, n8n_workflow_id=n8n_workflow_id, snapshot_id=copy.id
+    )

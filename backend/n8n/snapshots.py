@@ -426,9 +426,12 @@ async def write_back(
     n8n_workflow_id: str | None,
     current: dict[str, Any] | None,
     publish: bool,
+    unpublish: bool = False,
 ) -> Workflow:
     """PUT the snapshot over the workflow (or POST it when `n8n_workflow_id` is None or
-    the workflow is gone), then publish it when `publish`. n8n's answer (read back)."""
+    the workflow is gone), then publish it when `publish` (n8n 2.x runs the published
+    version: a PUT alone leaves the old one running), or switch it off when `unpublish`
+    and it is on. n8n's answer (read back)."""
     from backend.n8n.service import client_of, upstream
 
     body = to_n8n(normalised_of(snapshot), refs_of(snapshot), current)
@@ -447,6 +450,8 @@ async def write_back(
                 raise n8n.N8nFailure("n8n wrote the workflow but named no id")
             if publish:
                 await api.publish(wid)
+            elif unpublish and written.get("active"):
+                await api.unpublish(wid)
             return await api.workflow(wid)
     except n8n.N8nFailure as exc:
         raise upstream(exc) from exc

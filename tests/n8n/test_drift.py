@@ -296,3 +296,32 @@ async def test_an_unreachable_instance_changes_nothing(
     out = await check(api, admin, env)
     assert out["ok"] is False and "503" in (out["reason"] or "")
     assert await incidents(api, admin) == []
+
+
+async def test_switched_off_by_hand_is_drift_and_a_toggle_through_us_is_not(
+    api: httpx.AsyncClient, standin: StandIn, session: AsyncSession, settings: Settings,
+    team: Workspace, editor: Actor,
+) -> None:  # fmt: skip
+    admin, env, (orders, bills) = await setup(api, session, settings, team, standin)
+    # Off by hand in n8n (same definition): drift, and a revert switches it on again.
+    standin.workflows[orders["id"]]["active"] = False
+    out = await check(api, admin, env)
+    assert out["opened"] == 1, out
+    (row,) = await incidents(api, editor)
+    assert row["diff"] == [{"kind": "active_changed", "before": True, "after": False}]
+    r = await api.post(f"{N8N}/drift/incidents/{row['id']}/revert", headers=editor.headers)
+    assert r.status_code == 200, r.text
+    assert standin.workflows[orders["id"]]["active"] is True
+    # On by hand, then off again by hand: one incident, updated, closed by itself.
+    standin.workflows[bills["id"]]["active"] = True
+    assert (await check(api, admin, env))["opened"] == 1
+    standin.workflows[bills["id"]]["active"] = False
+    out = await check(api, admin, env)
+    assert out["resolved"] == 1 and out["opened"] == 0
+    # A toggle through our API moves the baseline: no drift.
+    await api.post(f"{N8N}/instances/{env['instance_id']}/refresh", headers=admin.headers)
+    r = await api.post(f"{N8N}/instances/{env['instance_id']}/workflows/{bills['id']}/toggle",
+                       headers=admin.headers, json={"active": True})  # fmt: skip
+    assert r.status_code == 200, r.text
+    out = await check(api, admin, env)
+    assert out["opened"] == 0 and out["in_sync"] == 2, out

@@ -242,6 +242,12 @@ async def test_a_protected_environment_refuses_toggles_and_editor_restores(
     assert r.status_code == 409 and r.json()["error"] == "environment_protected", r.text
     assert standin.workflows[wf["id"]]["active"] is True
     assert not any(c.path.endswith("/unpublish") for c in standin.calls)
+    # Installing the error workflow edits workflows: refused too, nothing sent to n8n.
+    r = await api.post(f"{N8N}/instances/{iid}/install-error-workflow", headers=admin.headers,
+                       json={"all_workflows": True})  # fmt: skip
+    assert r.status_code == 409 and r.json()["error"] == "environment_protected", r.text
+    assert not any(c.method == "PUT" or (c.path.endswith("/workflows") and c.method == "POST")
+                   for c in standin.calls)  # fmt: skip
     # A snapshot may be taken by an editor; a restore there takes an administrator.
     r = await api.post(f"{N8N}/instances/{iid}/workflows/{wf['id']}/snapshots",
                        headers=editor.headers)  # fmt: skip
