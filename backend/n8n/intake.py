@@ -5,8 +5,9 @@ body is what n8n's Error Trigger emits: `{execution: {id, url, error: {message, 
 lastNodeExecuted, mode, retryOf}, workflow: {id, name}}`, or `{trigger: {error, mode},
 workflow}` when the trigger itself failed. One row per execution (a second report of the
 same execution counts `reports` and tells nobody again); the synced execution, if we hold
-it, gets the error too. The people who watch the instance or the workflow hear of it (in
-the app, by e-mail), and so do the instance's own notify e-mails and webhooks (signed).
+it, gets the error too. The people who watch the instance or the workflow hear of it
+through their notifications (kind `n8n.error`: inbox, live, e-mail, Web Push and FCM, as
+their preferences say), and so do the instance's own notify e-mails and webhooks (signed).
 """
 
 from __future__ import annotations
@@ -33,12 +34,11 @@ from backend.models import (
     N8nInstance,
     N8nWatch,
     N8nWorkflow,
-    NotificationPreference,
     User,
-    UserNotification,
     WorkspaceMember,
 )
 from backend.n8n.service import notify_of
+from backend.push import service as push
 
 log = get_logger(__name__)
 KIND = "n8n.error"
@@ -233,11 +233,6 @@ async def watchers(
     return list(rows.all())
 
 
-def _wants(prefs: dict[str, Any], channel: str) -> bool:
-    mine = prefs.get(KIND) if isinstance(prefs, dict) else None
-    return not (isinstance(mine, dict) and mine.get(channel) is False)
-
-
 def describe(instance: N8nInstance, error: N8nError) -> tuple[str, str]:
     name = error.workflow_name or error.workflow_n8n_id or "a workflow"
     title = f"n8n: {name} failed on {instance.name}"
@@ -258,6 +253,10 @@ def describe(instance: N8nInstance, error: N8nError) -> tuple[str, str]:
 async def _tell(
     uow: UnitOfWork, settings: Settings, instance: N8nInstance, error: N8nError
 ) -> dict[str, Any]:
+    """The watchers through the people's notifications (backend/push: inbox row, live on
+    their channel, e-mail and Web Push/FCM, each as their preferences for `n8n.error`
+    say), then the instance's own notify e-mails (those not already written to) and
+    webhooks. What was done, for the error row's `notified`."""
     session = uow.session
     title, body = describe(instance, error)
     data = {
@@ -268,40 +267,32 @@ async def _tell(
         "url": error.url,
     }
     people = await watchers(session, instance, error.workflow_n8n_id)
-    told: list[str] = []
+    told = await push.notify(
+        uow,
+        settings,
+        people,
+        kind=KIND,
+        title=title,
+        body=body,
+        data=data,
+        workspace_id=instance.workspace_id,
+        email=lambda _user: (title, body),
+    )
     emails: list[str] = []
     if people:
-        prefs = {
-            p.user_id: p.preferences
-            for p in await session.scalars(
-                select(NotificationPreference).where(NotificationPreference.user_id.in_(people))
-            )
-        }
-        users = {u.id: u for u in await session.scalars(select(User).where(User.id.in_(people)))}
-        for user_id in people:
-            mine = prefs.get(user_id, {})
-            if _wants(mine, "in_app"):
-                session.add(
-                    UserNotification(
-                        id=uuid.uuid4(),
-                        user_id=user_id,
-                        workspace_id=instance.workspace_id,
-                        kind=KIND,
-                        title=title[:500],
-                        body=body,
-                        data=data,
-                    )
-                )
-                told.append(str(user_id))
-            user = users.get(user_id)
-            if user is not None and _wants(mine, "email"):
-                emails.append(user.email)
+        prefs = await push.preferences_of(session, people)
+        users = await session.scalars(
+            select(User).where(User.id.in_(people), User.is_active.is_(True))
+        )
+        emails = [u.email for u in users if push.wants(prefs.get(u.id, {}), KIND, "email")]
     notify = notify_of(instance)
-    for address in dict.fromkeys([*emails, *notify.emails]):
-        send_mail(uow, settings, to=address, subject=title, body=body)
+    for address in dict.fromkeys(notify.emails):
+        if address not in emails:
+            send_mail(uow, settings, to=address, subject=title, body=body)
     for url in notify.webhooks:
         enqueue_after_commit(uow, WEBHOOK_TASK, str(error.id), url)
-    return {"users": told, "emails": sorted(set(emails) | set(notify.emails)),
+    return {"users": [str(u) for u in told],
+            "emails": sorted(set(emails) | set(notify.emails)),
             "webhooks": list(notify.webhooks)}  # fmt: skip
 
 

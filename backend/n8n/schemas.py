@@ -132,6 +132,9 @@ class SyncResult(BaseModel):
     workflows: int = 0
     workflows_removed: int = 0
     executions: int = 0
+    # A burst larger than N8N__MAX_EXECUTION_PAGES pages: older executions remain to be
+    # read and the next syncs continue where this one stopped.
+    executions_pending: bool = False
     instance: InstanceRead
 
 

@@ -10,7 +10,12 @@ one transaction:
 - executions: incrementally, `startedAfter` the instance's cursor, moved back to the
   oldest execution we still hold as unfinished so its end is seen; failed ones get their
   error message and failing node from `GET /executions/{id}?includeData=true` (bounded
-  per sync).
+  per sync). n8n lists newest first, so a burst larger than N8N__MAX_EXECUTION_PAGES
+  pages leaves older executions unread: the page cursor where the read stopped is kept
+  (`capabilities.execution_backlog`, with the query it belongs to) and the next syncs
+  continue from it, up to that many pages more each, until the gap is closed; more than
+  MAX_BACKLOG gaps at once and the oldest is given up, counted in
+  `capabilities.executions_skipped` (never silently).
 
 A sync that cannot reach the instance (or is refused) leaves the reason on the
 instance's status and keeps everything synced before.
@@ -29,11 +34,15 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.config import Settings
+from backend.kit.logging import get_logger
 from backend.models import N8nExecution, N8nInstance, N8nWorkflow
 from backend.n8n import client as n8n
 from backend.n8n.api_types import FAILED_STATUSES, UNFINISHED_STATUSES, Execution, Workflow
 
+log = get_logger(__name__)
 OVERLAP = timedelta(seconds=1)
+# Unread stretches of executions remembered at once (see the module's doc).
+MAX_BACKLOG = 10
 
 
 def parse_time(value: Any) -> datetime | None:
@@ -111,6 +120,8 @@ class Snapshot:
     started_after: datetime
     # Failed executions we already know the error of (no second detail call).
     known_errors: frozenset[str]
+    # Where earlier syncs stopped reading: [{"started_after": iso, "cursor": str}].
+    backlog: list[dict[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -120,6 +131,9 @@ class Fetched:
     details: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
     legacy_publish: bool | None = None
     failure: n8n.N8nFailure | None = None
+    # The unread stretches after this sync, and how many were given up on.
+    backlog: list[dict[str, str]] = field(default_factory=list)
+    skipped: int = 0
 
 
 async def snapshot(session: AsyncSession, settings: Settings, instance: N8nInstance) -> Snapshot:
@@ -151,7 +165,38 @@ async def snapshot(session: AsyncSession, settings: Settings, instance: N8nInsta
         legacy_publish=legacy if isinstance(legacy, bool) else None,
         started_after=start - OVERLAP,
         known_errors=frozenset(known.all()),
+        backlog=_backlog_of(instance),
     )
+
+
+def _backlog_of(instance: N8nInstance) -> list[dict[str, str]]:
+    raw = instance.capabilities.get("execution_backlog")
+    out: list[dict[str, str]] = []
+    for item in raw if isinstance(raw, list) else []:
+        if isinstance(item, dict) and isinstance(item.get("cursor"), str):
+            after = item.get("started_after")
+            out.append({"started_after": str(after or ""), "cursor": item["cursor"]})
+    return out
+
+
+async def _read_executions(
+    api: n8n.N8nClient, started_after: str, cursor: str | None, max_pages: int
+) -> tuple[list[Execution], str | None]:
+    """Up to max_pages pages of executions (newest first) from `cursor`; with the
+    cursor to continue from when pages remain (None: read to the end)."""
+    out: list[Execution] = []
+    for _ in range(max_pages):
+        params: dict[str, Any] = {"includeData": "false", "startedAfter": started_after or None,
+                                  "limit": api.conf.page_size, "cursor": cursor}  # fmt: skip
+        page = await api.request("GET", "/executions", params=params)
+        data = page.get("data") if isinstance(page, dict) else None
+        if not isinstance(data, list):
+            raise n8n.N8nFailure("n8n's answer to GET /executions has no `data` list")
+        out += [item for item in data if isinstance(item, dict)]  # type: ignore[misc]
+        cursor = page.get("nextCursor") or None
+        if cursor is None:
+            return out, None
+    return out, cursor
 
 
 async def fetch(settings: Settings, snap: Snapshot) -> Fetched:
@@ -163,10 +208,22 @@ async def fetch(settings: Settings, snap: Snapshot) -> Fetched:
         ) as api:
             out.workflows = await api.workflows()
             after = snap.started_after.astimezone(UTC).isoformat()
-            async for page in api.executions(
-                started_after=after, max_pages=conf.max_execution_pages
-            ):
-                out.executions += page
+            fresh, rest = await _read_executions(api, after, None, conf.max_execution_pages)
+            out.executions += fresh
+            # Older stretches earlier syncs could not finish, oldest gap first.
+            backlog = list(snap.backlog)
+            still: list[dict[str, str]] = []
+            for gap in backlog:
+                older, more = await _read_executions(
+                    api, gap["started_after"], gap["cursor"], conf.max_execution_pages
+                )
+                out.executions += older
+                if more is not None:
+                    still.append({**gap, "cursor": more})
+            if rest is not None:
+                still.append({"started_after": after, "cursor": rest})
+            out.skipped = max(0, len(still) - MAX_BACKLOG)
+            out.backlog = still[out.skipped :]
             budget = conf.error_details_per_sync
             for execution in out.executions:
                 eid = str(execution.get("id") or "")
@@ -198,6 +255,8 @@ class Outcome:
     workflows_removed: int = 0
     executions: int = 0
     busy: bool = False
+    # Older executions remain to be read; the next sync continues.
+    executions_pending: bool = False
 
 
 async def upsert_workflows(
@@ -327,6 +386,11 @@ async def apply(
         instance.executions_after = snap.started_after + OVERLAP
     if fetched.legacy_publish is not None:
         instance.capabilities = {**instance.capabilities, "legacy_publish": fetched.legacy_publish}
+    skipped = int(instance.capabilities.get("executions_skipped") or 0) + fetched.skipped
+    instance.capabilities = {**instance.capabilities, "execution_backlog": fetched.backlog,
+                             "executions_skipped": skipped}  # fmt: skip
+    if fetched.skipped:
+        log.warning("n8n.executions_skipped", instance_id=str(instance.id), gaps=fetched.skipped)
     instance.status, instance.status_reason, instance.sync_error = "ok", None, None
     instance.last_checked_at = now
     await session.flush()
@@ -337,6 +401,7 @@ async def apply(
         workflows=count,
         workflows_removed=removed,
         executions=len(fetched.executions),
+        executions_pending=bool(fetched.backlog),
     )
 
 

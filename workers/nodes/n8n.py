@@ -56,6 +56,8 @@ def _failure(exc: n8n.N8nFailure, sent: bool) -> NodeFailure:
     """The client's failure as the engine sees it: transient only when nothing reached
     n8n (could not connect, 429/503) or when asking again changes nothing (a read)."""
     cause = exc.__cause__
+    if isinstance(cause, BlockedAddress):
+        return NodeFailure(exc.message, "permanent")
     if isinstance(cause, httpx.ConnectError | httpx.ConnectTimeout):
         return NodeFailure(exc.message, "connection")
     if exc.status == 429:
