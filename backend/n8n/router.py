@@ -171,6 +171,7 @@ async def refresh_instance(
         workflows=outcome.workflows,
         workflows_removed=outcome.workflows_removed,
         executions=outcome.executions,
+        executions_pending=outcome.executions_pending,
         instance=_read(settings, request, access.resource),
     )
 
