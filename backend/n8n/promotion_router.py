@@ -13,7 +13,7 @@ from backend.auth.permissions import Permission as P  # noqa: N817 - reads as a 
 from backend.kit.db import UnitOfWorkDep
 from backend.kit.pagination import Page, PageParamsDep
 from backend.models.n8n_promotions import N8nPromotion
-from backend.n8n import promotions
+from backend.n8n import deployments, promotions
 from backend.n8n.promotion_schemas import (
     DeploymentRead,
     PromotionCreate,
@@ -126,7 +126,7 @@ async def execute_promotion(
     step puts the target back (502, the deployment says what happened). 409 when a gate
     is closed (approvals, allowed hours, success rate, open drift), credentials are
     missing, the target changed since the plan, or it was executed already."""
-    promotion, _ = await promotions.execute(uow, settings, access)
+    promotion, _ = await deployments.execute(uow, settings, access)
     return await _read(uow, promotion)
 
 
