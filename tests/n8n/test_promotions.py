@@ -451,6 +451,18 @@ async def test_a_failed_publish_rolls_the_target_back(
     r = await api.get("/api/v1/n8n/deployments", headers=editor.headers,
                       params={"environment": str(f.prod_env)})  # fmt: skip
     assert [d["status"] for d in r.json()["items"]] == ["rolled_back", "deployed", "rolled_back"]
+    # When the rollback fails too, the deployment says `failed` and which step.
+    other = dev.add_workflow("Fragile too", active=True, nodes=1)
+    prod.route_faults.extend([("POST", "/publish", 400), ("DELETE", "", 400)])
+    p = await plan(api, editor, plan_body(f, other["id"], min_success_rate=0))
+    r = await api.post(f"{URL}/{p['id']}/execute", headers=editor.headers)
+    assert r.status_code == 502 and "rollback failed too" in r.json()["detail"], r.text
+    assert r.json()["deployment_status"] == "failed"
+    dep = (await api.get(f"{URL}/{p['id']}", headers=editor.headers)).json()["deployment"]
+    assert (dep["status"], dep["rolled_back"]) == ("failed", False)
+    assert dep["steps"][-1]["step"] == "rollback" and dep["steps"][-1]["ok"] is False
+    leftover = [w for w in prod.workflows.values() if w["name"] == "Fragile too"]
+    assert len(leftover) == 1 and dep["n8n_workflow_id"] == leftover[0]["id"]
     # A target edited by hand since the plan: refused, nothing written.
     p = await plan(api, editor, plan_body(f, wf["id"], min_success_rate=0))
     prod.workflows[target_id]["name"] = "edited by hand"
