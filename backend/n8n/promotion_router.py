@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, status
 
@@ -38,7 +38,12 @@ async def _read(uow: UnitOfWorkDep, promotion: N8nPromotion) -> PromotionRead:
     return out
 
 
-@router.post("/promotions", status_code=status.HTTP_201_CREATED)
+UPSTREAM: dict[int | str, dict[str, Any]] = {
+    502: {"description": "n8n answered with an error, or could not be reached"}
+}
+
+
+@router.post("/promotions", status_code=status.HTTP_201_CREATED, responses=UPSTREAM)
 async def create_promotion(
     body: PromotionCreate,
     uow: UnitOfWorkDep,
@@ -116,7 +121,10 @@ async def reject_promotion(
     return await _read(uow, row)
 
 
-@router.post("/promotions/{promotion_id}/execute")
+@router.post(
+    "/promotions/{promotion_id}/execute",
+    responses={502: {"description": "a step failed: the deployment says what was rolled back"}},
+)
 async def execute_promotion(
     uow: UnitOfWorkDep, settings: SettingsDep, access: WorkspaceAccess = _on(P.WORKFLOWS_WRITE)
 ) -> PromotionRead:
