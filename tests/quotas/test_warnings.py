@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from backend.auth.permissions import Role
 from backend.config import QuotaSettings, Settings
 from backend.kit.db import UnitOfWork
+from backend.kit.errors import QuotaExceeded
 from backend.models import (
     ActivityLog,
     NotificationPreference,
@@ -29,10 +30,12 @@ from backend.models import (
     Workspace,
     WorkspaceQuota,
 )
+from backend.quotas import service as quotas
 from backend.quotas import warnings
 from backend.quotas.service import period_bounds
 from tests.support.crossprocess import api, owner  # noqa: F401  (fixtures)
 from tests.support.factories import UserFactory, WorkspaceMemberFactory
+from tests.support.identity import make_workspace
 
 
 def test_thresholds_crossed_are_those_passed_between_before_and_after() -> None:
@@ -198,3 +201,22 @@ async def test_runs_per_day_warns_admins_at_80_and_100_percent_live_and_once(
     engine.dispose()
     assert for_quiet == 0 and for_editor == 0
     assert sorted(d["percent"] for d in logged) == [80, 100]
+
+
+async def test_agent_spend_that_crosses_a_threshold_is_detected_without_an_extra_call(
+    session: AsyncSession,
+) -> None:
+    ws = await make_workspace(session)
+    await quotas.set_overrides(session, ws.id, {"ai_tokens_per_month": 1000})
+    await quotas.check_ai(session, ws.id)  # 0 of 1000: the counter built, limits cached
+    start, _ = period_bounds("month", datetime.now(UTC))
+    key = f"{ws.id}:ai_tokens_per_month:{int(start.timestamp())}"
+    await quotas.spend_ai(ws.id, 500, 0.0)  # 50%: no threshold
+    assert not [k for k in warnings._sent if k.startswith(key)]
+    await quotas.spend_ai(ws.id, 350, 0.0)  # 85%: the 80% one, once
+    await quotas.spend_ai(ws.id, 10, 0.0)
+    assert [k for k in warnings._sent if k.startswith(key)] == [f"{key}:80"]
+    await quotas.spend_ai(ws.id, 200, 0.0)  # 106%: the 100% one
+    assert sorted(k for k in warnings._sent if k.startswith(key)) == [f"{key}:100", f"{key}:80"]
+    with pytest.raises(QuotaExceeded):
+        await quotas.check_ai(session, ws.id)
