@@ -45,7 +45,7 @@ async def execute(
 ) -> tuple[N8nPromotion, N8nDeployment]:
     session = uow.session
     promotion = await promotions.locked(session, access.resource.id)
-    await promotions.follow_tasks(session, promotion, access.principal)
+    await promotions.follow_tasks(uow, settings, promotion)
     if promotion.deployment_id is not None or promotion.status in (
         "executing", "deployed", "rolled_back", "failed"
     ):  # fmt: skip

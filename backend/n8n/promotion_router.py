@@ -69,6 +69,7 @@ async def create_promotion(
 @router.get("/promotions")
 async def list_promotions(
     uow: UnitOfWorkDep,
+    settings: SettingsDep,
     page: PageParamsDep,
     status_: Annotated[PromotionStatus | None, Query(alias="status")] = None,
     environment: Annotated[
@@ -80,16 +81,16 @@ async def list_promotions(
     items, total = await paginate(uow.session, stmt, limit=page.limit, offset=page.offset)
     out = []
     for item in items:
-        await promotions.follow_tasks(uow.session, item, access.principal)
+        await promotions.follow_tasks(uow, settings, item)
         out.append(await _read(uow, item))
     return Page(items=out, total=total, limit=page.limit, offset=page.offset)
 
 
 @router.get("/promotions/{promotion_id}")
 async def get_promotion(
-    uow: UnitOfWorkDep, access: WorkspaceAccess = _on(P.WORKFLOWS_READ)
+    uow: UnitOfWorkDep, settings: SettingsDep, access: WorkspaceAccess = _on(P.WORKFLOWS_READ)
 ) -> PromotionRead:
-    await promotions.follow_tasks(uow.session, access.resource, access.principal)
+    await promotions.follow_tasks(uow, settings, access.resource)
     return await _read(uow, access.resource)
 
 

@@ -204,8 +204,8 @@ class CredentialPlan:
     missing: list[dict[str, Any]]
     # Where the target's credentials were seen: list (GET /credentials) | workflow_refs.
     source: str
-    # source credential id -> target credential id, per type.
-    ids: dict[tuple[str, str], str]
+    # (type, source credential id) -> (target credential id, its name).
+    ids: dict[tuple[str, str], tuple[str, str]]
 
 
 def _refs(nodes: Sequence[Any]) -> list[tuple[str, str, str, str]]:
@@ -274,12 +274,12 @@ async def map_credentials(
             entry["nodes"].append(node)
     mapped: list[dict[str, Any]] = []
     missing: list[dict[str, Any]] = []
-    ids: dict[tuple[str, str], str] = {}
+    ids: dict[tuple[str, str], tuple[str, str]] = {}
     for (type_, cid), entry in sorted(grouped.items(), key=lambda kv: (kv[0][0], kv[1]["name"])):
         found = sorted(candidates.get((type_, entry["name"]), set()))
         if len(found) == 1:
             mapped.append({**entry, "target_id": found[0]})
-            ids[(type_, cid)] = found[0]
+            ids[(type_, cid)] = (found[0], entry["name"])
         elif not found:
             missing.append({**entry, "reason": f"no {type_} credential named "
                             f"{entry['name']!r} on the target"})  # fmt: skip
@@ -296,7 +296,7 @@ def target_body(
     source: Workflow,
     target_current: dict[str, Any] | None,
     target: N8nInstance,
-    credential_ids: dict[tuple[str, str], str],
+    credential_ids: dict[tuple[str, str], tuple[str, str]],
     lineage_id: uuid.UUID,
 ) -> WorkflowCreate:
     """What is written to the target: the source's nodes, connections and settings, with
@@ -318,8 +318,10 @@ def target_body(
             rewritten: dict[str, Any] = {}
             for kind, ref in creds.items():
                 ref = ref if isinstance(ref, dict) else {}
-                tid = credential_ids.get((str(kind), str(ref.get("id") or "")))
-                rewritten[kind] = {"id": tid, "name": ref.get("name")} if tid else dict(ref)
+                found = credential_ids.get((str(kind), str(ref.get("id") or "")))
+                # The target's id, and the name it has there (a node keeps the name its
+                # credential had when picked; the source's list names it as it is now).
+                rewritten[kind] = {"id": found[0], "name": found[1]} if found else dict(ref)
             out["credentials"] = rewritten
         nodes.append(out)
     raw = source.get("settings")
@@ -560,7 +562,7 @@ async def plan(
         if required == 0:
             promotion.status = "approved"
         else:
-            await _open_tasks(uow, settings, promotion, to_env, required, access)
+            await _open_tasks(uow, settings, promotion, to_env, required, access.user.id)
     await evaluate(session, promotion, to_env)
     await session.flush()
     record(session, access.principal, workspace_id=ws, action="n8n.promotion.plan",
@@ -632,10 +634,12 @@ async def _open_tasks(
     promotion: N8nPromotion,
     env: N8nEnvironment,
     required: int,
-    access: WorkspaceAccess,
+    created_by: uuid.UUID,
+    *,
+    first: int = 0,
 ) -> None:
     """One inbox task per approval the policy asks for, for the people it names (those
-    still members) and/or the role it names."""
+    still members) and/or the role it names; `first` numbers tasks opened later."""
     policy = env.approvals or {}
     members = set(
         await uow.session.scalars(
@@ -662,10 +666,11 @@ async def _open_tasks(
         "changes": plan["diff"][:50],
         "credentials": plan["credentials"]["mapped"],
     }
-    for index in range(required):
+    total = first + required
+    for index in range(first, total):
         spec = inbox.TaskSpec(
             title=f"Promote {promotion.name!r} to {env.stage}"
-            + (f" ({index + 1} of {required})" if required > 1 else ""),
+            + (f" ({index + 1} of {total})" if total > 1 else ""),
             message=(f"{promotion.action.title()} of {promotion.name!r} requested; "
                      f"{len(plan['diff'])} change(s). Decide here or with "
                      f"POST /api/v1/n8n/promotions/{promotion.id}/approve|reject."),
@@ -673,8 +678,8 @@ async def _open_tasks(
             expires_in=None, on_timeout="reject",
         )  # fmt: skip
         task = await inbox.create_manual(
-            uow, settings, workspace_id=promotion.workspace_id, created_by=access.user.id,
-            spec=spec,
+            uow, settings, workspace_id=promotion.workspace_id,
+            created_by=created_by, spec=spec,
         )  # fmt: skip
         promotion.task_ids = [*promotion.task_ids, str(task.id)]
 
@@ -718,10 +723,10 @@ async def _tasks(session: AsyncSession, promotion: N8nPromotion) -> list[Task]:
     return list(rows)
 
 
-async def follow_tasks(
-    session: AsyncSession, promotion: N8nPromotion, principal: Any = None
-) -> None:
-    """Bring the promotion in line with its tasks (decided here or in /tasks)."""
+async def follow_tasks(uow: UnitOfWork, settings: Settings, promotion: N8nPromotion) -> None:
+    """Bring the promotion in line with its tasks (decided here or in /tasks). Logged as
+    done by whoever decided the task."""
+    session = uow.session
     if promotion.status != "awaiting_approval":
         return
     tasks = await _tasks(session, promotion)
@@ -732,7 +737,8 @@ async def follow_tasks(
             promotion.rejected_by = task.decided_by
             comment = (task.decision or {}).get("comment")
             promotion.decision_comment = str(comment)[:10_000] if comment else task.status
-            record(session, principal, workspace_id=promotion.workspace_id,
+            record(session, None, user_id=task.decided_by,
+                   workspace_id=promotion.workspace_id,
                    action="n8n.promotion.rejected", resource_type="n8n_promotion",
                    resource_id=promotion.id,
                    details={"task_id": str(task.id), "task_status": task.status,
@@ -746,15 +752,23 @@ async def follow_tasks(
     promotion.approved_by = approvers
     env = await session.get(N8nEnvironment, promotion.to_env_id)
     required = _required_approvals(env) if env is not None else len(tasks)
-    if (
-        tasks
-        and all(t.status == "approved" for t in tasks)
-        and len(approvers) >= min(required, len(tasks))
-    ):
-        promotion.status = "approved"
-        record(session, principal, workspace_id=promotion.workspace_id,
-               action="n8n.promotion.approved", resource_type="n8n_promotion",
-               resource_id=promotion.id, details={"approved_by": approvers})  # fmt: skip
+    if tasks and all(t.status == "approved" for t in tasks):
+        last = tasks[-1].decided_by
+        creator = promotion.requested_by or last
+        if len(approvers) >= required:
+            promotion.status = "approved"
+            record(session, None, user_id=last, workspace_id=promotion.workspace_id,
+                   action="n8n.promotion.approved", resource_type="n8n_promotion",
+                   resource_id=promotion.id, details={"approved_by": approvers})  # fmt: skip
+        elif env is not None and creator is not None:
+            # One person approved several of its tasks (possible in /tasks): their
+            # approvals count once; open tasks for the approvals still wanting.
+            await _open_tasks(uow, settings, promotion, env, required - len(approvers),
+                              creator, first=len(tasks))  # fmt: skip
+            record(session, None, workspace_id=promotion.workspace_id,
+                   action="n8n.promotion.approval_reopened", resource_type="n8n_promotion",
+                   resource_id=promotion.id,
+                   details={"approved_by": approvers, "required": required})  # fmt: skip
     await session.flush()
 
 
@@ -765,7 +779,7 @@ async def decide(
     """Decide one of the promotion's open tasks the caller may decide (the task is
     decided in the inbox too)."""
     promotion = await locked(uow.session, access.resource.id)
-    await follow_tasks(uow.session, promotion, access.principal)
+    await follow_tasks(uow, settings, promotion)
     if promotion.status != "awaiting_approval":
         raise Conflict(f"this promotion is {promotion.status}", field="status",
                        promotion_status=promotion.status)  # fmt: skip
@@ -780,7 +794,7 @@ async def decide(
     via = "api_key" if access.principal.api_key is not None else "api"
     await inbox.decide(uow, settings, mine[0].id, user=access.user, role=access.role,
                        approve=approve, comment=comment, value=None, via=via)  # fmt: skip
-    await follow_tasks(uow.session, promotion, access.principal)
+    await follow_tasks(uow, settings, promotion)
     env = await uow.session.get(N8nEnvironment, promotion.to_env_id)
     if env is not None:
         await evaluate(uow.session, promotion, env)

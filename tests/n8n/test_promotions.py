@@ -398,6 +398,17 @@ async def test_reject_and_two_approvals_by_distinct_people(
     r = await api.post(f"{URL}/{p['id']}/approve", headers=admin_b.headers)
     assert r.status_code == 200 and r.json()["status"] == "approved"
     assert sorted(r.json()["approved_by"]) == sorted([str(admin_a.user.id), str(admin_b.user.id)])
+    # One person approving both tasks in the inbox counts once: a task is opened for the
+    # approval still wanting, and someone else's approval completes it.
+    p = await plan(api, editor, plan_body(f, wf["id"], min_success_rate=0))
+    for task_id in p["task_ids"]:
+        r = await api.post(f"/api/v1/tasks/{task_id}/approve", headers=admin_a.headers)
+        assert r.status_code == 200, r.text
+    r = await api.get(f"{URL}/{p['id']}", headers=editor.headers)
+    assert r.json()["status"] == "awaiting_approval" and len(r.json()["task_ids"]) == 3
+    assert r.json()["approved_by"] == [str(admin_a.user.id)]
+    r = await api.post(f"{URL}/{p['id']}/approve", headers=admin_b.headers)
+    assert r.status_code == 200 and r.json()["status"] == "approved", r.text
     # A rejection (here in the inbox) rejects; execute is refused.
     p = await plan(api, editor, plan_body(f, wf["id"], min_success_rate=0))
     r = await api.post(f"/api/v1/tasks/{p['task_ids'][1]}/reject", headers=admin_b.headers,
@@ -601,3 +612,23 @@ async def test_hostile_ids_and_what_n8n_holds_are_refused_clearly(
     r = await api.get("/api/v1/n8n/deployments", headers=editor.headers,
                       params={"lineage_id": str(uuid.uuid4())})  # fmt: skip
     assert r.json()["total"] == 0
+
+
+async def test_a_credential_renamed_on_the_source_is_matched_by_its_current_name(
+    api: httpx.AsyncClient, session: AsyncSession, team: Workspace, editor: Actor,
+    dev: StandIn, prod: StandIn,
+) -> None:  # fmt: skip
+    f = await fleet(api, session, editor, team, dev, prod)
+    dev_cred = dev.add_credential("Team Slack", CRED_TYPE)
+    prod_cred = prod.add_credential("Team Slack", CRED_TYPE)
+    prod.add_credential("Old Slack", CRED_TYPE)  # the stale name must not win
+    # The node still carries the name the credential had when it was picked.
+    wf = slack_workflow(dev, {"id": dev_cred["id"], "name": "Old Slack"})
+    p = await plan(api, editor, plan_body(f, wf["id"], min_success_rate=0))
+    [mapped] = p["plan"]["credentials"]["mapped"]
+    assert (mapped["name"], mapped["target_id"]) == ("Team Slack", prod_cred["id"])
+    r = await api.post(f"{URL}/{p['id']}/execute", headers=editor.headers)
+    assert r.status_code == 200, r.text
+    made = prod.workflows[r.json()["target_workflow_id"]]
+    slack = next(n for n in made["nodes"] if n["name"] == "Slack")
+    assert slack["credentials"][CRED_TYPE] == {"id": prod_cred["id"], "name": "Team Slack"}
