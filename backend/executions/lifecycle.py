@@ -49,6 +49,22 @@ FOREVER = datetime(9999, 1, 1, tzinfo=UTC)
 
 FinishedListener = Callable[[UnitOfWork, WorkflowExecution], Awaitable[None]]
 _finished: list[FinishedListener] = []
+# Facts a listener needs at every close, computed by the closing statement itself (an
+# SQL expression over `closed`, the closed run's row) instead of a round trip of their
+# own: name -> expression. The runner's close puts their values in
+# `uow.session.info[CLOSE_FACTS]`; other ways a run ends (a cancel, the delivery cap)
+# leave it out, and the listener asks the database as before.
+_close_facts: dict[str, str] = {}
+CLOSE_FACTS = "orch.close_facts"
+
+
+def fact_at_close(name: str, expression: str) -> None:
+    """Have the runner's closing statement also compute `expression` (trusted SQL from
+    our own code, never user input) as the fact `name`."""
+    if not name.isidentifier() or "%" in expression:
+        # `%` would be read as one of the statement's parameters.
+        raise ValueError(f"fact {name!r}: an identifier and an expression without '%'")
+    _close_facts[name] = expression
 
 
 def on_finished(listener: FinishedListener) -> FinishedListener:
@@ -560,11 +576,13 @@ async def close(
                     uow.session, claim.id, N.CANCELLED, f"run {to}",
                     actor=claim.token, fence=claim.token,
                 )  # fmt: skip
-            ex = await repo.close_fenced(
+            ex, facts = await repo.close_fenced(
                 uow.session, claim.id, claim.token, to, now=now, duration_ms=duration_ms,
                 reason=reason, output=output, error=error, variables=variables,
+                facts=_close_facts,
             )  # fmt: skip
             if ex is not None:
+                uow.session.info[CLOSE_FACTS] = facts
                 await _ended(uow, ex)
             return ex
 

@@ -12,7 +12,7 @@ round trip of its own.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -441,8 +441,19 @@ WITH closed AS (
     (execution_id, iteration, from_status, to_status, reason, actor, at)
   SELECT id, 0, 'running', %(to_status)s, %(reason)s::text, %(token)s, %(now)s FROM closed
 )
-SELECT * FROM closed
+SELECT closed.*{facts} FROM closed
 """
+# The statement per set of close facts (lifecycle.fact_at_close), built once.
+_close_sql: dict[tuple[tuple[str, str], ...], str] = {}
+
+
+def _close_statement(facts: Mapping[str, str]) -> str:
+    key = tuple(sorted(facts.items()))
+    sql = _close_sql.get(key)
+    if sql is None:
+        columns = "".join(f", ({expr}) AS fact_{name}" for name, expr in key)
+        sql = _close_sql[key] = CLOSE.replace("{facts}", columns)
+    return sql
 
 
 async def close_fenced(
@@ -457,8 +468,10 @@ async def close_fenced(
     output: Any = None,
     error: Any = None,
     variables: Any = None,
-) -> WorkflowExecution | None:
-    """The closed run as a detached row object (for its event and the listeners)."""
+    facts: Mapping[str, str] | None = None,
+) -> tuple[WorkflowExecution | None, dict[str, Any]]:
+    """The closed run as a detached row object (for its event and the listeners), and
+    the values of `facts` (expressions over `closed`) computed in the same statement."""
     conn = await session.connection()
     params = {
         "execution_id": execution_id,
@@ -472,9 +485,12 @@ async def close_fenced(
         "variables": _json(variables),
     }
     async with (await _driver(conn)).cursor(row_factory=dict_row) as cur:
-        await cur.execute(CLOSE, params)
+        await cur.execute(_close_statement(facts or {}), params)
         row = await cur.fetchone()
-    return None if row is None else WorkflowExecution(**row)
+    if row is None:
+        return None, {}
+    values = {name: row.pop(f"fact_{name}") for name in facts or {}}
+    return WorkflowExecution(**row), values
 
 
 async def renew_leases(

@@ -8,7 +8,8 @@ with that status change; tasks are enqueued only after that commit.
 
 It is on the engine's hot path (every run ends here), so it costs one indexed query
 for listeners (`ix_triggers_listeners`, a partial index over enabled, active event
-triggers) and nothing more when the workflow has no notifications: a version's
+triggers; asked inside the runner's closing statement, so no round trip of its own
+there) and nothing more when the workflow has no notifications: a version's
 settings never change, so they are cached per (workflow, version) in the process.
 """
 
@@ -20,9 +21,11 @@ from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from backend.executions import lifecycle
 from backend.kit.db import UnitOfWork
+from backend.kit.singleflight import SingleFlight
 from backend.kit.tasks import enqueue_after_commit
 from backend.models import Notification, Trigger, Workflow, WorkflowExecution, WorkflowVersion
 from backend.workflows.graph import WorkflowSettings
@@ -34,6 +37,8 @@ OUTCOMES = ("completed", "failed")
 Targets = tuple[tuple[str, str, frozenset[str]], ...]
 _CACHE_SIZE = 4096
 _targets_cache: OrderedDict[tuple[uuid.UUID, int], Targets] = OrderedDict()
+# Runs of one version that end together share one read of its settings.
+_targets_loading: SingleFlight[Targets] = SingleFlight()
 
 
 def notification_targets(settings: WorkflowSettings) -> Targets:
@@ -54,17 +59,27 @@ async def _targets(uow: UnitOfWork, workflow_id: uuid.UUID, version: int) -> Tar
     if cached is not None:
         _targets_cache.move_to_end(key)
         return cached
-    raw = await uow.session.scalar(
-        select(WorkflowVersion.definition["settings"]).where(
-            WorkflowVersion.workflow_id == workflow_id, WorkflowVersion.number == version
+    # Read on a session of its own: the shared load must not run on (or outlive) the
+    # transaction of whichever caller started it.
+    maker = async_sessionmaker(uow.session.bind, expire_on_commit=False)
+    return await _targets_loading.do(key, lambda: _load_targets(maker, workflow_id, version))
+
+
+async def _load_targets(
+    maker: async_sessionmaker[AsyncSession], workflow_id: uuid.UUID, version: int
+) -> Targets:
+    async with maker() as session:
+        raw = await session.scalar(
+            select(WorkflowVersion.definition["settings"]).where(
+                WorkflowVersion.workflow_id == workflow_id, WorkflowVersion.number == version
+            )
         )
-    )
     try:
         settings = WorkflowSettings.model_validate(raw or {})
     except ValueError:
         settings = WorkflowSettings()
     targets = notification_targets(settings)
-    _targets_cache[key] = targets
+    _targets_cache[(workflow_id, version)] = targets
     if len(_targets_cache) > _CACHE_SIZE:
         _targets_cache.popitem(last=False)
     return targets
@@ -80,7 +95,19 @@ def _summary(execution: WorkflowExecution) -> dict[str, Any]:
     }
 
 
+# The runner's close answers "does anyone listen?" in its own statement (the same
+# partial index), so a run without listeners ends without this module's query.
+lifecycle.fact_at_close(
+    "has_listeners",
+    "EXISTS (SELECT 1 FROM triggers t WHERE t.source_workflow_id = closed.workflow_id"
+    " AND t.kind = 'event' AND t.enabled AND t.active"
+    " AND t.workspace_id = closed.workspace_id)",
+)
+
+
 async def _start_listeners(uow: UnitOfWork, execution: WorkflowExecution, outcome: str) -> None:
+    if uow.session.info.get(lifecycle.CLOSE_FACTS, {}).get("has_listeners") is False:
+        return
     # Plain columns, no join: almost every run has no listener, and this is the whole
     # cost then (measured: an ORM entity join here cost several times more).
     listeners = (

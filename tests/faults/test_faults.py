@@ -276,7 +276,8 @@ def test_no_run_lost_and_no_checkpoint_rerun_under_faults(
 
     def submit_load() -> None:
         nonlocal send_failures
-        for _ in range(RUNS):
+        batch: list[str] = []
+        for i in range(RUNS):
             started = time.monotonic()
 
             def insert(s: Session) -> uuid.UUID:
@@ -289,8 +290,18 @@ def test_no_run_lost_and_no_checkpoint_rerun_under_faults(
 
             eid = query(insert)
             submitted[eid] = started
+            # Half the load as POST /executions/batch sends it: three runs per message
+            # (claimed concurrently by the worker), the rest one message each.
+            if i % 6 >= 3:
+                batch.append(str(eid))
+            message: tuple[str, list[Any]] | None = None
+            if i % 6 < 3:
+                message = ("workflow.execute", [str(eid)])
+            elif len(batch) == 3 or i == RUNS - 1:
+                message, batch = ("workflow.execute_many", [batch]), []
             try:
-                app.send_task("workflow.execute", args=[str(eid)])
+                if message is not None:
+                    app.send_task(message[0], args=message[1])
             except Exception:
                 # Enqueue failed (Redis down): the run waits for the reaper, as in production.
                 send_failures += 1
