@@ -1054,6 +1054,18 @@ def _check_references(node_id: str, config: Any, ctx: Context, problems: list[Pr
                         field=f"config.body.{raw.get('id') or ''}".rstrip("."),
                     )
                 )
+            elif kind in ("for_each", "while") and raw.get("type") == "logic":
+                # A body's nodes are checkpointed per pass of this loop only: a loop in
+                # it would have nowhere to keep its own passes (and the engine does not
+                # run one). A body workflow is a run per pass and may loop.
+                problems.append(
+                    Problem(
+                        f"a {kind} loop cannot be inside a loop body: give this loop a "
+                        "body workflow (config.workflow_id) that loops instead",
+                        node_id=node_id,
+                        field=f"config.body.{raw.get('id') or ''}".rstrip("."),
+                    )
+                )
         try:
             validate(
                 config.body.model_dump(),

@@ -214,6 +214,25 @@ def test_unknown_names_and_loop_names_outside_a_loop() -> None:
     assert any(p[:2] == ("sum", "config.prompt") and "loop body" in p[2] for p in problems(d))
 
 
+@pytest.mark.parametrize("inner_kind", ["for_each", "while"])
+def test_a_loop_inside_a_loop_body_is_refused_where_it_stands(inner_kind: str) -> None:
+    inner: dict[str, Any] = {"kind": inner_kind, "max_iterations": 3}
+    inner.update({"items": "[1, 2]"} if inner_kind == "for_each" else {"condition": "index < 2"})
+    inner["body"] = {"nodes": [node("t", "logic", kind="transform", template="1")]}
+    d = {
+        "nodes": [
+            node("start", "trigger", kind="manual"),
+            node(
+                "outer", "logic", kind="for_each", items="[1, 2]",
+                body={"nodes": [node("again", "logic", **inner)], "connections": []},
+            ),
+        ],
+        "connections": [edge("start", "outer")],
+    }  # fmt: skip
+    found = [p for p in problems(d) if p[:2] == ("outer", "config.body.again")]
+    assert found and "cannot be inside a loop body" in found[0][2], problems(d)
+
+
 def test_a_workflow_needs_a_trigger_and_triggers_have_no_inputs() -> None:
     assert ("", "nodes") in [
         (p[0] or "", p[1]) for p in problems({"nodes": [node("a", "logic", kind="merge")]})
