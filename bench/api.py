@@ -6,9 +6,12 @@ the same run, on the same uvicorn flags.
 Rows: the bare app's `/health` (the framework floor), the product's `/health`
 (middleware only), and, with a bearer token, `GET /api/v1/workflows?limit=20`,
 `GET /api/v1/workflows/{id}` and `POST /api/v1/executions`. Each prints req/s,
-p50/p95/p99, errors (connect/read/write/timeout and non-2xx answers) and the ratio of its
-req/s to the bare app's. wrk is a C load generator: on 2 cores it takes a fraction of
-one, so it is not the bottleneck (the issue's own figures were taken with it).
+p50/p95/p99, errors (connect/read/write/timeout and non-2xx answers), the ratio of its
+req/s to the bare app's, and the server's CPU time per answered request (user + system,
+summed over its processes): on a machine other work shares, req/s says how much CPU the
+server got, CPU per request what a request costs. wrk is a C load generator: on 2 cores
+it takes a fraction of one, so it is not the bottleneck (the issue's own figures were
+taken with it).
 
 BENCH_API_SECONDS (default 10) and BENCH_API_CONNECTIONS (default 32) set the load;
 BENCH_API_WORKERS (default 2; 0 or 1 to skip) the number of processes of the second
@@ -30,6 +33,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import httpx
+import psutil
 from fastapi import FastAPI
 
 # The floor: the same framework and server, no middleware, no I/O.
@@ -108,13 +112,41 @@ def run_wrk(
     return figures
 
 
+def server_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by a server and its children (uvicorn
+    --workers runs the app in child processes)."""
+    root = psutil.Process(pid)
+    total = 0.0
+    for proc in (root, *root.children(recursive=True)):
+        try:
+            times = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def run_wrk_cpu(pid: int, url: str, **kwargs: Any) -> dict[str, Any]:
+    """run_wrk, plus the server's CPU milliseconds per answered request: on a shared,
+    loaded machine req/s says how much CPU the server got, CPU per request what a
+    request costs."""
+    before = server_cpu_s(pid)
+    figures = run_wrk(url, **kwargs)
+    figures["cpu_ms"] = (server_cpu_s(pid) - before) * 1000 / max(1, figures["requests"])
+    return figures
+
+
 def print_table(title: str, rows: list[tuple[str, dict[str, Any]]], floor_rps: float) -> None:
     print()
-    print(f"{title:<52} {'req/s':>8} {'p50':>9} {'p95':>9} {'p99':>9} {'errors':>6} {'x bare':>7}")
+    print(
+        f"{title:<52} {'req/s':>8} {'p50':>9} {'p95':>9} {'p99':>9} {'errors':>6} {'x bare':>7}"
+        f" {'CPU/req':>9}"
+    )
     for name, f in rows:
         print(
             f"{name:<52} {f['rps']:>8.0f} {f['p50'] / 1000:>6.1f} ms {f['p95'] / 1000:>6.1f} ms"
-            f" {f['p99'] / 1000:>6.1f} ms {f['errors']:>6} {f['rps'] / floor_rps:>6.2f}x",
+            f" {f['p99'] / 1000:>6.1f} ms {f['errors']:>6} {f['rps'] / floor_rps:>6.2f}x"
+            f" {f['cpu_ms']:>6.2f} ms",
             flush=True,
         )
 
@@ -173,8 +205,8 @@ def measure(
         flush=True,
     )
     port = free_port()
-    with served("bench.api:bare_app", port):
-        bare = run_wrk(f"http://127.0.0.1:{port}/health")
+    with served("bench.api:bare_app", port) as proc:
+        bare = run_wrk_cpu(proc.pid, f"http://127.0.0.1:{port}/health")
     rows = [("bare FastAPI app, GET /health", bare)]
     if baseline := os.environ.get("BENCH_API_BASELINE"):
         rows.extend(_product(served, free_port, headers, 1, baseline, " [baseline]"))
@@ -183,8 +215,8 @@ def measure(
     workers = int(os.environ.get("BENCH_API_WORKERS", "2"))
     if workers > 1:
         port = free_port()
-        with served("bench.api:bare_app", port, workers):
-            bare_n = run_wrk(f"http://127.0.0.1:{port}/health")
+        with served("bench.api:bare_app", port, workers) as proc:
+            bare_n = run_wrk_cpu(proc.pid, f"http://127.0.0.1:{port}/health")
         rows = [(f"bare FastAPI app, GET /health ({workers} processes)", bare_n)]
         rows.extend(_product(served, free_port, headers, workers))
         print_table(f"{workers} processes (--workers)", rows, bare_n["rps"])
@@ -201,16 +233,16 @@ def _product(
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     suffix = (f" ({workers} processes)" if workers > 1 else "") + label
-    with served("backend.main:app", port, workers, app_dir):
+    with served("backend.main:app", port, workers, app_dir) as proc:
         workflow_id, body = _seed(base, headers)
         # A short warm-up: first connections, lazy imports, statement caches.
         run_wrk(f"{base}/api/v1/workflows?limit=20", headers=headers, seconds=2)
-        health = run_wrk(f"{base}/health")
-        listed = run_wrk(f"{base}/api/v1/workflows?limit=20", headers=headers)
-        one = run_wrk(f"{base}/api/v1/workflows/{workflow_id}", headers=headers)
+        health = run_wrk_cpu(proc.pid, f"{base}/health")
+        listed = run_wrk_cpu(proc.pid, f"{base}/api/v1/workflows?limit=20", headers=headers)
+        one = run_wrk_cpu(proc.pid, f"{base}/api/v1/workflows/{workflow_id}", headers=headers)
         post_headers = dict(headers, **{"Content-Type": "application/json"})
-        started = run_wrk(
-            f"{base}/api/v1/executions", method="POST", headers=post_headers, body=body
+        started = run_wrk_cpu(
+            proc.pid, f"{base}/api/v1/executions", method="POST", headers=post_headers, body=body
         )
     return [
         (f"product GET /health (middleware only){suffix}", health),
