@@ -321,7 +321,9 @@ async def _reserve(
         period = QUOTAS[name]
         assert period is not None
         start, end = period_bounds(period, now)
-        warnings.signal(settings, workspace_id, name, limit, before, after, start, end)
+        warnings.signal(
+            settings, workspace_id, name, limit, before, after, start, end, used=verdict.used
+        )
     return verdict
 
 

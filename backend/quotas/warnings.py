@@ -63,9 +63,11 @@ def signal(
     after: float,
     period_start: datetime,
     resets_at: datetime,
+    used: float | None = None,
 ) -> None:
     """Called by the reservation with what it already knows; sends a `quotas.warn` per
-    threshold crossed that this process has not sent for this period yet."""
+    threshold crossed that this process has not sent for this period yet. `used`: what
+    the notice shows, when not `after` (a refusal reaches 100 without using it up)."""
     for percent in crossed(settings.quotas.warn_at_percent, limit, before, after):
         key = f"{workspace_id}:{name}:{int(period_start.timestamp())}:{percent}"
         if key in _sent:
@@ -74,7 +76,7 @@ def signal(
         if len(_sent) > _SENT_MAX:
             _sent.popitem(last=False)
         args = (str(workspace_id), name, percent, period_start.isoformat(),
-                resets_at.isoformat(), after, limit)  # fmt: skip
+                resets_at.isoformat(), after if used is None else used, limit)  # fmt: skip
         send_from_loop(
             Send(WARN_TASK, args),
             what={"workspace_id": str(workspace_id), "quota": name, "percent": percent},
@@ -119,13 +121,13 @@ async def warn(
     if already:
         return []
     label = LABELS.get(name, name)
-    shown_used, shown_limit = _shown(min(used, limit) if percent >= 100 else used), _shown(limit)
+    shown_used, shown_limit = _shown(used), _shown(limit)
     reached = "reached its limit" if percent >= 100 else f"is at {percent}% of its limit"
     title = f"Quota {name} {reached}"
     body = (
         f"{label}: {shown_used} of {shown_limit} used. "
         + (
-            "Further work counted by this quota is refused (402) "
+            "Work past the limit is refused (402) "
             if percent >= 100
             else "At the limit, further work counted by this quota is refused (402) "
         )
