@@ -33,6 +33,7 @@ from backend.n8n import sync
 from backend.n8n.api_types import Node, Workflow, WorkflowCreate
 from backend.n8n.schemas import InstallErrorWorkflow, InstanceCreate, InstancePatch, Notify
 from backend.quotas import service as quotas
+from backend.workflows.service import workflows_using
 
 INTAKE_PATH = "/api/v1/hooks/n8n/"
 ERROR_WORKFLOW_NAME = "Orchestration Studio: report errors"
@@ -211,7 +212,16 @@ async def update(
 
 
 async def delete(uow: UnitOfWork, access: WorkspaceAccess) -> None:
+    """Refused (409, naming them) while published workflows' `n8n` nodes call it, as for
+    credentials and MCP servers: their runs would fail from then on."""
     instance: N8nInstance = access.resource
+    users = await workflows_using(
+        uow.session, instance.workspace_id, "instance_id", instance.id, published_only=True
+    )
+    if users:
+        raise Conflict(
+            f"published workflows call this n8n instance: {', '.join(users)}", workflows=users
+        )
     record(
         uow.session,
         access.principal,

@@ -703,7 +703,7 @@ def _recurses(
     return False
 
 
-REFERENCE_FIELDS = ("agent_id", "credential_id", "workflow_id", "server_id")
+REFERENCE_FIELDS = ("agent_id", "credential_id", "workflow_id", "server_id", "instance_id")
 
 
 def node_configs(definition: dict[str, Any]) -> list[dict[str, Any]]:

@@ -114,6 +114,12 @@ def test_a_run_calls_the_n8n_webhook_and_retries_an_execution(
     assert again["retry_of"] == failed["id"] and again["execution"]["retryOf"] == failed["id"]
     retried = [c for c in hooked.calls if c.path.endswith("/retry")]
     assert len(retried) == 1 and retried[0].body == {"loadWorkflow": True}
+    # While a published workflow calls the instance, it cannot be deleted.
+    r = httpx.patch(f"{api}/api/v1/workflows/{wid}/status", headers=owner, timeout=10,
+                    json={"status": "published"})  # fmt: skip
+    assert r.status_code == 200, r.text
+    r = httpx.delete(f"{api}/api/v1/n8n/instances/{iid}", headers=owner, timeout=10)
+    assert r.status_code == 409 and "published workflows call" in r.json()["detail"], r.text
 
 
 @pytest.mark.xdist_group("crossprocess")
