@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import time
 import uuid
-import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -27,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from backend.config import Settings
 from backend.executions import repository as repo
 from backend.executions.state import TERMINAL_EXECUTION, ExecutionStatus, NodeStatus, transition
+from backend.kit import db
 from backend.kit.db import UnitOfWork
 from backend.kit.logging import get_logger
 from backend.kit.tasks import Send, enqueue_after_commit, send_in_thread
@@ -245,17 +245,12 @@ def _engine(sessionmaker: async_sessionmaker[AsyncSession]) -> AsyncEngine:
     return bind
 
 
-_autocommit: weakref.WeakKeyDictionary[AsyncEngine, AsyncEngine] = weakref.WeakKeyDictionary()
-
-
 def _single_statements(engine: AsyncEngine) -> AsyncEngine:
-    """The same pool in autocommit: a statement that is atomic on its own (the claim, a
+    """The engine in autocommit: a statement that is atomic on its own (the claim, a
     checkpoint, a renewal) goes in one round trip instead of three (psycopg sends BEGIN
-    and COMMIT as round trips of their own); measured, this was most of a run's cost."""
-    single = _autocommit.get(engine)
-    if single is None:
-        single = _autocommit[engine] = engine.execution_options(isolation_level="AUTOCOMMIT")
-    return single
+    and COMMIT as round trips of their own); measured, this was most of a run's cost.
+    Workers give it a pool of its own (db.use_autocommit_engine)."""
+    return db.autocommit(engine)
 
 
 async def _on_fresh_connection(engine: AsyncEngine, work: Callable[[Any], Awaitable[Any]]) -> Any:

@@ -33,8 +33,14 @@ log = get_logger(__name__)
 AfterCommit = Callable[[], Awaitable[Any] | Any]
 
 
-def create_engine(settings: Settings) -> AsyncEngine:
+def create_engine(settings: Settings, *, autocommit: bool = False) -> AsyncEngine:
+    """The application's engine; with `autocommit`, one whose connections are opened in
+    autocommit and stay so (for single statements that are atomic on their own: nothing
+    is switched on checkout and back on checkin, nothing rolled back on return)."""
     idle_s = settings.db.pre_ping_idle_s
+    options: dict[str, Any] = (
+        {"isolation_level": "AUTOCOMMIT", "pool_reset_on_return": None} if autocommit else {}
+    )
     engine = create_async_engine(
         settings.database_url,
         pool_size=settings.db.pool_size,
@@ -47,6 +53,7 @@ def create_engine(settings: Settings) -> AsyncEngine:
             "options": f"-c statement_timeout={settings.db.statement_timeout_ms}",
             "application_name": settings.app_name[:60],
         },
+        **options,
     )
     if settings.db.pool_pre_ping and idle_s > 0:
         _ping_when_idle(engine.sync_engine, idle_s)
@@ -88,8 +95,16 @@ _autocommit_engines: weakref.WeakKeyDictionary[AsyncEngine, AsyncEngine] = (
 )
 
 
-def _autocommit(engine: AsyncEngine) -> AsyncEngine:
-    """The same pool, with connections in autocommit: no BEGIN and no COMMIT round trip."""
+def use_autocommit_engine(engine: AsyncEngine, dedicated: AsyncEngine) -> None:
+    """Send `engine`'s autocommit work to `dedicated` (made with create_engine(...,
+    autocommit=True)): a pool of its own, so no connection is switched per checkout
+    (the worker's hot path: claims, checkpoints, lease renewals)."""
+    _autocommit_engines[engine] = dedicated
+
+
+def autocommit(engine: AsyncEngine) -> AsyncEngine:
+    """The same pool (or the dedicated one registered for it), with connections in
+    autocommit: no BEGIN and no COMMIT round trip."""
     found = _autocommit_engines.get(engine)
     if found is None:
         found = _autocommit_engines[engine] = engine.execution_options(isolation_level="AUTOCOMMIT")
@@ -127,7 +142,7 @@ class UnitOfWork:
     async def __aenter__(self) -> Self:
         bind = self._sessionmaker.kw.get("bind")
         if self._read_only and isinstance(bind, AsyncEngine):
-            self.session = self._sessionmaker(bind=_autocommit(bind))
+            self.session = self._sessionmaker(bind=autocommit(bind))
         else:
             self.session = self._sessionmaker()
         return self

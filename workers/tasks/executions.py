@@ -29,7 +29,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from backend.config import get_settings
 from backend.executions import lifecycle
 from backend.kit.celery_app import celery_app
-from backend.kit.db import create_engine, create_sessionmaker
+from backend.kit.db import create_engine, create_sessionmaker, use_autocommit_engine
 from backend.kit.http_guard import guarded_client
 from backend.kit.logging import get_logger
 from backend.kit.tasks import Send, send_from_loop
@@ -66,6 +66,11 @@ class _Process:
             }
         )
         self.engine = create_engine(settings.model_copy(update={"db": db}))
+        # The hot path's single statements (claims, checkpoints, lease renewals) on a
+        # pool of connections that are always in autocommit: sharing the ORM's pool, each
+        # checkout switched autocommit on and back off again.
+        self.single = create_engine(settings.model_copy(update={"db": db}), autocommit=True)
+        use_autocommit_engine(self.engine, self.single)
         self.sessionmaker = create_sessionmaker(self.engine)
         self.http = guarded_client(
             settings.http.allow_private_networks, user_agent=settings.http.user_agent
@@ -173,6 +178,7 @@ class _Process:
             self.run(self._stop_runs(self.settings.engine.shutdown_grace_s))
             self.run(self.http.aclose())
             self.run(self.engine.dispose())
+            self.run(self.single.dispose())
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(5)
