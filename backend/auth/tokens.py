@@ -3,6 +3,7 @@ issuer, audience, expiry, issue time, id, subject and type are all required."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -44,6 +45,44 @@ def issue(
         "exp": now + timedelta(seconds=ttl),
     }
     return jwt.encode(payload, settings.security.secret_key.get_secret_value(), auth.jwt_algorithm)
+
+
+# Access tokens this process has verified: token -> (its claims, what it was checked
+# against, when it expires). Checking a signature and seven claims cost more than the
+# rest of authenticating a request whose principal is cached, and a client sends the
+# same token on every request until it expires. The expiry is checked on every hit;
+# the size is a bound on memory, not on correctness (past it the oldest go first).
+_VERIFIED: dict[str, tuple[Claims, tuple[str, ...], float]] = {}
+VERIFIED_MAX = 10_000
+
+
+def decode_access(settings: Settings, token: str) -> Claims:
+    """`decode(..., expected="access")`, remembered for the token's lifetime."""
+    auth = settings.auth
+    # A token checked under other settings (another key, issuer or audience: tests run
+    # several apps in one process) is checked again.
+    against = (
+        settings.security.secret_key.get_secret_value(),
+        auth.jwt_algorithm,
+        auth.jwt_issuer,
+        auth.jwt_audience,
+    )
+    hit = _VERIFIED.get(token)
+    now = time.time()
+    if hit is not None:
+        claims, checked_with, expires = hit
+        if checked_with == against and now < expires:
+            return claims
+        _VERIFIED.pop(token, None)
+    claims = decode(settings, token, expected="access")
+    if claims.expires_at is not None:
+        if len(_VERIFIED) >= VERIFIED_MAX:
+            for old in [t for t, (_, _, e) in _VERIFIED.items() if e <= now]:
+                _VERIFIED.pop(old, None)
+            while len(_VERIFIED) >= VERIFIED_MAX:
+                _VERIFIED.pop(next(iter(_VERIFIED)))
+        _VERIFIED[token] = (claims, against, claims.expires_at.timestamp())
+    return claims
 
 
 def decode(settings: Settings, token: str, *, expected: TokenType) -> Claims:

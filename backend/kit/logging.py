@@ -79,7 +79,14 @@ def configure_logging(settings: Settings) -> None:
         }
     )
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        # filter_by_level first: a line below the level (the per-request access line
+        # under LOG__LEVEL=WARNING) is dropped before the processors build it, not after;
+        # the stdlib logger would drop it by the same test.
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *shared,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,

@@ -83,7 +83,10 @@ async def import_workflow(
 @router.get("/{workflow_id}")
 @read_only
 async def get_workflow(
-    uow: UnitOfWorkDep, access: WorkspaceAccess = _on(P.WORKFLOWS_READ)
+    uow: UnitOfWorkDep,
+    access: WorkspaceAccess = require(
+        P.WORKFLOWS_READ, resource=Workflow, param="workflow_id", load=service.load_for_read
+    ),
 ) -> WorkflowRead:
     return await service.get(uow, access)
 

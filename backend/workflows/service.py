@@ -4,12 +4,13 @@ uses, with the workspace's agents, credentials and workflows as its context."""
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import cast, func, or_, select, text
+from sqlalchemy import Row, Select, bindparam, cast, func, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.activity.service import record
@@ -220,19 +221,6 @@ async def create(uow: UnitOfWork, access: WorkspaceAccess, data: WorkflowCreate)
     )  # fmt: skip
 
 
-async def get(uow: UnitOfWork, access: WorkspaceAccess) -> WorkflowRead:
-    workflow: Workflow = access.resource
-    # The definition alone, as a column: no version row to build.
-    definition = await uow.session.scalar(
-        select(WorkflowVersion.definition).where(
-            WorkflowVersion.workflow_id == workflow.id,
-            WorkflowVersion.number == workflow.current_version,
-        )
-    )
-    assert definition is not None, "a workflow always has its current version"
-    return to_read(workflow, definition)
-
-
 # What a list shows of a workflow: columns, read as rows (no ORM objects on a hot path).
 SUMMARY_COLUMNS = (
     Workflow.id,
@@ -245,6 +233,30 @@ SUMMARY_COLUMNS = (
     Workflow.created_by,
     Workflow.created_at,
     Workflow.updated_at,
+)
+
+
+async def get(uow: UnitOfWork, access: WorkspaceAccess) -> WorkflowRead:
+    """The workflow `load_for_read` read (GET /workflows/{id}): no statement of its own."""
+    return to_read(access.resource, access.resource.definition)
+
+
+async def load_for_read(
+    session: AsyncSession, workflow_id: uuid.UUID
+) -> Row[*tuple[Any, ...]] | None:
+    """The workflow's columns and its current definition, one statement and no ORM
+    objects: what GET /workflows/{id} checks access on and answers with."""
+    return (await session.execute(_READ_STATEMENT, {"workflow_id": workflow_id})).first()
+
+
+_READ_STATEMENT = (
+    select(*SUMMARY_COLUMNS, WorkflowVersion.definition)
+    .join(
+        WorkflowVersion,
+        (WorkflowVersion.workflow_id == Workflow.id)
+        & (WorkflowVersion.number == Workflow.current_version),
+    )
+    .where(Workflow.id == bindparam("workflow_id"))
 )
 
 
@@ -261,37 +273,53 @@ async def list_workflows(
 ) -> tuple[list[WorkflowSummary], int]:
     """One page and the total, in one statement (the total rides on each row as a
     window count); a second one only for a page past the end, which has no rows."""
-    stmt = select(*SUMMARY_COLUMNS).where(Workflow.workspace_id == access.workspace.id)
+    params: dict[str, Any] = {"workspace_id": access.workspace.id}
     if status:
-        stmt = stmt.where(Workflow.status == status)
+        params["status"] = status
     if tag:
-        # Array containment: served by the GIN index on tags.
-        stmt = stmt.where(Workflow.tags.contains(cast([tag], Workflow.tags.type)))
+        params["tags"] = [tag]
+    # Built once per shape: a request binds its values, no statement to construct and
+    # no cache key to compute (a search adds its condition to a copy).
+    stmt, page = _list_statements(bool(status), bool(tag), sort)
     if q:
         # autoescape: a % or _ in the query is a character, not a wildcard.
-        stmt = stmt.where(
-            or_(
-                Workflow.name.icontains(q, autoescape=True),
-                Workflow.description.icontains(q, autoescape=True),
-            )
+        search = or_(
+            Workflow.name.icontains(q, autoescape=True),
+            Workflow.description.icontains(q, autoescape=True),
         )
-    column = getattr(Workflow, sort.lstrip("-"))
-    page = (
-        stmt.add_columns(func.count().over().label("total"))
-        .order_by(column.desc() if sort.startswith("-") else column.asc(), Workflow.id)
-        .limit(limit)
-        .offset(offset)
-    )
-    rows = (await uow.session.execute(page)).all()
+        stmt, page = stmt.where(search), page.where(search)
+    rows = (await uow.session.execute(page, {**params, "limit": limit, "offset": offset})).all()
     if rows:
         total = int(rows[0].total)
     elif offset == 0:
         total = 0
     else:
         total = int(
-            await uow.session.scalar(select(func.count()).select_from(stmt.subquery())) or 0
+            await uow.session.scalar(select(func.count()).select_from(stmt.subquery()), params) or 0
         )
     return [WorkflowSummary.model_validate(row._mapping) for row in rows], total
+
+
+@functools.cache
+def _list_statements(
+    status: bool, tag: bool, sort: Sort
+) -> tuple[Select[*tuple[Any, ...]], Select[*tuple[Any, ...]]]:
+    """(the filtered rows, one page of them with the total), with bound parameters for
+    the workspace, the filters asked for, limit and offset."""
+    stmt = select(*SUMMARY_COLUMNS).where(Workflow.workspace_id == bindparam("workspace_id"))
+    if status:
+        stmt = stmt.where(Workflow.status == bindparam("status"))
+    if tag:
+        # Array containment: served by the GIN index on tags.
+        stmt = stmt.where(Workflow.tags.contains(cast(bindparam("tags"), Workflow.tags.type)))
+    column = getattr(Workflow, sort.lstrip("-"))
+    page = (
+        stmt.add_columns(func.count().over().label("total"))
+        .order_by(column.desc() if sort.startswith("-") else column.asc(), Workflow.id)
+        .limit(bindparam("limit"))
+        .offset(bindparam("offset"))
+    )
+    return stmt, page
 
 
 async def update(
