@@ -26,7 +26,11 @@ from backend.models import (
     Credential,
     File,
     McpServer,
+    N8nDriftIncident,
+    N8nEnvironment,
     N8nInstance,
+    N8nPipeline,
+    N8nSnapshot,
     Task,
     User,
     Workflow,
@@ -314,6 +318,49 @@ async def make_n8n_instance(
     return instance
 
 
+async def make_n8n_environment(session: AsyncSession, workspace: Workspace) -> N8nEnvironment:
+    instance = await make_n8n_instance(session, workspace)
+    env = N8nEnvironment(id=uuid.uuid4(), workspace_id=workspace.id, instance_id=instance.id,
+                         stage="staging", approvals={}, allowed_hours={})  # fmt: skip
+    session.add(env)
+    await session.flush()
+    return env
+
+
+async def make_n8n_pipeline(session: AsyncSession, workspace: Workspace) -> N8nPipeline:
+    env = await make_n8n_environment(session, workspace)
+    name = f"p-{uuid.uuid4().hex[:8]}"
+    pipeline = N8nPipeline(id=uuid.uuid4(), workspace_id=workspace.id, name=name,
+                           environment_ids=[str(env.id)])  # fmt: skip
+    session.add(pipeline)
+    await session.flush()
+    return pipeline
+
+
+async def make_n8n_snapshot(session: AsyncSession, workspace: Workspace) -> N8nSnapshot:
+    from backend.n8n import snapshots
+
+    instance = await make_n8n_instance(session, workspace)
+    definition = {"name": "W", "nodes": [], "connections": {}, "settings": {}}
+    snap = snapshots.build(workspace_id=workspace.id, instance_id=instance.id,
+                           n8n_workflow_id="wf1", definition=definition, reason="manual",
+                           by_user_id=None)  # fmt: skip
+    session.add(snap)
+    await session.flush()
+    return snap
+
+
+async def make_n8n_drift_incident(session: AsyncSession, workspace: Workspace) -> N8nDriftIncident:
+    env = await make_n8n_environment(session, workspace)
+    incident = N8nDriftIncident(id=uuid.uuid4(), workspace_id=workspace.id,
+                                environment_id=env.id, instance_id=env.instance_id,
+                                n8n_workflow_id="wf1", name="W", kind="changed", status="open",
+                                diff=[], detections=1)  # fmt: skip
+    session.add(incident)
+    await session.flush()
+    return incident
+
+
 # Resource model -> factory, for tests that need "some row of this kind" in a workspace.
 FACTORIES: dict[type[Any], Callable[[AsyncSession, Workspace], Awaitable[Any]]] = {
     Workflow: make_workflow,
@@ -324,4 +371,8 @@ FACTORIES: dict[type[Any], Callable[[AsyncSession, Workspace], Awaitable[Any]]] 
     File: make_file,
     Task: make_task,
     N8nInstance: make_n8n_instance,
+    N8nEnvironment: make_n8n_environment,
+    N8nPipeline: make_n8n_pipeline,
+    N8nSnapshot: make_n8n_snapshot,
+    N8nDriftIncident: make_n8n_drift_incident,
 }
