@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from backend.executions.lifecycle import Claim
 from backend.kit.singleflight import SingleFlight
 from backend.models import WorkflowVersion
+from backend.triggers.hooks import remember_settings
 from backend.workflows.graph import (
     LOOP_ROOTS,
     Context,
@@ -54,6 +55,8 @@ async def _load(sessionmaker: async_sessionmaker[AsyncSession], claim: Claim) ->
             raise GraphInvalid([])
         ctx = await validation_context(session, claim.workspace_id, claim.workflow_id)
     graph = validate(definition, ctx)
+    # The version's notification settings for the close hook (no read of its own).
+    remember_settings(claim.workflow_id, claim.version, graph.settings)
     if len(_graphs) >= CACHE_SIZE:
         _graphs.popitem(last=False)
     _graphs[(claim.workflow_id, claim.version)] = graph
