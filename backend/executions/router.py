@@ -23,7 +23,7 @@ from backend.executions.schemas import (
     NodeExecutionRead,
     TransitionRead,
 )
-from backend.kit.db import UnitOfWorkDep
+from backend.kit.db import UnitOfWorkDep, read_only
 from backend.kit.pagination import Page, PageParamsDep
 from backend.models import Workflow, WorkflowExecution
 
@@ -116,6 +116,7 @@ async def start_executions(
 
 
 @router.get("")
+@read_only
 async def list_executions(
     uow: UnitOfWorkDep,
     page: PageParamsDep,
@@ -144,11 +145,14 @@ async def list_executions(
 
 
 @router.get("/{execution_id}")
+@read_only
 async def get_execution(uow: UnitOfWorkDep, access: WorkspaceAccess = _on(READ)) -> ExecutionRead:
-    return await service.read(uow, access)
+    # The row was just read for the access check, in this request's own session.
+    return await service.read(uow, access, access.resource)
 
 
 @router.get("/{execution_id}/nodes")
+@read_only
 async def get_nodes(
     uow: UnitOfWorkDep, access: WorkspaceAccess = _on(READ)
 ) -> list[NodeExecutionRead]:
@@ -159,6 +163,7 @@ async def get_nodes(
 
 
 @router.get("/{execution_id}/history")
+@read_only
 async def get_history(
     uow: UnitOfWorkDep, access: WorkspaceAccess = _on(READ)
 ) -> list[TransitionRead]:
@@ -168,6 +173,7 @@ async def get_history(
 
 
 @router.get("/{execution_id}/logs")
+@read_only
 async def get_logs(uow: UnitOfWorkDep, access: WorkspaceAccess = _on(READ)) -> list[LogEntry]:
     return await service.logs(uow, access)
 

@@ -3,7 +3,8 @@
 The API never imports `workers`; it names tasks. Every send here goes through `send`
 (one retry policy, no result subscription) and, from async code, runs in a thread
 because kombu is synchronous: a broker that does not answer must not stall the loop
-that requests, runs and heartbeats share.
+that requests, runs and heartbeats share. The threads are a small pool of their own
+(SENDER_THREADS), not one per request in flight.
 
 With the broker down, a publish gives up within a second instead of retrying for long:
 the row it is about is committed, so the request is answered as admitted, and what was
@@ -16,11 +17,13 @@ retried for about 20 s before the answer went out.
 from __future__ import annotations
 
 import asyncio
+import functools
+import os
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
-
-import anyio
 
 from backend.kit.celery_app import celery_app
 from backend.kit.db import UnitOfWork
@@ -57,9 +60,39 @@ def send(*messages: Send) -> None:
         )
 
 
+# The threads that publish for async code: few and long-lived. A thread per publish
+# (anyio's pool grows to one per request in flight) meant dozens of threads taking turns
+# at the interpreter lock with the event loop, and each new one set up Celery's
+# per-thread producer state again. With the broker down, at most this many publishes
+# wait out their retries at once; the rest queue behind them.
+SENDER_THREADS = 4
+_senders: ThreadPoolExecutor | None = None
+_senders_lock = threading.Lock()
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _senders
+    if _senders is None:
+        with _senders_lock:
+            if _senders is None:
+                _senders = ThreadPoolExecutor(SENDER_THREADS, thread_name_prefix="task-send")
+    return _senders
+
+
+def _forget_senders() -> None:
+    # A forked child (a Celery prefork worker) has none of its parent's threads.
+    global _senders, _senders_lock
+    _senders, _senders_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_senders)
+
+
 async def send_in_thread(*messages: Send) -> None:
-    """Publish from async code: one thread hop for all of them."""
-    await anyio.to_thread.run_sync(send, *messages)
+    """Publish from async code: one hop to a sender thread for all of them."""
+    await asyncio.get_running_loop().run_in_executor(
+        _executor(), functools.partial(send, *messages)
+    )
 
 
 def send_from_loop(*messages: Send, what: dict[str, Any] | None = None) -> None:
