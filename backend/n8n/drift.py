@@ -185,6 +185,12 @@ async def check_environment(uow: UnitOfWork, settings: Settings, env: N8nEnviron
     reason (nothing stored changes)."""
     session = uow.session
     out = Outcome()
+    # One check of an environment at a time (beat and a person's check-now): the
+    # second waits here and then sees the first one's incidents, never a duplicate.
+    locked = await session.get(N8nEnvironment, env.id, with_for_update=True, populate_existing=True)
+    if locked is None:
+        return Outcome(ok=False, reason="environment gone")
+    env = locked
     instance = await session.get(N8nInstance, env.instance_id)
     if instance is None:
         return Outcome(ok=False, reason="instance gone")

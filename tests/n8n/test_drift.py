@@ -6,20 +6,29 @@ policies; set_baseline as promotions call it; the report; and the beat task's pa
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
 import httpx
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from backend.auth.permissions import Role
 from backend.config import Settings
-from backend.models import N8nDriftIncident, N8nSnapshot, UserNotification, Workspace
-from backend.n8n import snapshots
+from backend.kit.db import UnitOfWork
+from backend.models import (
+    N8nDriftIncident,
+    N8nEnvironment,
+    N8nSnapshot,
+    UserNotification,
+    Workspace,
+)
+from backend.n8n import drift, snapshots
 from tests.n8n.standin import StandIn
 from tests.n8n.test_envs_snapshots import N8N, admin_of, connect, edited, field_of, make_env
-from tests.support.identity import Actor
+from tests.support.factories import make_n8n_instance
+from tests.support.identity import Actor, make_workspace
 
 
 async def check(api: httpx.AsyncClient, actor: Actor, env: dict[str, Any]) -> dict[str, Any]:
@@ -325,3 +334,34 @@ async def test_switched_off_by_hand_is_drift_and_a_toggle_through_us_is_not(
     assert r.status_code == 200, r.text
     out = await check(api, admin, env)
     assert out["opened"] == 0 and out["in_sync"] == 2, out
+
+
+async def test_two_checks_at_once_open_one_incident(
+    standin: StandIn, maker: async_sessionmaker[AsyncSession], local: Settings
+) -> None:
+    """Beat's check and a person's check-now of one environment, at the same moment, in
+    their own transactions: the environment's row lock keeps the incident single."""
+    wf = standin.add_workflow("Race", nodes=2)
+    async with UnitOfWork(maker) as uow:
+        workspace = await make_workspace(uow.session, "race")
+        instance = await make_n8n_instance(uow.session, workspace, base_url=standin.base,
+                                           api_key=standin.api_key)  # fmt: skip
+        env = N8nEnvironment(workspace_id=workspace.id, instance_id=instance.id, stage="prod",
+                             approvals={}, allowed_hours={})  # fmt: skip
+        uow.session.add(env)
+    env_id = env.id
+
+    async def one() -> drift.Outcome:
+        async with UnitOfWork(maker) as uow:
+            row = await uow.session.get(N8nEnvironment, env_id)
+            assert row is not None
+            return await drift.check_environment(uow, local, row)
+
+    assert (await one()).adopted == 1
+    edited(standin, wf["id"], url="https://race.example")
+    outcomes = await asyncio.gather(one(), one())
+    assert sorted(o.opened for o in outcomes) == [0, 1], outcomes
+    async with maker() as session:
+        rows = (await session.scalars(select(N8nDriftIncident).where(
+            N8nDriftIncident.environment_id == env_id))).all()  # fmt: skip
+    assert len(rows) == 1 and rows[0].detections == 1
