@@ -357,11 +357,16 @@ async def test_two_checks_at_once_open_one_incident(
             assert row is not None
             return await drift.check_environment(uow, local, row)
 
-    assert (await one()).adopted == 1
-    edited(standin, wf["id"], url="https://race.example")
-    outcomes = await asyncio.gather(one(), one())
-    assert sorted(o.opened for o in outcomes) == [0, 1], outcomes
-    async with maker() as session:
-        rows = (await session.scalars(select(N8nDriftIncident).where(
-            N8nDriftIncident.environment_id == env_id))).all()  # fmt: skip
-    assert len(rows) == 1 and rows[0].detections == 1
+    try:
+        assert (await one()).adopted == 1
+        edited(standin, wf["id"], url="https://race.example")
+        outcomes = await asyncio.gather(one(), one())
+        assert sorted(o.opened for o in outcomes) == [0, 1], outcomes
+        async with maker() as session:
+            rows = (await session.scalars(select(N8nDriftIncident).where(
+                N8nDriftIncident.environment_id == env_id))).all()  # fmt: skip
+        assert len(rows) == 1 and rows[0].detections == 1
+    finally:
+        # Committed rows: gone again, so no other test's beat pass meets this instance.
+        async with UnitOfWork(maker) as uow:
+            await uow.session.delete(await uow.session.get(Workspace, workspace.id))
