@@ -211,6 +211,10 @@ def worker_name(
         # Workflows in these tests call HTTP targets the tests run on loopback.
         HTTP__ALLOW_PRIVATE_NETWORKS='["127.0.0.1/32"]',
         ENGINE__WATCH_INTERVAL_S="0.1",
+        # Fewer run slots than a batch message claims at once (workers/tasks/executions.py
+        # CLAIMS_AT_ONCE): tests/executions/test_batch.py then takes the path where a
+        # message claims only as many runs as there are free slots.
+        ENGINE__RUNS_PER_PROCESS="8",
         ANTHROPIC__BASE_URL=anthropic_api[0],
         ANTHROPIC__API_KEY="test-key",
         ANTHROPIC__MAX_RETRIES="0",

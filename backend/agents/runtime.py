@@ -20,7 +20,7 @@ import httpx
 from backend.config import DEFAULT_PRICES, ModelPrice, Settings
 from backend.kit.errors import NotConfigured
 from backend.kit.http_guard import fetch
-from backend.kit.lazy import lazy_module
+from backend.kit.lazy import lazy_module, preload
 
 if TYPE_CHECKING:
     import anthropic
@@ -145,8 +145,13 @@ class AgentSpec:
     max_iterations: int
 
 
-def client_for(settings: Settings, *, timeout_s: float | None = None) -> anthropic.AsyncAnthropic:
+async def client_for(
+    settings: Settings, *, timeout_s: float | None = None
+) -> anthropic.AsyncAnthropic:
+    """A client for the configured key; the SDK is imported off the loop the first time."""
     import os
+
+    await preload("anthropic")
 
     conf = settings.anthropic
     key = conf.api_key.get_secret_value() if conf.api_key else os.environ.get("ANTHROPIC_API_KEY")

@@ -293,7 +293,7 @@ async def test(
 ) -> AgentTestResult:
     agent: Agent = access.resource
     timeout = settings.anthropic.test_timeout_s
-    client = runtime.client_for(settings, timeout_s=timeout)
+    client = await runtime.client_for(settings, timeout_s=timeout)
     budget = runtime.Budget(
         max_calls=settings.anthropic.max_calls_per_run, prices=settings.anthropic.prices
     )

@@ -52,7 +52,7 @@ _finished: list[FinishedListener] = []
 # Facts a listener needs at every close, computed by the closing statement itself (an
 # SQL expression over `closed`, the closed run's row) instead of a round trip of their
 # own: name -> expression. The runner's close puts their values in
-# `uow.session.info[CLOSE_FACTS]`; other ways a run ends (a cancel, the delivery cap)
+# `uow.session.info[CLOSE_FACTS][execution id]`; other ways a run ends (a cancel, the delivery cap)
 # leave it out, and the listener asks the database as before.
 _close_facts: dict[str, str] = {}
 CLOSE_FACTS = "orch.close_facts"
@@ -577,7 +577,7 @@ async def close(
                 facts=_close_facts,
             )  # fmt: skip
             if ex is not None:
-                uow.session.info[CLOSE_FACTS] = facts
+                uow.session.info.setdefault(CLOSE_FACTS, {})[ex.id] = facts
                 await _ended(uow, ex)
             return ex
 

@@ -69,7 +69,7 @@ async def _preflight(
     """What can be refused before a stream starts is refused as a plain JSON error."""
     service.check_types(data.constraints.node_types)
     await service.context_lists(uow, access, data.agent_ids, data.credential_ids)
-    client = runtime.client_for(settings)
+    client = await runtime.client_for(settings)
     await client.close()
     await service.hit_limit(settings, limiter, access)
 

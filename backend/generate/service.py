@@ -274,7 +274,7 @@ async def rounds(
 ) -> Outcome:
     """Ask, repair, validate, and ask again with the problems, until the draft is valid,
     the rounds are used up, or the spend cap is reached."""
-    client = runtime.client_for(settings)
+    client = await runtime.client_for(settings)
     model = settings.generate.model or settings.anthropic.default_model
     caller = Caller(
         client=client.with_options(max_retries=0),

@@ -16,7 +16,9 @@ Use it with a TYPE_CHECKING import so type checkers still see the real module:
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+import sys
 from typing import Any
 
 
@@ -24,14 +26,29 @@ class _LazyModule:
     __slots__ = ("_name",)
 
     def __init__(self, name: str) -> None:
-        self._name = name
+        object.__setattr__(self, "_name", name)
 
     def __getattr__(self, attribute: str) -> Any:
+        if attribute.startswith("__"):
+            # copy, pickle and friends probe dunders: they are not the module's names.
+            raise AttributeError(attribute)
         # sys.modules answers every call after the first: a dict lookup, not an import.
-        return getattr(importlib.import_module(self._name), attribute)
+        name = object.__getattribute__(self, "_name")
+        return getattr(importlib.import_module(name), attribute)
+
+    def __setattr__(self, attribute: str, value: Any) -> None:
+        setattr(importlib.import_module(object.__getattribute__(self, "_name")), attribute, value)
 
     def __repr__(self) -> str:
-        return f"<lazy module {self._name!r}>"
+        return f"<lazy module {object.__getattribute__(self, '_name')!r}>"
+
+
+async def preload(name: str) -> None:
+    """Import `name` in a thread unless it is imported already: a first import costs
+    seconds of CPU, which must not stall an event loop that carries other runs, their
+    lease renewals and live events. Call it before the first use on a loop."""
+    if name not in sys.modules:
+        await asyncio.to_thread(importlib.import_module, name)
 
 
 def lazy_module(name: str) -> Any:

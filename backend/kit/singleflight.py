@@ -13,17 +13,23 @@ V = TypeVar("V")
 
 
 class SingleFlight(Generic[V]):
-    def __init__(self) -> None:
+    def __init__(self, timeout_s: float = 30.0) -> None:
         # Keyed by loop too: a task belongs to the loop that made it.
         self._loads: dict[tuple[int, Hashable], asyncio.Task[V]] = {}
+        # A load stuck on a half-open connection would hold every caller of its key.
+        self.timeout_s = timeout_s
 
     async def do(self, key: Hashable, load: Callable[[], Awaitable[V]]) -> V:
-        flight = (id(asyncio.get_running_loop()), key)
+        loop = asyncio.get_running_loop()
+        flight = (id(loop), key)
         task = self._loads.get(flight)
+        if task is not None and task.get_loop() is not loop:
+            task = None  # a closed loop's task, whose id a new loop reuses (tests)
         if task is None:
 
             async def run() -> V:
-                return await load()
+                async with asyncio.timeout(self.timeout_s):
+                    return await load()
 
             task = asyncio.ensure_future(run())
             self._loads[flight] = task

@@ -207,7 +207,7 @@ async def _ask(
     """Rounds until every submitted suggestion validates, the repair rounds are used up,
     or the spend cap is reached: the valid ones with their operations, the rejected
     ones of the last answer, and the answers it took."""
-    client = runtime.client_for(settings)
+    client = await runtime.client_for(settings)
     strict, plain = _schemas()
     caller = Caller(
         client=client.with_options(max_retries=0),
@@ -322,7 +322,7 @@ async def generate(
     session = uow.session
     workflow: Workflow = access.resource
     # No key is a 424 before anything is counted against the rate limit.
-    await runtime.client_for(settings).close()
+    await (await runtime.client_for(settings)).close()
     max_cost = min(
         settings.generate.max_cost_usd,
         data.max_cost_usd if data.max_cost_usd is not None else settings.generate.max_cost_usd,

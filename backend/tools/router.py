@@ -79,11 +79,11 @@ async def ai_chat(
     if not body.stream:
         return await service.chat(uow, sessions, settings, limiter, access, body)
     params = service.chat_params(settings, body)
-    await service.chat_client(settings).close()
+    await (await service.chat_client(settings)).close()
     await service.admit(uow, settings, limiter, access, model=True)
 
     async def job(emit: service.Emit) -> BaseModel:
-        client = service.chat_client(settings)
+        client = await service.chat_client(settings)
         return await service.chat_stream(client, sessions, settings, access, params, emit)
 
     return _stream(job)  # type: ignore[return-value]

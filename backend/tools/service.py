@@ -195,9 +195,9 @@ def _chat_result(message: Any, meter: Meter, started: float) -> ChatResult:
     )
 
 
-def chat_client(settings: Settings) -> anthropic.AsyncAnthropic:
+async def chat_client(settings: Settings) -> anthropic.AsyncAnthropic:
     """424 naming ANTHROPIC__API_KEY when no key is configured."""
-    return runtime.client_for(settings)
+    return await runtime.client_for(settings)
 
 
 async def chat(
@@ -209,7 +209,7 @@ async def chat(
     data: ChatRequest,
 ) -> ChatResult:
     params = chat_params(settings, data)
-    client = chat_client(settings)
+    client = await chat_client(settings)
     try:
         await admit(uow, settings, limiter, access, model=True)
         await uow.commit()

@@ -106,7 +106,8 @@ lifecycle.fact_at_close(
 
 
 async def _start_listeners(uow: UnitOfWork, execution: WorkflowExecution, outcome: str) -> None:
-    if uow.session.info.get(lifecycle.CLOSE_FACTS, {}).get("has_listeners") is False:
+    facts = uow.session.info.get(lifecycle.CLOSE_FACTS, {}).get(execution.id, {})
+    if facts.get("has_listeners") is False:
         return
     # Plain columns, no join: almost every run has no listener, and this is the whole
     # cost then (measured: an ORM entity join here cost several times more).

@@ -274,7 +274,7 @@ class SwitchLogic(Strict):
 
 class Body(Strict):
     """A loop body: a small graph of its own, run once per item (for_each) or per pass
-    (while)."""
+    (while). It holds no approval, wait or loop step of its own (a body workflow may)."""
 
     nodes: list[dict[str, Any]] = Field(min_length=1)
     connections: list[dict[str, Any]] = Field(default_factory=list)

@@ -8,6 +8,7 @@ delayed retry can never be redelivered as a duplicate (celery#2599).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Literal
 
@@ -50,14 +51,21 @@ def classify(exc: BaseException) -> NodeFailure:
     """Map what a handler raised to a NodeFailure with its class."""
     if isinstance(exc, NodeFailure):
         return exc
-    import anthropic
     import httpx
 
-    if isinstance(exc, TimeoutError | httpx.TimeoutException | anthropic.APITimeoutError):
+    # Only when the SDK was imported (an agent ran here): nothing it raises can reach
+    # this otherwise, and its first import would stall the engine's loop for seconds.
+    anthropic = sys.modules.get("anthropic")
+    timeouts: tuple[type[BaseException], ...] = (TimeoutError, httpx.TimeoutException)
+    connections: tuple[type[BaseException], ...] = (httpx.TransportError, ConnectionError)
+    if anthropic is not None:
+        timeouts += (anthropic.APITimeoutError,)
+        connections += (anthropic.APIConnectionError,)
+    if isinstance(exc, timeouts):
         return NodeFailure(f"timed out: {exc}", "timeout")
-    if isinstance(exc, httpx.TransportError | anthropic.APIConnectionError | ConnectionError):
+    if isinstance(exc, connections):
         return NodeFailure(f"connection failed: {type(exc).__name__}", "connection")
-    if isinstance(exc, anthropic.APIStatusError):
+    if anthropic is not None and isinstance(exc, anthropic.APIStatusError):
         retry_after = _retry_after(exc.response.headers.get("retry-after"))
         body = str(exc.body) if exc.body is not None else exc.message
         cls = (

@@ -50,7 +50,7 @@ async def run(ctx: NodeContext) -> NodeResult:
     config: AgentConfig = ctx.config
     prompt = ctx.render(config.prompt)
     settings = ctx.settings
-    client = runtime.client_for(settings)
+    client = await runtime.client_for(settings)
     budget = runtime.Budget(
         max_calls=settings.anthropic.max_calls_per_run, prices=settings.anthropic.prices
     )

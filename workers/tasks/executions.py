@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 from celery import Task, signals
 from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from backend.config import get_settings
 from backend.executions import lifecycle
@@ -54,22 +55,26 @@ class _Process:
         self.thread = threading.Thread(target=self.loop.run_forever, name="engine", daemon=True)
         self.thread.start()
         # No pre-ping on the worker's hot path: the lifecycle retries a statement whose
-        # connection turned out dead instead. Every connection the pool may open stays
-        # pooled (no overflow): a burst of checkpoints (40 parallel nodes) otherwise
-        # opened overflow connections and closed them again, a new PostgreSQL backend
-        # each time (measured: fanout40 118-151 ms with 10 + 10 overflow, 92 ms with 20).
-        db = settings.db.model_copy(
+        # connection turned out dead instead.
+        hot = settings.db.model_copy(
             update={
                 "pool_pre_ping": False,
                 "pool_size": settings.db.pool_size + settings.db.max_overflow,
                 "max_overflow": 0,
             }
         )
-        self.engine = create_engine(settings.model_copy(update={"db": db}))
         # The hot path's single statements (claims, checkpoints, lease renewals) on a
         # pool of connections that are always in autocommit: sharing the ORM's pool, each
-        # checkout switched autocommit on and back off again.
-        self.single = create_engine(settings.model_copy(update={"db": db}), autocommit=True)
+        # checkout switched autocommit on and back off again (measured: 10.0 -> 8.4 ms of
+        # worker CPU per 3-node run). Every connection it may open stays pooled (no
+        # overflow): a burst of checkpoints (40 parallel nodes) otherwise opened and
+        # closed overflow connections, a new PostgreSQL backend each time (measured:
+        # fanout40 118-151 ms with 10 + 10 overflow, 92 ms with 20).
+        self.single = create_engine(settings.model_copy(update={"db": hot}), autocommit=True)
+        # What is left for the ORM (closes, parks, loads, the reaper) is light: half as
+        # many, so a process holds at most 1.5x (DB__POOL_SIZE + DB__MAX_OVERFLOW).
+        orm = hot.model_copy(update={"pool_size": max(2, hot.pool_size // 2)})
+        self.engine = create_engine(settings.model_copy(update={"db": orm}))
         use_autocommit_engine(self.engine, self.single)
         self.sessionmaker = create_sessionmaker(self.engine)
         self.http = guarded_client(
@@ -226,7 +231,7 @@ def enqueue(execution_id: uuid.UUID, countdown: float = 0.0) -> None:
 # What a claim may retry: the database or the network not answering. Anything else (a
 # bad id, a bug in a finished-listener) is logged and the message acknowledged: retried
 # forever it would hold a slot and the rest of its batch.
-UNREACHABLE = (OperationalError, InterfaceError, OSError)
+UNREACHABLE = (OperationalError, InterfaceError, OSError, PoolTimeout)
 
 
 def _claim(p: _Process, execution_id: uuid.UUID) -> lifecycle.Claim | None:
@@ -295,20 +300,26 @@ def execute_many(self: Task, execution_ids: list[str]) -> dict[str, int]:  # typ
     back with the runs not yet started."""
     p = process()
     started = 0
-    for first in range(0, len(execution_ids), CLAIMS_AT_ONCE):
-        chunk = execution_ids[first : first + CLAIMS_AT_ONCE]
+    rest = list(execution_ids)
+    while rest:
+        # As many at once as there are free slots (at least one: wait for it), up to
+        # CLAIMS_AT_ONCE: a message never waits for slots it could do without.
+        p.slots.acquire()
+        taken = 1
+        while taken < min(CLAIMS_AT_ONCE, len(rest)) and p.slots.acquire(blocking=False):
+            taken += 1
+        chunk, rest = rest[:taken], rest[taken:]
         try:
             started += _start_many(p, chunk)
         except _Unreachable as exc:
             log.warning("execution.claim_failed", execution_id=exc.execution_id, error=str(exc))
-            rest = [exc.execution_id, *exc.unstarted, *execution_ids[first + len(chunk) :]]
-            raise self.retry(args=(rest,), countdown=2, exc=exc.cause) from None
+            again = [exc.execution_id, *exc.unstarted, *rest]
+            raise self.retry(args=(again,), countdown=2, exc=exc.cause) from None
     return {"started": started, "runs": len(execution_ids)}
 
 
-# A batch's runs are claimed this many at a time, concurrently on the process's loop (one
-# hand-over between the task's thread and the loop per chunk, not per run; measured
-# with the 50-run batches of `make bench`).
+# A batch's runs are claimed up to this many at a time (as slots allow), concurrently on
+# the process's loop: the task's thread waits once per chunk, not once per run.
 CLAIMS_AT_ONCE = 10
 
 
@@ -324,17 +335,16 @@ class _Unreachable(Exception):
 
 
 def _start_many(p: _Process, execution_ids: list[str]) -> int:
-    """Claim up to CLAIMS_AT_ONCE runs at once and hand the claimed ones to the loop;
-    a claim that fails on the database is tried again on its own (`_start`, with its
-    retries). Raises _Unreachable naming the runs not started."""
+    """Claim these runs at once (a slot already taken for each) and hand the claimed
+    ones to the loop; a claim that fails on the database is tried again on its own
+    (`_start`, with its retries). Raises _Unreachable naming the runs not started."""
     ids: list[tuple[str, uuid.UUID]] = []
     for execution_id in execution_ids:
         try:
             ids.append((execution_id, uuid.UUID(execution_id)))
         except ValueError:
+            p.slots.release()
             log.error("execution.bad_message", execution_id=execution_id)
-    for _ in ids:
-        p.slots.acquire()
 
     async def claim_all() -> list[lifecycle.Claim | BaseException | None]:
         return await asyncio.gather(
