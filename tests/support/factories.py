@@ -30,6 +30,7 @@ from backend.models import (
     N8nEnvironment,
     N8nInstance,
     N8nPipeline,
+    N8nPromotion,
     N8nSnapshot,
     Task,
     User,
@@ -361,6 +362,26 @@ async def make_n8n_drift_incident(session: AsyncSession, workspace: Workspace) -
     return incident
 
 
+async def make_n8n_promotion(session: AsyncSession, workspace: Workspace) -> N8nPromotion:
+    """A plan awaiting approval from one environment to another (never executed), with
+    one open approval task anyone in the workspace may decide (as make_task's)."""
+    source = await make_n8n_environment(session, workspace)
+    target = await make_n8n_environment(session, workspace)
+    task = await make_task(session, workspace, title="Promote 'W' to production")
+    promotion = N8nPromotion(
+        id=uuid.uuid4(), workspace_id=workspace.id, lineage_id=uuid.uuid4(),
+        from_env_id=source.id, to_env_id=target.id, source_instance_id=source.instance_id,
+        source_workflow_id="wf1", target_instance_id=target.instance_id, action="create",
+        matched_by="none", name="W", status="awaiting_approval",
+        plan={"credentials": {"mapped": [], "missing": []}, "diff": [], "gates": []},
+        body={"name": "W", "nodes": [], "connections": {}, "settings": {}}, digest="0" * 64,
+        task_ids=[str(task.id)],
+    )  # fmt: skip
+    session.add(promotion)
+    await session.flush()
+    return promotion
+
+
 # Resource model -> factory, for tests that need "some row of this kind" in a workspace.
 FACTORIES: dict[type[Any], Callable[[AsyncSession, Workspace], Awaitable[Any]]] = {
     Workflow: make_workflow,
@@ -375,4 +396,5 @@ FACTORIES: dict[type[Any], Callable[[AsyncSession, Workspace], Awaitable[Any]]] 
     N8nPipeline: make_n8n_pipeline,
     N8nSnapshot: make_n8n_snapshot,
     N8nDriftIncident: make_n8n_drift_incident,
+    N8nPromotion: make_n8n_promotion,
 }
