@@ -10,11 +10,12 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Row, Select, bindparam, cast, func, or_, select, text
+from sqlalchemy import Select, bindparam, cast, func, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.activity.service import record
 from backend.auth.dependencies import WorkspaceAccess
+from backend.kit import rawsql
 from backend.kit.db import UnitOfWork
 from backend.kit.errors import Conflict, InvalidTransition, NotFound, ValidationFailed
 from backend.kit.repository import Repository
@@ -241,12 +242,11 @@ async def get(uow: UnitOfWork, access: WorkspaceAccess) -> WorkflowRead:
     return to_read(access.resource, access.resource.definition)
 
 
-async def load_for_read(
-    session: AsyncSession, workflow_id: uuid.UUID
-) -> Row[*tuple[Any, ...]] | None:
-    """The workflow's columns and its current definition, one statement and no ORM
-    objects: what GET /workflows/{id} checks access on and answers with."""
-    return (await session.execute(_READ_STATEMENT, {"workflow_id": workflow_id})).first()
+async def load_for_read(session: AsyncSession, workflow_id: uuid.UUID) -> Any:
+    """The workflow's columns and its current definition (a named tuple, or None), one
+    statement and no ORM objects: what GET /workflows/{id} checks access on and
+    answers with."""
+    return await rawsql.fetch_one(session, _READ_STATEMENT, {"workflow_id": workflow_id})
 
 
 _READ_STATEMENT = (
@@ -281,6 +281,8 @@ async def list_workflows(
     # Built once per shape: a request binds its values, no statement to construct and
     # no cache key to compute (a search adds its condition to a copy).
     stmt, page = _list_statements(bool(status), bool(tag), sort)
+    page_params = {**params, "limit": limit, "offset": offset}
+    rows: Sequence[Any]
     if q:
         # autoescape: a % or _ in the query is a character, not a wildcard.
         search = or_(
@@ -288,16 +290,19 @@ async def list_workflows(
             Workflow.description.icontains(q, autoescape=True),
         )
         stmt, page = stmt.where(search), page.where(search)
-    rows = (await uow.session.execute(page, {**params, "limit": limit, "offset": offset})).all()
+        rows = [r._mapping for r in (await uow.session.execute(page, page_params)).all()]
+    else:
+        # The prebuilt statement, through the driver (backend/kit/rawsql.py).
+        rows = await rawsql.fetch_dicts(uow.session, page, page_params)
     if rows:
-        total = int(rows[0].total)
+        total = int(rows[0]["total"])
     elif offset == 0:
         total = 0
     else:
         total = int(
             await uow.session.scalar(select(func.count()).select_from(stmt.subquery()), params) or 0
         )
-    return [WorkflowSummary.model_validate(row._mapping) for row in rows], total
+    return [WorkflowSummary.model_validate(row) for row in rows], total
 
 
 @functools.cache
