@@ -426,12 +426,11 @@ WITH closed AS (
       lease_owner = NULL, lease_expires_at = NULL,
       output = %(output)s::jsonb, error = %(error)s::jsonb,
       variables = coalesce(%(variables)s::jsonb, ex.variables),
-      input_tokens = (SELECT coalesce(sum(input_tokens), 0) FROM node_executions
-                      WHERE execution_id = ex.id),
-      output_tokens = (SELECT coalesce(sum(output_tokens), 0) FROM node_executions
-                       WHERE execution_id = ex.id),
-      cost_usd = (SELECT coalesce(sum(cost_usd), 0.0) FROM node_executions
-                  WHERE execution_id = ex.id),
+      -- The run's totals in one pass over its node rows.
+      (input_tokens, output_tokens, cost_usd) = (
+        SELECT coalesce(sum(input_tokens), 0), coalesce(sum(output_tokens), 0),
+               coalesce(sum(cost_usd), 0.0)
+        FROM node_executions WHERE execution_id = ex.id),
       updated_at = now()
   WHERE ex.id = %(execution_id)s::uuid AND ex.lease_owner = %(token)s
     AND ex.status = 'running'
