@@ -17,6 +17,7 @@ retried for about 20 s before the answer went out.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import os
 import threading
@@ -90,8 +91,11 @@ os.register_at_fork(after_in_child=_forget_senders)
 
 async def send_in_thread(*messages: Send) -> None:
     """Publish from async code: one hop to a sender thread for all of them."""
+    # In the caller's context: the publish's trace span joins the request's trace, and
+    # its log lines carry the request id (run_in_executor does not copy contextvars).
+    context = contextvars.copy_context()
     await asyncio.get_running_loop().run_in_executor(
-        _executor(), functools.partial(send, *messages)
+        _executor(), functools.partial(context.run, send, *messages)
     )
 
 
