@@ -95,12 +95,15 @@ def test_a_run_parks_on_an_approval_and_the_assignee_approves_it(
     run = start(api, owner, wf, {"item": "a laptop"})
 
     def waiting() -> Any:
+        # The step is checkpointed `waiting` first, then the run parks (`pending`, its
+        # lease given back): a read between the two sees it still `running`.
         body = httpx.get(f"{api}/api/v1/executions/{run}", headers=owner, timeout=10).json()
         nodes = {n["node_id"]: n["status"] for n in body["nodes"]}
-        return body if nodes.get("ask") == "waiting" else None
+        parked = nodes.get("ask") == "waiting" and body["status"] == "pending"
+        return body if parked else None
 
     parked = poll(waiting)
-    assert parked["status"] == "pending"
+    assert parked["status"] == "pending" and parked["finished_at"] is None
     # No slot held: another run goes through the same one-process worker meanwhile.
     other = start(api, owner, workflow(api, owner, chain(3)), {"x": 1})
     assert wait_until_done(api, owner, other)["status"] == "completed"
