@@ -20,9 +20,7 @@ from backend.workflows.graph import (
 )
 from workers.engine.retry import NodeFailure, classify_status
 from workers.nodes import database, files, n8n, notify
-from workers.nodes.base import NodeContext, NodeResult
-
-IDEMPOTENCY_HEADER = "Idempotency-Key"
+from workers.nodes.base import NodeContext, NodeResult, outbound_request
 
 
 async def _credential_headers(ctx: NodeContext, credential_id: Any) -> dict[str, str]:
@@ -52,20 +50,7 @@ def _body(response: httpx.Response, raw: bytes) -> Any:
 
 async def http_request(ctx: NodeContext, config: HttpRequestAction) -> NodeResult:
     url = ctx.render(config.url)
-    headers = {k: ctx.render(v) for k, v in config.headers.items()}
-    params = {k: ctx.render(v) for k, v in config.query.items()}
-    content: bytes | None = None
-    if isinstance(config.body, str):
-        rendered = ctx.render_json(config.body)
-        content = (json.dumps(rendered) if not isinstance(rendered, str) else rendered).encode()
-    elif config.body is not None:
-        content = json.dumps(_render_tree(ctx, config.body)).encode()
-    if content is not None and not any(k.lower() == "content-type" for k in headers):
-        headers["Content-Type"] = "application/json"
-    # Retries and a run resumed after a crash send the same key, so a target that
-    # dedupes on it acts once; a key the user set wins.
-    if not any(k.lower() == IDEMPOTENCY_HEADER.lower() for k in headers):
-        headers[IDEMPOTENCY_HEADER] = ctx.idempotency_key
+    headers, params, content = outbound_request(ctx, config.headers, config.query, config.body)
     secret_headers: set[str] = set()
     if config.credential_id is not None:
         injected = await _credential_headers(ctx, config.credential_id)
@@ -114,16 +99,6 @@ async def http_request(ctx: NodeContext, config: HttpRequestAction) -> NodeResul
             float(retry_after) if retry_after and retry_after.isdigit() else None,
         )
     return NodeResult(output=output)
-
-
-def _render_tree(ctx: NodeContext, value: Any) -> Any:
-    if isinstance(value, str):
-        return ctx.render_json(value)
-    if isinstance(value, dict):
-        return {k: _render_tree(ctx, v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_render_tree(ctx, v) for v in value]
-    return value
 
 
 async def run(ctx: NodeContext) -> NodeResult:

@@ -133,5 +133,42 @@ class NodeContext:
         except ValueError:
             return text
 
+    def render_tree(self, value: Any) -> Any:
+        """Every string in a JSON value rendered as a JSON template (render_json)."""
+        if isinstance(value, str):
+            return self.render_json(value)
+        if isinstance(value, dict):
+            return {k: self.render_tree(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.render_tree(v) for v in value]
+        return value
+
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+def outbound_request(
+    ctx: NodeContext, headers: dict[str, str], query: dict[str, str], body: Any
+) -> tuple[dict[str, str], dict[str, str], bytes | None]:
+    """An outbound call's rendered headers, query and body (a string body is one JSON
+    template, an object or list has templates in its strings), with a JSON content type
+    and the node execution's Idempotency-Key unless the node set its own: retries and a
+    run resumed after a crash send the same key, so a target that dedupes on it acts
+    once although the engine delivers at least once."""
+    rendered_headers = {k: ctx.render(v) for k, v in headers.items()}
+    params = {k: ctx.render(v) for k, v in query.items()}
+    content: bytes | None = None
+    if isinstance(body, str):
+        rendered = ctx.render_json(body)
+        content = (json.dumps(rendered) if not isinstance(rendered, str) else rendered).encode()
+    elif body is not None:
+        content = json.dumps(ctx.render_tree(body)).encode()
+    names = {k.lower() for k in rendered_headers}
+    if content is not None and "content-type" not in names:
+        rendered_headers["Content-Type"] = "application/json"
+    if IDEMPOTENCY_HEADER.lower() not in names:
+        rendered_headers[IDEMPOTENCY_HEADER] = ctx.idempotency_key
+    return rendered_headers, params, content
+
 
 Handler = Callable[[NodeContext], Awaitable[NodeResult]]

@@ -122,21 +122,11 @@ async def _for_each(ctx: NodeContext, config: ForEachLogic, run_body: RunBody) -
 # Steps that wait ---------------------------------------------------------------------------
 
 
-def _render_tree(ctx: NodeContext, value: Any) -> Any:
-    if isinstance(value, str):
-        return ctx.render_json(value)
-    if isinstance(value, dict):
-        return {k: _render_tree(ctx, v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_render_tree(ctx, v) for v in value]
-    return value
-
-
 async def _approval(ctx: NodeContext, config: ApprovalLogic) -> NodeResult:
     spec = TaskSpec(
         title=ctx.render(config.title),
         message=ctx.render(config.message) if config.message else "",
-        data=_render_tree(ctx, config.data),
+        data=ctx.render_tree(config.data),
         form=config.form,
         assignees=list(config.assignees),
         min_role=config.min_role,

@@ -29,10 +29,9 @@ from backend.n8n import client as n8n
 from backend.n8n.service import client_of
 from backend.workflows.graph import N8nAction
 from workers.engine.retry import NodeFailure, classify_status
-from workers.nodes.base import NodeContext, NodeResult
+from workers.nodes.base import NodeContext, NodeResult, outbound_request
 
 WEBHOOK_TYPE = "n8n-nodes-base.webhook"
-IDEMPOTENCY_HEADER = "Idempotency-Key"
 # Answers that say the call was not carried out: safe to send again.
 NOT_CARRIED_OUT = frozenset({429, 503})
 
@@ -98,16 +97,6 @@ def _path_of(node: dict[str, Any]) -> str:
     return path
 
 
-def _render_tree(ctx: NodeContext, value: Any) -> Any:
-    if isinstance(value, str):
-        return ctx.render_json(value)
-    if isinstance(value, dict):
-        return {k: _render_tree(ctx, v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_render_tree(ctx, v) for v in value]
-    return value
-
-
 def _decoded(response: httpx.Response, raw: bytes) -> Any:
     text = raw.decode(response.encoding or "utf-8", errors="replace")
     if "json" in response.headers.get("content-type", ""):
@@ -131,20 +120,9 @@ async def _call_webhook(
     params = node.get("parameters") if isinstance(node.get("parameters"), dict) else {}
     method = config.method or str((params or {}).get("httpMethod") or "GET").upper()
     url = f"{api.root}/webhook/{quote(path, safe='/-_.~')}"
-    headers = {k: ctx.render(v) for k, v in config.headers.items()}
-    query = {k: ctx.render(v) for k, v in config.query.items()}
-    content: bytes | None = None
-    if isinstance(config.body, str):
-        rendered = ctx.render_json(config.body)
-        content = (json.dumps(rendered) if not isinstance(rendered, str) else rendered).encode()
-    elif config.body is not None:
-        content = json.dumps(_render_tree(ctx, config.body)).encode()
-    if content is not None and not any(k.lower() == "content-type" for k in headers):
-        headers["Content-Type"] = "application/json"
-    # The same key for every attempt and a resumed run: an n8n workflow that dedupes on
-    # it runs once although the engine delivers at least once.
-    if not any(k.lower() == IDEMPOTENCY_HEADER.lower() for k in headers):
-        headers[IDEMPOTENCY_HEADER] = ctx.idempotency_key
+    # As an http_request node sends it (templates, JSON body, the Idempotency-Key an n8n
+    # workflow can dedupe on: the engine delivers at least once).
+    headers, query, content = outbound_request(ctx, config.headers, config.query, config.body)
     limit = min(config.max_response_bytes, ctx.settings.engine.max_output_bytes)
     try:
         request = api.http.build_request(
