@@ -16,7 +16,6 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-import psycopg
 from psycopg.rows import dict_row, namedtuple_row
 from psycopg.types.json import Jsonb
 from sqlalchemy import (
@@ -30,6 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from backend.kit.db import driver_cursor
 from backend.kit.repository import Repository
 from backend.models import ExecutionTransition, NodeExecution, WorkflowExecution
 
@@ -283,14 +283,8 @@ async def database_now(session: AsyncSession) -> datetime:
 # written once: measured on a 3-node run, SQLAlchemy's statement building and result
 # handling cost more CPU than the round trips (a run's CPU went from ~16 ms to ~9 ms),
 # and a worker process is CPU-bound once it carries many runs. The casts are there
-# because psycopg sends None and JSON without a type.
-
-
-async def _driver(conn: AsyncConnection) -> psycopg.AsyncConnection[Any]:
-    raw = await conn.get_raw_connection()
-    driver = raw.driver_connection
-    assert isinstance(driver, psycopg.AsyncConnection)
-    return driver
+# because psycopg sends None and JSON without a type. Errors come back as SQLAlchemy's
+# (db.driver_cursor), a dropped connection invalidated.
 
 
 def _json(value: Any) -> Jsonb | None:
@@ -332,7 +326,7 @@ SELECT * FROM claimed
 
 
 async def claim(conn: AsyncConnection, params: dict[str, Any]) -> Any:
-    async with (await _driver(conn)).cursor(row_factory=namedtuple_row) as cur:
+    async with driver_cursor(conn, namedtuple_row) as cur:
         await cur.execute(CLAIM, params)
         return await cur.fetchone()
 
@@ -408,7 +402,7 @@ def _checkpoint_params(params: dict[str, Any]) -> dict[str, Any]:
 
 
 async def write_checkpoints(conn: AsyncConnection, params: list[dict[str, Any]]) -> int:
-    async with (await _driver(conn)).cursor() as cur:
+    async with driver_cursor(conn) as cur:
         if len(params) == 1:
             await cur.execute(CHECKPOINT, _checkpoint_params(params[0]))
         else:
@@ -483,7 +477,7 @@ async def close_fenced(
         "error": _json(error),
         "variables": _json(variables),
     }
-    async with (await _driver(conn)).cursor(row_factory=dict_row) as cur:
+    async with driver_cursor(conn, dict_row) as cur:
         await cur.execute(_close_statement(facts or {}), params)
         row = await cur.fetchone()
     if row is None:

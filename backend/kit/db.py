@@ -8,21 +8,26 @@ rolled-back unit of work sends nothing.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Self, TypeVar
 
+import psycopg
 from fastapi import Depends, Request
+from psycopg.rows import AsyncRowFactory
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.pool import Pool
 
 from backend.config import Settings
 from backend.kit.errors import DomainError
@@ -60,28 +65,69 @@ def create_engine(settings: Settings, *, autocommit: bool = False) -> AsyncEngin
     return engine
 
 
+# When a statement sent straight through the driver found its connection dropped (see
+# driver_cursor), per pool: every connection checked in before then is pinged at its
+# next checkout, however briefly it sat idle.
+_dropped_at: weakref.WeakKeyDictionary[Pool, float] = weakref.WeakKeyDictionary()
+
+
 def _ping_when_idle(engine: Engine, idle_s: float) -> None:
     """Pre-ping, but only connections that sat in the pool `idle_s` or longer: under load
     a connection comes back within milliseconds of its last statement, and a ping per
     checkout was a round trip on every request. A PostgreSQL restart is still caught for
     every connection that waited out the restart in the pool; one used right up to it
-    fails one statement, and SQLAlchemy then invalidates every older connection."""
+    fails one statement, and then every older connection is pinged (or, for statements
+    SQLAlchemy executed, invalidated) before it is handed out again."""
+    pool = engine.pool
 
-    @event.listens_for(engine.pool, "connect")
-    @event.listens_for(engine.pool, "checkin")
+    @event.listens_for(pool, "connect")
+    @event.listens_for(pool, "checkin")
     def stamp(_: Any, record: Any) -> None:
         record.info["idle_since"] = time.monotonic()
 
-    @event.listens_for(engine.pool, "checkout")
+    @event.listens_for(pool, "checkout")
     def ping(dbapi_connection: Any, record: Any, _: Any) -> None:
         since = record.info.get("idle_since")
-        if since is not None and time.monotonic() - since < idle_s:
+        if (
+            since is not None
+            and time.monotonic() - since < idle_s
+            and since > _dropped_at.get(pool, 0.0)
+        ):
             return
         try:
             engine.dialect.do_ping(dbapi_connection)
         except Exception as exc:
             # The pool discards this connection and checks out (or opens) another.
             raise DisconnectionError("stale pooled connection") from exc
+
+
+@contextlib.asynccontextmanager
+async def driver_cursor(
+    conn: AsyncConnection, row_factory: AsyncRowFactory[Any] | None = None
+) -> AsyncIterator[psycopg.AsyncCursor[Any]]:
+    """A cursor on the pooled connection's psycopg connection itself (for statements
+    whose SQLAlchemy execution costs more CPU than their round trip), with errors as
+    SQLAlchemy raises them: a `DBAPIError` subclass (OperationalError, IntegrityError...)
+    wrapping psycopg's. A connection PostgreSQL dropped (a restart, a failover) is
+    invalidated, the error says `connection_invalidated`, and the pool pings the rest
+    before reuse: without this the dead connection went back to the pool (an autocommit
+    pool resets nothing on return) and failed every statement it was given again, for
+    as long as load kept it from idling into the pre-ping (40 s of failed claims after a
+    restart in the fault suite)."""
+    raw = await conn.get_raw_connection()
+    driver = raw.driver_connection
+    assert isinstance(driver, psycopg.AsyncConnection)
+    try:
+        async with driver.cursor(row_factory=row_factory) as cursor:  # type: ignore[arg-type]
+            yield cursor
+    except psycopg.Error as exc:
+        dropped = driver.closed or driver.broken
+        if dropped:
+            _dropped_at[conn.sync_engine.pool] = time.monotonic()
+            await conn.invalidate(exc)
+        raise DBAPIError.instance(
+            None, None, exc, psycopg.Error, hide_parameters=True, connection_invalidated=dropped
+        ) from exc
 
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -9,16 +9,19 @@ connection (the same transaction, or autocommit for `read_only` routes), and ret
 psycopg's rows. Only for statements whose columns need no SQLAlchemy result processing
 (UUID, text, arrays, integers, timestamps, JSONB all come back from psycopg as the ORM
 would return them). The engine's `before/after_cursor_execute` events fire for them;
-`DB__ECHO` does not print them.
+`DB__ECHO` does not print them. Errors come back as SQLAlchemy raises them
+(`db.driver_cursor`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from psycopg.rows import RowFactory, dict_row, namedtuple_row
+from psycopg.rows import AsyncRowFactory, dict_row, namedtuple_row
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql import ClauseElement
+
+from backend.kit.db import driver_cursor
 
 # id(statement) -> (the statement, kept alive so its id is never reused; its SQL).
 _compiled: dict[int, tuple[ClauseElement, str]] = {}
@@ -35,18 +38,15 @@ async def _fetch(
     session: AsyncSession,
     statement: ClauseElement,
     params: dict[str, Any],
-    factory: RowFactory[Any],
+    factory: AsyncRowFactory[Any],
 ) -> list[Any]:
     connection = await session.connection()
     sql = _sql(statement, connection.dialect)
-    raw = await connection.get_raw_connection()
-    driver = raw.driver_connection
-    assert driver is not None
     # The engine's cursor events still fire, so whatever listens to them (statement
     # counts in tests, instrumentation) sees these statements like any other.
     events = connection.sync_connection.dispatch  # type: ignore[union-attr]
     sync = connection.sync_connection
-    async with driver.cursor(row_factory=factory) as cursor:
+    async with driver_cursor(connection, factory) as cursor:
         events.before_cursor_execute(sync, cursor, sql, params, None, False)
         await cursor.execute(sql, params)
         rows: list[Any] = await cursor.fetchall()

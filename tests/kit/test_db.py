@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
-from backend.kit.db import UnitOfWork
+from backend.config import Settings
+from backend.kit.db import UnitOfWork, create_engine, driver_cursor
 from backend.kit.errors import NotFound
 from backend.kit.repository import Repository
 from backend.models import Workspace
@@ -90,3 +92,53 @@ async def test_get_or_404_raises_not_found(session: AsyncSession) -> None:
 
     with pytest.raises(NotFound):
         await WorkspaceRepository(session).get_or_404(uuid.uuid4())
+
+
+async def test_a_connection_postgresql_dropped_fails_once_and_is_never_handed_out_again(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    """Statements sent straight through the driver (the engine's claim, checkpoints,
+    close; hot API reads) on connections a PostgreSQL restart dropped: the first fails
+    as SQLAlchemy's OperationalError marked `connection_invalidated` (the caller's cue to
+    go again), and no other dead connection is handed out after it, although they
+    were all used a moment ago (too recently for the idle pre-ping). Before, the dead
+    connection went back to the autocommit pool and failed every claim it was given."""
+    hot = settings.db.model_copy(update={"pool_size": 3, "max_overflow": 0})
+    pool = create_engine(settings.model_copy(update={"db": hot}), autocommit=True)
+
+    async def backend_pid(conn: AsyncConnection) -> int:
+        async with driver_cursor(conn) as cur:
+            await cur.execute("SELECT pg_backend_pid()")
+            row = await cur.fetchone()
+            assert row is not None
+            return int(row[0])
+
+    try:
+        conns = [await pool.connect() for _ in range(3)]
+        pids = [await backend_pid(c) for c in conns]
+        for c in conns:
+            await c.close()
+        async with engine.connect() as admin:
+            for pid in pids:
+                await admin.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+        with pytest.raises(OperationalError) as raised:
+            async with pool.connect() as conn:
+                await backend_pid(conn)
+        assert raised.value.connection_invalidated
+        # Every later checkout is a live connection (three in a row: the pool's size).
+        fresh = set()
+        for _ in range(3):
+            async with pool.connect() as conn:
+                fresh.add(await backend_pid(conn))
+        assert fresh and not fresh & set(pids)
+    finally:
+        await pool.dispose()
+
+
+async def test_driver_errors_come_back_as_sqlalchemy_raises_them(engine: AsyncEngine) -> None:
+    async with engine.connect() as conn:
+        with pytest.raises(DBAPIError) as raised:
+            async with driver_cursor(conn) as cur:
+                await cur.execute("SELECT 1/0")
+        assert not raised.value.connection_invalidated
+        assert "division by zero" in str(raised.value)
