@@ -226,7 +226,8 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = create_engine(settings)
+        # Connections kept, not opened and closed with the load (db.create_engine).
+        engine = create_engine(settings, keep_connections=True)
         redis = Redis.from_url(
             settings.redis_url,
             socket_timeout=settings.redis.socket_timeout_s,
