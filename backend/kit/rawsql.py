@@ -36,12 +36,12 @@ def _sql(statement: ClauseElement, dialect: Any) -> str:
 
 async def _fetch(
     session: AsyncSession,
-    statement: ClauseElement,
+    statement: ClauseElement | str,
     params: dict[str, Any],
     factory: AsyncRowFactory[Any],
 ) -> list[Any]:
     connection = await session.connection()
-    sql = _sql(statement, connection.dialect)
+    sql = statement if isinstance(statement, str) else _sql(statement, connection.dialect)
     # The engine's cursor events still fire, so whatever listens to them (statement
     # counts in tests, instrumentation) sees these statements like any other.
     events = connection.sync_connection.dispatch  # type: ignore[union-attr]
@@ -65,3 +65,13 @@ async def fetch_one(session: AsyncSession, statement: ClauseElement, params: dic
     """The first row as a named tuple (attributes by column label), or None."""
     rows = await _fetch(session, statement, params, namedtuple_row)
     return rows[0] if rows else None
+
+
+async def fetch_sql(
+    session: AsyncSession, sql: str, params: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """A statement written as SQL with psycopg's `%(name)s` placeholders (trusted SQL
+    from our own code, built once; values only as parameters), rows as dicts. For a
+    statement SQLAlchemy cannot build (a data-modifying CTE); JSON values need
+    psycopg's `Jsonb` wrapper."""
+    return await _fetch(session, sql, params, dict_row)
