@@ -24,6 +24,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from backend.config import Settings
+from backend.executions import admission as admission_sql
 from backend.executions import repository as repo
 from backend.executions.state import TERMINAL_EXECUTION, ExecutionStatus, NodeStatus, transition
 from backend.kit import db
@@ -113,7 +114,8 @@ async def create_run(
     )
     if admission is None:
         return None
-    execution = await repo.insert_run(
+    # The run and its first history row in one statement (backend/executions/admission.py).
+    execution = await admission_sql.insert_run(
         uow.session,
         {
             "id": uuid.uuid4(),
@@ -122,18 +124,18 @@ async def create_run(
             "version": version,
             "trigger_type": trigger_type,
             "trigger_data": trigger_data,
-            "status": E.PENDING,
+            "status": E.PENDING.value,
             **values,
         },
         skip_duplicate=skip_duplicate,
+        status=E.PENDING.value,
+        at=_now(),
+        actor=actor,
+        reason=reason,
     )
     if execution is None:
         await admission.release(1)
         return None
-    await repo.add_history(
-        uow.session,
-        [repo.history_row(execution.id, None, E.PENDING, at=_now(), actor=actor, reason=reason)],
-    )
     if enqueue:
         enqueue_after_commit(uow, EXECUTE_TASK, str(execution.id))
     return execution
