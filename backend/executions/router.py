@@ -38,6 +38,18 @@ def _on(permission: Permission) -> WorkspaceAccess:
     return result
 
 
+def _to_run() -> WorkspaceAccess:
+    # The workflow as the one row starting a run needs (service.workflow_to_run).
+    result: WorkspaceAccess = require(
+        EXECUTE,
+        resource=Workflow,
+        param="workflow_id",
+        scope="body",
+        load=service.workflow_to_run,
+    )
+    return result
+
+
 def _accepted(request: Request, execution: WorkflowExecution) -> ExecutionAccepted:
     base = f"{request.scope.get('root_path', '')}/api/v1/executions/{execution.id}"
     return ExecutionAccepted(
@@ -77,9 +89,7 @@ async def start_execution(
             "200 with the finished run if it ends in time, else 202 as without it",
         ),
     ] = None,
-    access: WorkspaceAccess = require(
-        EXECUTE, resource=Workflow, param="workflow_id", scope="body"
-    ),
+    access: WorkspaceAccess = _to_run(),
 ) -> JSONResponse:
     execution, created = await service.start(uow, access, body, idempotency_key)
     accepted = _accepted(request, execution)
@@ -102,9 +112,7 @@ async def start_executions(
     body: ExecutionBatchCreate,
     uow: UnitOfWorkDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
-    access: WorkspaceAccess = require(
-        EXECUTE, resource=Workflow, param="workflow_id", scope="body"
-    ),
+    access: WorkspaceAccess = _to_run(),
 ) -> ExecutionBatchAccepted:
     """Start one run per item (up to 500) of one workflow in one request: one
     transaction, one publish of all the messages. For producers of volume."""

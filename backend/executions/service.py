@@ -14,6 +14,7 @@ from typing import Any
 
 import anyio
 from redis.asyncio import Redis
+from sqlalchemy import bindparam, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -30,6 +31,7 @@ from backend.executions.schemas import (
     TransitionRead,
 )
 from backend.executions.state import TERMINAL_EXECUTION, ExecutionStatus, NodeStatus
+from backend.kit import rawsql
 from backend.kit.db import UnitOfWork
 from backend.kit.errors import Conflict, InvalidTransition, NotFound, ValidationFailed
 from backend.kit.logging import get_logger
@@ -46,7 +48,7 @@ def actor_of(principal: Principal) -> str:
     """Who made a change, as the run's history names them."""
     if principal.api_key is not None:
         return f"api_key:{principal.api_key.id}"
-    return f"user:{principal.user.id}"
+    return f"user:{principal.user_id}"
 
 
 async def _new_run(
@@ -72,10 +74,22 @@ async def _new_run(
         reason=reason,
         idempotency_key=idempotency_key,
         retry_of=retry_of,
-        created_by=access.user.id,
+        created_by=access.principal.user_id,
     )
     assert execution is not None
     return execution
+
+
+async def workflow_to_run(session: AsyncSession, workflow_id: uuid.UUID) -> Any:
+    """What starting a run needs of its workflow (id, workspace, status, current
+    version) as one row through the driver (backend/kit/rawsql.py), not an ORM object:
+    the access check of POST /executions and /executions/batch. None: no such workflow."""
+    return await rawsql.fetch_one(session, _RUN_TARGET, {"workflow_id": workflow_id})
+
+
+_RUN_TARGET = select(
+    Workflow.id, Workflow.workspace_id, Workflow.status, Workflow.current_version
+).where(Workflow.id == bindparam("workflow_id"))
 
 
 async def start(
@@ -108,7 +122,7 @@ async def start(
         # Only a key can collide (API runs have no schedule slot).
         skip_duplicate=idempotency_key is not None,
         idempotency_key=idempotency_key,
-        created_by=access.user.id,
+        created_by=access.principal.user_id,
     )
     if execution is None:
         # The key already has its run: an earlier request, or a concurrent retry whose
@@ -133,7 +147,7 @@ async def start(
 async def _replayed(
     session: AsyncSession, access: WorkspaceAccess, data: ExecutionCreate, key: str
 ) -> WorkflowExecution | None:
-    existing = await repo.find_by_key(session, access.workspace.id, key)
+    existing = await repo.find_by_key(session, access.workspace_id, key)
     if existing is not None and existing.workflow_id != data.workflow_id:
         raise Conflict(
             "this Idempotency-Key was used for another workflow", field="Idempotency-Key"
@@ -176,7 +190,7 @@ async def start_many(
             "trigger_type": data.trigger_type,
             "trigger_data": item.trigger_data,
             "idempotency_key": key,
-            "created_by": access.user.id,
+            "created_by": access.principal.user_id,
         }
         for item, key in zip(data.items, keys, strict=True)
     ]
@@ -269,7 +283,7 @@ async def list_executions(
     offset: int,
 ) -> tuple[Sequence[WorkflowExecution], int]:
     stmt = repo.list_statement(
-        access.workspace.id, workflow_id=workflow_id, status=status, since=since, until=until
+        access.workspace_id, workflow_id=workflow_id, status=status, since=since, until=until
     )
     return await repo.ExecutionRepository(uow.session).paginate(stmt, limit=limit, offset=offset)
 

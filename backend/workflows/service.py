@@ -273,7 +273,7 @@ async def list_workflows(
 ) -> tuple[list[WorkflowSummary], int]:
     """One page and the total, in one statement (the total rides on each row as a
     window count); a second one only for a page past the end, which has no rows."""
-    params: dict[str, Any] = {"workspace_id": access.workspace.id}
+    params: dict[str, Any] = {"workspace_id": access.workspace_id}
     if status:
         params["status"] = status
     if tag:
