@@ -9,6 +9,7 @@ rolled-back unit of work sends nothing.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -73,6 +74,11 @@ def create_engine(
     )
     if settings.db.pool_pre_ping and idle_s > 0:
         _ping_when_idle(engine.sync_engine, idle_s)
+    elif not settings.db.pool_pre_ping:
+        # No pre-ping (the worker's hot path), except once for each connection older than
+        # a drop a statement ran into (driver_cursor): after a PostgreSQL restart the
+        # retry of that statement must not get the next dead connection, and the next.
+        _ping_when_idle(engine.sync_engine, math.inf)
     return engine
 
 

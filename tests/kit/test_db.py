@@ -94,8 +94,11 @@ async def test_get_or_404_raises_not_found(session: AsyncSession) -> None:
         await WorkspaceRepository(session).get_or_404(uuid.uuid4())
 
 
+@pytest.mark.parametrize(
+    "pre_ping", [True, False], ids=["pre-ping-when-idle", "worker-no-pre-ping"]
+)
 async def test_a_connection_postgresql_dropped_fails_once_and_is_never_handed_out_again(
-    settings: Settings, engine: AsyncEngine
+    settings: Settings, engine: AsyncEngine, pre_ping: bool
 ) -> None:
     """Statements sent straight through the driver (the engine's claim, checkpoints,
     close; hot API reads) on connections a PostgreSQL restart dropped: the first fails
@@ -103,7 +106,9 @@ async def test_a_connection_postgresql_dropped_fails_once_and_is_never_handed_ou
     go again), and no other dead connection is handed out after it, although they
     were all used a moment ago (too recently for the idle pre-ping). Before, the dead
     connection went back to the autocommit pool and failed every claim it was given."""
-    hot = settings.db.model_copy(update={"pool_size": 3, "max_overflow": 0})
+    hot = settings.db.model_copy(
+        update={"pool_size": 3, "max_overflow": 0, "pool_pre_ping": pre_ping}
+    )
     pool = create_engine(settings.model_copy(update={"db": hot}), autocommit=True)
 
     async def backend_pid(conn: AsyncConnection) -> int:

@@ -55,7 +55,8 @@ class _Process:
         self.thread = threading.Thread(target=self.loop.run_forever, name="engine", daemon=True)
         self.thread.start()
         # No pre-ping on the worker's hot path: the lifecycle retries a statement whose
-        # connection turned out dead instead.
+        # connection turned out dead instead (and the pool then pings, once, every
+        # connection older than the drop: db.driver_cursor).
         hot = settings.db.model_copy(
             update={
                 "pool_pre_ping": False,
