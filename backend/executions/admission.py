@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from psycopg.types.json import Jsonb
-from sqlalchemy import JSON
+from sqlalchemy import JSON, inspect
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import make_transient_to_detached
 
@@ -28,6 +28,13 @@ from backend.models import ExecutionTransition, WorkflowExecution
 _RUNS = WorkflowExecution.__tablename__
 _TRANSITIONS = ExecutionTransition.__tablename__
 _COLUMNS = frozenset(c.name for c in WorkflowExecution.__table__.columns)
+# Column name -> mapped attribute, for the RETURNING row: a column the model does not
+# map (a migration ahead of the code) is left out instead of failing the constructor.
+_ATTRIBUTES = {
+    attr.columns[0].name: attr.key
+    for attr in inspect(WorkflowExecution).column_attrs
+    if len(attr.columns) == 1
+}
 # JSON columns: psycopg sends a dict or list as JSON only when told to.
 _JSON_COLUMNS = frozenset(
     c.name for c in WorkflowExecution.__table__.columns if isinstance(c.type, JSON)
@@ -83,7 +90,9 @@ async def insert_run(
     rows = await rawsql.fetch_sql(session, _statement(columns, skip_duplicate), params)
     if not rows:
         return None
-    execution = WorkflowExecution(**rows[0])
+    execution = WorkflowExecution(
+        **{_ATTRIBUTES[name]: value for name, value in rows[0].items() if name in _ATTRIBUTES}
+    )
     make_transient_to_detached(execution)
     session.add(execution)
     return execution
