@@ -18,6 +18,8 @@ BENCH_API_WORKERS (default 2; 0 or 1 to skip) the number of processes of the sec
 table (uvicorn --workers, as the Procfile runs it on a machine with that many cores).
 BENCH_API_BASELINE=<dir of another checkout> adds the same rows for that code (its
 `backend` package, on this database) to the first table: before/after in one run.
+BENCH_API_PROFILE=<prefix> records the server with py-spy (on the PATH) during each
+authenticated row, as raw stacks in <prefix>.<row>.<process>.txt.
 """
 
 from __future__ import annotations
@@ -126,14 +128,44 @@ def server_cpu_s(pid: int) -> float:
     return total
 
 
-def run_wrk_cpu(pid: int, url: str, **kwargs: Any) -> dict[str, Any]:
+def run_wrk_cpu(pid: int, url: str, profile: str = "", **kwargs: Any) -> dict[str, Any]:
     """run_wrk, plus the server's CPU milliseconds per answered request: on a shared,
     loaded machine req/s says how much CPU the server got, CPU per request what a
     request costs."""
+    recorders = _profile(pid, profile)
     before = server_cpu_s(pid)
     figures = run_wrk(url, **kwargs)
     figures["cpu_ms"] = (server_cpu_s(pid) - before) * 1000 / max(1, figures["requests"])
+    for recorder in recorders:
+        recorder.wait()
     return figures
+
+
+def _profile(pid: int, name: str) -> list[subprocess.Popen[bytes]]:
+    """BENCH_API_PROFILE=<prefix>: py-spy (on the PATH) records each serving process
+    while wrk runs a row, as raw stacks in <prefix>.<row>.<process>.txt (for
+    flamegraph.pl or a grep). The recording adds its own sampling overhead to the row's
+    CPU per request."""
+    prefix = os.environ.get("BENCH_API_PROFILE")
+    if not prefix or not name:
+        return []
+    py_spy = shutil.which("py-spy")
+    if py_spy is None:
+        raise RuntimeError("BENCH_API_PROFILE needs py-spy on the PATH")
+    root = psutil.Process(pid)
+    # The worker processes (uvicorn --workers only supervises them), or the one process.
+    pids = [p.pid for p in root.children()] or [pid]
+    return [
+        subprocess.Popen(
+            [
+                *(py_spy, "record", "-r", "200", "-f", "raw", "-d", str(SECONDS)),
+                *("-p", str(each), "-o", f"{prefix}.{name}.{i}.txt"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for i, each in enumerate(pids)
+    ]
 
 
 def print_table(title: str, rows: list[tuple[str, dict[str, Any]]], floor_rps: float) -> None:
@@ -233,16 +265,26 @@ def _product(
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     suffix = (f" ({workers} processes)" if workers > 1 else "") + label
+    tag = f"{workers}p" + ("-baseline" if label else "")
     with served("backend.main:app", port, workers, app_dir) as proc:
         workflow_id, body = _seed(base, headers)
         # A short warm-up: first connections, lazy imports, statement caches.
         run_wrk(f"{base}/api/v1/workflows?limit=20", headers=headers, seconds=2)
         health = run_wrk_cpu(proc.pid, f"{base}/health")
-        listed = run_wrk_cpu(proc.pid, f"{base}/api/v1/workflows?limit=20", headers=headers)
-        one = run_wrk_cpu(proc.pid, f"{base}/api/v1/workflows/{workflow_id}", headers=headers)
+        listed = run_wrk_cpu(
+            proc.pid, f"{base}/api/v1/workflows?limit=20", f"list-{tag}", headers=headers
+        )
+        one = run_wrk_cpu(
+            proc.pid, f"{base}/api/v1/workflows/{workflow_id}", f"get-{tag}", headers=headers
+        )
         post_headers = dict(headers, **{"Content-Type": "application/json"})
         started = run_wrk_cpu(
-            proc.pid, f"{base}/api/v1/executions", method="POST", headers=post_headers, body=body
+            proc.pid,
+            f"{base}/api/v1/executions",
+            f"post-{tag}",
+            method="POST",
+            headers=post_headers,
+            body=body,
         )
     return [
         (f"product GET /health (middleware only){suffix}", health),

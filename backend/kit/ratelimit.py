@@ -19,12 +19,23 @@ timestamp per hit, which its Lua script walks up to the limit). The counter weig
 previous window by how much of it still overlaps, so it can be off by a fraction of
 one window's worth at its edges; that is fine for sharing load and not for counting
 guesses at a sign-in code.
+
+A capacity budget's hit runs on every signed-in request, so it skips the library: one
+EVALSHA of the counter's script (ours, below: the library's acquire script that also
+answers the window's figures when it refuses, so a refusal needs no second call),
+sent through redis-py's client on the library's own keys and connection pool. Both
+paths count in the same keys, so `check` and `spend` (through the library) and
+processes of an older version see one count.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import time
+from collections.abc import Awaitable
 from functools import lru_cache
+from typing import cast
 
 from limits import RateLimitItem
 from limits import parse as parse_limit
@@ -34,7 +45,8 @@ from limits.aio.strategies import (
     SlidingWindowCounterRateLimiter,
 )
 from limits.errors import StorageError
-from redis.exceptions import RedisError
+from redis.asyncio import ConnectionPool, Redis
+from redis.exceptions import NoScriptError, RedisError
 
 from backend.kit.errors import DependencyUnavailable, RateLimited
 from backend.kit.logging import get_logger
@@ -48,23 +60,90 @@ CAPACITY = FAIL_OPEN
 # Limits come from settings, a handful of strings: parse each once.
 parse = lru_cache(maxsize=128)(parse_limit)
 
+KEY_PREFIX = "orch-rl"
+
+# The sliding window counter's hit, as the library's acquire_sliding_window.lua (same
+# keys, same arithmetic: shift an expired current window to the previous one, weigh
+# the previous count by the share of it still inside the window), returning {1} when
+# the hit counted and, when it is refused, {0, previous count, previous TTL ms,
+# current count, current TTL ms}: what the Retry-After is computed from.
+SLIDING_HIT = """
+local limit = tonumber(ARGV[1])
+local expiry = tonumber(ARGV[2]) * 1000
+local amount = tonumber(ARGV[3])
+local current_ttl = tonumber(redis.call('pttl', KEYS[2]))
+if current_ttl > 0 and current_ttl < expiry then
+    redis.call('rename', KEYS[2], KEYS[1])
+    redis.call('set', KEYS[2], 0, 'PX', current_ttl + expiry)
+end
+local previous_count = tonumber(redis.call('get', KEYS[1])) or 0
+local previous_ttl = tonumber(redis.call('pttl', KEYS[1])) or 0
+local current_count = tonumber(redis.call('get', KEYS[2])) or 0
+current_ttl = tonumber(redis.call('pttl', KEYS[2])) or 0
+if previous_ttl < 0 then previous_ttl = 0 end
+if current_ttl < 0 then current_ttl = 0 end
+if amount <= limit then
+    local weighted = math.floor(previous_count * previous_ttl / expiry) + current_count
+    if weighted + amount <= limit then
+        if redis.call('exists', KEYS[2]) == 1 then
+            redis.call('incrby', KEYS[2], amount)
+        else
+            redis.call('set', KEYS[2], amount, 'PX', expiry * 2)
+        end
+        return {1}
+    end
+end
+return {0, previous_count, previous_ttl, current_count, current_ttl}
+"""
+
+
+@lru_cache(maxsize=4096)
+def _sliding_keys(limit: str, key: tuple[str, ...]) -> tuple[str, str, int, int]:
+    """(previous window key, current window key, limit, window seconds), as the library
+    names them: "<prefix>:{<item key>}/-1" and "<prefix>:{<item key>}"."""
+    item = parse(limit)
+    current = f"{KEY_PREFIX}:{{{item.key_for(*key)}}}"
+    return f"{current}/-1", current, item.amount, item.get_expiry()
+
+
+def sliding_retry_after(
+    expiry_s: int, previous: int, previous_ttl_ms: int, current: int, current_ttl_ms: int
+) -> int:
+    """Seconds until a refused counter frees a slot: the library's window stats (the
+    sooner of the previous window's next weighted unit dropping out and the current
+    window's end), rounded up, at least 1."""
+    soonest = math.inf
+    if previous:
+        soonest = (previous_ttl_ms / 1000) % (expiry_s / previous)
+    if current:
+        soonest = min(soonest, (current_ttl_ms / 1000) % expiry_s)
+    if soonest == math.inf:
+        return 1
+    return max(1, int(soonest) + 1)
+
 
 class RateLimiter:
     def __init__(
         self, redis_url: str, *, timeout_s: float = 2.0, connect_timeout_s: float = 2.0
     ) -> None:
-        uri = "async+" + redis_url if not redis_url.startswith("async+") else redis_url
+        url = redis_url.removeprefix("async+")
         # Timeouts: a Redis that does not answer must not hold a request forever.
+        pool = ConnectionPool.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=connect_timeout_s
+        )
+        # One pool for both paths: the hot hit below and the library's strategies.
+        self._redis = Redis(connection_pool=pool)
         self._storage = RedisStorage(
-            uri,
+            "async+" + url,
             implementation="redispy",
-            key_prefix="orch-rl",
+            key_prefix=KEY_PREFIX,
             wrap_exceptions=True,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=connect_timeout_s,
+            # Typed as scalar options, but its redis-py bridge takes a pool (use_basic).
+            connection_pool=pool,  # type: ignore[arg-type]
         )
         self._exact = MovingWindowRateLimiter(self._storage)
         self._counter = SlidingWindowCounterRateLimiter(self._storage)
+        self._sliding_sha = hashlib.sha1(SLIDING_HIT.encode(), usedforsecurity=False).hexdigest()
 
     def _strategy(
         self, key: tuple[str, ...]
@@ -72,6 +151,9 @@ class RateLimiter:
         return self._counter if key and key[0] in CAPACITY else self._exact
 
     async def hit(self, limit: str, *key: str, what: str = "requests") -> None:
+        if key and key[0] in CAPACITY:
+            await self._hit_counter(limit, key, what)
+            return
         item = parse(limit)
         try:
             allowed = await self._strategy(key).hit(item, *key)
@@ -80,6 +162,27 @@ class RateLimiter:
             return
         if not allowed:
             await self._refuse(item, key, what)
+
+    async def _hit_counter(self, limit: str, key: tuple[str, ...], what: str) -> None:
+        previous_key, current_key, amount, expiry = _sliding_keys(limit, key)
+        args = (previous_key, current_key, amount, expiry, 1)
+        try:
+            try:
+                answer = await cast(
+                    "Awaitable[list[int]]", self._redis.evalsha(self._sliding_sha, 2, *args)
+                )
+            except NoScriptError:
+                # A fresh or flushed Redis: EVAL sends the script and caches it there.
+                answer = await cast("Awaitable[list[int]]", self._redis.eval(SLIDING_HIT, 2, *args))
+        except RedisError as exc:
+            self._unavailable(key, exc)
+            return
+        if answer[0]:
+            return
+        retry_after = sliding_retry_after(expiry, *(int(v) for v in answer[1:5]))
+        raise RateLimited(
+            f"too many {what}; try again in {retry_after} s", retry_after_s=retry_after
+        )
 
     async def check(self, limit: str, *key: str, what: str = "requests") -> None:
         """Refuse if the budget is spent, without spending any of it."""

@@ -1,0 +1,104 @@
+"""The capacity budgets' own hot path (backend/kit/ratelimit.py): one EVALSHA on the
+library's keys, refusing with the library's Retry-After, against the real Redis."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
+from redis.asyncio import Redis
+
+from backend.config import Settings
+from backend.kit.errors import DependencyUnavailable, RateLimited
+from backend.kit.ratelimit import RateLimiter, parse, sliding_retry_after
+from tests.support.procs import free_port
+
+
+def _bucket() -> str:
+    return f"user:{uuid.uuid4()}"
+
+
+async def test_a_capacity_budget_counts_in_the_librarys_window(settings: Settings) -> None:
+    limiter = RateLimiter(settings.redis_url)
+    library = SlidingWindowCounterRateLimiter(limiter._storage)
+    bucket = _bucket()
+    for _ in range(3):
+        await limiter.hit("3 per minute", "api", bucket)
+    # The library reads the same two keys: the budget is spent for it too, and its
+    # check (what `check` uses) refuses.
+    assert not await library.test(parse("3 per minute"), "api", bucket)
+    with pytest.raises(RateLimited) as refused:
+        await limiter.hit("3 per minute", "api", bucket)
+    assert refused.value.code == "rate_limited"
+    assert 1 <= refused.value.retry_after_s <= 61
+    assert "too many requests" in refused.value.detail
+    # The refusal spent nothing: the library still counts 3.
+    stats = await library.get_window_stats(parse("3 per minute"), "api", bucket)
+    assert stats.remaining == 0
+    with pytest.raises(RateLimited):
+        await limiter.check("3 per minute", "api", bucket)
+    # Another principal has its own budget.
+    await limiter.hit("3 per minute", "api", _bucket())
+
+
+async def test_what_the_library_spent_counts_on_the_hot_path(settings: Settings) -> None:
+    limiter = RateLimiter(settings.redis_url)
+    bucket = _bucket()
+    await limiter.spend("2 per minute", "hook", bucket)
+    await limiter.hit("2 per minute", "hook", bucket, what="deliveries")
+    with pytest.raises(RateLimited) as refused:
+        await limiter.hit("2 per minute", "hook", bucket, what="deliveries")
+    assert "too many deliveries" in refused.value.detail
+
+
+async def test_the_retry_after_is_the_librarys(settings: Settings) -> None:
+    limiter = RateLimiter(settings.redis_url)
+    library = SlidingWindowCounterRateLimiter(limiter._storage)
+    bucket = _bucket()
+    item = parse("5 per 10 seconds")
+    for _ in range(5):
+        await limiter.hit("5 per 10 seconds", "api", bucket)
+    with pytest.raises(RateLimited) as refused:
+        await limiter.hit("5 per 10 seconds", "api", bucket)
+    stats = await library.get_window_stats(item, "api", bucket)
+    expected = max(1, int(stats.reset_time - time.time()) + 1)
+    assert abs(refused.value.retry_after_s - expected) <= 1
+    assert 1 <= refused.value.retry_after_s <= 11
+
+
+def test_retry_after_arithmetic() -> None:
+    # Nothing counted (a limit of 0): try again in a second.
+    assert sliding_retry_after(60, 0, 0, 0, 0) == 1
+    # Only the current window: its end, rounded up.
+    assert sliding_retry_after(60, 0, 0, 3, 90_500) == 31  # 90.5 % 60 = 30.5
+    # The previous window's next unit leaves sooner: 50 s left over 10 counted, one
+    # weighted unit every 6 s, the next in 50 % 6 = 2 s.
+    assert sliding_retry_after(60, 10, 50_000, 3, 90_500) == 3
+
+
+async def test_a_script_flushed_from_redis_is_sent_again(settings: Settings) -> None:
+    limiter = RateLimiter(settings.redis_url)
+    bucket = _bucket()
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        await redis.script_flush()
+        await limiter.hit("2 per minute", "api", bucket)
+        assert await redis.script_exists(limiter._sliding_sha) == [True]
+        await limiter.hit("2 per minute", "api", bucket)
+        with pytest.raises(RateLimited):
+            await limiter.hit("2 per minute", "api", bucket)
+    finally:
+        await redis.aclose()
+
+
+async def test_with_redis_down_capacity_fails_open_and_guards_fail_closed() -> None:
+    limiter = RateLimiter(
+        f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.5, connect_timeout_s=0.5
+    )
+    await limiter.hit("1 per minute", "api", _bucket())
+    await limiter.hit("1 per minute", "api", _bucket())
+    await limiter.hit("1 per minute", "hook", "abc")
+    with pytest.raises(DependencyUnavailable):
+        await limiter.hit("1 per minute", "otp-request-ip", "127.0.0.0/24")
