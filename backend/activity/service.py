@@ -33,31 +33,63 @@ def record(
     user_id: uuid.UUID | None = None,
     details: dict[str, Any] | None = None,
 ) -> None:
-    meta = request_meta.get()
-    session.add(
-        ActivityLog(
-            workspace_id=workspace_id,
-            user_id=principal.user.id if principal else user_id,
-            api_key_id=principal.api_key.id if principal and principal.api_key else None,
-            action=action,
-            resource_type=resource_type,
-            resource_id=str(resource_id) if resource_id is not None else None,
-            ip=meta.ip,
-            user_agent=meta.user_agent,
-            details=details or {},
-        )
+    entry = entry_values(
+        principal,
+        action=action,
+        resource_type=resource_type,
+        resource_id=resource_id,
+        workspace_id=workspace_id,
+        user_id=user_id,
+        details=details,
     )
+    session.add(ActivityLog(**entry))
+    announce_entry(session, principal, entry)
+
+
+def entry_values(
+    principal: Principal | None,
+    *,
+    action: str,
+    resource_type: str,
+    resource_id: uuid.UUID | str | None = None,
+    workspace_id: uuid.UUID | None = None,
+    user_id: uuid.UUID | None = None,
+    details: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """An entry's columns (all but `id` and `created_at`), for `record` or for a
+    statement that writes the entry with the change itself (run admission,
+    backend/executions/admission.py); then `announce_entry` once it is written."""
+    meta = request_meta.get()
+    return {
+        "workspace_id": workspace_id,
+        # The ids, not the rows: `principal.user` may build an ORM object just for this.
+        "user_id": principal.user_id if principal else user_id,
+        "api_key_id": principal.api_key.id if principal and principal.api_key else None,
+        "action": action,
+        "resource_type": resource_type,
+        "resource_id": str(resource_id) if resource_id is not None else None,
+        "ip": meta.ip,
+        "user_agent": meta.user_agent,
+        "details": details or {},
+    }
+
+
+def announce_entry(
+    session: AsyncSession, principal: Principal | None, entry: dict[str, Any]
+) -> None:
+    """The live feed's notice of an entry, sent if and only if the session commits."""
+    workspace_id = entry["workspace_id"]
     if workspace_id is not None:
         announce(
             session,
             workspace_id,
             {
-                "type": action,
+                "type": entry["action"],
                 "workspace_id": str(workspace_id),
-                "resource_type": resource_type,
-                "resource_id": str(resource_id) if resource_id is not None else None,
-                "actor": str(principal.user.id) if principal else None,
-                "data": details or {},
+                "resource_type": entry["resource_type"],
+                "resource_id": entry["resource_id"],
+                "actor": str(principal.user_id) if principal else None,
+                "data": entry["details"],
             },
         )
 

@@ -6,14 +6,18 @@ execution pipeline (an INSERT ... RETURNING built and compiled per call, ORM res
 processing, ~1 ms of CPU together on `POST /executions`). Here it is one data-modifying
 CTE sent straight through psycopg on the unit of work's connection (same transaction):
 the run is inserted (with `ON CONFLICT DO NOTHING` when a unique key may already have
-its run) and, only if it was, its `pending` history row with it. The returned row
-becomes the session's persistent `WorkflowExecution` without a query.
+its run) and, only if it was, its `pending` history row with it, and, when the caller
+passes one, its activity-log entry (`POST /executions`: no ORM flush of an
+`ActivityLog` at the commit). The returned row becomes the session's persistent
+`WorkflowExecution` without a query.
 """
 
 from __future__ import annotations
 
 import enum
 import functools
+import uuid
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -23,10 +27,23 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import make_transient_to_detached
 
 from backend.kit import rawsql
-from backend.models import ExecutionTransition, WorkflowExecution
+from backend.models import ActivityLog, ExecutionTransition, WorkflowExecution
 
 _RUNS = WorkflowExecution.__tablename__
 _TRANSITIONS = ExecutionTransition.__tablename__
+_ACTIVITY = ActivityLog.__tablename__
+# An activity entry's columns as activity.service.entry_values gives them; `id` is
+# ours, `resource_id` the run's, `created_at` the table's default (clock_timestamp).
+_ACTIVITY_COLUMNS = (
+    "workspace_id",
+    "user_id",
+    "api_key_id",
+    "action",
+    "resource_type",
+    "ip",
+    "user_agent",
+    "details",
+)
 _COLUMNS = frozenset(c.name for c in WorkflowExecution.__table__.columns)
 # Column name -> mapped attribute, for the RETURNING row: a column the model does not
 # map (a migration ahead of the code) is left out instead of failing the constructor.
@@ -42,7 +59,7 @@ _JSON_COLUMNS = frozenset(
 
 
 @functools.cache
-def _statement(columns: tuple[str, ...], skip_duplicate: bool) -> str:
+def _statement(columns: tuple[str, ...], skip_duplicate: bool, with_activity: bool) -> str:
     """The CTE for one set of columns (a handful of shapes: API runs, retries, schedule
     slots, sub-runs), built once. Names come from the table, never from input."""
     unknown = set(columns) - _COLUMNS
@@ -58,8 +75,20 @@ def _statement(columns: tuple[str, ...], skip_duplicate: bool) -> str:
         f" history AS (INSERT INTO {_TRANSITIONS}"
         " (execution_id, node_id, iteration, from_status, to_status, reason, actor, at)"
         " SELECT id, NULL, 0, NULL, %(h_to)s, %(h_reason)s, %(h_actor)s, %(h_at)s FROM run)"
-        " SELECT * FROM run"
+        + (_ACTIVITY_CTE if with_activity else "")
+        + " SELECT * FROM run"
     )
+
+
+# Like the history row, written only if the run was (FROM run); the run's id as text
+# is what str(uuid) gives, as `record` stores it.
+_ACTIVITY_CTE = (
+    f", activity AS (INSERT INTO {_ACTIVITY} (id, resource_id, "  # noqa: S608
+    + ", ".join(_ACTIVITY_COLUMNS)
+    + ") SELECT %(a_id)s, id::text, "
+    + ", ".join(f"%(a_{name})s" for name in _ACTIVITY_COLUMNS)
+    + " FROM run)"
+)
 
 
 def _param(name: str, value: Any) -> Any:
@@ -80,14 +109,23 @@ async def insert_run(
     at: datetime,
     actor: str | None,
     reason: str | None,
+    activity: Mapping[str, Any] | None = None,
 ) -> WorkflowExecution | None:
-    """Insert the run (`values`: its columns, `id` included) and its first history row
-    (None -> `status`); the run as a persistent object of `session`, or None when
-    `skip_duplicate` and a unique key already has its run (then nothing was written)."""
+    """Insert the run (`values`: its columns, `id` included), its first history row
+    (None -> `status`) and, if given, its activity entry (`activity`: the columns of
+    activity.service.entry_values; its `resource_id` is the run's id); the run as a
+    persistent object of `session`, or None when `skip_duplicate` and a unique key
+    already has its run (then nothing was written)."""
     columns = tuple(sorted(values))
     params = {f"c_{name}": _param(name, value) for name, value in values.items()}
     params.update(h_to=status, h_reason=reason, h_actor=actor, h_at=at)
-    rows = await rawsql.fetch_sql(session, _statement(columns, skip_duplicate), params)
+    if activity is not None:
+        params["a_id"] = uuid.uuid4()
+        for name in _ACTIVITY_COLUMNS:
+            value = activity[name]
+            params[f"a_{name}"] = Jsonb(value) if name == "details" else value
+    statement = _statement(columns, skip_duplicate, activity is not None)
+    rows = await rawsql.fetch_sql(session, statement, params)
     if not rows:
         return None
     execution = WorkflowExecution(
