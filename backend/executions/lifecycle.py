@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -101,10 +101,13 @@ async def create_run(
     reason: str = "created",
     enqueue: bool = True,
     skip_duplicate: bool = False,
+    activity: Mapping[str, Any] | None = None,
     **values: Any,
 ) -> WorkflowExecution | None:
     """Every run starts here (API, retry, rerun, schedules, webhooks, events, sub-runs):
-    a `pending` row, its first history entry and, after the commit, its message. With
+    a `pending` row, its first history entry and, after the commit, its message;
+    `activity` (activity.service.entry_values) is written in the same statement, as the
+    run's activity entry, only if the run is. With
     `skip_duplicate`, None when a unique key (idempotency key, schedule slot) already
     has its run: the database decides, so two dispatchers can never both fire one.
     Quotas are checked first (backend/quotas): QuotaExceeded, or None for a schedule or
@@ -132,6 +135,7 @@ async def create_run(
         at=_now(),
         actor=actor,
         reason=reason,
+        activity=activity,
     )
     if execution is None:
         await admission.release(1)
