@@ -18,7 +18,7 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from backend.activity.service import record
+from backend.activity.service import announce_entry, entry_values, record
 from backend.auth.dependencies import Principal, WorkspaceAccess
 from backend.executions import lifecycle
 from backend.executions import repository as repo
@@ -97,10 +97,10 @@ async def start(
 ) -> tuple[WorkflowExecution, bool]:
     """(execution, created). The same Idempotency-Key gives back the same execution.
 
-    Admission is one INSERT (with ON CONFLICT DO NOTHING on the key: the insert is the
-    idempotency check, so a first request pays no lookup and no savepoint), one for the
-    run's history and one for the activity log, then the commit; the message goes out
-    after it."""
+    Admission is one statement (backend/executions/admission.py): the run's INSERT
+    (with ON CONFLICT DO NOTHING on the key: the insert is the idempotency check, so a
+    first request pays no lookup and no savepoint), its history row and its activity
+    entry; then the commit, after which the message and the live feed's notice go out."""
     workflow: Workflow = access.resource
     if workflow.status == "archived":
         if idempotency_key:
@@ -110,6 +110,15 @@ async def start(
         raise Conflict(
             "an archived workflow cannot run; move it back to draft first", field="workflow_id"
         )
+    # The activity entry goes in with the run (one statement, no ORM flush at commit);
+    # its resource_id is the run's id, filled in by that statement.
+    entry = entry_values(
+        access.principal,
+        workspace_id=workflow.workspace_id,
+        action="execution.start",
+        resource_type="execution",
+        details={"workflow_id": str(workflow.id), "version": workflow.current_version},
+    )
     execution = await lifecycle.create_run(
         uow,
         workspace_id=workflow.workspace_id,
@@ -121,6 +130,7 @@ async def start(
         reason=f"started ({data.trigger_type})",
         # Only a key can collide (API runs have no schedule slot).
         skip_duplicate=idempotency_key is not None,
+        activity=entry,
         idempotency_key=idempotency_key,
         created_by=access.principal.user_id,
     )
@@ -132,15 +142,8 @@ async def start(
         if existing is None:
             raise Conflict("this Idempotency-Key is in use; retry", field="Idempotency-Key")
         return existing, False
-    record(
-        uow.session,
-        access.principal,
-        workspace_id=workflow.workspace_id,
-        action="execution.start",
-        resource_type="execution",
-        resource_id=execution.id,
-        details={"workflow_id": str(workflow.id), "version": execution.version},
-    )
+    entry["resource_id"] = str(execution.id)
+    announce_entry(uow.session, access.principal, entry)
     return execution, True
 
 
