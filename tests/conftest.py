@@ -52,6 +52,7 @@ from backend.config import Settings, get_settings  # noqa: E402
 from backend.kit.db import UnitOfWork, create_engine  # noqa: E402
 from backend.models import Workspace  # noqa: E402
 from tests.support.asgi import client_for  # noqa: E402
+from tests.support.crossprocess import api, owner, uvicorn_api  # noqa: E402, F401  (fixtures)
 from tests.support.databases import drop_database, migrate, recreate_database  # noqa: E402
 from tests.support.factories import WorkspaceFactory, create  # noqa: E402
 from tests.support.identity import Actor, member  # noqa: E402
@@ -162,7 +163,11 @@ async def client(
 
 
 # Cross-process fixtures: one SMTP server and one real Celery worker per xdist worker,
-# shared by every test marked xdist_group("crossprocess") (so they land together).
+# shared by every test of an xdist group ("crossprocess", "crossprocess-b") so a group's
+# modules land on one xdist worker and start them once. Two groups of about equal time
+# (measured with --junitxml): one group was ~750 s of test time on one xdist worker, the
+# floor of the whole run; a second group costs one more Celery worker (when its modules
+# land on the other xdist worker).
 
 
 @pytest.fixture(scope="session")

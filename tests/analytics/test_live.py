@@ -13,14 +13,14 @@ import httpx
 import pytest
 import websockets
 
-from tests.support.crossprocess import api, owner, wait_until_done  # noqa: F401  (fixtures)
+from tests.support.crossprocess import wait_until_done
 
-pytestmark = [pytest.mark.xdist_group("crossprocess"), pytest.mark.usefixtures("worker_name")]
+pytestmark = [pytest.mark.xdist_group("crossprocess-b"), pytest.mark.usefixtures("worker_name")]
 
 
 async def test_the_analytics_socket_streams_the_current_hour(
-    api: str,  # noqa: F811
-    owner: dict[str, str],  # noqa: F811
+    api: str,
+    owner: dict[str, str],
 ) -> None:
     token = owner["Authorization"].removeprefix("Bearer ")
     url = api.replace("http://", "ws://") + "/api/v1/ws/analytics"

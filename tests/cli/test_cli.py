@@ -25,7 +25,7 @@ from tests.support.mail import Mailbox, code_in
 from tests.support.procs import PYTHON, STARTUP_S, free_port, python_env
 from tests.support.target import http_target
 
-pytestmark = [pytest.mark.xdist_group("crossprocess"), pytest.mark.usefixtures("worker_name")]
+pytestmark = [pytest.mark.xdist_group("crossprocess-b"), pytest.mark.usefixtures("worker_name")]
 
 
 @dataclass

@@ -20,7 +20,7 @@ from tests.support.mail import Mailbox, code_in
 from tests.support.paths import ROOT
 from tests.support.target import http_target
 
-pytestmark = [pytest.mark.xdist_group("crossprocess"), pytest.mark.usefixtures("worker_name")]
+pytestmark = [pytest.mark.xdist_group("crossprocess-b"), pytest.mark.usefixtures("worker_name")]
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 # As the machine's notes say: without the background-networking flags Chromium keeps

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.push.loopback import PushService, push_service, vapid_keys
-from tests.support.crossprocess import api, owner, wait_until_done, workflow
+from tests.support.crossprocess import wait_until_done, workflow
 from tests.support.definitions import chain
 from tests.support.procs import PYTHON, python_env
 
@@ -28,7 +28,6 @@ os.environ.setdefault("PUSH__VAPID_PRIVATE_KEY", PRIVATE)
 os.environ.setdefault("PUSH__VAPID_PUBLIC_KEY", PUBLIC)
 
 pytestmark = [pytest.mark.xdist_group("crossprocess"), pytest.mark.usefixtures("worker_name")]
-__all__ = ["api", "owner"]
 
 FORM = {
     "type": "object",

@@ -22,9 +22,14 @@ from backend.models import (
     WorkspaceMember,
 )
 from tests.n8n.standin import StandIn, running
-from tests.support.crossprocess import api, owner  # noqa: F401  (fixtures)
 
 N8N = "/api/v1/n8n"
+
+
+@pytest.fixture
+def api(uvicorn_api: str) -> str:
+    """The real uvicorn (this package's own `api` is an in-process client)."""
+    return uvicorn_api
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +41,8 @@ def drift_server() -> Iterator[StandIn]:
 @pytest.mark.xdist_group("crossprocess")
 @pytest.mark.usefixtures("worker_name")
 def test_beat_drift_pass_opens_an_incident_in_a_real_worker(
-    api: str,  # noqa: F811
-    owner: dict[str, str],  # noqa: F811
+    api: str,
+    owner: dict[str, str],
     drift_server: StandIn,
     database: str,
 ) -> None:

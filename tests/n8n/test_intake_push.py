@@ -17,7 +17,6 @@ import pytest
 
 from tests.n8n.standin import StandIn, running
 from tests.push.loopback import PushService, push_service, vapid_keys
-from tests.support.crossprocess import api, owner  # noqa: F401  (fixtures)
 
 # The worker is started after collection with this environment: it signs Web Push with
 # this VAPID key (or with the one another module set first).
@@ -26,6 +25,12 @@ os.environ.setdefault("PUSH__VAPID_PRIVATE_KEY", _PRIVATE)
 os.environ.setdefault("PUSH__VAPID_PUBLIC_KEY", _PUBLIC)
 
 pytestmark = [pytest.mark.xdist_group("crossprocess"), pytest.mark.usefixtures("worker_name")]
+
+
+@pytest.fixture
+def api(uvicorn_api: str) -> str:
+    """The real uvicorn (this package's own `api` is an in-process client)."""
+    return uvicorn_api
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +56,8 @@ def poll(check: Any, timeout_s: float = 30) -> Any:
 
 
 def test_an_n8n_failure_reaches_a_watchers_browser_as_a_web_push(
-    api: str,  # noqa: F811
-    owner: dict[str, str],  # noqa: F811
+    api: str,
+    owner: dict[str, str],
     pushes: PushService,
     n8n_standin: StandIn,
 ) -> None:

@@ -23,10 +23,16 @@ from backend.models import N8nInstance, Workspace
 from backend.n8n.service import Secrets, seal
 from tests.n8n.conftest import n8n_settings
 from tests.n8n.webhooks import HookedStandIn, running_hooked
-from tests.support.crossprocess import api, owner, wait_until_done, workflow  # noqa: F401
+from tests.support.crossprocess import wait_until_done, workflow
 from tests.support.engine import Enqueued, start, state
 from tests.support.factories import WorkspaceFactory, create
 from workers.engine.runner import Runner
+
+
+@pytest.fixture
+def api(uvicorn_api: str) -> str:
+    """The real uvicorn (this package's own `api` is an in-process client)."""
+    return uvicorn_api
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +69,8 @@ def graph(*nodes: dict[str, Any]) -> dict[str, Any]:
 @pytest.mark.xdist_group("crossprocess")
 @pytest.mark.usefixtures("worker_name")
 def test_a_run_calls_the_n8n_webhook_and_retries_an_execution(
-    api: str,  # noqa: F811
-    owner: dict[str, str],  # noqa: F811
+    api: str,
+    owner: dict[str, str],
     hooked: HookedStandIn,
 ) -> None:
     leads = hooked.webhook_workflow("Leads", "new-lead", "POST")
@@ -124,8 +130,8 @@ def test_a_run_calls_the_n8n_webhook_and_retries_an_execution(
 
 @pytest.mark.xdist_group("crossprocess")
 def test_saving_refuses_an_instance_that_is_not_the_workspaces(
-    api: str,  # noqa: F811
-    owner: dict[str, str],  # noqa: F811
+    api: str,
+    owner: dict[str, str],
     hooked: HookedStandIn,
 ) -> None:
     def save(definition: dict[str, Any]) -> httpx.Response:

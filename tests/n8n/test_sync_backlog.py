@@ -24,8 +24,13 @@ from tests.n8n.conftest import n8n_settings
 from tests.n8n.standin import StandIn, running
 from tests.n8n.test_instances import URL, connect, refresh
 from tests.support.asgi import client_for
-from tests.support.crossprocess import api, owner  # noqa: F401  (fixtures)
 from tests.support.identity import Actor
+
+
+@pytest.fixture
+def api(uvicorn_api: str) -> str:
+    """The real uvicorn (this package's own `api` is an in-process client)."""
+    return uvicorn_api
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +144,8 @@ async def refresh_workflows(session: AsyncSession, iid: str, standin: StandIn) -
 @pytest.mark.xdist_group("crossprocess")
 @pytest.mark.usefixtures("worker_name")
 def test_beat_sync_due_syncs_a_due_instance_in_a_real_worker(
-    api: str,  # noqa: F811
-    owner: dict[str, str],  # noqa: F811
+    api: str,
+    owner: dict[str, str],
     burst: StandIn,
     database: str,
 ) -> None:

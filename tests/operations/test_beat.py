@@ -53,7 +53,7 @@ def test_periodic_tasks_are_routed_by_their_names(settings: Settings) -> None:
     )
 
 
-@pytest.mark.xdist_group("crossprocess")
+@pytest.mark.xdist_group("crossprocess-b")
 def test_every_periodic_task_runs_in_a_real_worker_as_beat_sends_it(
     worker_name: str, crossprocess_logs: Path
 ) -> None:

@@ -20,7 +20,7 @@ from backend.models import Workflow, WorkflowExecution, WorkflowVersion, Workspa
 from tests.support.factories import MINIMAL
 from tests.support.procs import PYTHON, free_port, python_env, running, wait_for
 
-pytestmark = [pytest.mark.xdist_group("crossprocess")]
+pytestmark = [pytest.mark.xdist_group("crossprocess-b")]
 AUTH = ("operator", "flower-test-password")
 
 

@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.support.crossprocess import api, owner  # noqa: F401  (fixtures)
 from tests.support.paths import ROOT
 from tests.support.procs import PYTHON, python_env
 
@@ -25,7 +24,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-def test_parallel_starts_never_pass_the_limit_together(api: str, owner: dict[str, str]) -> None:  # noqa: F811
+def test_parallel_starts_never_pass_the_limit_together(api: str, owner: dict[str, str]) -> None:
     ws = owner["X-Workspace-ID"]
     done = _cli("set", ws, "runs_per_day=4", "concurrent_runs=null")
     assert done.returncode == 0, done.stderr

@@ -33,7 +33,6 @@ from backend.models import (
 from backend.quotas import service as quotas
 from backend.quotas import warnings
 from backend.quotas.service import period_bounds
-from tests.support.crossprocess import api, owner  # noqa: F401  (fixtures)
 from tests.support.factories import UserFactory, WorkspaceMemberFactory
 from tests.support.identity import make_workspace
 
@@ -109,8 +108,8 @@ def _sync_url(database: str) -> str:
 @pytest.mark.xdist_group("crossprocess")
 @pytest.mark.usefixtures("worker_name")
 async def test_runs_per_day_warns_admins_at_80_and_100_percent_live_and_once(
-    api: str,  # noqa: F811
-    owner: dict[str, str],  # noqa: F811
+    api: str,
+    owner: dict[str, str],
     database: str,
 ) -> None:
     import websockets

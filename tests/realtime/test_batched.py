@@ -20,7 +20,7 @@ from tests.executions.test_end_to_end import wait_until_done, workflow
 from tests.realtime.test_streams import assert_contiguous, bearer, start, transform, ws_url
 from tests.support.target import Target, http_target
 
-pytestmark = [pytest.mark.xdist_group("crossprocess"), pytest.mark.usefixtures("worker_name")]
+pytestmark = [pytest.mark.xdist_group("crossprocess-b"), pytest.mark.usefixtures("worker_name")]
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from tests.realtime.test_streams import bearer, follow, seqs, slow_flow, start, 
 from tests.support.procs import PYTHON, free_port, http_ok, python_env, running, wait_for
 from tests.support.target import Target, http_target
 
-pytestmark = pytest.mark.xdist_group("crossprocess")
+pytestmark = pytest.mark.xdist_group("crossprocess-b")
 
 
 @pytest.fixture(scope="module")

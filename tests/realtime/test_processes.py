@@ -18,7 +18,7 @@ from tests.support.crossprocess import signed_in_owner, workflow
 from tests.support.procs import PYTHON, STARTUP_S, free_port, http_ok, python_env, running, wait_for
 from tests.support.target import Target, http_target
 
-pytestmark = [pytest.mark.xdist_group("crossprocess"), pytest.mark.usefixtures("worker_name")]
+pytestmark = [pytest.mark.xdist_group("crossprocess-b"), pytest.mark.usefixtures("worker_name")]
 
 TTL_S = 1.0
 
@@ -62,7 +62,10 @@ async def test_each_process_streams_a_run_the_other_admitted(
 ) -> None:
     a, b = two_apis
     owner = signed_in_owner(database, settings)
-    wf = workflow(a, owner, slow_flow(target, 0.5))
+    # Slow enough that both followers are connected before the run ends, even on a
+    # loaded machine (with 0.5 s, one connected after the end once and got only the
+    # snapshot of a finished run).
+    wf = workflow(a, owner, slow_flow(target, 3.0))
     execution_id = start(a, owner, wf)
     (on_a, code_a), (on_b, code_b) = await asyncio.gather(
         follow(a, owner, execution_id), follow(b, owner, execution_id)

@@ -2,8 +2,9 @@
 Celery worker, see tests/conftest.py), a committed owner signed in to it, and a client's
 view of a run (create a workflow over HTTP, wait for the run to end).
 
-Test packages take the `api` and `owner` fixtures by importing them into their
-conftest.py."""
+`api` (`uvicorn_api`) and `owner` are fixtures of every test (tests/conftest.py imports
+them); a test module must not import them itself (that would make a fixture of its own: one more
+uvicorn, alive until the session ends)."""
 
 from __future__ import annotations
 
@@ -30,9 +31,10 @@ from tests.support.procs import PYTHON, STARTUP_S, free_port, http_ok, python_en
 FINISHED = ("completed", "failed", "cancelled")
 
 
-@pytest.fixture(scope="module")
-def api(database: str, crossprocess_logs: Path) -> Iterator[str]:
-    """Base URL of a real uvicorn on this test worker's database and Redis."""
+@pytest.fixture(scope="session")
+def uvicorn_api(database: str, crossprocess_logs: Path) -> Iterator[str]:
+    """Base URL of a real uvicorn on this test worker's database and Redis, one per
+    xdist worker: it was one per module, ~25 start-ups of the app (5-6 s of CPU each)."""
     port = free_port()
     log = crossprocess_logs / "uvicorn-e2e.log"
     argv = [PYTHON, "-m", "uvicorn", "backend.main:app", "--host", "127.0.0.1", "--port", str(port)]
@@ -40,6 +42,13 @@ def api(database: str, crossprocess_logs: Path) -> Iterator[str]:
         base = f"http://127.0.0.1:{port}"
         wait_for(http_ok(f"{base}/health"), timeout_s=STARTUP_S, what="uvicorn", proc=proc, log=log)
         yield base
+
+
+@pytest.fixture(scope="session")
+def api(uvicorn_api: str) -> str:
+    """The real uvicorn's base URL. A package whose conftest gives `api` another meaning
+    (tests/n8n: an in-process client) asks for `uvicorn_api` where it wants this one."""
+    return uvicorn_api
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from tests.support.fake_anthropic import fake_anthropic
 from tests.support.procs import PYTHON, free_port, python_env, running, wait_for
 from tests.tracing.receiver import Receiver, Span, otlp_receiver
 
-pytestmark = pytest.mark.xdist_group("crossprocess")
+pytestmark = pytest.mark.xdist_group("crossprocess-b")
 
 
 @pytest.fixture
