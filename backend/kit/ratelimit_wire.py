@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -84,8 +84,9 @@ class _Protocol(asyncio.Protocol):
         self._buf = bytearray()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A cast, not an isinstance check: uvloop's transports (what uvicorn runs on)
+        # implement the interface without subclassing asyncio.Transport.
+        self.transport = cast("asyncio.Transport", transport)
 
     async def request(self, data: bytes, timeout_s: float) -> Any:
         assert self.transport is not None

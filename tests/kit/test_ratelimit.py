@@ -214,3 +214,22 @@ async def test_a_url_the_wire_does_not_speak_goes_through_redis_py(settings: Set
     await limiter.hit("1 per minute", "api", bucket)
     with pytest.raises(RateLimited):
         await limiter.hit("1 per minute", "api", bucket)
+
+
+def test_the_wire_runs_on_uvloop(settings: Settings) -> None:
+    # uvicorn runs the API on uvloop, whose transports are not asyncio.Transport
+    # subclasses; the suite's own loop is asyncio's.
+    import uvloop
+
+    async def hits() -> None:
+        limiter = RateLimiter(settings.redis_url)
+        assert limiter._wire is not None
+        bucket = _bucket()
+        await asyncio.gather(*(limiter.hit("3 per minute", "api", bucket) for _ in range(3)))
+        with pytest.raises(RateLimited):
+            await limiter.hit("3 per minute", "api", bucket)
+        assert limiter._wire is not None
+        limiter._wire.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(hits())
