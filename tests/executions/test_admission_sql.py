@@ -128,3 +128,33 @@ async def test_an_unknown_column_is_refused_before_any_sql(
                 actor=None,
                 reason=None,
             )
+
+
+async def test_the_returned_run_is_tracked_like_a_loaded_row(
+    sessionmaker: async_sessionmaker[AsyncSession],
+) -> None:
+    # Built without its constructor: a change to it is still seen and flushed, and
+    # attributes nobody changed are not written back.
+    async with UnitOfWork(sessionmaker) as uow:
+        wf = await _workflow(uow.session)
+        run = await lifecycle.create_run(
+            uow,
+            workspace_id=wf.workspace_id,
+            workflow_id=wf.id,
+            version=1,
+            trigger_type="manual",
+            trigger_data={"a": 1},
+            actor=None,
+            enqueue=False,
+        )
+        assert run is not None
+        assert not uow.session.dirty and run not in uow.session.new
+        run.status = "cancelled"
+        assert run in uow.session.dirty
+        await uow.session.flush()
+        stored = await uow.session.execute(
+            select(WorkflowExecution.status, WorkflowExecution.trigger_data).where(
+                WorkflowExecution.id == run.id
+            )
+        )
+        assert stored.one() == ("cancelled", {"a": 1})
