@@ -17,6 +17,7 @@ from typing import Annotated, Any, Self, TypeVar
 
 import psycopg
 from fastapi import Depends, Request
+from psycopg.pq import TransactionStatus
 from psycopg.rows import AsyncRowFactory
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
@@ -95,27 +96,36 @@ def _ping_when_idle(engine: Engine, idle_s: float) -> None:
     every connection that waited out the restart in the pool; one used right up to it
     fails one statement, and then every older connection is pinged (or, for statements
     SQLAlchemy executed, invalidated) before it is handed out again."""
-    pool = engine.pool
+    pool = engine.pool  # dispose() replaces it; the listeners move to the new one
 
     @event.listens_for(pool, "connect")
+    def opened(_: Any, record: Any) -> None:
+        record.info["idle_since"] = record.info["out_at"] = time.monotonic()
+
     @event.listens_for(pool, "checkin")
     def stamp(_: Any, record: Any) -> None:
         record.info["idle_since"] = time.monotonic()
 
     @event.listens_for(pool, "checkout")
     def ping(dbapi_connection: Any, record: Any, _: Any) -> None:
+        now = time.monotonic()
         since = record.info.get("idle_since")
+        # Handed out last before a drop was seen: it may be dead, however recently it
+        # came back (a connection out during the restart returns without a statement).
+        handed_out = record.info.get("out_at", 0.0)
         if (
             since is not None
-            and time.monotonic() - since < idle_s
-            and since > _dropped_at.get(pool, 0.0)
+            and now - since < idle_s
+            and handed_out > _dropped_at.get(engine.pool, 0.0)
         ):
+            record.info["out_at"] = now
             return
         try:
             engine.dialect.do_ping(dbapi_connection)
         except Exception as exc:
             # The pool discards this connection and checks out (or opens) another.
             raise DisconnectionError("stale pooled connection") from exc
+        record.info["out_at"] = now
 
 
 @contextlib.asynccontextmanager
@@ -145,6 +155,18 @@ async def driver_cursor(
         raise DBAPIError.instance(
             None, None, exc, psycopg.Error, hide_parameters=True, connection_invalidated=dropped
         ) from exc
+    except BaseException as exc:
+        # Cancelled (or timed out) mid-statement: psycopg tries to cancel the query on
+        # the server and may have closed the connection, or left it busy. As SQLAlchemy
+        # does for its own statements, such a connection is not handed out again.
+        if not isinstance(exc, Exception) and (
+            driver.closed or driver.info.transaction_status in _BUSY
+        ):
+            await conn.invalidate(exc)
+        raise
+
+
+_BUSY = (TransactionStatus.ACTIVE, TransactionStatus.UNKNOWN)
 
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -3,30 +3,16 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import httpx
 import pytest
 
-from tests.support import crossprocess
 from tests.support.crossprocess import wait_until_done, workflow
 from tests.support.definitions import chain
 from tests.support.procs import wait_for
 from tests.support.target import http_target
 
 pytestmark = [pytest.mark.xdist_group("crossprocess"), pytest.mark.usefixtures("worker_name")]
-
-# tests/realtime still imports these helpers from here; see __getattr__ below.
-__all__ = ["wait_until_done", "workflow"]
-_MOVED = ("api", "owner", "signed_in_owner")
-
-
-def __getattr__(name: str) -> Any:
-    # tests/realtime still imports these from here (it was being edited elsewhere when
-    # they moved to tests.support.crossprocess); import them from there instead.
-    if name in _MOVED:
-        return getattr(crossprocess, name)
-    raise AttributeError(name)
 
 
 def test_a_run_goes_from_post_to_completed_through_the_worker(

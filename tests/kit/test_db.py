@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -147,3 +149,26 @@ async def test_driver_errors_come_back_as_sqlalchemy_raises_them(engine: AsyncEn
                 await cur.execute("SELECT 1/0")
         assert not raised.value.connection_invalidated
         assert "division by zero" in str(raised.value)
+
+
+async def test_a_statement_cancelled_midway_leaves_no_busy_connection_in_the_pool(
+    settings: Settings,
+) -> None:
+    """A task cancelled while its statement runs (a timeout, a worker shutting down):
+    the connection is not handed out busy; the next statement on the pool answers."""
+    hot = settings.db.model_copy(update={"pool_size": 1, "max_overflow": 0})
+    pool = create_engine(settings.model_copy(update={"db": hot}), autocommit=True)
+
+    async def sleep_on(conn: AsyncConnection) -> None:
+        async with driver_cursor(conn) as cur:
+            await cur.execute("SELECT pg_sleep(5)")
+
+    try:
+        async with pool.connect() as conn:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(sleep_on(conn), 0.3)
+        async with pool.connect() as conn, driver_cursor(conn) as cur:
+            await asyncio.wait_for(cur.execute("SELECT 1"), 2)
+            assert await cur.fetchone() == (1,)
+    finally:
+        await pool.dispose()

@@ -1,4 +1,4 @@
-"""A real uvicorn and the session's real worker, shared by the stream tests; and a
+"""A Valkey of a test's own, to take away and bring back (Redis outages); the stream
 Valkey of a test's own, to take away and bring back (Redis outages)."""
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.executions.test_end_to_end import api, owner  # noqa: F401  (fixtures)
 from tests.support.procs import free_port, wait_for
 
 

@@ -16,8 +16,8 @@ import websockets
 from websockets.exceptions import ConnectionClosed
 
 from backend.realtime.router import BATCH_MAX, frames
-from tests.executions.test_end_to_end import wait_until_done, workflow
 from tests.realtime.test_streams import assert_contiguous, bearer, start, transform, ws_url
+from tests.support.crossprocess import wait_until_done, workflow
 from tests.support.target import Target, http_target
 
 pytestmark = [pytest.mark.xdist_group("crossprocess-b"), pytest.mark.usefixtures("worker_name")]

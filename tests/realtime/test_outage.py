@@ -21,9 +21,9 @@ from redis.asyncio import Redis
 from websockets.exceptions import ConnectionClosed
 
 from backend.realtime.events import EventLog
-from tests.executions.test_end_to_end import wait_until_done, workflow
 from tests.realtime.conftest import Valkey
 from tests.realtime.test_streams import bearer, follow, seqs, slow_flow, start, transform, ws_url
+from tests.support.crossprocess import wait_until_done, workflow
 from tests.support.procs import PYTHON, free_port, http_ok, python_env, running, wait_for
 from tests.support.target import Target, http_target
 

@@ -19,7 +19,7 @@ from websockets.exceptions import ConnectionClosed
 
 from backend.auth import tokens
 from backend.config import Settings
-from tests.executions.test_end_to_end import signed_in_owner, wait_until_done, workflow
+from tests.support.crossprocess import signed_in_owner, wait_until_done, workflow
 from tests.support.target import Target, http_target
 
 pytestmark = [pytest.mark.xdist_group("crossprocess-b"), pytest.mark.usefixtures("worker_name")]
