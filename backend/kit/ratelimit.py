@@ -20,13 +20,12 @@ previous window by how much of it still overlaps, so it can be off by a fraction
 one window's worth at its edges; that is fine for sharing load and not for counting
 guesses at a sign-in code.
 
-A capacity budget's hit runs on every signed-in request, so it skips the library and
-redis-py: one EVALSHA of the counter's script (ours, below: the library's acquire
-script that also answers the window's figures when it refuses, so a refusal needs no
-second call), pipelined on one connection of its own (backend/kit/ratelimit_wire.py;
-through redis-py's client when the URL is not a plain `redis://` one), on the
-library's own keys. Both paths count in the same keys, so `check` and `spend` (through
-the library) and processes of an older version see one count.
+A capacity budget's hit runs on every signed-in request, so it skips the library: one
+EVALSHA of the counter's script (ours, below: the library's acquire script that also
+answers the window's figures when it refuses, so a refusal needs no second call),
+sent through redis-py's client on the library's own keys and connection pool. Both
+paths count in the same keys, so `check` and `spend` (through the library) and
+processes of an older version see one count.
 """
 
 from __future__ import annotations
@@ -51,7 +50,6 @@ from redis.exceptions import NoScriptError, RedisError
 
 from backend.kit.errors import DependencyUnavailable, RateLimited
 from backend.kit.logging import get_logger
-from backend.kit.ratelimit_wire import Wire
 
 log = get_logger(__name__)
 
@@ -146,7 +144,6 @@ class RateLimiter:
         self._exact = MovingWindowRateLimiter(self._storage)
         self._counter = SlidingWindowCounterRateLimiter(self._storage)
         self._sliding_sha = hashlib.sha1(SLIDING_HIT.encode(), usedforsecurity=False).hexdigest()
-        self._wire = Wire.for_url(url, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
 
     def _strategy(
         self, key: tuple[str, ...]
@@ -170,7 +167,13 @@ class RateLimiter:
         previous_key, current_key, amount, expiry = _sliding_keys(limit, key)
         args = (previous_key, current_key, amount, expiry, 1)
         try:
-            answer = await self._run_sliding(args)
+            try:
+                answer = await cast(
+                    "Awaitable[list[int]]", self._redis.evalsha(self._sliding_sha, 2, *args)
+                )
+            except NoScriptError:
+                # A fresh or flushed Redis: EVAL sends the script and caches it there.
+                answer = await cast("Awaitable[list[int]]", self._redis.eval(SLIDING_HIT, 2, *args))
         except RedisError as exc:
             self._unavailable(key, exc)
             return
@@ -180,21 +183,6 @@ class RateLimiter:
         raise RateLimited(
             f"too many {what}; try again in {retry_after} s", retry_after_s=retry_after
         )
-
-    async def _run_sliding(self, args: tuple[str | int, ...]) -> list[int]:
-        wire = self._wire
-        if wire is not None:
-            try:
-                return cast("list[int]", await wire.call("EVALSHA", self._sliding_sha, 2, *args))
-            except NoScriptError:
-                # A fresh or flushed Redis: EVAL sends the script and caches it there.
-                return cast("list[int]", await wire.call("EVAL", SLIDING_HIT, 2, *args))
-        try:
-            return await cast(
-                "Awaitable[list[int]]", self._redis.evalsha(self._sliding_sha, 2, *args)
-            )
-        except NoScriptError:
-            return await cast("Awaitable[list[int]]", self._redis.eval(SLIDING_HIT, 2, *args))
 
     async def check(self, limit: str, *key: str, what: str = "requests") -> None:
         """Refuse if the budget is spent, without spending any of it."""
