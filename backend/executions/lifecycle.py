@@ -12,9 +12,11 @@ registered with `on_finished`, so this module needs no import of those domains.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -30,7 +32,7 @@ from backend.executions.state import TERMINAL_EXECUTION, ExecutionStatus, NodeSt
 from backend.kit import db
 from backend.kit.db import UnitOfWork
 from backend.kit.logging import get_logger
-from backend.kit.tasks import Send, enqueue_after_commit, send_in_thread
+from backend.kit.tasks import Send, send_in_thread
 from backend.models import ExecutionTransition, WorkflowExecution
 from backend.quotas import service as quotas
 from backend.realtime.events import publish_after_commit
@@ -141,7 +143,7 @@ async def create_run(
         await admission.release(1)
         return None
     if enqueue:
-        enqueue_after_commit(uow, EXECUTE_TASK, str(execution.id))
+        _enqueue_after_commit(uow, execution.id)
     return execution
 
 
@@ -192,6 +194,81 @@ async def _send_all(ids: list[uuid.UUID]) -> None:
             for first in range(0, len(ids), RUNS_PER_MESSAGE)
         )
     )
+
+
+class _RunMessages:
+    """The messages of the runs one event loop admits, sent as they come: a run alone
+    goes as `workflow.execute`; runs committed while the previous message was being
+    published go together as one `workflow.execute_many` (up to RUNS_PER_MESSAGE). Under
+    load (many requests starting runs at once) the broker's cost per run, most of a
+    start's CPU (kombu's publish and the `task-sent` event Flower reads), is paid once
+    per message; a lone run waits for nothing. Each caller still waits until its run's
+    message is out (the answer to a start means the message was published) and sees the
+    publish's error; a failed publish leaves its runs to the reaper as before."""
+
+    def __init__(self) -> None:
+        self.waiting: list[tuple[str, asyncio.Future[None]]] = []
+        self.draining: asyncio.Task[None] | None = None
+
+    async def send(self, execution_id: uuid.UUID) -> None:
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append((str(execution_id), future))
+        if self.draining is None:
+            # In this caller's context: the first message's publish joins its trace.
+            self.draining = asyncio.create_task(self._drain())
+        await future
+
+    async def _drain(self) -> None:
+        batch: list[tuple[str, asyncio.Future[None]]] = []
+        try:
+            while self.waiting:
+                batch = self.waiting[:RUNS_PER_MESSAGE]
+                self.waiting = self.waiting[RUNS_PER_MESSAGE:]
+                ids = [execution_id for execution_id, _ in batch]
+                error: Exception | None = None
+                try:
+                    await send_in_thread(
+                        Send(EXECUTE_TASK, ids) if len(ids) == 1 else Send(EXECUTE_MANY_TASK, [ids])
+                    )
+                except Exception as exc:
+                    error = exc
+                for _, future in batch:
+                    if future.done():  # its caller was cancelled; the run was sent anyway
+                        continue
+                    if error is None:
+                        future.set_result(None)
+                    else:
+                        future.set_exception(error)
+                batch = []
+        except BaseException as exc:
+            # The loop is going away: nobody may wait forever on a message not sent
+            # (the reaper enqueues those runs).
+            for _, future in [*batch, *self.waiting]:
+                if not future.done():
+                    future.set_exception(exc)
+            self.waiting = []
+            raise
+        finally:
+            self.draining = None
+
+
+_run_messages: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _RunMessages] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def _send_run(execution_id: uuid.UUID) -> None:
+    loop = asyncio.get_running_loop()
+    sender = _run_messages.get(loop)
+    if sender is None:
+        sender = _run_messages[loop] = _RunMessages()
+    await sender.send(execution_id)
+
+
+def _enqueue_after_commit(uow: UnitOfWork, execution_id: uuid.UUID) -> None:
+    send = functools.partial(_send_run, execution_id)
+    send.__name__ = f"enqueue:{EXECUTE_TASK}"  # type: ignore[attr-defined]
+    uow.after_commit(send)
 
 
 async def history(session: AsyncSession, execution_id: uuid.UUID) -> Sequence[ExecutionTransition]:
@@ -545,7 +622,7 @@ async def wake(uow: UnitOfWork, execution_id: uuid.UUID, *, actor: str | None, r
     ex.resume_at = now
     if ex.status == E.PENDING:
         log.info("execution.woken", execution_id=str(execution_id), actor=actor, reason=reason)
-        enqueue_after_commit(uow, EXECUTE_TASK, str(execution_id))
+        _enqueue_after_commit(uow, execution_id)
     return True
 
 
