@@ -99,7 +99,9 @@ async def test_every_endpoint_answers_the_same_from_aggregates_and_from_the_live
     paths = [*ENDPOINTS, f"workflows/{month.workflow.id}"]
     live = {p: await _get(client, viewer, p, **_window(month)) for p in paths}
     result = await aggregate_pass(sessionmaker)
-    assert result["hours"] == 30 and result["rows"] > 0
+    # At least this month's 30 hours: the pass aggregates every hour with runs in the
+    # database, and tests that commit (engine tests, on the same xdist worker) add theirs.
+    assert result["hours"] >= 30 and result["rows"] > 0
     stored = {p: await _get(client, viewer, p, **_window(month)) for p in paths}
     assert stored == live
     # The answers are written as JSON directly: each must be what its schema says,
