@@ -13,6 +13,7 @@ registered with `on_finished`, so this module needs no import of those domains.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import time
 import uuid
@@ -204,52 +205,67 @@ class _RunMessages:
     start's CPU (kombu's publish and the `task-sent` event Flower reads), is paid once
     per message; a lone run waits for nothing. Each caller still waits until its run's
     message is out (the answer to a start means the message was published) and sees the
-    publish's error; a failed publish leaves its runs to the reaper as before."""
+    publish's error; a failed publish leaves its runs to the reaper as before.
+
+    A message carries its caller's context (request id header, trace parent) only when
+    it carries that caller's run alone; one for several callers carries none: never
+    one request's identity on another's runs."""
 
     def __init__(self) -> None:
-        self.waiting: list[tuple[str, asyncio.Future[None]]] = []
+        self.waiting: list[tuple[str, asyncio.Future[None], contextvars.Context]] = []
         self.draining: asyncio.Task[None] | None = None
 
     async def send(self, execution_id: uuid.UUID) -> None:
         future = asyncio.get_running_loop().create_future()
-        self.waiting.append((str(execution_id), future))
+        self.waiting.append((str(execution_id), future, contextvars.copy_context()))
         if self.draining is None:
-            # In this caller's context: the first message's publish joins its trace.
-            self.draining = asyncio.create_task(self._drain())
+            # A context of its own: the task outlives the request that started it.
+            self.draining = asyncio.create_task(self._drain(), context=contextvars.Context())
         await future
 
     async def _drain(self) -> None:
-        batch: list[tuple[str, asyncio.Future[None]]] = []
+        batch: list[tuple[str, asyncio.Future[None], contextvars.Context]] = []
         try:
             while self.waiting:
                 batch = self.waiting[:RUNS_PER_MESSAGE]
                 self.waiting = self.waiting[RUNS_PER_MESSAGE:]
-                ids = [execution_id for execution_id, _ in batch]
+                ids = [execution_id for execution_id, _, _ in batch]
                 error: Exception | None = None
                 try:
-                    await send_in_thread(
-                        Send(EXECUTE_TASK, ids) if len(ids) == 1 else Send(EXECUTE_MANY_TASK, [ids])
-                    )
+                    if len(batch) == 1:
+                        await send_in_thread(Send(EXECUTE_TASK, ids), context=batch[0][2])
+                    else:
+                        await send_in_thread(
+                            Send(EXECUTE_MANY_TASK, [ids]), context=contextvars.Context()
+                        )
                 except Exception as exc:
                     error = exc
-                for _, future in batch:
+                for _, future, _ in batch:
                     if future.done():  # its caller was cancelled; the run was sent anyway
                         continue
                     if error is None:
                         future.set_result(None)
                     else:
-                        future.set_exception(error)
+                        future.set_exception(_not_sent(error))
                 batch = []
         except BaseException as exc:
             # The loop is going away: nobody may wait forever on a message not sent
             # (the reaper enqueues those runs).
-            for _, future in [*batch, *self.waiting]:
+            for _, future, _ in [*batch, *self.waiting]:
                 if not future.done():
-                    future.set_exception(exc)
+                    future.set_exception(_not_sent(exc))
             self.waiting = []
             raise
         finally:
             self.draining = None
+
+
+def _not_sent(cause: BaseException) -> RuntimeError:
+    """An error of each caller's own (one exception object raised in several tasks
+    would collect all their tracebacks), naming the cause."""
+    error = RuntimeError(f"run message not sent: {cause!r}")
+    error.__cause__ = cause
+    return error
 
 
 _run_messages: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _RunMessages] = (

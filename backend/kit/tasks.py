@@ -89,11 +89,14 @@ def _forget_senders() -> None:
 os.register_at_fork(after_in_child=_forget_senders)
 
 
-async def send_in_thread(*messages: Send) -> None:
-    """Publish from async code: one hop to a sender thread for all of them."""
+async def send_in_thread(*messages: Send, context: contextvars.Context | None = None) -> None:
+    """Publish from async code: one hop to a sender thread for all of them, in the
+    caller's context (or the one given: a fresh, unentered one)."""
     # In the caller's context: the publish's trace span joins the request's trace, and
-    # its log lines carry the request id (run_in_executor does not copy contextvars).
-    context = contextvars.copy_context()
+    # its log lines and message headers carry the request id (run_in_executor does not
+    # copy contextvars).
+    if context is None:
+        context = contextvars.copy_context()
     await asyncio.get_running_loop().run_in_executor(
         _executor(), functools.partial(context.run, send, *messages)
     )

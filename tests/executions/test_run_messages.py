@@ -13,9 +13,11 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from celery.signals import after_task_publish
+import structlog
+from celery.signals import after_task_publish, before_task_publish
 
 from backend.executions import lifecycle
+from backend.kit.logging import REQUEST_ID_KEY
 
 
 @contextlib.contextmanager
@@ -74,3 +76,31 @@ async def test_a_caller_that_stops_waiting_does_not_stop_its_runs_message() -> N
             await asyncio.sleep(0.01)
     everything = [i for _, batch in messages for i in batch]
     assert sorted(everything) == sorted([str(patient), str(impatient)])
+
+
+async def test_a_message_carries_a_request_id_only_for_that_requests_run_alone() -> None:
+    """A lone run's message carries its request's id (the worker's log lines join it);
+    a message for several requests' runs carries none, never one request's id on
+    another's runs."""
+    headers_of: dict[str, str | None] = {}
+
+    def record(sender: str | None = None, headers: Any = None, body: Any = None, **_: Any) -> None:
+        args = body[0] if isinstance(body, tuple) else body.get("args", [])
+        key = str(sender) + ":" + ",".join(map(str, args[0] if isinstance(args[0], list) else args))
+        headers_of[key] = (headers or {}).get(REQUEST_ID_KEY)
+
+    async def start(execution_id: uuid.UUID, request_id: str) -> None:
+        structlog.contextvars.bind_contextvars(**{REQUEST_ID_KEY: request_id})
+        await lifecycle._send_run(execution_id)
+
+    before_task_publish.connect(record, weak=False)
+    try:
+        lone = uuid.uuid4()
+        await asyncio.create_task(start(lone, "req-lone"))
+        together = [uuid.uuid4() for _ in range(3)]
+        await asyncio.gather(*(start(i, f"req-{n}") for n, i in enumerate(together)))
+    finally:
+        before_task_publish.disconnect(record)
+    assert headers_of[f"{lifecycle.EXECUTE_TASK}:{lone}"] == "req-lone"
+    many = f"{lifecycle.EXECUTE_MANY_TASK}:" + ",".join(map(str, together))
+    assert many in headers_of and headers_of[many] is None
