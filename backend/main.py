@@ -206,6 +206,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 # the default collected hundreds of times a second and promoted what the requests in
 # flight held into the older generations, which were then collected again and again.
 GC_YOUNG_THRESHOLD = 10_000
+_gc_tuned = False
 
 
 def _tune_gc() -> None:
@@ -213,7 +214,13 @@ def _tune_gc() -> None:
     and routes, ~300k objects that live as long as the process) out of the collector's
     reach with gc.freeze, and collect the youngest generation less often. Measured under
     wrk (issue 20): garbage collection took ~15 % of the API process's CPU before (a full
-    collection walked the whole heap, ~150 ms, every few hundred requests), ~3 % after."""
+    collection walked the whole heap, ~150 ms, every few hundred requests), ~3 % after.
+    Once per process: a lifespan that starts again (tests start one per client) would
+    pay a full collection each time and freeze whatever happened to be alive then."""
+    global _gc_tuned
+    if _gc_tuned:
+        return
+    _gc_tuned = True
     gc.collect()
     gc.freeze()
     _, older, oldest = gc.get_threshold()
