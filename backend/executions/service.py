@@ -33,7 +33,13 @@ from backend.executions.schemas import (
 from backend.executions.state import TERMINAL_EXECUTION, ExecutionStatus, NodeStatus
 from backend.kit import rawsql
 from backend.kit.db import UnitOfWork
-from backend.kit.errors import Conflict, InvalidTransition, NotFound, ValidationFailed
+from backend.kit.errors import (
+    Conflict,
+    InvalidTransition,
+    NotFound,
+    QuotaExceeded,
+    ValidationFailed,
+)
 from backend.kit.logging import get_logger
 from backend.models import NodeExecution, Workflow, WorkflowExecution
 from backend.realtime.events import EXECUTION_STATUS, channel
@@ -119,21 +125,30 @@ async def start(
         resource_type="execution",
         details={"workflow_id": str(workflow.id), "version": workflow.current_version},
     )
-    execution = await lifecycle.create_run(
-        uow,
-        workspace_id=workflow.workspace_id,
-        workflow_id=workflow.id,
-        version=workflow.current_version,
-        trigger_type=data.trigger_type,
-        trigger_data=data.trigger_data,
-        actor=actor_of(access.principal),
-        reason=f"started ({data.trigger_type})",
-        # Only a key can collide (API runs have no schedule slot).
-        skip_duplicate=idempotency_key is not None,
-        activity=entry,
-        idempotency_key=idempotency_key,
-        created_by=access.principal.user_id,
-    )
+    try:
+        execution = await lifecycle.create_run(
+            uow,
+            workspace_id=workflow.workspace_id,
+            workflow_id=workflow.id,
+            version=workflow.current_version,
+            trigger_type=data.trigger_type,
+            trigger_data=data.trigger_data,
+            actor=actor_of(access.principal),
+            reason=f"started ({data.trigger_type})",
+            # Only a key can collide (API runs have no schedule slot).
+            skip_duplicate=idempotency_key is not None,
+            activity=entry,
+            idempotency_key=idempotency_key,
+            created_by=access.principal.user_id,
+        )
+    except QuotaExceeded:
+        # Quotas are admitted before the insert finds the key taken: a retry of a start
+        # that already has its run answers that run, even once the quota is used up.
+        if idempotency_key:
+            existing = await _replayed(uow.session, access, data, idempotency_key)
+            if existing is not None:
+                return existing, False
+        raise
     if execution is None:
         # The key already has its run: an earlier request, or a concurrent retry whose
         # insert committed first (ON CONFLICT waited for it).

@@ -108,6 +108,14 @@ async def test_an_idempotent_replay_takes_no_second_place_in_the_quota(
     assert (await _usage(client, actor, ws))["runs_per_day"]["used"] == 1
     assert (await _start(client, actor, workflow)).status_code == 202
     assert (await _start(client, actor, workflow)).status_code == 402
+    # At the limit, a retry of the keyed start still answers its run (nothing new is
+    # started); a new key is refused.
+    r = await client.post("/api/v1/executions", headers=headers, json=body)
+    assert r.status_code == 200, r.text
+    r = await client.post(
+        "/api/v1/executions", headers={**actor.headers, "Idempotency-Key": "new"}, json=body
+    )
+    assert r.status_code == 402, r.text
 
 
 async def test_the_day_quota_resets_when_the_day_ends(
