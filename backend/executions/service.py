@@ -109,10 +109,9 @@ async def start(
     entry; then the commit, after which the message and the live feed's notice go out."""
     workflow: Workflow = access.resource
     if workflow.status == "archived":
-        if idempotency_key:
-            existing = await _replayed(uow.session, access, data, idempotency_key)
-            if existing is not None:
-                return existing, False
+        existing = await _replayed(uow.session, access, data, idempotency_key)
+        if existing is not None:
+            return existing, False
         raise Conflict(
             "an archived workflow cannot run; move it back to draft first", field="workflow_id"
         )
@@ -144,15 +143,13 @@ async def start(
     except QuotaExceeded:
         # Quotas are admitted before the insert finds the key taken: a retry of a start
         # that already has its run answers that run, even once the quota is used up.
-        if idempotency_key:
-            existing = await _replayed(uow.session, access, data, idempotency_key)
-            if existing is not None:
-                return existing, False
+        existing = await _replayed(uow.session, access, data, idempotency_key)
+        if existing is not None:
+            return existing, False
         raise
     if execution is None:
         # The key already has its run: an earlier request, or a concurrent retry whose
         # insert committed first (ON CONFLICT waited for it).
-        assert idempotency_key is not None
         existing = await _replayed(uow.session, access, data, idempotency_key)
         if existing is None:
             raise Conflict("this Idempotency-Key is in use; retry", field="Idempotency-Key")
@@ -163,8 +160,11 @@ async def start(
 
 
 async def _replayed(
-    session: AsyncSession, access: WorkspaceAccess, data: ExecutionCreate, key: str
+    session: AsyncSession, access: WorkspaceAccess, data: ExecutionCreate, key: str | None
 ) -> WorkflowExecution | None:
+    """The run an earlier start with this key made (None without a key or a run)."""
+    if key is None:
+        return None
     existing = await repo.find_by_key(session, access.workspace_id, key)
     if existing is not None and existing.workflow_id != data.workflow_id:
         raise Conflict(
