@@ -30,12 +30,9 @@ processes of an older version see one count.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
-from collections.abc import Awaitable
 from functools import lru_cache
-from typing import cast
 
 from limits import RateLimitItem
 from limits import parse as parse_limit
@@ -46,7 +43,7 @@ from limits.aio.strategies import (
 )
 from limits.errors import StorageError
 from redis.asyncio import ConnectionPool, Redis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from backend.kit.errors import DependencyUnavailable, RateLimited
 from backend.kit.logging import get_logger
@@ -143,7 +140,9 @@ class RateLimiter:
         )
         self._exact = MovingWindowRateLimiter(self._storage)
         self._counter = SlidingWindowCounterRateLimiter(self._storage)
-        self._sliding_sha = hashlib.sha1(SLIDING_HIT.encode(), usedforsecurity=False).hexdigest()
+        # redis-py's script object: EVALSHA, and EVAL once when Redis does not have it
+        # (a fresh or flushed server).
+        self._sliding_hit = self._redis.register_script(SLIDING_HIT)
 
     def _strategy(
         self, key: tuple[str, ...]
@@ -165,15 +164,9 @@ class RateLimiter:
 
     async def _hit_counter(self, limit: str, key: tuple[str, ...], what: str) -> None:
         previous_key, current_key, amount, expiry = _sliding_keys(limit, key)
-        args = (previous_key, current_key, amount, expiry, 1)
+        args = [amount, expiry, 1]
         try:
-            try:
-                answer = await cast(
-                    "Awaitable[list[int]]", self._redis.evalsha(self._sliding_sha, 2, *args)
-                )
-            except NoScriptError:
-                # A fresh or flushed Redis: EVAL sends the script and caches it there.
-                answer = await cast("Awaitable[list[int]]", self._redis.eval(SLIDING_HIT, 2, *args))
+            answer = await self._sliding_hit(keys=[previous_key, current_key], args=args)
         except RedisError as exc:
             self._unavailable(key, exc)
             return

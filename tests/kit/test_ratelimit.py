@@ -90,7 +90,7 @@ async def test_a_script_flushed_from_redis_is_sent_again(settings: Settings) -> 
     try:
         await redis.script_flush()
         await limiter.hit("2 per minute", "api", bucket)
-        assert await redis.script_exists(limiter._sliding_sha) == [True]
+        assert await redis.script_exists(limiter._sliding_hit.sha) == [True]
         await limiter.hit("2 per minute", "api", bucket)
         with pytest.raises(RateLimited):
             await limiter.hit("2 per minute", "api", bucket)
