@@ -8,7 +8,7 @@ import pytest
 from celery.beat import Scheduler
 
 from backend.config import Settings
-from backend.kit.celery_app import celery_app, celery_config
+from backend.kit.celery_app import QUEUES, celery_app, celery_config
 from tests.support.procs import wait_for
 
 
@@ -74,12 +74,29 @@ def test_every_periodic_task_runs_in_a_real_worker_as_beat_sends_it(
         "maintenance.retention",
         "maintenance.purge",
     }
-    # One at a time, each once the last one answered: beat sends its ticks with an
+    # One at a time, each once the worker is idle: beat sends its ticks with an
     # `expires` as short as their interval (the reaper's: 3 s), so a dozen sent at once
-    # to this one-slot worker expired behind the slower ones (REVOKED 'expired').
+    # to this one-slot worker expired behind the slower ones (REVOKED 'expired'). Idle,
+    # not merely "the last one answered": a tick that fans out (n8n.sync_due sends one
+    # sync per instance, and instances other tests left behind take seconds to find
+    # unreachable) leaves work queued after its own answer, and the reaper's tick expired
+    # behind it in CI.
+    inspect = celery_app.control.inspect(destination=[worker_name], timeout=2)
+
+    def idle() -> bool:
+        with celery_app.connection_for_read() as conn:
+            channel = conn.default_channel
+            # Declared (as the worker already did): Redis has no key for an empty
+            # queue, so a passive declare of one answers "not found".
+            if any(channel.queue_declare(q).message_count for q in QUEUES):
+                return False
+        busy = [inspect.active(), inspect.reserved()]
+        return all(reply is not None and not any(reply.values()) for reply in busy)
+
     sent = {}
     outcomes = {}
     for name, entry in entries.items():
+        wait_for(idle, timeout_s=60, what=f"an idle worker before {name}")
         result = sent[name] = scheduler.apply_async(entry, advance=False)
         result.get(timeout=120, propagate=False)
         outcomes[name] = (result.status, None if result.successful() else repr(result.result))
