@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import pytest
-from sqlalchemy import func, select, text
+from psycopg.pq import TransactionStatus
+from sqlalchemy import delete, func, select, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from backend.config import Settings
-from backend.kit.db import UnitOfWork, create_engine, driver_cursor
+from backend.kit.db import UnitOfWork, create_engine, create_sessionmaker, driver_cursor
 from backend.kit.errors import NotFound
 from backend.kit.repository import Repository
 from backend.models import Workspace
@@ -172,3 +174,31 @@ async def test_a_statement_cancelled_midway_leaves_no_busy_connection_in_the_poo
             assert await cur.fetchone() == (1,)
     finally:
         await pool.dispose()
+
+
+async def test_a_read_only_unit_skips_the_commit_but_still_writes_what_it_changed(
+    engine: AsyncEngine,
+) -> None:
+    """A read-only unit (the hot GETs) on the engine runs in autocommit and, with
+    nothing pending, skips the session's commit; a change that slipped in (the
+    sign-in activity stamp) is still written, and the connection goes back idle."""
+    makers = create_sessionmaker(engine)
+    slug = f"ro-{uuid.uuid4().hex[:8]}"
+    async with UnitOfWork(makers) as uow:
+        uow.session.add(Workspace(name="before", slug=slug))
+    try:
+        async with UnitOfWork(makers, read_only=True) as uow:
+            row = (
+                await uow.session.execute(select(Workspace).where(Workspace.slug == slug))
+            ).scalar_one()
+            connection = await uow.session.connection()
+            driver = (await connection.get_raw_connection()).driver_connection
+            row.name = "after"
+        async with UnitOfWork(makers, read_only=True) as uow:
+            name = await uow.session.scalar(select(Workspace.name).where(Workspace.slug == slug))
+        assert name == "after"
+        assert driver is not None
+        assert driver.info.transaction_status == TransactionStatus.IDLE
+    finally:
+        async with UnitOfWork(makers) as uow:
+            await uow.session.execute(delete(Workspace).where(Workspace.slug == slug))
