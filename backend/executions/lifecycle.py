@@ -120,6 +120,7 @@ async def create_run(
     )
     if admission is None:
         return None
+    admission.hold_until_commit(uow)
     # The run and its first history row in one statement (backend/executions/admission.py).
     execution = await admission_sql.insert_run(
         uow.session,
@@ -170,6 +171,7 @@ async def create_runs(
         admission = found or quotas.FREE
         if found is None:
             return []
+        admission.hold_until_commit(uow)
     values = [{"id": uuid.uuid4(), "status": E.PENDING.value, **row} for row in rows]
     ids = await repo.insert_runs(uow.session, values)
     await admission.release(len(values) - len(ids))

@@ -212,6 +212,7 @@ class UnitOfWork:
     ) -> None:
         self._sessionmaker = sessionmaker
         self._after_commit: list[AfterCommit] = []
+        self._on_rollback: list[AfterCommit] = []
         self._read_only = read_only
         # Read-only on an autocommit connection (not when bound to a test's connection).
         self._autocommit = False
@@ -220,11 +221,18 @@ class UnitOfWork:
     def after_commit(self, callback: AfterCommit) -> None:
         self._after_commit.append(callback)
 
+    def on_rollback(self, callback: AfterCommit) -> None:
+        """Undo something held outside the database (a quota place reserved in Redis)
+        if this unit's writes do not commit: it is rolled back, or its commit fails.
+        Dropped once a commit went through."""
+        self._on_rollback.append(callback)
+
     async def commit(self) -> None:
         """Commit now and send what waited for it (a request that goes on after its
         write is durable: `POST /executions?wait=`); the unit of work stays usable."""
         await self.session.commit()
-        await self._run_after_commit()
+        self._on_rollback.clear()
+        await self._run(self._take(self._after_commit), "after_commit.failed")
 
     async def __aenter__(self) -> Self:
         bind = self._sessionmaker.kw.get("bind")
@@ -238,6 +246,7 @@ class UnitOfWork:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, _: object
     ) -> None:
+        committed = False
         try:
             if exc_type is None and self._autocommit and not self._pending():
                 # Nothing to write, and autocommit: a commit would only walk the
@@ -253,26 +262,43 @@ class UnitOfWork:
             else:
                 await self.session.rollback()
                 self._after_commit.clear()
+            committed = exc_type is None or (isinstance(exc, DomainError) and exc.keep_changes)
         finally:
-            await self.session.close()
-        await self._run_after_commit()
+            try:
+                await self.session.close()
+            finally:
+                undo = self._take(self._on_rollback)
+                if not committed:
+                    # A commit that raised may still have reached the server (a
+                    # connection lost on the way back): undone all the same, so a quota
+                    # errs by one place towards the caller, never holds a lost one.
+                    self._after_commit.clear()
+                    await self._run(undo, "on_rollback.failed")
+        await self._run(self._take(self._after_commit), "after_commit.failed")
 
     def _pending(self) -> bool:
         session = self.session
         return bool(session.new or session.dirty or session.deleted)
 
-    async def _run_after_commit(self) -> None:
-        callbacks, self._after_commit = self._after_commit, []
+    @staticmethod
+    def _take(callbacks: list[AfterCommit]) -> list[AfterCommit]:
+        taken = callbacks[:]
+        callbacks.clear()
+        return taken
+
+    @staticmethod
+    async def _run(callbacks: list[AfterCommit], event: str) -> None:
         for callback in callbacks:
-            # The transaction is committed; a failing side effect must not turn the
+            # The transaction is settled; a failing side effect must not turn the
             # request into an error the client would retry. Whatever was missed is
-            # recovered from the database (the reaper requeues stranded executions).
+            # recovered from the database (the reaper requeues stranded executions;
+            # quota counters are rebuilt from the rows when Redis loses them).
             try:
                 result = callback()
                 if isinstance(result, Awaitable):
                     await result
             except Exception:
-                log.exception("after_commit.failed", callback=getattr(callback, "__name__", "?"))
+                log.exception(event, callback=getattr(callback, "__name__", "?"))
 
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -42,6 +42,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.config import Settings, get_settings
+from backend.kit.db import UnitOfWork
 from backend.kit.errors import QuotaExceeded, ValidationFailed
 from backend.kit.logging import get_logger
 from backend.models import ActivityLog, WorkspaceQuota
@@ -418,6 +419,13 @@ class Admission:
             return
         self.reserved -= count
         await _add(self.workspace_id, "runs_per_day", -count, self.at)
+
+    def hold_until_commit(self, uow: UnitOfWork) -> None:
+        """Give the places back if `uow` does not commit (its runs were never written:
+        a failed insert, a request that failed after it): a reservation that outlived
+        its rolled-back runs counted against the workspace until the day ended."""
+        if self.reserved > 0:
+            uow.on_rollback(lambda: self.release(self.reserved))
 
 
 FREE = Admission()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 
 import pytest
 from psycopg.pq import TransactionStatus
 from sqlalchemy import delete, func, select, text
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from backend.config import Settings
@@ -202,3 +203,34 @@ async def test_a_read_only_unit_skips_the_commit_but_still_writes_what_it_change
     finally:
         async with UnitOfWork(makers) as uow:
             await uow.session.execute(delete(Workspace).where(Workspace.slug == slug))
+
+
+async def test_on_rollback_runs_only_when_the_writes_did_not_commit(
+    sessionmaker: async_sessionmaker[AsyncSession],
+) -> None:
+    undone: list[str] = []
+
+    def undo(name: str) -> Callable[[], None]:
+        return lambda: undone.append(name)
+
+    async with UnitOfWork(sessionmaker) as uow:
+        uow.on_rollback(undo("committed"))
+    with pytest.raises(RuntimeError):
+        async with UnitOfWork(sessionmaker) as uow:
+            uow.on_rollback(undo("rolled back"))
+            raise RuntimeError("boom")
+    # A commit that fails is undone too (a duplicate slug: the unique index refuses it
+    # at the commit's flush).
+    async with UnitOfWork(sessionmaker) as uow:
+        uow.session.add(Workspace(name="D", slug="uow-d"))
+    with pytest.raises(IntegrityError):
+        async with UnitOfWork(sessionmaker) as uow:
+            uow.on_rollback(undo("commit failed"))
+            uow.session.add(Workspace(name="D again", slug="uow-d"))
+    # What an explicit commit made durable stays, whatever happens after it.
+    with pytest.raises(RuntimeError):
+        async with UnitOfWork(sessionmaker) as uow:
+            uow.on_rollback(undo("committed early"))
+            await uow.commit()
+            raise RuntimeError("after the commit")
+    assert undone == ["rolled back", "commit failed"]

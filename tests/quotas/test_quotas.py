@@ -13,10 +13,12 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from backend.auth.permissions import Role
 from backend.config import Settings
+from backend.executions import lifecycle
 from backend.kit.db import UnitOfWork
 from backend.kit.errors import QuotaExceeded, ValidationFailed
 from backend.models import ActivityLog, ToolUsage, Trigger, Workflow, WorkflowExecution, Workspace
@@ -387,3 +389,39 @@ async def test_an_agent_node_past_the_monthly_token_quota_fails_without_calling_
     error = error_of(rows["think"])
     assert "ai_tokens_per_month" in error["message"] and rows["think"].attempt == 1
     assert requests == []  # the model was never called
+
+
+async def test_runs_that_were_rolled_back_give_their_places_in_the_day_quota_back(
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    settings: Settings,
+) -> None:
+    """A run's place is reserved in Redis before its insert; a unit of work that then
+    rolls back (a failed insert, a request that failed after it) never wrote the run,
+    and its place is given back: before, it counted until the day ended."""
+    ws = await make_workspace(session)
+    actor = await _editor(session, settings, ws)
+    workflow = await published(session, ws, with_trigger({"kind": "manual"}))
+    await quotas.set_overrides(session, ws.id, {"runs_per_day": 2})
+    run: dict[str, Any] = {
+        "workspace_id": ws.id, "workflow_id": workflow.id, "version": workflow.current_version,
+        "trigger_type": "manual", "trigger_data": {}, "actor": None, "enqueue": False,
+    }  # fmt: skip
+    with pytest.raises(RuntimeError):
+        async with UnitOfWork(sessionmaker) as uow:
+            assert await lifecycle.create_run(uow, **run) is not None
+            raise RuntimeError("the request failed after the insert")
+    with pytest.raises(RuntimeError):
+        async with UnitOfWork(sessionmaker) as uow:
+            rows = [{k: v for k, v in run.items() if k not in ("actor", "enqueue")}] * 2
+            assert len(await lifecycle.create_runs(uow, rows, actor=None, reason="t")) == 2
+            raise RuntimeError("the batch failed after its insert")
+    # An insert that fails itself (no such workflow) gives its place back too.
+    with pytest.raises(IntegrityError):
+        async with UnitOfWork(sessionmaker) as uow:
+            await lifecycle.create_run(uow, **{**run, "workflow_id": uuid.uuid4()})
+    assert (await _usage(client, actor, ws))["runs_per_day"]["used"] == 0
+    assert (await _start(client, actor, workflow)).status_code == 202
+    assert (await _start(client, actor, workflow)).status_code == 202
+    assert (await _start(client, actor, workflow)).status_code == 402
