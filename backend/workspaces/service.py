@@ -18,10 +18,11 @@ from backend.auth.permissions import Role
 from backend.config import Settings
 from backend.kit.crypto import hash_token, new_token
 from backend.kit.db import UnitOfWork
-from backend.kit.errors import Conflict, NotFound, PermissionDenied
+from backend.kit.errors import Conflict, NotFound, PermissionDenied, ValidationFailed
 from backend.kit.mail import send_mail
 from backend.kit.ratelimit import RateLimiter
 from backend.models import ApiKey, Invitation, User, Workspace, WorkspaceMember
+from backend.quotas.service import ACTIONS as OWN_QUOTAS
 from backend.workspaces.schemas import (
     InviteCreate,
     MemberRead,
@@ -34,6 +35,49 @@ from backend.workspaces.schemas import (
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """JSON Merge Patch (RFC 7386): objects merge key by key, recursively; a null removes
+    its key; anything else replaces what was there."""
+    if not isinstance(patch, dict):
+        return patch
+    merged = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = merge_patch(merged.get(key), value)
+    return merged
+
+
+def check_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings this service reads, checked (the rest is the front end's, kept as
+    sent): a value the maintenance task or a quota would silently ignore is refused,
+    naming it."""
+    days = settings.get("retention_days")
+    if days is not None and (
+        isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= 3650
+    ):
+        raise ValidationFailed(
+            "retention_days must be a whole number of days from 1 to 3650",
+            field="settings.retention_days",
+        )
+    own = settings.get("quotas")
+    if own is not None:
+        if not isinstance(own, dict):
+            raise ValidationFailed("quotas must be an object", field="settings.quotas")
+        for name, value in own.items():
+            if name not in OWN_QUOTAS:
+                raise ValidationFailed(
+                    f"a workspace may lower only {', '.join(sorted(OWN_QUOTAS))}",
+                    field=f"settings.quotas.{name}"[:200],
+                )
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValidationFailed(
+                    f"{name} must be a whole number, 0 or more", field=f"settings.quotas.{name}"
+                )
+    return settings
 
 
 def _slug(name: str) -> str:
@@ -71,7 +115,9 @@ async def create_personal_workspace(session: AsyncSession, user: User) -> Worksp
 async def create_workspace(
     uow: UnitOfWork, principal: Principal, data: WorkspaceCreate
 ) -> WorkspaceWithRole:
-    workspace = await _create(uow.session, principal.user, data.name, data.settings, personal=False)
+    workspace = await _create(
+        uow.session, principal.user, data.name, check_settings(data.settings), personal=False
+    )
     record(
         uow.session,
         principal,
@@ -112,6 +158,10 @@ async def update_workspace(
 ) -> WorkspaceWithRole:
     values = data.model_dump(exclude_unset=True)
     workspace = access.workspace
+    if values.get("settings") is not None:
+        # Merged into what is stored, not put in its place: setting the retention must
+        # not drop the quotas an administrator lowered (a null removes one key).
+        values["settings"] = check_settings(merge_patch(workspace.settings, values["settings"]))
     for key, value in values.items():
         if value is not None:
             setattr(workspace, key, value)

@@ -82,6 +82,50 @@ async def test_mass_assignment_is_rejected(
         assert r.json()["fields"][0]["field"] == field
 
 
+async def test_settings_are_merged_not_replaced_and_checked_naming_the_field(
+    client: httpx.AsyncClient, session: AsyncSession, team: Workspace, owner: Actor
+) -> None:
+    """PATCH merges `settings` into what is stored (JSON Merge Patch): setting the
+    retention keeps the quotas an administrator lowered; a null removes one key. Values
+    the service reads are checked, and a refusal leaves what was stored alone."""
+    url = f"{API}/workspaces/{team.id}"
+    r = await client.patch(
+        url, headers=owner.headers,
+        json={"settings": {"quotas": {"n8n_toggles_per_day": 5}, "theme": "dark"}},
+    )  # fmt: skip
+    assert r.status_code == 200, r.text
+    r = await client.patch(url, headers=owner.headers, json={"settings": {"retention_days": 90}})
+    assert r.json()["settings"] == {
+        "quotas": {"n8n_toggles_per_day": 5}, "theme": "dark", "retention_days": 90,
+    }  # fmt: skip
+    r = await client.patch(
+        url, headers=owner.headers,
+        json={"settings": {"theme": None, "quotas": {"n8n_refreshes_per_day": 2}}},
+    )  # fmt: skip
+    merged = {
+        "quotas": {"n8n_toggles_per_day": 5, "n8n_refreshes_per_day": 2}, "retention_days": 90,
+    }  # fmt: skip
+    assert r.json()["settings"] == merged
+    for bad, field in (
+        ({"retention_days": 0}, "settings.retention_days"),
+        ({"retention_days": "90"}, "settings.retention_days"),
+        ({"retention_days": True}, "settings.retention_days"),
+        ({"quotas": []}, "settings.quotas"),
+        ({"quotas": {"runs_per_day": 10**6}}, "settings.quotas.runs_per_day"),
+        ({"quotas": {"n8n_toggles_per_day": -1}}, "settings.quotas.n8n_toggles_per_day"),
+    ):
+        r = await client.patch(url, headers=owner.headers, json={"settings": bad})
+        assert (r.status_code, r.json()["error"], r.json()["field"]) == (
+            422, "validation_error", field,
+        ), (bad, r.text)  # fmt: skip
+    assert (await client.get(url, headers=owner.headers)).json()["settings"] == merged
+    r = await client.post(
+        f"{API}/workspaces", headers=owner.headers,
+        json={"name": "Bad", "settings": {"retention_days": 99999}},
+    )  # fmt: skip
+    assert (r.status_code, r.json()["field"]) == (422, "settings.retention_days")
+
+
 async def test_role_changes_respect_rank_and_the_last_owner(
     client: httpx.AsyncClient,
     session: AsyncSession,
