@@ -239,8 +239,9 @@ async def used_in_db(
 # Counters in Redis ----------------------------------------------------------------------
 
 # KEYS[1] counter hash {v: used, at: rebuilt at (epoch s)}; ARGV: amount, limit ('' for
-# none), now, reconcile_s. Answers {-1, 0}: rebuild first; {0, used}: refused;
-# {1, used}: reserved (amount 0 only checks: refused when used >= limit).
+# none), now, reconcile_s. Answers {-1, 0}: rebuild first; {0, used, at}: refused;
+# {1, used, at}: reserved (amount 0 only checks: refused when used >= limit); `at` says
+# which rebuild the answer counted on (see _RELEASE).
 _RESERVE = """
 local h = redis.call('HMGET', KEYS[1], 'v', 'at')
 if not h[1] or not h[2] or tonumber(ARGV[3]) - tonumber(h[2]) >= tonumber(ARGV[4]) then
@@ -251,17 +252,27 @@ local amount = tonumber(ARGV[1])
 if ARGV[2] ~= '' then
   local limit = tonumber(ARGV[2])
   if used + amount > limit or (amount == 0 and used >= limit) then
-    return {0, h[1]}
+    return {0, h[1], h[2]}
   end
 end
-if amount == 0 then return {1, h[1]} end
-return {1, redis.call('HINCRBYFLOAT', KEYS[1], 'v', ARGV[1])}
+if amount == 0 then return {1, h[1], h[2]} end
+return {1, redis.call('HINCRBYFLOAT', KEYS[1], 'v', ARGV[1]), h[2]}
 """
 # KEYS[1]; ARGV: used (from PostgreSQL), now, ttl_ms.
 _REBUILD = """
 redis.call('HSET', KEYS[1], 'v', ARGV[1], 'at', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
+"""
+# KEYS[1]; ARGV: amount (negative), the `at` its reservation was counted on. Only the
+# counter that reservation went into moves: one rebuilt since counted from the rows, and
+# those never held runs that were not written, so taking them off again would let the
+# workspace past its limit.
+_RELEASE = """
+if redis.call('HGET', KEYS[1], 'at') == ARGV[2] then
+  return redis.call('HINCRBYFLOAT', KEYS[1], 'v', ARGV[1])
+end
+return false
 """
 # KEYS[1]; ARGV: amount. Only an existing counter moves (a missing one is rebuilt).
 _ADD = """
@@ -272,6 +283,10 @@ return false
 """
 
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Redis] = weakref.WeakKeyDictionary()
+
+
+def _text(value: Any) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def redis_client() -> Redis:
@@ -299,6 +314,8 @@ def counter_key(workspace_id: uuid.UUID, name: str, now: datetime) -> str:
 class Verdict:
     ok: bool
     used: float
+    # The counter's rebuild stamp the answer came from (None: decided from the rows).
+    counted_on: str | None = None
 
 
 async def _reserve(
@@ -349,12 +366,12 @@ async def _reserve_once(
     try:
         redis = redis_client()
         for _ in range(2):
-            code, used = await redis.eval(
+            code, used, *counted_on = await redis.eval(
                 _RESERVE, 1, key, repr(float(amount)), limit_arg, stamp,
                 str(settings.quotas.reconcile_s),
             )  # fmt: skip
             if int(code) >= 0:
-                return Verdict(int(code) == 1, float(used))
+                return Verdict(int(code) == 1, float(used), _text(counted_on[0]))
             fresh = await used_in_db(session, workspace_id, name, now)
             # Kept a day past its period, so a late release or spend finds it.
             ttl_ms = int(((end - now).total_seconds() + 86_400) * 1000)
@@ -412,13 +429,22 @@ class Admission:
     workspace_id: uuid.UUID | None = None
     reserved: int = 0
     at: datetime | None = None
+    # The counter rebuild the reservation went into (Verdict.counted_on).
+    counted_on: str | None = None
 
     async def release(self, count: int) -> None:
         count = min(count, self.reserved)
         if count <= 0 or self.workspace_id is None or self.at is None:
             return
         self.reserved -= count
-        await _add(self.workspace_id, "runs_per_day", -count, self.at)
+        if self.counted_on is None:
+            return  # decided from the rows (Redis was down): nothing was added
+        key = counter_key(self.workspace_id, "runs_per_day", self.at)
+        try:
+            await redis_client().eval(_RELEASE, 1, key, repr(float(-count)), self.counted_on)
+        except RedisError as exc:
+            # Too strict until the next rebuild (at most QUOTAS__RECONCILE_S away).
+            log.warning("quotas.redis_unavailable", error=repr(exc), quota="runs_per_day")
 
     def hold_until_commit(self, uow: UnitOfWork) -> None:
         """Give the places back if `uow` does not commit (its runs were never written:
@@ -477,7 +503,7 @@ async def admit_runs(
             session, workspace_id, "runs_per_day", count, per_day, settings, now
         )
         if verdict.ok:
-            admission.reserved = count
+            admission.reserved, admission.counted_on = count, verdict.counted_on
         else:
             refusal = _refusal("runs_per_day", per_day, verdict.used, now)
     if refusal is None:

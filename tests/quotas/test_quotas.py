@@ -14,12 +14,12 @@ import pytest
 from redis.asyncio import Redis
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from backend.auth.permissions import Role
 from backend.config import Settings
 from backend.executions import lifecycle
-from backend.kit.db import UnitOfWork
+from backend.kit.db import UnitOfWork, create_sessionmaker
 from backend.kit.errors import QuotaExceeded, ValidationFailed
 from backend.models import ActivityLog, ToolUsage, Trigger, Workflow, WorkflowExecution, Workspace
 from backend.quotas import service as quotas
@@ -425,3 +425,41 @@ async def test_runs_that_were_rolled_back_give_their_places_in_the_day_quota_bac
     assert (await _start(client, actor, workflow)).status_code == 202
     assert (await _start(client, actor, workflow)).status_code == 202
     assert (await _start(client, actor, workflow)).status_code == 402
+
+
+async def test_a_place_given_back_after_a_rebuild_is_not_taken_off_twice(
+    engine: AsyncEngine, settings: Settings
+) -> None:
+    """A counter rebuilt (from the committed rows) while a run's transaction was still
+    open already leaves that run out; when the transaction then rolls back, its place
+    must not be taken off the counter again, or the workspace gets a run past its limit
+    (found by a review: 3 runs admitted against a limit of 2)."""
+    makers = create_sessionmaker(engine)
+    async with UnitOfWork(makers) as uow:
+        ws = await make_workspace(uow.session, f"rebuild-{uuid.uuid4().hex[:6]}")
+        workflow = await published(uow.session, ws, with_trigger({"kind": "manual"}))
+        await quotas.set_overrides(uow.session, ws.id, {"runs_per_day": 2})
+    run: dict[str, Any] = {
+        "workspace_id": ws.id, "workflow_id": workflow.id, "version": workflow.current_version,
+        "trigger_type": "manual", "trigger_data": {}, "actor": "user:t", "enqueue": False,
+    }  # fmt: skip
+    key = quotas.counter_key(ws.id, "runs_per_day", datetime.now(UTC))
+    redis = quotas.redis_client()
+    with pytest.raises(RuntimeError):
+        async with UnitOfWork(makers) as uow:
+            assert await lifecycle.create_run(uow, **run) is not None
+            # The counter goes stale and a GET /usage rebuilds it from the rows, which
+            # do not hold this uncommitted run.
+            await redis.hset(key, "at", "0")
+            async with makers() as other:
+                used = {q["quota"]: q["used"] for q in await quotas.usage(other, ws.id, settings)}
+            assert used["runs_per_day"] == 0
+            raise RuntimeError("the request failed after the insert")
+    assert float(await redis.hget(key, "v") or 0) == 0
+    admitted = 0
+    with pytest.raises(QuotaExceeded):
+        for _ in range(3):
+            async with UnitOfWork(makers) as uow:
+                await lifecycle.create_run(uow, **run)
+            admitted += 1
+    assert admitted == 2
