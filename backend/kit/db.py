@@ -277,8 +277,11 @@ class UnitOfWork:
         await self._run(self._take(self._after_commit), "after_commit.failed")
 
     def _pending(self) -> bool:
+        """Anything a commit would write or announce: unflushed changes, or what flushes
+        and announce() left in `session.info` for the session's after-commit hooks (live
+        notices, cache evictions, pushes)."""
         session = self.session
-        return bool(session.new or session.dirty or session.deleted)
+        return bool(session.new or session.dirty or session.deleted or session.info)
 
     @staticmethod
     def _take(callbacks: list[AfterCommit]) -> list[AfterCommit]:
