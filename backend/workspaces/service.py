@@ -73,9 +73,9 @@ def check_settings(settings: dict[str, Any]) -> dict[str, Any]:
                     f"a workspace may lower only {', '.join(sorted(OWN_QUOTAS))}",
                     field=f"settings.quotas.{name}"[:200],
                 )
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                 raise ValidationFailed(
-                    f"{name} must be a whole number, 0 or more", field=f"settings.quotas.{name}"
+                    f"{name} must be a number, 0 or more", field=f"settings.quotas.{name}"
                 )
     return settings
 
@@ -161,7 +161,11 @@ async def update_workspace(
     if values.get("settings") is not None:
         # Merged into what is stored, not put in its place: setting the retention must
         # not drop the quotas an administrator lowered (a null removes one key).
-        values["settings"] = check_settings(merge_patch(workspace.settings, values["settings"]))
+        merged = merge_patch(workspace.settings, values["settings"])
+        # Only what this request touches is checked: a value stored before the checks
+        # existed does not block an unrelated change.
+        check_settings({key: merged[key] for key in values["settings"] if key in merged})
+        values["settings"] = merged
     for key, value in values.items():
         if value is not None:
             setattr(workspace, key, value)
