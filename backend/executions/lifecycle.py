@@ -639,7 +639,13 @@ async def wake(uow: UnitOfWork, execution_id: uuid.UUID, *, actor: str | None, r
         return False
     ex.resume_at = now
     if ex.status == E.PENDING:
-        log.info("execution.woken", execution_id=str(execution_id), actor=actor, reason=reason)
+        # Logged once it holds: a caller may still refuse and roll back (a resume URL
+        # already spent answers 409 after this).
+        uow.after_commit(
+            lambda: log.info(
+                "execution.woken", execution_id=str(execution_id), actor=actor, reason=reason
+            )
+        )
         _enqueue_after_commit(uow, execution_id)
     return True
 
