@@ -60,7 +60,12 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.AsyncNetworkStream:
-        infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        try:
+            infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:  # socket.gaierror: no such name, no DNS answer
+            # As httpcore reports a failed connect (httpx.ConnectError): callers treat it
+            # as unreachable. Raised bare, it escaped every handler as a 500.
+            raise httpcore.ConnectError(f"{host} does not resolve ({exc.strerror or exc})") from exc
         addresses = []
         for *_, sockaddr in infos:
             ip = ipaddress.ip_address(str(sockaddr[0]).split("%")[0])

@@ -43,6 +43,8 @@ from backend.n8n.api_types import (
 )
 
 API_PATH = "/api/v1"
+# What an X-N8N-API-KEY header may carry (as backend/n8n/schemas.py accepts keys).
+_HEADER_SAFE = re.compile(r"^[\x21-\x7e]+$")
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 # A POST answered with these was not carried out: safe to send again.
 POST_RETRY_STATUSES = frozenset({429, 503})
@@ -171,6 +173,13 @@ class N8nClient:
     async def _send_once(
         self, method: str, url: str, params: dict[str, Any] | None, body: Any
     ) -> tuple[httpx.Response, bytes]:
+        if not _HEADER_SAFE.match(self._key):
+            # A key stored before the API refused such keys: the HTTP client would fail
+            # on it with the key itself in the error (a 500, the key in logs and Flower).
+            raise Unauthorized(
+                "the stored API key is not one n8n issues (printable ASCII, no spaces);"
+                " set it again"
+            )
         request = self.http.build_request(
             method,
             url,

@@ -4,6 +4,8 @@ secret that only lets its holder report failures of this instance."""
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -18,17 +20,54 @@ Label = Annotated[str, Field(min_length=1, max_length=50, pattern=r"^[\w .:/-]+$
 N8nId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 
 
+# A host name's labels (after IDNA), or an IP literal (checked with ipaddress).
+_HOST = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?$")
+
+
 def check_url(value: str | None) -> str | None:
     if value is None:
         return None
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an http(s) URL with a host")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0 or (port is None and ":" in parts.netloc.rsplit("]", 1)[-1]):
+        raise ValueError("the port must be a number from 1 to 65535")
+    if not _valid_host(parts.hostname):
+        raise ValueError("the host must be a domain name or an IP address")
     if parts.username or parts.password:
         raise ValueError("must not carry credentials: the API key goes in `api_key`")
     if parts.query or parts.fragment:
         raise ValueError("must not carry a query or fragment")
     return value.rstrip("/")
+
+
+def _valid_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    try:
+        ascii_host = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return False
+    return len(ascii_host) <= 253 and _HOST.match(ascii_host) is not None
+
+
+# What n8n issues (a JWT) and what an HTTP header can carry: printable ASCII, no spaces.
+# Anything else failed only later, inside the HTTP client, with the key in the error.
+_API_KEY = re.compile(r"^[\x21-\x7e]+$")
+
+
+def check_api_key(value: SecretStr | None) -> SecretStr | None:
+    if value is not None and not _API_KEY.match(value.get_secret_value()):
+        # The message never repeats the key.
+        raise ValueError("must be printable ASCII without spaces, as n8n issues API keys")
+    return value
 
 
 class Notify(StrictInput):
@@ -65,6 +104,11 @@ class InstanceCreate(StrictInput):
         assert checked is not None
         return checked
 
+    @field_validator("api_key")
+    @classmethod
+    def _key(cls, value: SecretStr) -> SecretStr | None:
+        return check_api_key(value)
+
 
 class InstancePatch(StrictInput):
     name: Annotated[Name, Field(max_length=100)] | None = None
@@ -79,6 +123,11 @@ class InstancePatch(StrictInput):
     @classmethod
     def _url(cls, value: str | None) -> str | None:
         return check_url(value)
+
+    @field_validator("api_key")
+    @classmethod
+    def _key(cls, value: SecretStr | None) -> SecretStr | None:
+        return check_api_key(value)
 
 
 class InstanceRead(BaseModel):

@@ -164,3 +164,16 @@ async def test_error_details_come_from_include_data(local: Settings, standin: St
     async with make(local, standin) as api:
         full = await api.execution(failed["id"], include_data=True)
     assert error_of(full) == ("bad gateway", "HTTP")
+
+
+@pytest.mark.parametrize("key", ["n8n_api_\u2026", "abc\r\nX-Evil: 1"])
+async def test_a_stored_key_no_header_can_carry_fails_without_naming_it(
+    local: Settings, standin: StandIn, key: str
+) -> None:
+    """A key stored before the API refused such keys: a clear failure of the instance,
+    not the HTTP client's error with the key in it."""
+    async with n8n.client_for(local, standin.base, key) as api:
+        with pytest.raises(n8n.Unauthorized) as raised:
+            await api.workflows()
+    assert key not in str(raised.value) and "set it again" in str(raised.value)
+    assert standin.calls == []

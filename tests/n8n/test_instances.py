@@ -91,7 +91,15 @@ async def test_the_key_is_sealed_and_never_returned(
         ({"base_url": "ftp://n8n.example.com"}, "base_url"),
         ({"base_url": "https://user:pw@n8n.example.com"}, "base_url"),
         ({"base_url": "https://n8n.example.com?x=1"}, "base_url"),
+        ({"base_url": "http://n8n.example.com:99999"}, "base_url"),
+        ({"base_url": "http://n8n.example.com:0"}, "base_url"),
+        ({"base_url": "https://exa mple.com"}, "base_url"),
         ({"api_key": ""}, "api_key"),
+        # The README's own placeholder once went in and failed later, in the HTTP client,
+        # with the key in the error (a 500, the key in logs and Flower).
+        ({"api_key": "n8n_api_\u2026"}, "api_key"),
+        ({"api_key": "abc\r\nX-Evil: 1"}, "api_key"),
+        ({"api_key": "two words"}, "api_key"),
         ({"name": ""}, "name"),
         ({"tags": ["ok", "bad\x00tag"]}, "tags[1]"),
         ({"notify": {"webhooks": ["file:///etc/passwd"]}}, "notify.webhooks"),
@@ -105,6 +113,8 @@ async def test_bad_input_names_the_field(
     r = await api.post(URL, headers=editor.headers, json={**good, **body})
     assert r.status_code == 422, r.text
     assert field_of(r).startswith(field)
+    if "api_key" in body:
+        assert body["api_key"] == "" or body["api_key"] not in r.text
 
 
 async def test_duplicate_name_is_409(
@@ -140,6 +150,13 @@ async def test_test_reports_version_scopes_and_a_clear_status_when_down(
     assert "cannot connect" in r.json()["reason"]
     r = await api.post(f"{URL}/{made['id']}/refresh", headers=editor.headers)
     assert r.status_code == 200 and r.json()["status"] == "unreachable"
+    # A name that does not resolve is unreachable too (it was a 500).
+    lost = {"base_url": "https://n8n.nothing.invalid"}
+    await api.patch(f"{URL}/{made['id']}", headers=editor.headers, json=lost)
+    r = await api.post(f"{URL}/{made['id']}/test", headers=editor.headers)
+    assert r.status_code == 200, r.text
+    assert (r.json()["ok"], r.json()["status"]) == (False, "unreachable")
+    assert "does not resolve" in r.json()["reason"]
 
 
 async def test_refresh_syncs_workflows_and_executions_incrementally(
