@@ -183,7 +183,12 @@ async def view_task_link(
     buttons = ""
     if task.status == "open":
         choices = [decision] if decision else ["approve", "reject"]
-        buttons = "".join(
+        if "approve" in choices and not service.approvable_without_input(task):
+            # Its form asks for input this page cannot take: approve in the studio (or
+            # POST {decision, input} here); rejecting still works from the page.
+            choices.remove("approve")
+            buttons = "<p>Approving needs the task's form: open the task in the studio.</p>"
+        buttons += "".join(
             f'<form method="post"><input type="hidden" name="decision" value="{c}">'
             f'<textarea name="comment" placeholder="comment"></textarea>'
             f'<button type="submit">{c.title()}</button></form>'

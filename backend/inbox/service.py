@@ -267,6 +267,16 @@ def check_input(task: Task, value: Any) -> None:
         )
 
 
+def approvable_without_input(task: Task) -> bool:
+    """Whether an approval with no form input would be accepted (the e-mail's page,
+    which has no form, offers Approve only then)."""
+    try:
+        check_input(task, None)
+    except ValidationFailed:
+        return False
+    return True
+
+
 async def _lock(session: AsyncSession, task_id: uuid.UUID) -> Task:
     task = await session.get(Task, task_id, with_for_update=True, populate_existing=True)
     if task is None:
@@ -307,7 +317,10 @@ async def decide(
         raise PermissionDenied("this task is not yours to decide")
     if task.claimed_by is not None and task.claimed_by != user.id:
         raise Conflict("someone else claimed this task", field="claimed_by")
-    check_input(task, value)
+    if approve or value is not None:
+        # The form is what an approval needs; a rejection needs none (the e-mail's
+        # page has no form, and a required field must not keep anyone from saying no).
+        check_input(task, value)
     status = APPROVED if approve else REJECTED
     decision = {
         "decision": status,

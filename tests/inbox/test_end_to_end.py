@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from typing import Any
@@ -19,6 +20,7 @@ import pytest
 from tests.push.loopback import PushService, push_service, vapid_keys
 from tests.support.crossprocess import wait_until_done, workflow
 from tests.support.definitions import chain
+from tests.support.mail import Mailbox, body_of
 from tests.support.procs import PYTHON, python_env
 
 # The API and the worker are started after collection, with this environment: the
@@ -274,3 +276,40 @@ async def test_task_events_arrive_on_the_workspace_and_the_users_own_channel(
         )
         decided = await next_message(about("user", "task.decided"))
         assert decided["event"]["task"]["status"] == "approved"
+
+
+def test_the_emailed_links_show_the_task_and_decide_it_once(
+    api: str, owner: dict[str, str], mailbox: Mailbox
+) -> None:
+    """The assignee's e-mail carries one-time links: opening one never decides (mail
+    scanners open links), the page's button does, once. A task whose form needs input
+    offers no Approve on the page (it has no form), and rejecting needs no input."""
+    me = httpx.get(f"{api}/api/v1/auth/me", headers=owner).json()
+
+    def links_for(form: dict[str, Any] | None) -> tuple[str, dict[str, str]]:
+        before = mailbox.count()
+        body = {"title": f"Sign off {uuid4().hex[:6]}", "assignees": [me["id"]]}
+        r = httpx.post(f"{api}/api/v1/tasks", headers=owner, json={**body, "form": form})
+        assert r.status_code == 201, r.text
+        text = body_of(mailbox.wait_for(me["email"], after=before))
+        found = dict(re.findall(r"(Approve|Reject):\s+\S+(/api/v1/task-links/\S+)", text))
+        assert set(found) == {"Approve", "Reject"}, text
+        return r.json()["id"], {k.lower(): f"{api}{v}" for k, v in found.items()}
+
+    task_id, links = links_for(None)
+    page = httpx.get(links["approve"])
+    assert page.status_code == 200 and "<button" in page.text and "Approve" in page.text
+    assert httpx.get(f"{api}/api/v1/tasks/{task_id}", headers=owner).json()["status"] == "open"
+    decided = httpx.post(links["approve"].split("?")[0], data={"decision": "approve"})
+    assert (decided.status_code, decided.json()["status"]) == (200, "approved"), decided.text
+    again = httpx.post(links["reject"].split("?")[0], data={"decision": "reject"})
+    assert again.status_code in (404, 409), again.text
+    assert httpx.get(f"{api}/api/v1/tasks/{task_id}", headers=owner).json()["status"] == "approved"
+
+    task_id, links = links_for(FORM)
+    page = httpx.get(links["approve"].split("?")[0])
+    assert "Approving needs the task" in page.text and ">Approve<" not in page.text
+    refused = httpx.post(links["approve"].split("?")[0], data={"decision": "approve"})
+    assert (refused.status_code, refused.json()["field"]) == (422, "input")
+    decided = httpx.post(links["reject"].split("?")[0], data={"decision": "reject"})
+    assert (decided.status_code, decided.json()["status"]) == (200, "rejected"), decided.text

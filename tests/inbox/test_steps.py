@@ -317,6 +317,12 @@ async def test_a_manual_task_and_the_inbox_rules(
     assert tid in [t["id"] for t in listed["items"]]
     r = await api.get("/api/v1/tasks?status=bogus", headers=viewer.headers)
     assert r.status_code == 422
+    # The form is what approving needs; saying no needs none.
+    tid = (await api.post("/api/v1/tasks", headers=editor.headers, json=body)).json()["id"]
+    r = await api.post(f"/api/v1/tasks/{tid}/approve", headers=admin.headers, json={})
+    assert (r.status_code, r.json()["field"]) == (422, "input"), r.text
+    r = await api.post(f"/api/v1/tasks/{tid}/reject", headers=admin.headers, json={"comment": "no"})
+    assert (r.status_code, r.json()["status"]) == (200, "rejected"), r.text
 
 
 def test_approval_and_wait_schemas_refuse_what_cannot_work() -> None:
