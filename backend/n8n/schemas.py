@@ -11,7 +11,15 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, SecretStr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    EmailStr,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+)
 
 from backend.auth.schemas import Name, StrictInput
 from backend.n8n.api_types import EXECUTION_STATUSES
@@ -268,6 +276,14 @@ class InstallErrorWorkflow(StrictInput):
     @classmethod
     def _url(cls, value: str | None) -> str | None:
         return check_url(value)
+
+    @field_validator("all_workflows")
+    @classmethod
+    def _one_choice(cls, value: bool, info: ValidationInfo) -> bool:
+        # Declared after workflow_ids, so that one is already in info.data.
+        if value and info.data.get("workflow_ids"):
+            raise ValueError("send workflow_ids or all_workflows: true, not both")
+        return value
 
 
 class InstallResult(BaseModel):

@@ -325,6 +325,11 @@ async def test_error_workflow_installed_linked_and_the_intake_tells_watchers(
     made = await connect(api, editor, standin, notify={"emails": ["ops@example.com"]})
     iid = made["id"]
     await refresh(api, editor, iid)
+    calls = len(standin.calls)
+    r = await api.post(f"{URL}/{iid}/install-error-workflow", headers=editor.headers,
+                       json={"workflow_ids": [wf["id"]], "all_workflows": True})  # fmt: skip
+    assert (r.status_code, field_of(r)) == (422, "all_workflows"), r.text
+    assert len(standin.calls) == calls  # nothing reached n8n
     r = await api.post(f"{URL}/{iid}/install-error-workflow", headers=editor.headers,
                        json={"workflow_ids": [wf["id"]]})  # fmt: skip
     assert r.status_code == 200, r.text
