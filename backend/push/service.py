@@ -43,7 +43,16 @@ from backend.push import senders
 from backend.realtime.events import event_log
 
 log = get_logger(__name__)
-KINDS = ("task.assigned", "task.decided", "run.failed", "invitation", "quota.warning", "n8n.error")
+# Every kind people.notify is called with (a test checks each sender's kind is here).
+KINDS = (
+    "task.assigned",
+    "task.decided",
+    "run.failed",
+    "invitation",
+    "quota.warning",
+    "n8n.error",
+    "n8n_drift",
+)
 CHANNELS = ("in_app", "email", "web_push", "fcm")
 PUSH_TASK = "notifications.push"
 # One notice reaches at most this many people (a task open to a large workspace).

@@ -199,6 +199,15 @@ async def test_the_notifications_api(
         "/api/v1/notifications/preferences", headers=h, json={"run.failed": {"email": False}}
     )
     assert r.status_code == 200 and r.json()["run.failed"]["email"] is False
+    # Every kind something notifies people of can be switched off (drift's could not).
+    from backend.n8n import drift, intake
+    from backend.quotas import warnings
+
+    for kind in (drift.KIND, intake.KIND, warnings.KIND):
+        r = await c.put(
+            "/api/v1/notifications/preferences", headers=h, json={kind: {"web_push": False}}
+        )
+        assert r.status_code == 200 and r.json()[kind]["web_push"] is False, r.text
     async with UnitOfWork(maker) as uow:
         await service.notify(uow, settings, [person.user.id], kind="invitation", title="Join us")
     page = (await c.get("/api/v1/notifications?unread=true", headers=h)).json()
