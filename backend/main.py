@@ -127,6 +127,12 @@ async def _domain_error(_: Request, exc: Exception) -> JSONResponse:
     extra: dict[str, Any] = dict(exc.extra)
     if exc.field:
         extra["field"] = exc.field
+        if isinstance(exc, errors.ValidationFailed) and "fields" not in extra:
+            # The same shape as a request that failed its schema: clients read one list.
+            # Where the field was sent is the route's to know; a rule names only the field.
+            extra["fields"] = [
+                {"field": exc.field, "in": None, "message": exc.detail, "type": "value_error"}
+            ]
     headers = None
     if isinstance(exc, errors.RateLimited):
         headers = {"Retry-After": str(exc.retry_after_s)}

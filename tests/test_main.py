@@ -45,6 +45,10 @@ def build_app(settings: Settings) -> FastAPI:
     async def rate_limited() -> None:
         raise errors.RateLimited("slow down", retry_after_s=7)
 
+    @app.get("/t/rule")
+    async def rule() -> None:
+        raise errors.ValidationFailed("the graph has a cycle: a -> b -> a", field="connections")
+
     @app.get("/t/transition")
     async def transition() -> None:
         raise errors.InvalidTransition("completed -> running is not allowed")
@@ -94,6 +98,20 @@ async def test_domain_errors_map_to_status_and_code(tclient: httpx.AsyncClient) 
         "rate_limited",
         "7",
     )
+
+
+async def test_a_rule_checked_after_parsing_is_listed_in_fields_too(
+    tclient: httpx.AsyncClient,
+) -> None:
+    """Every validation_error has `fields`, also one a service raises after the request
+    passed its schema (clients read one list)."""
+    r = await tclient.get("/t/rule")
+    assert r.status_code == 422
+    assert r.json()["field"] == "connections"
+    assert r.json()["fields"] == [
+        {"field": "connections", "in": None, "message": "the graph has a cycle: a -> b -> a",
+         "type": "value_error"},
+    ]  # fmt: skip
 
 
 async def test_validation_errors_name_each_field(tclient: httpx.AsyncClient) -> None:
