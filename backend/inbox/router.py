@@ -32,6 +32,7 @@ from backend.inbox.schemas import (
 from backend.kit.crypto import hash_token
 from backend.kit.db import UnitOfWorkDep
 from backend.kit.errors import ValidationFailed
+from backend.kit.middleware import read_capped
 from backend.kit.pagination import Page, PageParamsDep
 from backend.models import Task
 
@@ -261,11 +262,7 @@ async def resume(
     """Resume a run's wait step, once. An optional JSON body becomes the step's output
     (`body`). A second call answers 409; a run that has ended, 409 too."""
     await limiter.hit(settings.tasks.link_rate_limit, "resume", hash_token(token))
-    raw = await request.body()
-    if len(raw) > settings.tasks.resume_max_body_bytes:
-        raise ValidationFailed(
-            f"the body is over {settings.tasks.resume_max_body_bytes} bytes", field="body"
-        )
+    raw = await read_capped(request, settings.tasks.resume_max_body_bytes)
     body: Any = None
     if raw.strip():
         try:

@@ -17,7 +17,7 @@ from backend.kit import bodies
 from backend.kit.crypto import hash_token
 from backend.kit.db import UnitOfWorkDep
 from backend.kit.errors import ValidationFailed
-from backend.kit.middleware import BodyTooLarge
+from backend.kit.middleware import read_capped
 from backend.kit.pagination import Page, PageParamsDep
 from backend.models import N8nInstance
 from backend.n8n import drift, environments, intake, service
@@ -320,15 +320,6 @@ async def delete_watch(
     await service.unwatch(uow, access, watch_id)
 
 
-async def _body(request: Request, limit: int) -> bytes:
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise BodyTooLarge(limit)
-    return body
-
-
 @hooks.post("/{token}", dependencies=[PublicRoute], status_code=status.HTTP_202_ACCEPTED)
 async def receive_error(
     token: Annotated[str, Path(min_length=1, max_length=200)],
@@ -340,7 +331,7 @@ async def receive_error(
     """Where an instance's error workflow reports a failure (the Error Trigger's JSON).
     The token is the address: unknown ones answer 404."""
     await limiter.hit(settings.n8n.intake_rate_limit, "n8n-intake", hash_token(token))
-    raw = await _body(request, settings.n8n.intake_max_body_bytes)
+    raw = await read_capped(request, settings.n8n.intake_max_body_bytes)
     try:
         payload = bodies.loads(raw) if raw.strip() else None
     except ValueError as exc:

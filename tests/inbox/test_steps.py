@@ -265,6 +265,10 @@ async def test_a_resume_url_resumes_once_with_its_body(
     path = "/api/v1/resume/" + url.rsplit("/", 1)[1]
     forged = path[:-3] + ("AAA" if not path.endswith("AAA") else "BBB")
     assert (await api.post(forged, json={})).status_code == 404
+    # Over its own cap (TASKS__RESUME_MAX_BODY_BYTES): 413, and the URL is not spent.
+    big = {"ok": "x" * 300_000}
+    r = await api.post(path, json=big)
+    assert (r.status_code, r.json()["error"]) == (413, "payload_too_large"), r.text
     r = await api.post(path, json={"ok": "yes"})
     assert r.status_code == 202, r.text
     second = await api.post(path, json={"ok": "again"})
