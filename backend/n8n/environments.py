@@ -238,7 +238,8 @@ async def update(
 
 async def delete(uow: UnitOfWork, access: WorkspaceAccess) -> None:
     """Forget the environment (its incidents go; snapshots and baselines stay with the
-    instance) and take it out of every pipeline."""
+    instance) and take it out of every pipeline; a pipeline left with no environment
+    goes too (one cannot be created or saved empty)."""
     env: N8nEnvironment = access.resource
     session = uow.session
     for pipeline in (
@@ -248,6 +249,12 @@ async def delete(uow: UnitOfWork, access: WorkspaceAccess) -> None:
     ).all():
         if str(env.id) in pipeline.environment_ids:
             pipeline.environment_ids = [i for i in pipeline.environment_ids if i != str(env.id)]
+            if not pipeline.environment_ids:
+                details = {"name": pipeline.name, "reason": "its last environment was deleted"}
+                record(session, access.principal, workspace_id=pipeline.workspace_id,
+                       action="n8n.pipeline.delete", resource_type="n8n_pipeline",
+                       resource_id=pipeline.id, details=details)  # fmt: skip
+                await session.delete(pipeline)
     record(session, access.principal, workspace_id=env.workspace_id,
            action="n8n.environment.delete", resource_type="n8n_environment",
            resource_id=env.id, details={"stage": env.stage})  # fmt: skip

@@ -226,6 +226,15 @@ async def test_environments_policies_and_pipelines(
             "n8n.pipeline.create", "n8n.pipeline.update"} <= actions  # fmt: skip
     r = await api.delete(f"{N8N}/pipelines/{pipe['id']}", headers=admin.headers)
     assert r.status_code == 204
+    # A pipeline whose last environment is deleted goes with it (none can be empty).
+    r = await api.post(f"{N8N}/pipelines", headers=admin.headers,
+                       json={"name": "solo", "environment_ids": [prd["id"]]})  # fmt: skip
+    assert r.status_code == 201, r.text
+    solo = r.json()["id"]
+    assert (
+        await api.delete(f"{N8N}/environments/{prd['id']}", headers=admin.headers)
+    ).status_code == 204
+    assert (await api.get(f"{N8N}/pipelines/{solo}", headers=editor.headers)).status_code == 404
 
 
 async def test_a_protected_environment_refuses_toggles_and_editor_restores(
