@@ -170,6 +170,15 @@ async def _replayed(
         raise Conflict(
             "this Idempotency-Key was used for another workflow", field="Idempotency-Key"
         )
+    if existing is not None and (
+        existing.trigger_type != data.trigger_type or existing.trigger_data != data.trigger_data
+    ):
+        # A retry sends the same request; a different one under a used key is a client's
+        # mistake, and answering the first run would hide that its input was dropped.
+        raise Conflict(
+            "this Idempotency-Key was used with another trigger_type or trigger_data",
+            field="Idempotency-Key",
+        )
     return existing
 
 

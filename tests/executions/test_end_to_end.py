@@ -37,6 +37,14 @@ def test_a_run_goes_from_post_to_completed_through_the_worker(
         timeout=10,
     )
     assert (again.status_code, again.json()["id"]) == (200, accepted["id"])
+    # The key with another body is a client's mistake: 409, not the first run's answer.
+    other = httpx.post(
+        f"{api}/api/v1/executions",
+        headers={**owner, "Idempotency-Key": "e2e-1"},
+        json={"workflow_id": wf, "trigger_data": {"x": 11}},
+        timeout=10,
+    )
+    assert (other.status_code, other.json()["field"]) == (409, "Idempotency-Key"), other.text
     done = wait_until_done(api, owner, accepted["id"])
     assert done["status"] == "completed", done
     assert done["output"] == {"n4": 15}
