@@ -29,6 +29,12 @@ class BlockedAddress(httpx.TransportError):
     """The destination resolves to an address outbound requests may not reach."""
 
 
+class Unresolvable(httpx.ConnectError):
+    """The destination's name does not resolve (no such name, no DNS answer). An
+    httpx.ConnectError, so whatever handles a refused connection handles it; its own
+    class for callers that tell a bad URL from a down host (tools/web.py)."""
+
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -63,9 +69,8 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         try:
             infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError as exc:  # socket.gaierror: no such name, no DNS answer
-            # As httpcore reports a failed connect (httpx.ConnectError): callers treat it
-            # as unreachable. Raised bare, it escaped every handler as a 500.
-            raise httpcore.ConnectError(f"{host} does not resolve ({exc.strerror or exc})") from exc
+            # Raised bare, it escaped every handler that expects httpx's errors: a 500.
+            raise Unresolvable(f"{host} does not resolve ({exc.strerror or exc})") from exc
         addresses = []
         for *_, sockaddr in infos:
             ip = ipaddress.ip_address(str(sockaddr[0]).split("%")[0])

@@ -18,7 +18,6 @@ import asyncio
 import html
 import json
 import re
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -40,7 +39,13 @@ from backend.kit.errors import (
     UpstreamError,
     ValidationFailed,
 )
-from backend.kit.http_guard import BlockedAddress, ResponseTooLarge, TooManyRedirects, fetch
+from backend.kit.http_guard import (
+    BlockedAddress,
+    ResponseTooLarge,
+    TooManyRedirects,
+    Unresolvable,
+    fetch,
+)
 from backend.kit.lazy import lazy_module
 
 if TYPE_CHECKING:
@@ -123,7 +128,7 @@ async def guarded_get(
         raise UpstreamError(f"{what} sent more than {max_bytes} bytes ({too_large})") from None
     except TooManyRedirects as exc:
         raise UpstreamError(f"{what}: {exc}") from None
-    except socket.gaierror as exc:
+    except Unresolvable as exc:
         if setting is not None:
             raise DependencyUnavailable(f"{what} does not resolve: {exc}") from None
         # A name that does not exist is the URL's fault, like a malformed one.

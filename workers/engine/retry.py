@@ -64,7 +64,7 @@ def classify(exc: BaseException) -> NodeFailure:
     if isinstance(exc, timeouts):
         return NodeFailure(f"timed out: {exc}", "timeout")
     if isinstance(exc, connections):
-        return NodeFailure(f"connection failed: {type(exc).__name__}", "connection")
+        return NodeFailure(f"connection failed: {type(exc).__name__}: {exc}"[:500], "connection")
     if anthropic is not None and isinstance(exc, anthropic.APIStatusError):
         retry_after = _retry_after(exc.response.headers.get("retry-after"))
         body = str(exc.body) if exc.body is not None else exc.message
