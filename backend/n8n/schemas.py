@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
+import httpx
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -28,8 +29,9 @@ Label = Annotated[str, Field(min_length=1, max_length=50, pattern=r"^[\w .:/-]+$
 N8nId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 
 
-# A host name's labels (after IDNA), or an IP literal (checked with ipaddress).
-_HOST = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?$")
+# A host name's labels (after IDNA; `_` too: Docker and compose service names), or an
+# IP literal (checked with ipaddress).
+_HOST = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?$")
 
 
 def check_url(value: str | None) -> str | None:
@@ -38,6 +40,8 @@ def check_url(value: str | None) -> str | None:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an http(s) URL with a host")
+    if parts.username or parts.password:
+        raise ValueError("must not carry credentials: the API key goes in `api_key`")
     try:
         port = parts.port
     except ValueError:
@@ -46,8 +50,12 @@ def check_url(value: str | None) -> str | None:
         raise ValueError("the port must be a number from 1 to 65535")
     if not _valid_host(parts.hostname):
         raise ValueError("the host must be a domain name or an IP address")
-    if parts.username or parts.password:
-        raise ValueError("must not carry credentials: the API key goes in `api_key`")
+    try:
+        # What the HTTP client will make of it (its IDNA rules are stricter than
+        # Python's codec): a URL it cannot send is refused here, not at the first call.
+        httpx.URL(value)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"not a URL the HTTP client accepts: {exc}") from None
     if parts.query or parts.fragment:
         raise ValueError("must not carry a query or fragment")
     return value.rstrip("/")

@@ -26,14 +26,24 @@ from backend.kit import signing
 from backend.kit.crypto import SecretBox, hash_token, new_token
 from backend.kit.db import UnitOfWork
 from backend.kit.errors import Conflict, NotFound, UpstreamError, ValidationFailed
+from backend.kit.logging import get_logger
 from backend.kit.repository import Repository
-from backend.models import N8nError, N8nExecution, N8nInstance, N8nWatch, N8nWorkflow
+from backend.models import (
+    N8nEnvironment,
+    N8nError,
+    N8nExecution,
+    N8nInstance,
+    N8nWatch,
+    N8nWorkflow,
+)
 from backend.n8n import client as n8n
-from backend.n8n import sync
+from backend.n8n import environments, sync
 from backend.n8n.api_types import Node, Workflow, WorkflowCreate
 from backend.n8n.schemas import InstallErrorWorkflow, InstanceCreate, InstancePatch, Notify
 from backend.quotas import service as quotas
 from backend.workflows.service import workflows_using
+
+log = get_logger(__name__)
 
 INTAKE_PATH = "/api/v1/hooks/n8n/"
 ERROR_WORKFLOW_NAME = "Orchestration Studio: report errors"
@@ -222,6 +232,12 @@ async def delete(uow: UnitOfWork, access: WorkspaceAccess) -> None:
         raise Conflict(
             f"published workflows call this n8n instance: {', '.join(users)}", workflows=users
         )
+    # Its environment goes with it (the foreign key cascades): out of the pipelines too.
+    env = await uow.session.scalar(
+        select(N8nEnvironment).where(N8nEnvironment.instance_id == instance.id)
+    )
+    if env is not None:
+        await environments.leave_pipelines(uow.session, access, env)
     record(
         uow.session,
         access.principal,
@@ -651,7 +667,20 @@ async def unwatch(uow: UnitOfWork, access: WorkspaceAccess, watch_id: uuid.UUID)
 
 
 def notify_of(instance: N8nInstance) -> Notify:
+    """Who to tell, from the stored row. An entry today's rules refuse (stored before a
+    rule was added) is dropped alone: the rest of the instance's people still hear."""
+    stored = instance.notify if isinstance(instance.notify, dict) else {}
     try:
-        return Notify.model_validate(instance.notify or {})
+        return Notify.model_validate(stored)
     except ValueError:
-        return Notify()
+        pass
+    kept: dict[str, list[str]] = {"emails": [], "webhooks": []}
+    for name in kept:
+        for entry in stored.get(name) or []:
+            try:
+                Notify.model_validate({name: [entry]})
+            except ValueError:
+                log.warning("n8n.notify_entry_dropped", instance_id=str(instance.id), kind=name)
+                continue
+            kept[name].append(entry)
+    return Notify.model_validate(kept)
