@@ -14,7 +14,8 @@ from typing import Any
 
 import anyio
 from redis.asyncio import Redis
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, cast, literal, select
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -171,7 +172,8 @@ async def _replayed(
             "this Idempotency-Key was used for another workflow", field="Idempotency-Key"
         )
     if existing is not None and (
-        existing.trigger_type != data.trigger_type or existing.trigger_data != data.trigger_data
+        existing.trigger_type != data.trigger_type
+        or not await _same_trigger_data(session, existing.id, data.trigger_data)
     ):
         # A retry sends the same request; a different one under a used key is a client's
         # mistake, and answering the first run would hide that its input was dropped.
@@ -180,6 +182,18 @@ async def _replayed(
             field="Idempotency-Key",
         )
     return existing
+
+
+async def _same_trigger_data(
+    session: AsyncSession, execution_id: uuid.UUID, trigger_data: dict[str, Any]
+) -> bool:
+    """Compared by PostgreSQL, as jsonb on both sides: what came back from the row is
+    not what was sent for every number (jsonb keeps `1e23` as a 24-digit integer)."""
+    sent = cast(literal(json.dumps(trigger_data)), JSONB)
+    same = await session.scalar(
+        select(WorkflowExecution.trigger_data == sent).where(WorkflowExecution.id == execution_id)
+    )
+    return bool(same)
 
 
 # Room for `batch:` and `#499` in the 200 characters an idempotency key may have.
