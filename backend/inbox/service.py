@@ -256,7 +256,8 @@ def check_input(task: Task, value: Any) -> None:
     # jsonschema-rs: its regex engine runs in linear time, so a form's `pattern` cannot
     # be made to backtrack for minutes by what a decider sends.
     try:
-        validator = jsonschema_rs.validator_for(task.form)
+        # offline: a remote `$ref` is never fetched (this runs on public link pages too).
+        validator = jsonschema_rs.validator_for(task.form, offline=True)
     except (ValueError, jsonschema_rs.ValidationError) as exc:
         raise ValidationFailed(f"the task's form is not usable: {exc}", field="form") from None
     for error in validator.iter_errors(value):

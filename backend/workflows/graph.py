@@ -352,7 +352,9 @@ def _json_schema_problem(schema: dict[str, Any]) -> str | None:
     import jsonschema_rs
 
     try:
-        jsonschema_rs.validator_for(schema)
+        # offline: a `$ref` to a URL is never fetched (no request from our network on a
+        # form's say-so; the form must be self-contained).
+        jsonschema_rs.validator_for(schema, offline=True)
     except Exception as exc:
         return f"not a usable JSON Schema: {str(exc)[:200]}"
     return None

@@ -300,6 +300,10 @@ async def test_a_manual_task_and_the_inbox_rules(
     assert r.status_code == 403
     r = await api.post("/api/v1/tasks", headers=editor.headers, json={**body, "form": {"type": 3}})
     assert r.status_code == 422 and r.json()["fields"][0]["field"] == "form", r.text
+    # A remote $ref is never fetched (no request from our network on a form's say-so).
+    remote = {"type": "object", "properties": {"a": {"$ref": "http://10.255.255.1/x.json"}}}
+    r = await api.post("/api/v1/tasks", headers=editor.headers, json={**body, "form": remote})
+    assert r.status_code == 422 and "Retrieval is disabled" in r.text, r.text
     stranger = str(uuid.uuid4())
     r = await api.post(
         "/api/v1/tasks", headers=editor.headers, json={**body, "assignees": [stranger]}
