@@ -236,12 +236,12 @@ async def update(
     return env
 
 
-async def delete(uow: UnitOfWork, access: WorkspaceAccess) -> None:
-    """Forget the environment (its incidents go; snapshots and baselines stay with the
-    instance) and take it out of every pipeline; a pipeline left with no environment
-    goes too (one cannot be created or saved empty)."""
-    env: N8nEnvironment = access.resource
-    session = uow.session
+async def leave_pipelines(
+    session: AsyncSession, access: WorkspaceAccess, env: N8nEnvironment
+) -> None:
+    """Take an environment that is going (deleted, or its instance is) out of every
+    pipeline; a pipeline left with none goes too (one cannot be created or saved
+    empty). Both logged."""
     for pipeline in (
         await session.scalars(
             select(N8nPipeline).where(N8nPipeline.workspace_id == env.workspace_id)
@@ -255,6 +255,14 @@ async def delete(uow: UnitOfWork, access: WorkspaceAccess) -> None:
                        action="n8n.pipeline.delete", resource_type="n8n_pipeline",
                        resource_id=pipeline.id, details=details)  # fmt: skip
                 await session.delete(pipeline)
+
+
+async def delete(uow: UnitOfWork, access: WorkspaceAccess) -> None:
+    """Forget the environment (its incidents go; snapshots and baselines stay with the
+    instance) and take it out of every pipeline (leave_pipelines)."""
+    env: N8nEnvironment = access.resource
+    session = uow.session
+    await leave_pipelines(session, access, env)
     record(session, access.principal, workspace_id=env.workspace_id,
            action="n8n.environment.delete", resource_type="n8n_environment",
            resource_id=env.id, details={"stage": env.stage})  # fmt: skip

@@ -235,6 +235,14 @@ async def test_environments_policies_and_pipelines(
         await api.delete(f"{N8N}/environments/{prd['id']}", headers=admin.headers)
     ).status_code == 204
     assert (await api.get(f"{N8N}/pipelines/{solo}", headers=editor.headers)).status_code == 404
+    # Deleting an instance deletes its environment: out of the pipelines as well.
+    r = await api.post(f"{N8N}/pipelines", headers=admin.headers,
+                       json={"name": "staging only", "environment_ids": [stg["id"]]})  # fmt: skip
+    assert r.status_code == 201, r.text
+    staged = r.json()["id"]
+    r = await api.delete(f"{N8N}/instances/{stg_i}", headers=admin.headers)
+    assert r.status_code == 204, r.text
+    assert (await api.get(f"{N8N}/pipelines/{staged}", headers=editor.headers)).status_code == 404
 
 
 async def test_a_protected_environment_refuses_toggles_and_editor_restores(
