@@ -14,7 +14,7 @@ from typing import Any
 
 import anyio
 from redis.asyncio import Redis
-from sqlalchemy import bindparam, cast, literal, select
+from sqlalchemy import bindparam, cast, literal, select, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -196,6 +196,35 @@ async def _same_trigger_data(
     return bool(same)
 
 
+# The batch's runs (by key) whose input differs from the request's item at that key;
+# jsonb on both sides, as for a single start.
+_BATCH_DIFFERS = text(
+    "SELECT 1 FROM workflow_executions e"
+    " JOIN unnest(CAST(:keys AS text[]), CAST(:datas AS jsonb[])) AS r(k, d)"
+    " ON e.idempotency_key = r.k"
+    " WHERE e.workspace_id = :ws AND (e.trigger_data <> r.d OR e.trigger_type <> :tt)"
+    " LIMIT 1"
+)
+
+
+async def _same_batch(
+    session: AsyncSession,
+    workspace_id: uuid.UUID,
+    data: ExecutionBatchCreate,
+    keys: list[str | None],
+) -> bool:
+    differs = await session.scalar(
+        _BATCH_DIFFERS,
+        {
+            "keys": [k for k in keys if k],
+            "datas": [json.dumps(item.trigger_data) for item in data.items],
+            "ws": workspace_id,
+            "tt": data.trigger_type,
+        },
+    )
+    return differs is None
+
+
 # Room for `batch:` and `#499` in the 200 characters an idempotency key may have.
 BATCH_KEY_MAX = 186
 
@@ -244,6 +273,13 @@ async def start_many(
         if len(runs) != len(keys) or any(w != workflow.id for _, w in runs):
             raise Conflict(
                 "this Idempotency-Key was used for another batch", field="Idempotency-Key"
+            )
+        if len(created) < len(keys) and not await _same_batch(
+            uow.session, workflow.workspace_id, data, keys
+        ):
+            raise Conflict(
+                "this Idempotency-Key was used with other items or another trigger_type",
+                field="Idempotency-Key",
             )
         ids = [run_id for run_id, _ in runs]
     else:

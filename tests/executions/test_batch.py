@@ -43,6 +43,10 @@ def test_a_batch_of_runs_completes_in_order_and_a_retried_batch_starts_nothing(
     assert len(ids) == 23 and len(set(ids)) == 23
     again = httpx.post(f"{api}/api/v1/executions/batch", headers=headers, json=body, timeout=30)
     assert again.status_code == 202 and again.json()["ids"] == ids
+    # The key with other items (one changed) is the client's mistake: 409, starts nothing.
+    changed = {**body, "items": [*body["items"][:-1], {"trigger_data": {"x": 99}}]}
+    r = httpx.post(f"{api}/api/v1/executions/batch", headers=headers, json=changed, timeout=30)
+    assert (r.status_code, r.json()["field"]) == (409, "Idempotency-Key"), r.text
     deadline = time.monotonic() + 60
     outputs: dict[str, Any] = {}
     while len(outputs) < len(ids) and time.monotonic() < deadline:
