@@ -3,26 +3,43 @@
 from __future__ import annotations
 
 import base64
+import re
 import uuid
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from backend.auth.schemas import Name, StrictInput
 
 HeaderName = Annotated[str, Field(pattern=r"^[A-Za-z0-9-]{1,64}$")]
+# What an HTTP header value may carry (RFC 9110: visible characters, space, tab; no CR or
+# LF). Anything else failed only when a node sent it, in the HTTP client's error, with the
+# value quoted.
+_HEADER_VALUE = re.compile(r"^[\t\x20-\x7e\x80-\xff]*$")
+
+
+def _header_value(value: SecretStr) -> SecretStr:
+    if not _HEADER_VALUE.match(value.get_secret_value()):
+        # The message never repeats the value.
+        raise ValueError(
+            "must not hold control characters (CR, LF, ...) or characters beyond Latin-1"
+        )
+    return value
+
+
+HeaderValue = Annotated[SecretStr, AfterValidator(_header_value)]
 
 
 class ApiKeySecret(StrictInput):
     type: Literal["api_key"]
-    key: SecretStr = Field(min_length=1, max_length=4096)
+    key: HeaderValue = Field(min_length=1, max_length=4096)
     header: HeaderName = "X-API-Key"
 
 
 class BearerSecret(StrictInput):
     type: Literal["bearer"]
-    token: SecretStr = Field(min_length=1, max_length=8192)
+    token: HeaderValue = Field(min_length=1, max_length=8192)
 
 
 class BasicSecret(StrictInput):
@@ -33,7 +50,7 @@ class BasicSecret(StrictInput):
 
 class HeadersSecret(StrictInput):
     type: Literal["headers"]
-    headers: dict[HeaderName, SecretStr] = Field(min_length=1, max_length=20)
+    headers: dict[HeaderName, HeaderValue] = Field(min_length=1, max_length=20)
 
 
 class WebhookSecret(StrictInput):

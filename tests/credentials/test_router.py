@@ -197,3 +197,22 @@ async def test_names_are_unique_per_workspace_and_viewers_cannot_write(
     ).status_code == 403
     listed = (await client.get(API, headers=viewer.headers)).json()
     assert [c["name"] for c in listed["items"]] == ["dup"]
+
+
+@pytest.mark.parametrize(
+    ("secret", "field"),
+    [
+        ({"type": "bearer", "token": "tok\r\nX-Injected: 1"}, "secret.bearer.token"),
+        ({"type": "api_key", "key": "k\nv"}, "secret.api_key.key"),
+        ({"type": "headers", "headers": {"X-Token": "a\x1bb"}}, "secret.headers"),
+    ],
+)
+async def test_a_secret_no_header_can_carry_is_refused_without_repeating_it(
+    client: httpx.AsyncClient, editor: Actor, secret: dict[str, Any], field: str
+) -> None:
+    """A CR/LF in a header-bound secret failed only when a node sent it, with the value
+    quoted in the HTTP client's error and so in the node's error."""
+    r = await client.post(API, headers=editor.headers, json={"name": "bad", "secret": secret})
+    assert r.status_code == 422, r.text
+    assert r.json()["fields"][0]["field"].startswith(field), r.text
+    assert "Injected" not in r.text and "\\u001bb" not in r.text

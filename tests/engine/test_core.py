@@ -13,7 +13,7 @@ from backend.executions.state import NodeStatus as N
 from backend.executions.state import transition
 from backend.kit.errors import InvalidTransition
 from workers.engine.dag import NodeState, failed_nodes, is_finished, next_steps, skip_closure
-from workers.engine.retry import NodeFailure, classify_status, retry_delay
+from workers.engine.retry import NodeFailure, classify, classify_status, retry_delay
 
 NOW = datetime(2026, 11, 23, tzinfo=UTC)
 
@@ -140,6 +140,20 @@ def test_failures_fail_the_run_unless_continued() -> None:
 )
 def test_status_classification(status: int, body: str, expected: str) -> None:
     assert classify_status(status, body) == expected
+
+
+def test_a_connection_failure_never_quotes_what_httpx_quoted() -> None:
+    """httpx's LocalProtocolError quotes the header value it refused (a credential's
+    token with a CR/LF in it); a node's error is shown to every reader of the run. Our
+    own guard's messages (no such name, an address that may not be reached) are shown."""
+    import httpx
+
+    from backend.kit.http_guard import Unresolvable
+
+    leaked = classify(httpx.LocalProtocolError("Illegal header value b'Bearer SECRET\\r\\nX: 1'"))
+    assert leaked.error_class == "connection" and "SECRET" not in str(leaked)
+    named = classify(Unresolvable("n8n.nothing.invalid does not resolve"))
+    assert "does not resolve" in str(named)
 
 
 class Policy(TypedDict):

@@ -53,6 +53,8 @@ def classify(exc: BaseException) -> NodeFailure:
         return exc
     import httpx
 
+    from backend.kit.http_guard import BlockedAddress, Unresolvable
+
     # Only when the SDK was imported (an agent ran here): nothing it raises can reach
     # this otherwise, and its first import would stall the engine's loop for seconds.
     anthropic = sys.modules.get("anthropic")
@@ -64,7 +66,10 @@ def classify(exc: BaseException) -> NodeFailure:
     if isinstance(exc, timeouts):
         return NodeFailure(f"timed out: {exc}", "timeout")
     if isinstance(exc, connections):
-        return NodeFailure(f"connection failed: {type(exc).__name__}: {exc}"[:500], "connection")
+        # Only our own guard's messages are shown (what did not resolve, what may not be
+        # reached): httpx's other errors can quote a header value, a credential's token.
+        said = f": {exc}" if isinstance(exc, Unresolvable | BlockedAddress) else ""
+        return NodeFailure(f"connection failed: {type(exc).__name__}{said}"[:500], "connection")
     if anthropic is not None and isinstance(exc, anthropic.APIStatusError):
         retry_after = _retry_after(exc.response.headers.get("retry-after"))
         body = str(exc.body) if exc.body is not None else exc.message
