@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 
 from backend.auth.dependencies import LimiterDep, PublicRoute, SettingsDep, WorkspaceAccess, require
 from backend.auth.permissions import Permission as P  # noqa: N817 - reads as a table
+from backend.auth.permissions import allows
 from backend.kit import signing
 from backend.kit.crypto import hash_token
 from backend.kit.db import UnitOfWorkDep
@@ -38,9 +39,13 @@ def _on(permission: P) -> WorkspaceAccess:
     return result
 
 
-def _read(request: Request, trigger: Trigger, next_count: int = 0) -> TriggerRead:
+def _read(
+    request: Request, access: WorkspaceAccess, trigger: Trigger, next_count: int = 0
+) -> TriggerRead:
     out = TriggerRead.model_validate(trigger)
-    if trigger.token:
+    # The URL is the capability to run the workflow: shown only to whoever may run it
+    # (a viewer read it and ran the workflow through it).
+    if trigger.token and allows(access.role, P.WORKFLOWS_EXECUTE):
         out.webhook_url = str(request.base_url).rstrip("/") + f"{API}/hooks/{trigger.token}"
     out.has_secret = trigger.secret_encrypted is not None
     if next_count:
@@ -59,7 +64,7 @@ async def list_triggers(
     access: WorkspaceAccess = _on(P.WORKFLOWS_READ),
 ) -> list[TriggerRead]:
     triggers = await service.list_triggers(uow.session, access.resource)
-    return [_read(request, t, next_count) for t in triggers]
+    return [_read(request, access, t, next_count) for t in triggers]
 
 
 @router.get("/triggers/{trigger_id}")
@@ -70,7 +75,9 @@ async def get_trigger(
     next_count: NextCount = 5,
     access: WorkspaceAccess = _on(P.WORKFLOWS_READ),
 ) -> TriggerRead:
-    return _read(request, await service.get(uow.session, access.resource, trigger_id), next_count)
+    return _read(
+        request, access, await service.get(uow.session, access.resource, trigger_id), next_count
+    )
 
 
 @router.post("/triggers/{trigger_id}/enable")
@@ -81,7 +88,7 @@ async def enable_trigger(
     access: WorkspaceAccess = _on(P.WORKFLOWS_WRITE),
 ) -> TriggerRead:
     trigger = await service.set_enabled(access, uow.session, trigger_id, True)
-    return _read(request, trigger, 5)
+    return _read(request, access, trigger, 5)
 
 
 @router.post("/triggers/{trigger_id}/disable")
@@ -92,7 +99,7 @@ async def disable_trigger(
     access: WorkspaceAccess = _on(P.WORKFLOWS_WRITE),
 ) -> TriggerRead:
     trigger = await service.set_enabled(access, uow.session, trigger_id, False)
-    return _read(request, trigger)
+    return _read(request, access, trigger)
 
 
 @router.post("/triggers/{trigger_id}/secret", status_code=status.HTTP_201_CREATED)

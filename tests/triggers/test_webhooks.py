@@ -190,14 +190,19 @@ async def test_the_trigger_api_lists_webhook_urls_and_next_fire_times(
 ) -> None:
     workspace = await make_workspace(session)
     actor = await member(session, settings, workspace, Role.VIEWER)
+    editor = await member(session, settings, workspace, Role.EDITOR)
     definition = with_trigger({"kind": "schedule", "cron": "0 9 * * 1", "timezone": "Asia/Tokyo"})
     definition["nodes"].append({"id": "hook", "type": "trigger", "config": {"kind": "webhook"}})
     definition["connections"].append({"source": "hook", "target": "shape"})
     workflow = await published(session, workspace, definition)
-    r = await client.get(f"/api/v1/workflows/{workflow.id}/triggers?next=3", headers=actor.headers)
+    url = f"/api/v1/workflows/{workflow.id}/triggers?next=3"
+    r = await client.get(url, headers=editor.headers)
+    assert "/api/v1/hooks/wh_" in {t["node_id"]: t for t in r.json()}["hook"]["webhook_url"]
+    # The URL runs the workflow: a viewer, who may not run it, is not shown it.
+    r = await client.get(url, headers=actor.headers)
     assert r.status_code == 200, r.text
     by_node = {t["node_id"]: t for t in r.json()}
-    assert "/api/v1/hooks/wh_" in by_node["hook"]["webhook_url"]
+    assert by_node["hook"]["webhook_url"] is None and by_node["hook"]["kind"] == "webhook"
     times = by_node["start"]["next_fire_times"]
     assert len(times) == 3 and all(t.endswith("Z") or t.endswith("+00:00") for t in times)
     # Monday 09:00 in Tokyo is Monday 00:00 UTC.
