@@ -7,6 +7,7 @@ Every problem found is reported with where it is: the node id and the field.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -749,6 +750,10 @@ def event_sources(definition: dict[str, Any]) -> set[uuid.UUID]:
     return out
 
 
+# A whole definition as JSON: room for hundreds of nodes with long prompts and templates.
+MAX_DEFINITION_CHARS = 2_000_000
+
+
 def validate(
     raw: dict[str, Any],
     ctx: Context,
@@ -756,8 +761,15 @@ def validate(
     require_trigger: bool = True,
     extra_roots: frozenset[str] = frozenset(),
 ) -> ValidGraph:
-    """Check a definition; raise GraphInvalid listing every problem with its place."""
+    """Check a definition; raise GraphInvalid listing every problem with its place.
+    CPU-bound (every template is parsed): callers on an event loop run it in a thread."""
     problems: list[Problem] = []
+    size = len(json.dumps(raw, default=str))
+    if size > MAX_DEFINITION_CHARS:
+        # Parsing templates costs ~4.5 s per MB here: 500 nodes of 20 000-character
+        # templates (10 MB) held a process for 45 s.
+        message = f"the definition is {size} characters as JSON; at most {MAX_DEFINITION_CHARS}"
+        raise GraphInvalid([Problem(message, field="nodes")])
     try:
         definition = Definition.model_validate(raw)
     except ValidationError as exc:

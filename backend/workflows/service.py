@@ -4,6 +4,7 @@ uses, with the workspace's agents, credentials and workflows as its context."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import uuid
 from collections.abc import Sequence
@@ -115,7 +116,9 @@ async def check(
     await lock_references(session, workspace_id)
     ctx = await validation_context(session, workspace_id, workflow_id)
     try:
-        return validate(definition, ctx)
+        # In a thread: a large definition's templates take seconds to parse, and on the
+        # event loop that held every other request of this process (45 s for 10 MB).
+        return await asyncio.to_thread(validate, definition, ctx)
     except GraphInvalid as exc:
         first = exc.problems[0]
         where = ".".join(p for p in (first.node_id and f"nodes.{first.node_id}", first.field) if p)

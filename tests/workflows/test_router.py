@@ -155,6 +155,26 @@ async def test_a_bad_graph_is_explained_with_its_place(
     assert (await client.get(API, headers=editor.headers)).json()["total"] == 0
 
 
+async def test_a_definition_too_large_to_parse_quickly_is_refused_before_parsing(
+    client: httpx.AsyncClient, editor: Actor
+) -> None:
+    """Parsing templates costs seconds per megabyte: 500 nodes of 20 000-character
+    templates held a process for 45 s. A definition over 2 000 000 characters is refused
+    whole, before any template is parsed."""
+    big = copy.deepcopy(MINIMAL)
+    template = "{{ trigger.a }}" * 1300  # under the per-template cap of 20 000
+    shape = big["nodes"][1]
+    big["nodes"][1:] = [
+        {**shape, "id": f"n{i}", "config": {**shape["config"], "template": template}}
+        for i in range(120)
+    ]
+    big["connections"] = [{"source": big["nodes"][0]["id"], "target": f"n{i}"} for i in range(120)]
+    r = await client.post(API, headers=editor.headers, json={"name": "Big", **big})
+    assert (r.status_code, r.json()["field"]) == (422, "nodes"), r.text[:300]
+    assert "at most 2000000" in r.json()["detail"]
+    assert (await client.get(API, headers=editor.headers)).json()["total"] == 0
+
+
 async def test_status_moves_draft_published_archived_draft_only(
     client: httpx.AsyncClient, editor: Actor
 ) -> None:

@@ -3,6 +3,7 @@ validated once (references are checked again by the nodes that use them)."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections import OrderedDict
 from typing import Any
@@ -54,7 +55,9 @@ async def _load(sessionmaker: async_sessionmaker[AsyncSession], claim: Claim) ->
         if definition is None:
             raise GraphInvalid([])
         ctx = await validation_context(session, claim.workspace_id, claim.workflow_id)
-    graph = validate(definition, ctx)
+    # In a thread: parsing a large definition's templates on the event loop stalled the
+    # leases' heartbeats of every run this process holds (the reaper took them away).
+    graph = await asyncio.to_thread(validate, definition, ctx)
     # The version's notification settings for the close hook (no read of its own).
     remember_settings(claim.workflow_id, claim.version, graph.settings)
     if len(_graphs) >= CACHE_SIZE:
