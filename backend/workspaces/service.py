@@ -3,6 +3,7 @@ the same transaction."""
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import uuid
@@ -51,10 +52,18 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return merged
 
 
+MAX_SETTINGS_CHARS = 65_536
+
+
 def check_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """The settings this service reads, checked (the rest is the front end's, kept as
     sent): a value the maintenance task or a quota would silently ignore is refused,
     naming it."""
+    if len(json.dumps(settings, default=str)) > MAX_SETTINGS_CHARS:
+        # Every member reads them with each workspace listing.
+        raise ValidationFailed(
+            f"settings are at most {MAX_SETTINGS_CHARS} characters as JSON", field="settings"
+        )
     days = settings.get("retention_days")
     if days is not None and (
         isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= 3650
@@ -163,8 +172,12 @@ async def update_workspace(
         # not drop the quotas an administrator lowered (a null removes one key).
         merged = merge_patch(workspace.settings, values["settings"])
         # Only what this request touches is checked: a value stored before the checks
-        # existed does not block an unrelated change.
+        # existed does not block an unrelated change. The size is the merged whole's.
         check_settings({key: merged[key] for key in values["settings"] if key in merged})
+        if len(json.dumps(merged, default=str)) > MAX_SETTINGS_CHARS:
+            raise ValidationFailed(
+                f"settings are at most {MAX_SETTINGS_CHARS} characters as JSON", field="settings"
+            )
         values["settings"] = merged
     for key, value in values.items():
         if value is not None:

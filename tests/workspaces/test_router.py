@@ -119,6 +119,13 @@ async def test_settings_are_merged_not_replaced_and_checked_naming_the_field(
             422, "validation_error", field,
         ), (bad, r.text)  # fmt: skip
     assert (await client.get(url, headers=owner.headers)).json()["settings"] == merged
+    # Settings stay small (every member reads them with each listing), merged or not.
+    r = await client.patch(url, headers=owner.headers, json={"settings": {"a": "x" * 40_000}})
+    assert r.status_code == 200, r.text
+    r = await client.patch(url, headers=owner.headers, json={"settings": {"b": "x" * 40_000}})
+    assert (r.status_code, r.json()["field"]) == (422, "settings"), r.text
+    r = await client.patch(url, headers=owner.headers, json={"settings": {"a": None}})
+    assert r.json()["settings"] == merged
     r = await client.post(
         f"{API}/workspaces", headers=owner.headers,
         json={"name": "Bad", "settings": {"retention_days": 99999}},
