@@ -137,6 +137,23 @@ async def test_a_path_leaving_the_workspace_fails_the_node_permanently(
     assert glob.glob(f"{storage_root.parent}/**/planted.txt", recursive=True) == []
 
 
+async def test_an_upload_is_not_written_over_by_path(
+    runner: Runner,
+    maker: async_sessionmaker[AsyncSession],
+    workspace: Workspace,
+    storage_root: Path,
+) -> None:
+    """`.uploads/<id>` holds an upload whose record (size, hash, sniffed type) describes
+    its bytes; written by path the record went stale and the download refused the file."""
+    d = workflow(write("over", ".uploads/{{ trigger.id }}", "<html>"))
+    execution_id = await start(maker, workspace, d, {"id": str(uuid.uuid4())})
+    assert await runner.execute(execution_id) == "failed"
+    _, rows = await state(maker, execution_id)
+    assert error_of(rows["over"])["class"] == "permanent"
+    assert "write one with file_id" in error_of(rows["over"])["message"]
+    assert not (storage_root / str(workspace.id) / ".uploads").exists()
+
+
 async def test_reading_a_symlink_out_of_the_workspace_fails_permanently(
     runner: Runner,
     maker: async_sessionmaker[AsyncSession],

@@ -132,6 +132,12 @@ async def file_write(ctx: NodeContext, config: FileWriteAction) -> NodeResult:
         )
     assert config.path is not None  # the schema wants exactly one of the two
     path = _path(ctx, config.path)
+    if path.split("/", 1)[0] == files.UPLOADS:
+        # An upload's bytes go with its record (size, hash, sniffed type): written by
+        # path, the record went stale and the file could no longer be downloaded.
+        raise NodeFailure(
+            f"{files.UPLOADS}/ holds uploaded files: write one with file_id", "permanent"
+        )
     try:
         size = await storage_for(ctx.settings).write(ctx.workspace_id, path, data)
     except StorageError as exc:
