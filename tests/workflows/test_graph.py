@@ -267,12 +267,6 @@ def test_credentials_and_agents_must_exist_in_the_workspace() -> None:
     [
         ({"kind": "schedule", "cron": "61 * * * *"}, "config.cron"),
         ({"kind": "schedule", "cron": "0 * * * *", "timezone": "Mars/Olympus"}, "config.timezone"),
-        # croniter's random fields: next fire times changed on every read.
-        ({"kind": "schedule", "cron": "R R * * *"}, "config.cron"),
-        # The host's own zone, and tz database entries that are not places.
-        ({"kind": "schedule", "cron": "0 * * * *", "timezone": "localtime"}, "config.timezone"),
-        ({"kind": "schedule", "cron": "0 * * * *", "timezone": "Factory"}, "config.timezone"),
-        ({"kind": "schedule", "cron": "0 * * * *", "timezone": "right/UTC"}, "config.timezone"),
         ({"kind": "teleport"}, "config.kind"),
         ({"kind": "manual", "surprise": 1}, "config.surprise"),
     ],
