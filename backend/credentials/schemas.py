@@ -13,18 +13,16 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, fi
 from backend.auth.schemas import Name, StrictInput
 
 HeaderName = Annotated[str, Field(pattern=r"^[A-Za-z0-9-]{1,64}$")]
-# What an HTTP header value may carry (RFC 9110: visible characters, space, tab; no CR or
-# LF). Anything else failed only when a node sent it, in the HTTP client's error, with the
-# value quoted.
-_HEADER_VALUE = re.compile(r"^[\t\x20-\x7e\x80-\xff]*$")
+# What an HTTP header value may carry as httpx sends it (ASCII: visible characters, space,
+# tab; no CR or LF). Anything else failed only when a node sent it, in the HTTP client's
+# error, with the value quoted.
+_HEADER_VALUE = re.compile(r"^[\t\x20-\x7e]*$")
 
 
 def _header_value(value: SecretStr) -> SecretStr:
     if not _HEADER_VALUE.match(value.get_secret_value()):
         # The message never repeats the value.
-        raise ValueError(
-            "must not hold control characters (CR, LF, ...) or characters beyond Latin-1"
-        )
+        raise ValueError("must be ASCII without control characters (CR, LF, ...)")
     return value
 
 

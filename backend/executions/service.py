@@ -274,8 +274,19 @@ async def start_many(
             raise Conflict(
                 "this Idempotency-Key was used for another batch", field="Idempotency-Key"
             )
-        if len(created) < len(keys) and not await _same_batch(
-            uow.session, workflow.workspace_id, data, keys
+        # A retry is the same batch: some of its runs new and some found means another
+        # length (a longer one's extra items were just started), and a run at the index
+        # past this batch's end means the first one was longer.
+        longer = await repo.find_by_keys(
+            uow.session, workflow.workspace_id, [f"batch:{idempotency_key}#{len(keys)}"]
+        )
+        if (
+            0 < len(created) < len(keys)
+            or longer
+            or (
+                not created
+                and not await _same_batch(uow.session, workflow.workspace_id, data, keys)
+            )
         ):
             raise Conflict(
                 "this Idempotency-Key was used with other items or another trigger_type",

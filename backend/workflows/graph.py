@@ -750,8 +750,20 @@ def event_sources(definition: dict[str, Any]) -> set[uuid.UUID]:
     return out
 
 
-# A whole definition as JSON: room for hundreds of nodes with long prompts and templates.
+# A whole definition as JSON (UTF-8 text, compact): room for hundreds of nodes with long
+# prompts and templates. Checked on input only (definition_size_problem): a version
+# stored before, or one jsonb prints longer than it was sent, still runs.
 MAX_DEFINITION_CHARS = 2_000_000
+
+
+def definition_size_problem(raw: dict[str, Any]) -> Problem | None:
+    """A definition too large to accept: parsing templates costs ~4.5 s per MB here, and
+    500 nodes of 20 000-character templates (10 MB) held a process for 45 s."""
+    size = len(json.dumps(raw, default=str, ensure_ascii=False, separators=(",", ":")))
+    if size <= MAX_DEFINITION_CHARS:
+        return None
+    message = f"the definition is {size} characters as JSON; at most {MAX_DEFINITION_CHARS}"
+    return Problem(message, field="nodes")
 
 
 def validate(
@@ -762,14 +774,9 @@ def validate(
     extra_roots: frozenset[str] = frozenset(),
 ) -> ValidGraph:
     """Check a definition; raise GraphInvalid listing every problem with its place.
-    CPU-bound (every template is parsed): callers on an event loop run it in a thread."""
+    CPU-bound (every template is parsed): callers on an event loop run it in a thread,
+    and input is sized first (definition_size_problem)."""
     problems: list[Problem] = []
-    size = len(json.dumps(raw, default=str))
-    if size > MAX_DEFINITION_CHARS:
-        # Parsing templates costs ~4.5 s per MB here: 500 nodes of 20 000-character
-        # templates (10 MB) held a process for 45 s.
-        message = f"the definition is {size} characters as JSON; at most {MAX_DEFINITION_CHARS}"
-        raise GraphInvalid([Problem(message, field="nodes")])
     try:
         definition = Definition.model_validate(raw)
     except ValidationError as exc:

@@ -27,6 +27,7 @@ from backend.workflows.graph import (
     Context,
     GraphInvalid,
     ValidGraph,
+    definition_size_problem,
     event_sources,
     node_configs,
     referenced_workflows,
@@ -113,6 +114,9 @@ async def check(
     workflow_id: uuid.UUID | None,
     definition: dict[str, Any],
 ) -> ValidGraph:
+    too_large = definition_size_problem(definition)
+    if too_large is not None:  # before the lock, and before anything is parsed
+        raise ValidationFailed(too_large.message, field="nodes", problems=[too_large.as_dict()])
     await lock_references(session, workspace_id)
     ctx = await validation_context(session, workspace_id, workflow_id)
     try:

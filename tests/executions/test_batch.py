@@ -47,6 +47,13 @@ def test_a_batch_of_runs_completes_in_order_and_a_retried_batch_starts_nothing(
     changed = {**body, "items": [*body["items"][:-1], {"trigger_data": {"x": 99}}]}
     r = httpx.post(f"{api}/api/v1/executions/batch", headers=headers, json=changed, timeout=30)
     assert (r.status_code, r.json()["field"]) == (409, "Idempotency-Key"), r.text
+    # ...and with more items (the extra ones would start) or fewer.
+    for items in ([*body["items"], {"trigger_data": {"x": 23}}], body["items"][:-1]):
+        r = httpx.post(
+            f"{api}/api/v1/executions/batch", headers=headers, json={**body, "items": items},
+            timeout=30,
+        )  # fmt: skip
+        assert (r.status_code, r.json()["field"]) == (409, "Idempotency-Key"), r.text
     deadline = time.monotonic() + 60
     outputs: dict[str, Any] = {}
     while len(outputs) < len(ids) and time.monotonic() < deadline:
