@@ -199,7 +199,10 @@ def classify(exc: BaseException, what: str) -> McpFailure:
             transient=status >= 500 or status in (408, 429),
         )
     if isinstance(exc, httpx2.TransportError | httpcore2.NetworkError | OSError):
-        return McpFailure(f"{what}: connection failed: {exc}", transient=True)
+        # The class only for the HTTP client's protocol errors: they quote the header
+        # value they refused (a token). Network errors say what failed to connect.
+        said = type(exc).__name__ if isinstance(exc, httpx2.ProtocolError) else str(exc)
+        return McpFailure(f"{what}: connection failed: {said}", transient=True)
     if isinstance(exc, mcp.MCPError):
         return McpFailure(f"{what}: the server refused: {exc}", transient=False)
     return McpFailure(f"{what}: {type(exc).__name__}: {exc}", transient=False)

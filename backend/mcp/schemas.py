@@ -3,6 +3,7 @@ them only."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -33,10 +34,16 @@ def _check_url(value: str | None) -> str | None:
     return value
 
 
+_HEADER_VALUE = re.compile(r"^[\t\x20-\x7e]*$")
+
+
 def _check_headers(value: dict[str, SecretStr] | None) -> dict[str, SecretStr] | None:
-    for name in value or {}:
+    for name, secret in (value or {}).items():
         if name.lower() in RESERVED_HEADERS:
             raise ValueError(f"header {name!r} is set by the MCP transport itself")
+        if not _HEADER_VALUE.match(secret.get_secret_value()):
+            # As for credentials: the HTTP client's error would quote the value.
+            raise ValueError(f"header {name!r}: must be ASCII without control characters")
     return value
 
 

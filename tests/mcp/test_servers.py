@@ -82,6 +82,15 @@ async def test_headers_are_sealed_and_never_returned(
             },
             "headers",
         ),
+        # A CR/LF in a header value failed only at connect, the value quoted in the error.
+        (
+            {
+                "transport": "streamable_http",
+                "url": "https://x.example/mcp",
+                "headers": {"Authorization": "Bearer tok\r\nX-Injected: 1"},
+            },
+            "headers",
+        ),
     ],
 )
 async def test_bad_servers_are_refused_with_the_field(
