@@ -26,6 +26,7 @@ from backend.kit import signing
 from backend.kit.crypto import SecretBox, new_token
 from backend.kit.db import UnitOfWork
 from backend.kit.errors import NotFound, ValidationFailed
+from backend.kit.logging import get_logger
 from backend.kit.repository import Repository
 from backend.models import Notification, NotificationSecret, Trigger, Workflow
 from backend.triggers import schedule
@@ -36,6 +37,8 @@ from backend.workflows.graph import (
     WebhookTrigger,
     WorkflowSettings,
 )
+
+log = get_logger(__name__)
 
 KINDS = ("schedule", "webhook", "event")
 
@@ -190,7 +193,10 @@ async def get(session: AsyncSession, workflow: Workflow, trigger_id: uuid.UUID) 
 def next_fire_times(trigger: Trigger, count: int, now: datetime | None = None) -> list[datetime]:
     if trigger.kind != "schedule" or not (trigger.enabled and trigger.active):
         return []
-    config = ScheduleTrigger.model_validate(trigger.config)
+    try:
+        config = ScheduleTrigger.model_validate(trigger.config)
+    except ValueError:
+        return []  # a stored schedule that no longer reads fires no more (dispatch_due)
     first = trigger.next_run_at or schedule.first_slot(config, now or _now())
     return [first, *schedule.next_times(config, first, count - 1)] if count > 1 else [first]
 
@@ -309,8 +315,18 @@ async def dispatch_due(uow: UnitOfWork, settings: Settings, now: datetime) -> li
     started: list[uuid.UUID] = []
     for trigger, workflow in rows.all():
         assert trigger.next_run_at is not None
-        config = ScheduleTrigger.model_validate(trigger.config)
-        fire, upcoming = schedule.due(config, trigger.next_run_at, now, grace)
+        try:
+            config = ScheduleTrigger.model_validate(trigger.config)
+            fire, upcoming = schedule.due(config, trigger.next_run_at, now, grace)
+        except ValueError as exc:  # pydantic's ValidationError, croniter's errors
+            # A stored schedule that no longer reads (a rule added since, a row edited by
+            # hand) must not stop every other schedule: raised here, it rolled back the
+            # whole pass on every tick. It stops being due (saving or enabling the
+            # workflow again sets it anew) and says why in the log.
+            log.error("trigger.schedule_unreadable", trigger_id=str(trigger.id),
+                      workflow_id=str(workflow.id), error=str(exc)[:500])  # fmt: skip
+            trigger.next_run_at = None
+            continue
         for slot in fire:
             execution_id = await executions.start_unattended(
                 uow,

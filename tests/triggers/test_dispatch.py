@@ -191,3 +191,28 @@ async def test_an_interval_schedule_fires_every_interval_from_when_it_started(
         await tick(sessionmaker, settings, now)
         now += timedelta(seconds=15)
     assert await slots_of(session, wf.id) == [T0 + timedelta(minutes=5 * i) for i in (1, 2, 3)]
+
+
+async def test_a_schedule_that_no_longer_reads_does_not_stop_the_others(
+    session: AsyncSession, sessionmaker: async_sessionmaker[AsyncSession], settings: Settings
+) -> None:
+    """One stored schedule the validator now refuses (a rule added since, a row edited by
+    hand) rolled back the whole dispatch pass on every tick: no schedule fired anywhere.
+    Now it stops being due, and the others fire."""
+    workspace = await make_workspace(session)
+    good = await published(
+        session, workspace, with_trigger({"kind": "schedule", "cron": "*/5 * * * *"}), now=T0
+    )
+    bad = await published(
+        session, workspace, with_trigger({"kind": "schedule", "cron": "*/5 * * * *"}), now=T0
+    )
+    broken = await session.scalar(select(Trigger).where(Trigger.workflow_id == bad.id))
+    assert broken is not None
+    broken.config = {**broken.config, "cron": "not a cron"}
+    await session.flush()
+    later = T0 + timedelta(minutes=5)
+    await tick(sessionmaker, settings, later)
+    assert await slots_of(session, good.id) == [T0.replace(second=0) + timedelta(minutes=5)]
+    assert await slots_of(session, bad.id) == []
+    await session.refresh(broken)
+    assert broken.next_run_at is None
