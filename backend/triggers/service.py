@@ -213,10 +213,15 @@ async def set_enabled(
     if trigger is None:
         raise NotFound("trigger not found")
     if enabled and not trigger.enabled and trigger.kind == "schedule":
+        try:
+            config = ScheduleTrigger.model_validate(trigger.config)
+        except ValueError:
+            raise ValidationFailed(
+                "this schedule no longer reads: save the workflow with a valid one",
+                field="config",
+            ) from None
         # Slots passed while it was off are not a backlog.
-        trigger.next_run_at = schedule.first_slot(
-            ScheduleTrigger.model_validate(trigger.config), _now()
-        )
+        trigger.next_run_at = schedule.first_slot(config, _now())
     trigger.enabled = enabled
     await session.flush()
     _record(access, session, f"trigger.{'enable' if enabled else 'disable'}", trigger.id)
