@@ -16,7 +16,7 @@ from backend.auth.permissions import allows
 from backend.kit import signing
 from backend.kit.crypto import hash_token
 from backend.kit.db import UnitOfWorkDep
-from backend.kit.middleware import BodyTooLarge
+from backend.kit.middleware import read_capped
 from backend.kit.pagination import Page, PageParamsDep
 from backend.models import Trigger, Workflow
 from backend.triggers import service, webhooks
@@ -139,15 +139,6 @@ async def rotate_notification_secret(
     return SecretCreated(secret=secret, header_names=HEADERS)
 
 
-async def _body(request: Request, limit: int) -> bytes:
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise BodyTooLarge(limit)
-    return body
-
-
 @hooks.post(
     "/{token}",
     dependencies=[PublicRoute],
@@ -168,7 +159,7 @@ async def receive_webhook(
     ] = None,
 ) -> JSONResponse:
     await limiter.hit(settings.triggers.webhook_rate_limit, "hook", hash_token(token))
-    body = await _body(request, settings.triggers.webhook_max_body_bytes)
+    body = await read_capped(request, settings.triggers.webhook_max_body_bytes)
     received = await webhooks.receive(
         request.app.state.sessionmaker,
         request.app.state.redis,
