@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import re
 import uuid
 from datetime import datetime
 from typing import Annotated, Literal
@@ -11,16 +10,13 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from backend.auth.schemas import Name, StrictInput
+from backend.kit.bodies import is_header_value
 
 HeaderName = Annotated[str, Field(pattern=r"^[A-Za-z0-9-]{1,64}$")]
-# What an HTTP header value may carry as httpx sends it (ASCII: visible characters, space,
-# tab; no CR or LF). Anything else failed only when a node sent it, in the HTTP client's
-# error, with the value quoted.
-_HEADER_VALUE = re.compile(r"^[\t\x20-\x7e]*$")
 
 
 def _header_value(value: SecretStr) -> SecretStr:
-    if not _HEADER_VALUE.match(value.get_secret_value()):
+    if not is_header_value(value.get_secret_value()):
         # The message never repeats the value.
         raise ValueError("must be ASCII without control characters (CR, LF, ...)")
     return value

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
@@ -146,3 +147,13 @@ def check_body(content_type: str | None, body: bytes) -> None:
         loads(body)
     except json.JSONDecodeError:
         return
+
+
+# What an outgoing HTTP header value may carry as httpx sends it (ASCII: visible
+# characters, space, tab; no CR or LF). A secret that fails this would fail only when
+# sent, in the HTTP client's error, with the value quoted.
+_HEADER_VALUE = re.compile(r"^[\t\x20-\x7e]*$")
+
+
+def is_header_value(text: str) -> bool:
+    return _HEADER_VALUE.match(text) is not None

@@ -3,7 +3,6 @@ them only."""
 
 from __future__ import annotations
 
-import re
 import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -12,6 +11,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from backend.auth.schemas import Name, StrictInput
+from backend.kit.bodies import is_header_value
 
 Transport = Literal["streamable_http", "sse", "stdio"]
 HeaderName = Annotated[str, Field(pattern=r"^[A-Za-z0-9-]{1,64}$")]
@@ -34,14 +34,11 @@ def _check_url(value: str | None) -> str | None:
     return value
 
 
-_HEADER_VALUE = re.compile(r"^[\t\x20-\x7e]*$")
-
-
 def _check_headers(value: dict[str, SecretStr] | None) -> dict[str, SecretStr] | None:
     for name, secret in (value or {}).items():
         if name.lower() in RESERVED_HEADERS:
             raise ValueError(f"header {name!r} is set by the MCP transport itself")
-        if not _HEADER_VALUE.match(secret.get_secret_value()):
+        if not is_header_value(secret.get_secret_value()):
             # As for credentials: the HTTP client's error would quote the value.
             raise ValueError(f"header {name!r}: must be ASCII without control characters")
     return value
