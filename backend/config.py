@@ -43,6 +43,9 @@ class DatabaseSettings(BaseModel):
     # constant use was proven alive moments ago; a dead one among them fails one
     # statement, and SQLAlchemy then recycles the whole pool (README: the API's speed).
     pre_ping_idle_s: float = Field(default=1.0, ge=0)
+    # The API's hot reads (backend/kit/hotpath.py): autocommit connections of their own,
+    # per API process, beside the pool above. 0 turns the hot reads off.
+    hot_pool_size: int = Field(default=4, ge=0, le=100)
 
 
 class RedisSettings(BaseModel):

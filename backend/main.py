@@ -33,7 +33,7 @@ from backend.generate.router import router as generate_router
 from backend.health.router import router as health_router
 from backend.inbox.router import public as task_links_router
 from backend.inbox.router import router as tasks_router
-from backend.kit import bodies, errors, openapi
+from backend.kit import bodies, errors, hotpath, openapi
 from backend.kit.celery_app import celery_app
 from backend.kit.db import create_engine, create_sessionmaker
 from backend.kit.logging import REQUEST_ID_KEY, configure_logging, current_request_id, get_logger
@@ -54,6 +54,7 @@ from backend.templates_library.router import router as templates_router
 from backend.tools.router import router as tools_router
 from backend.triggers.router import hooks as hooks_router
 from backend.triggers.router import router as triggers_router
+from backend.workflows.hot import ROUTES as WORKFLOW_HOT_ROUTES
 from backend.workflows.router import router as workflows_router
 from backend.workspaces.router import invitations as invitations_router
 from backend.workspaces.router import router as workspaces_router
@@ -92,6 +93,11 @@ HTTP_STATUS_CODES = {
     415: "unsupported_media_type",
     429: "rate_limited",
 }
+
+
+# GET routes a front end polls, answered without FastAPI's dependency solving when the
+# caches hold the caller (backend/kit/hotpath.py); the routes answer everything else.
+HOT_ROUTES = (*WORKFLOW_HOT_ROUTES,)
 
 
 def status_for(exc: errors.DomainError) -> int:
@@ -269,10 +275,13 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
             queue_size=settings.realtime.queue_size,
         )
         await app.state.hub.start()
+        app.state.hot = await hotpath.open_state(settings, engine, app.state.sessionmaker)
         _tune_gc()
         try:
             yield
         finally:
+            if app.state.hot is not None:
+                await app.state.hot.pool.close()
             await app.state.hub.stop()
             await hub_redis.aclose()
             await redis.aclose()
@@ -290,6 +299,11 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
         # (observability/tracing.py); metrics are Prometheus, logs structlog.
         telemetry={"tracing": tracing.wanted(), "metrics": False, "logs": False},
     )
+    if not tracing.wanted():
+        # Innermost of the middleware: CORS, metrics and the request context wrap the
+        # hot reads' answers as they wrap the routes'. Off with tracing: FastAPI's own
+        # request spans are the traces, and these requests would have none.
+        app.add_middleware(hotpath.HotReads, routes=HOT_ROUTES, prefix=API_PREFIX)
     if settings.security.cors_origins:
         origins = settings.security.cors_origins
         app.add_middleware(

@@ -14,6 +14,7 @@ import inspect
 import re
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, TypeVar
 
@@ -162,11 +163,60 @@ def _principal_from(session: AsyncSession, cached: CachedPrincipal) -> Principal
     )
 
 
+def _cached_key(key_hash: str, now: datetime) -> CachedPrincipal | None:
+    cached = principal_cache.principal(f"key:{key_hash}")
+    if cached is not None and (cached.expires_at is None or cached.expires_at > now):
+        return cached
+    return None
+
+
+def _cached_session(claims: tokens.Claims, now: datetime) -> CachedPrincipal | None:
+    cached = principal_cache.principal(f"session:{claims.session_id}")
+    if (
+        cached is not None
+        and cached.user_id == claims.user_id
+        and cached.expires_at is not None
+        and cached.expires_at > now
+    ):
+        return cached
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class CachedCaller:
+    """Who a credential belongs to, as the principal cache alone knows it."""
+
+    principal: CachedPrincipal
+    # The per-caller API budget's key (authenticate's).
+    bucket: str
+
+
+def cached_caller(settings: Settings, credential: str) -> CachedCaller | None:
+    """The caller behind `credential` if the principal cache holds them and the
+    credential is valid now, checked as `authenticate` checks a cache hit; None for
+    anything else (not cached, expired, malformed: `authenticate` decides those). For
+    the hot reads (backend/kit/hotpath.py), which answer only what the caches know."""
+    if not credential:
+        return None
+    now = datetime.now(UTC)
+    if credential.startswith(API_KEY_PREFIX):
+        cached = _cached_key(hash_token(credential), now)
+        if cached is None or cached.api_key is None:
+            return None
+        return CachedCaller(cached, f"key:{cached.api_key['id']}")
+    try:
+        claims = tokens.decode_access(settings, credential)
+    except Unauthenticated:
+        return None
+    cached = _cached_session(claims, now)
+    return CachedCaller(cached, f"user:{cached.user_id}") if cached is not None else None
+
+
 async def _from_api_key(session: AsyncSession, settings: Settings, key: str) -> Principal:
     key_hash = hash_token(key)
     now = datetime.now(UTC)
-    cached = principal_cache.principal(f"key:{key_hash}")
-    if cached is not None and (cached.expires_at is None or cached.expires_at > now):
+    cached = _cached_key(key_hash, now)
+    if cached is not None:
         return _principal_from(session, cached)
     # Key and its maker in one round trip.
     row = (
@@ -204,13 +254,8 @@ async def _from_access_token(session: AsyncSession, settings: Settings, token: s
     claims = tokens.decode_access(settings, token)
     now = datetime.now(UTC)
     cache_key = f"session:{claims.session_id}"
-    cached = principal_cache.principal(cache_key)
-    if (
-        cached is not None
-        and cached.user_id == claims.user_id
-        and cached.expires_at is not None
-        and cached.expires_at > now
-    ):
+    cached = _cached_session(claims, now)
+    if cached is not None and cached.expires_at is not None:  # (a session's always is)
         principal = _principal_from(session, cached)
         # The token's own expiry may come before the session's.
         principal.expires_at = min(claims.expires_at or cached.expires_at, cached.expires_at)
@@ -259,11 +304,25 @@ async def get_principal(
     # every request (~50 us of CPU each on this path).
     state = request.app.state
     credential = request.headers.get("x-api-key") or (bearer.credentials if bearer else None)
-    return await authenticate(uow.session, state.settings, state.limiter, credential)
+    # A hot read that spent this request's budget and then left the answer to the route
+    # (a row it could not see, a grant not cached): the same request is not counted twice.
+    spent = bool(request.scope.get("state", {}).get(BUDGET_SPENT))
+    return await authenticate(
+        uow.session, state.settings, state.limiter, credential, spend_budget=not spent
+    )
+
+
+# Set in the request's scope state by whatever already spent its API budget.
+BUDGET_SPENT = "api_budget_spent"
 
 
 async def authenticate(
-    session: AsyncSession, settings: Settings, limiter: RateLimiter, credential: str | None
+    session: AsyncSession,
+    settings: Settings,
+    limiter: RateLimiter,
+    credential: str | None,
+    *,
+    spend_budget: bool = True,
 ) -> Principal:
     """Who an access token or API key belongs to (also used by WebSockets, which carry
     their credential in the first message or the subprotocol header)."""
@@ -276,7 +335,8 @@ async def authenticate(
         principal = await _from_access_token(session, settings, credential)
         bucket = f"user:{principal.user_id}"
     principal.cache_ttl_s = settings.auth.principal_cache_ttl_s
-    await limiter.hit(settings.auth.api_rate_limit, "api", bucket)
+    if spend_budget:
+        await limiter.hit(settings.auth.api_rate_limit, "api", bucket)
     return principal
 
 
@@ -336,6 +396,36 @@ async def _membership(
     return functools.partial(_same, workspace), Role(role)
 
 
+def effective_role(
+    member_role: Role | None,
+    key: tuple[uuid.UUID, str] | None,
+    workspace_id: uuid.UUID,
+    permission: Permission,
+    not_found: str = "workspace not found",
+) -> Role:
+    """The role a caller acts with in `workspace_id`, if it grants `permission`: a
+    member's own, or for an API key (its workspace and role) the lesser of the key's
+    and its maker's. Raises NotFound for an outsider, PermissionDenied for an insider
+    without the permission."""
+    if key is not None:
+        # A key is bound to one workspace, and can never do more than the person
+        # who made it can do today.
+        key_workspace_id, key_role_name = key
+        if key_workspace_id != workspace_id or member_role is None:
+            raise NotFound(not_found)
+        if permission not in API_KEY_PERMISSIONS:
+            raise PermissionDenied(f"API keys cannot use {permission.value}")
+        key_role = Role(key_role_name)
+        role = key_role if member_role.at_least(key_role) else member_role
+    else:
+        if member_role is None:
+            raise NotFound(not_found)
+        role = member_role
+    if not allows(role, permission):
+        raise PermissionDenied(f"role {role.value} lacks {permission.value}")
+    return role
+
+
 async def _access(
     session: AsyncSession,
     principal: Principal,
@@ -353,21 +443,13 @@ async def _access(
         session, principal.cache_ttl_s, workspace_id, principal.user_id
     )
     key = principal.api_key
-    if key is not None:
-        # A key is bound to one workspace, and can never do more than the person
-        # who made it can do today.
-        if key.workspace_id != workspace_id or member_role is None:
-            raise NotFound(not_found)
-        if permission not in API_KEY_PERMISSIONS:
-            raise PermissionDenied(f"API keys cannot use {permission.value}")
-        key_role = Role(key.role)
-        role = key_role if member_role.at_least(key_role) else member_role
-    else:
-        if member_role is None:
-            raise NotFound(not_found)
-        role = member_role
-    if not allows(role, permission):
-        raise PermissionDenied(f"role {role.value} lacks {permission.value}")
+    role = effective_role(
+        member_role,
+        (key.workspace_id, key.role) if key is not None else None,
+        workspace_id,
+        permission,
+        not_found,
+    )
     if workspace is None:
         raise NotFound(not_found)
     return WorkspaceAccess(

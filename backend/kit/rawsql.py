@@ -27,7 +27,8 @@ from backend.kit.db import driver_cursor
 _compiled: dict[int, tuple[ClauseElement, str]] = {}
 
 
-def _sql(statement: ClauseElement, dialect: Any) -> str:
+def compiled(statement: ClauseElement, dialect: Any) -> str:
+    """The statement's SQL for `dialect`, compiled once (a module-level constant)."""
     found = _compiled.get(id(statement))
     if found is None or found[0] is not statement:
         found = _compiled[id(statement)] = (statement, str(statement.compile(dialect=dialect)))
@@ -41,7 +42,7 @@ async def _fetch(
     factory: AsyncRowFactory[Any],
 ) -> list[Any]:
     connection = await session.connection()
-    sql = statement if isinstance(statement, str) else _sql(statement, connection.dialect)
+    sql = statement if isinstance(statement, str) else compiled(statement, connection.dialect)
     # The engine's cursor events still fire, so whatever listens to them (statement
     # counts in tests, instrumentation) sees these statements like any other.
     events = connection.sync_connection.dispatch  # type: ignore[union-attr]

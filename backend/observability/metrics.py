@@ -63,6 +63,11 @@ HTTP_LATENCY = Histogram(
     ["route", "method"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
+HOT_READS = Counter(
+    f"{PREFIX}_api_hot_reads_total",
+    "Hot GET requests (backend/kit/hotpath.py): answered there, or left to the route",
+    ["outcome"],
+)
 WEBSOCKETS = Gauge(
     f"{PREFIX}_websocket_connections",
     "Open WebSocket connections",

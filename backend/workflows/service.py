@@ -253,10 +253,10 @@ async def load_for_read(session: AsyncSession, workflow_id: uuid.UUID) -> Any:
     """The workflow's columns and its current definition (a named tuple, or None), one
     statement and no ORM objects: what GET /workflows/{id} checks access on and
     answers with."""
-    return await rawsql.fetch_one(session, _READ_STATEMENT, {"workflow_id": workflow_id})
+    return await rawsql.fetch_one(session, READ_STATEMENT, {"workflow_id": workflow_id})
 
 
-_READ_STATEMENT = (
+READ_STATEMENT = (
     select(*SUMMARY_COLUMNS, WorkflowVersion.definition)
     .join(
         WorkflowVersion,
@@ -280,14 +280,10 @@ async def list_workflows(
 ) -> tuple[list[WorkflowSummary], int]:
     """One page and the total, in one statement (the total rides on each row as a
     window count); a second one only for a page past the end, which has no rows."""
-    params: dict[str, Any] = {"workspace_id": access.workspace_id}
-    if status:
-        params["status"] = status
-    if tag:
-        params["tags"] = [tag]
+    params = list_filters(access.workspace_id, status, tag)
     # Built once per shape: a request binds its values, no statement to construct and
     # no cache key to compute (a search adds its condition to a copy).
-    stmt, page = _list_statements(bool(status), bool(tag), sort)
+    stmt, page = list_statements(bool(status), bool(tag), sort)
     page_params = {**params, "limit": limit, "offset": offset}
     rows: Sequence[Any]
     if q:
@@ -309,11 +305,25 @@ async def list_workflows(
         total = int(
             await uow.session.scalar(select(func.count()).select_from(stmt.subquery()), params) or 0
         )
-    return [WorkflowSummary.model_validate(row) for row in rows], total
+    return summaries(rows), total
+
+
+def summaries(rows: Sequence[Any]) -> list[WorkflowSummary]:
+    return [WorkflowSummary.model_validate(row) for row in rows]
+
+
+def list_filters(workspace_id: uuid.UUID, status: str | None, tag: str | None) -> dict[str, Any]:
+    """The bound values of list_statements' filters."""
+    params: dict[str, Any] = {"workspace_id": workspace_id}
+    if status:
+        params["status"] = status
+    if tag:
+        params["tags"] = [tag]
+    return params
 
 
 @functools.cache
-def _list_statements(
+def list_statements(
     status: bool, tag: bool, sort: Sort
 ) -> tuple[Select[*tuple[Any, ...]], Select[*tuple[Any, ...]]]:
     """(the filtered rows, one page of them with the total), with bound parameters for
