@@ -12,8 +12,10 @@ answer is the route's own (the same service functions and response models build 
 else falls through to the FastAPI route, which answers it as before: a cache miss (and
 then fills the cache), an error of any kind (401, 403, 404, 422, 429: one place formats
 errors), a parameter the route would parse differently, a database error (a connection
-a PostgreSQL restart dropped is discarded by the pool; the route's own retry path then
-answers). So a hot route never answers differently, only sooner.
+a PostgreSQL restart dropped is discarded by the pool; the route answers on its own
+connections), no free hot connection within CONNECTION_WAIT_S. So a hot route never
+answers differently, only sooner. (A statement that ran into DB__STATEMENT_TIMEOUT_MS
+fails as the route's would, with a 500, instead of being run a second time.)
 
 The per-caller API budget is spent once: here, before the statement, with a mark in the
 request's state that `get_principal` reads when the request falls through after it.
@@ -38,6 +40,7 @@ from psycopg.rows import AsyncRowFactory, dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.sql import ClauseElement
+from starlette._utils import get_route_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from backend.auth.cache import cache as principal_cache
@@ -58,8 +61,14 @@ _LEFT = metrics.HOT_READS.labels(outcome="route")
 # A path parameter or header in the one form every parser reads alike (FastAPI and
 # Python's uuid accept others, and might not agree on them: those fall through).
 UUID_PATTERN = "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
-_UUID = re.compile(f"^{UUID_PATTERN}$")
-_DIGITS = re.compile(r"^[0-9]{1,10}$")
+# Matched whole (fullmatch): `$` would also match before a final newline, which the
+# routes refuse.
+_UUID = re.compile(UUID_PATTERN)
+_DIGITS = re.compile(r"[0-9]{1,10}")
+# How long a hot read waits for one of its connections before leaving the request to
+# the route's larger pool (a database that does not answer, or more hot reads in flight
+# than the pool has connections): never much slower than the route.
+CONNECTION_WAIT_S = 0.25
 
 
 class FallThrough(Exception):
@@ -112,11 +121,15 @@ class HotRequest:
         sql = rawsql.compiled(statement, hot.dialect)
         try:
             async with (
-                hot.pool.connection() as conn,
+                hot.pool.connection(timeout=CONNECTION_WAIT_S) as conn,
                 conn.cursor(row_factory=row_factory) as cursor,
             ):
                 await cursor.execute(sql, values)
                 return await cursor.fetchall()
+        except psycopg.errors.QueryCanceled:
+            # DB__STATEMENT_TIMEOUT_MS ran out: the route would run it as long again and
+            # fail the same way (a 500); it is not asked to.
+            raise
         except (psycopg.Error, PoolTimeout) as exc:
             # A dropped connection is discarded by the pool as it comes back; the route
             # answers this request on its own connections.
@@ -141,8 +154,8 @@ def route(template: str, handler: Handler) -> HotRoute:
 
 
 def _pattern(template: str) -> re.Pattern[str]:
-    regex = re.sub(r"\\\{(\w+)\\\}", rf"(?P<\1>{UUID_PATTERN})", re.escape(template))
-    return re.compile(f"^{regex}$")
+    """Matched with fullmatch (see _UUID)."""
+    return re.compile(re.sub(r"\\\{(\w+)\\\}", rf"(?P<\1>{UUID_PATTERN})", re.escape(template)))
 
 
 @dataclass(slots=True)
@@ -175,7 +188,7 @@ async def open_state(
         max_size=size,
         open=False,
         name="hot-reads",
-        timeout=settings.db.pool_timeout_s,
+        timeout=CONNECTION_WAIT_S,
         kwargs={
             "autocommit": True,
             "options": f"-c statement_timeout={settings.db.statement_timeout_ms}",
@@ -200,8 +213,10 @@ class HotReads:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "GET":
+            # The path as the router matches it (without the ASGI root_path).
+            path = get_route_path(scope)
             for template, pattern, hot in self.routes:
-                matched = pattern.match(scope["path"])
+                matched = pattern.fullmatch(path)
                 if matched is not None:
                     body = await self._answer(scope, hot, matched.groupdict())
                     if body is None:
@@ -286,7 +301,7 @@ def _query(scope: Scope) -> dict[str, str]:
 
 
 def uuid_value(value: str | None) -> uuid.UUID:
-    if value is None or not _UUID.match(value):
+    if value is None or not _UUID.fullmatch(value):
         raise FallThrough
     return uuid.UUID(value)
 
@@ -295,7 +310,7 @@ def int_value(value: str | None, default: int, low: int, high: int) -> int:
     """A plain decimal within [low, high]; any other form is the route's to parse."""
     if value is None:
         return default
-    if not _DIGITS.match(value):
+    if not _DIGITS.fullmatch(value):
         raise FallThrough
     number = int(value)
     if not low <= number <= high:

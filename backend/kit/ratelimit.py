@@ -22,10 +22,12 @@ guesses at a sign-in code.
 
 A capacity budget's hit runs on every signed-in request, so it skips the library: one
 EVALSHA of the counter's script (ours, below: the library's acquire script that also
-answers the window's figures when it refuses, so a refusal needs no second call),
-sent through redis-py's client on the library's own keys and connection pool. Both
-paths count in the same keys, so `check` and `spend` (through the library) and
-processes of an older version see one count.
+answers the window's figures when it refuses, so a refusal needs no second call, and
+takes several units at once), sent through redis-py's client on the library's own keys
+and connection pool. Both paths count in the same keys, so `check` and `spend`
+(through the library) and processes of an older version see one count. A busy caller's
+units are taken in batches and spent in the process (MAX_BATCH, ALLOWANCE_S below):
+one script call per batch instead of one per request.
 """
 
 from __future__ import annotations
@@ -61,13 +63,14 @@ KEY_PREFIX = "orch-rl"
 
 # The sliding window counter's hit, as the library's acquire_sliding_window.lua (same
 # keys, same arithmetic: shift an expired current window to the previous one, weigh
-# the previous count by the share of it still inside the window), returning {1} when
-# the hit counted and, when it is refused, {0, previous count, previous TTL ms,
+# the previous count by the share of it still inside the window), except that it takes
+# up to ARGV[3] units, as many as the window still has (at least one): {1, taken} when
+# it counted them and, when not even one is left, {0, previous count, previous TTL ms,
 # current count, current TTL ms}: what the Retry-After is computed from.
 SLIDING_HIT = """
 local limit = tonumber(ARGV[1])
 local expiry = tonumber(ARGV[2]) * 1000
-local amount = tonumber(ARGV[3])
+local wanted = tonumber(ARGV[3])
 local current_ttl = tonumber(redis.call('pttl', KEYS[2]))
 if current_ttl > 0 and current_ttl < expiry then
     redis.call('rename', KEYS[2], KEYS[1])
@@ -79,19 +82,40 @@ local current_count = tonumber(redis.call('get', KEYS[2])) or 0
 current_ttl = tonumber(redis.call('pttl', KEYS[2])) or 0
 if previous_ttl < 0 then previous_ttl = 0 end
 if current_ttl < 0 then current_ttl = 0 end
-if amount <= limit then
-    local weighted = math.floor(previous_count * previous_ttl / expiry) + current_count
-    if weighted + amount <= limit then
-        if redis.call('exists', KEYS[2]) == 1 then
-            redis.call('incrby', KEYS[2], amount)
-        else
-            redis.call('set', KEYS[2], amount, 'PX', expiry * 2)
-        end
-        return {1}
+local weighted = math.floor(previous_count * previous_ttl / expiry) + current_count
+local amount = math.min(wanted, limit - weighted)
+if amount >= 1 then
+    if redis.call('exists', KEYS[2]) == 1 then
+        redis.call('incrby', KEYS[2], amount)
+    else
+        redis.call('set', KEYS[2], amount, 'PX', expiry * 2)
     end
+    return {1, amount}
 end
 return {0, previous_count, previous_ttl, current_count, current_ttl}
 """
+
+# A process takes a busy caller's units from Redis in batches and spends them locally
+# (one script call per batch, not per request): a batch doubles each time the previous
+# one was used up while it was still good, up to MAX_BATCH and one fiftieth of the
+# limit (so limits under 100 are counted one by one, exactly), and falls back to one
+# unit when the caller slows down. Units a process holds are counted in Redis already
+# and lapse unused after ALLOWANCE_S: a caller may be refused up to (batch - 1) units
+# early per process, and may spend a unit up to ALLOWANCE_S after the window it was
+# counted in.
+MAX_BATCH = 16
+ALLOWANCE_S = 1.0
+# A bound on memory: past it, lapsed allowances are dropped, then the oldest.
+MAX_ALLOWANCES = 20_000
+
+
+class _Allowance:
+    __slots__ = ("batch", "left", "until")
+
+    def __init__(self, batch: int, left: int, until: float) -> None:
+        self.batch = batch
+        self.left = left
+        self.until = until
 
 
 @lru_cache(maxsize=4096)
@@ -143,6 +167,8 @@ class RateLimiter:
         # redis-py's script object: EVALSHA, and EVAL once when Redis does not have it
         # (a fresh or flushed server).
         self._sliding_hit = self._redis.register_script(SLIDING_HIT)
+        # (limit, key) -> the units this process holds for it.
+        self._allowances: dict[tuple[str, tuple[str, ...]], _Allowance] = {}
 
     def _strategy(
         self, key: tuple[str, ...]
@@ -163,19 +189,45 @@ class RateLimiter:
             await self._refuse(item, key, what)
 
     async def _hit_counter(self, limit: str, key: tuple[str, ...], what: str) -> None:
+        now = time.monotonic()
+        held = self._allowances.get((limit, key))
+        if held is not None and held.left > 0 and now < held.until:
+            held.left -= 1
+            return
         previous_key, current_key, amount, expiry = _sliding_keys(limit, key)
-        args = [amount, expiry, 1]
+        # Used up while still good: a busy caller, take more next time.
+        busy = held is not None and now < held.until
+        cap = max(1, min(MAX_BATCH, amount // 50))
+        batch = min(cap, held.batch * 2) if held is not None and busy else 1
+        args = [amount, expiry, batch]
         try:
             answer = await self._sliding_hit(keys=[previous_key, current_key], args=args)
         except RedisError as exc:
             self._unavailable(key, exc)
             return
         if answer[0]:
+            taken = int(answer[1])
+            if taken > 1 or held is not None:
+                self._hold((limit, key), _Allowance(batch, taken - 1, now + ALLOWANCE_S))
+            elif cap > 1:
+                # A first hit: remembered so the next one within ALLOWANCE_S doubles.
+                self._hold((limit, key), _Allowance(1, 0, now + ALLOWANCE_S))
             return
+        self._allowances.pop((limit, key), None)
         retry_after = sliding_retry_after(expiry, *(int(v) for v in answer[1:5]))
         raise RateLimited(
             f"too many {what}; try again in {retry_after} s", retry_after_s=retry_after
         )
+
+    def _hold(self, name: tuple[str, tuple[str, ...]], allowance: _Allowance) -> None:
+        allowances = self._allowances
+        if len(allowances) >= MAX_ALLOWANCES and name not in allowances:
+            now = time.monotonic()
+            for lapsed in [k for k, a in allowances.items() if a.until <= now]:
+                del allowances[lapsed]
+            while len(allowances) >= MAX_ALLOWANCES:
+                del allowances[next(iter(allowances))]
+        allowances[name] = allowance
 
     async def check(self, limit: str, *key: str, what: str = "requests") -> None:
         """Refuse if the budget is spent, without spending any of it."""

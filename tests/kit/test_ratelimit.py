@@ -13,7 +13,13 @@ from redis.asyncio import Redis
 
 from backend.config import Settings
 from backend.kit.errors import DependencyUnavailable, RateLimited
-from backend.kit.ratelimit import RateLimiter, parse, sliding_retry_after
+from backend.kit.ratelimit import (
+    ALLOWANCE_S,
+    KEY_PREFIX,
+    RateLimiter,
+    parse,
+    sliding_retry_after,
+)
 from tests.support.procs import free_port
 
 
@@ -107,3 +113,65 @@ async def test_with_redis_down_capacity_fails_open_and_guards_fail_closed() -> N
     await limiter.hit("1 per minute", "hook", "abc")
     with pytest.raises(DependencyUnavailable):
         await limiter.hit("1 per minute", "otp-request-ip", "127.0.0.0/24")
+
+
+async def _counted(limiter: RateLimiter, limit: str, *key: str) -> int:
+    """What Redis counts in the key's current window."""
+    current = f"{KEY_PREFIX}:{{{parse(limit).key_for(*key)}}}"
+    return int(await limiter._redis.get(current) or 0)
+
+
+async def test_a_busy_caller_takes_its_units_in_batches(settings: Settings) -> None:
+    """One script call per batch: the 2nd hit within ALLOWANCE_S takes 2 units, the 4th
+    takes 4, and the hits in between spend what the process holds."""
+    limiter = RateLimiter(settings.redis_url)
+    bucket = _bucket()
+    limit = "1000 per minute"
+    counted = []
+    for _ in range(7):
+        await limiter.hit(limit, "api", bucket)
+        counted.append(await _counted(limiter, limit, "api", bucket))
+    assert counted == [1, 3, 3, 7, 7, 7, 7]
+    # Small limits are counted one by one (a batch is at most a fiftieth of the limit).
+    small = _bucket()
+    for i in range(1, 5):
+        await limiter.hit("60 per minute", "api", small)
+        assert await _counted(limiter, "60 per minute", "api", small) == i
+
+
+async def test_held_units_lapse_and_a_slower_caller_takes_one_at_a_time(
+    settings: Settings,
+) -> None:
+    limiter = RateLimiter(settings.redis_url)
+    bucket = _bucket()
+    limit = "1000 per minute"
+    await limiter.hit(limit, "api", bucket)
+    await limiter.hit(limit, "api", bucket)  # takes 2, holds 1
+    assert await _counted(limiter, limit, "api", bucket) == 3
+    await asyncio.sleep(ALLOWANCE_S + 0.2)
+    # The held unit lapsed (counted, never spent); a caller back after a pause takes one.
+    await limiter.hit(limit, "api", bucket)
+    assert await _counted(limiter, limit, "api", bucket) == 4
+
+
+async def test_batches_across_processes_never_admit_more_than_the_limit(
+    settings: Settings,
+) -> None:
+    """Two API processes (two limiters) spending one budget: together they are admitted
+    at most the limit, and refused at most (batch - 1) per process early."""
+    processes = [RateLimiter(settings.redis_url) for _ in range(2)]
+    bucket = _bucket()
+    limit = "200 per minute"  # batches of up to 4
+    admitted = 0
+    refused = [False, False]
+    while not all(refused):
+        for i, limiter in enumerate(processes):
+            if refused[i]:
+                continue
+            try:
+                await limiter.hit(limit, "api", bucket)
+                admitted += 1
+            except RateLimited:
+                refused[i] = True
+    assert 200 - 2 * 3 <= admitted <= 200
+    assert await _counted(processes[0], limit, "api", bucket) <= 200
