@@ -104,3 +104,19 @@ async def test_a_message_carries_a_request_id_only_for_that_requests_run_alone()
     assert headers_of[f"{lifecycle.EXECUTE_TASK}:{lone}"] == "req-lone"
     many = f"{lifecycle.EXECUTE_MANY_TASK}:" + ",".join(map(str, together))
     assert many in headers_of and headers_of[many] is None
+
+
+async def test_under_load_a_run_committed_a_moment_later_joins_the_next_message() -> None:
+    """A message went out just now (load): the next one waits COALESCE_S for runs
+    committed meanwhile, so a run started one loop turn later shares it."""
+    first, second, third = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    with published() as messages:
+        await lifecycle._send_run(first)
+        b = asyncio.create_task(lifecycle._send_run(second))
+        await asyncio.sleep(0)  # the message's sender is already running
+        c = asyncio.create_task(lifecycle._send_run(third))
+        await asyncio.gather(b, c)
+    assert messages == [
+        (lifecycle.EXECUTE_TASK, [str(first)]),
+        (lifecycle.EXECUTE_MANY_TASK, [str(second), str(third)]),
+    ]
