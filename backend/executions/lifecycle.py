@@ -212,9 +212,11 @@ class _RunMessages:
     published go together as one `workflow.execute_many` (up to RUNS_PER_MESSAGE). Under
     load (many requests starting runs at once) the broker's cost per run, most of a
     start's CPU (kombu's publish and the `task-sent` event Flower reads), is paid once
-    per message; a lone run waits for nothing. Each caller still waits until its run's
-    message is out (the answer to a start means the message was published) and sees the
-    publish's error; a failed publish leaves its runs to the reaper as before.
+    per message (and under load the next message waits COALESCE_S for company); a run
+    started when nothing was sent lately waits for nothing. Each caller still waits
+    until its run's message is out (the answer to a start means the message was
+    published) and sees the publish's error; a failed publish leaves its runs to the
+    reaper as before.
 
     A message carries its caller's context (request id header, trace parent) only when
     it carries that caller's run alone; one for several callers carries none: never

@@ -32,6 +32,7 @@ one script call per batch instead of one per request.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from functools import lru_cache
@@ -63,14 +64,36 @@ KEY_PREFIX = "orch-rl"
 
 # The sliding window counter's hit, as the library's acquire_sliding_window.lua (same
 # keys, same arithmetic: shift an expired current window to the previous one, weigh
-# the previous count by the share of it still inside the window), except that it takes
-# up to ARGV[3] units, as many as the window still has (at least one): {1, taken} when
-# it counted them and, when not even one is left, {0, previous count, previous TTL ms,
-# current count, current TTL ms}: what the Retry-After is computed from.
+# the previous count by the share of it still inside the window), except that:
+# - it takes up to ARGV[3] units, as many as the window still has (at least one):
+#   {1, taken, the window's mark} when it counted them and, when not even one is left,
+#   {0, previous count, previous TTL ms, current count, current TTL ms}: what the
+#   Retry-After is computed from;
+# - it first gives back ARGV[4] units an earlier call took and the caller did not spend,
+#   to the window they were counted in (ARGV[5], its mark) if that window is still one
+#   of the two keys. A window's mark is when its key expires (server clock + TTL): the
+#   same over the key's life, also after it became the previous window.
 SLIDING_HIT = """
 local limit = tonumber(ARGV[1])
 local expiry = tonumber(ARGV[2]) * 1000
 local wanted = tonumber(ARGV[3])
+local giveback = tonumber(ARGV[4])
+local giveback_mark = tonumber(ARGV[5])
+local clock = redis.call('time')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+if giveback > 0 then
+    for _, name in ipairs(KEYS) do
+        local ttl = tonumber(redis.call('pttl', name))
+        if ttl > 0 and math.abs(now + ttl - giveback_mark) <= 2 then
+            local count = tonumber(redis.call('get', name)) or 0
+            local back = math.min(giveback, count)
+            if back > 0 then
+                redis.call('decrby', name, back)
+            end
+            break
+        end
+    end
+end
 local current_ttl = tonumber(redis.call('pttl', KEYS[2]))
 if current_ttl > 0 and current_ttl < expiry then
     redis.call('rename', KEYS[2], KEYS[1])
@@ -90,7 +113,7 @@ if amount >= 1 then
     else
         redis.call('set', KEYS[2], amount, 'PX', expiry * 2)
     end
-    return {1, amount}
+    return {1, amount, now + tonumber(redis.call('pttl', KEYS[2]))}
 end
 return {0, previous_count, previous_ttl, current_count, current_ttl}
 """
@@ -99,10 +122,12 @@ return {0, previous_count, previous_ttl, current_count, current_ttl}
 # (one script call per batch, not per request): a batch doubles each time the previous
 # one was used up while it was still good, up to MAX_BATCH and one fiftieth of the
 # limit (so limits under 100 are counted one by one, exactly), and falls back to one
-# unit when the caller slows down. Units a process holds are counted in Redis already
-# and lapse unused after ALLOWANCE_S: a caller may be refused up to (batch - 1) units
-# early per process, and may spend a unit up to ALLOWANCE_S after the window it was
-# counted in.
+# unit when the caller slows down. One request per key and process takes a batch at a
+# time (the others wait for it, then spend from it). Units taken are counted in Redis at
+# once and spent within ALLOWANCE_S; what is left then goes back to its window with the
+# caller's next take. So a caller may be refused up to (batch - 1) units early per
+# process (units another process holds), and may spend a unit up to ALLOWANCE_S after
+# the window it was counted in ended.
 MAX_BATCH = 16
 ALLOWANCE_S = 1.0
 # A bound on memory: past it, lapsed allowances are dropped, then the oldest.
@@ -110,12 +135,14 @@ MAX_ALLOWANCES = 20_000
 
 
 class _Allowance:
-    __slots__ = ("batch", "left", "until")
+    __slots__ = ("batch", "left", "mark", "until")
 
-    def __init__(self, batch: int, left: int, until: float) -> None:
+    def __init__(self, batch: int, left: int, until: float, mark: int) -> None:
         self.batch = batch
         self.left = left
         self.until = until
+        # The window the units were counted in (the script's mark), to give them back.
+        self.mark = mark
 
 
 @lru_cache(maxsize=4096)
@@ -167,8 +194,10 @@ class RateLimiter:
         # redis-py's script object: EVALSHA, and EVAL once when Redis does not have it
         # (a fresh or flushed server).
         self._sliding_hit = self._redis.register_script(SLIDING_HIT)
-        # (limit, key) -> the units this process holds for it.
+        # (limit, key) -> the units this process holds for it, and the requests taking
+        # a batch for it now.
         self._allowances: dict[tuple[str, tuple[str, ...]], _Allowance] = {}
+        self._taking: dict[tuple[str, tuple[str, ...]], asyncio.Event] = {}
 
     def _strategy(
         self, key: tuple[str, ...]
@@ -189,31 +218,54 @@ class RateLimiter:
             await self._refuse(item, key, what)
 
     async def _hit_counter(self, limit: str, key: tuple[str, ...], what: str) -> None:
-        now = time.monotonic()
-        held = self._allowances.get((limit, key))
-        if held is not None and held.left > 0 and now < held.until:
-            held.left -= 1
-            return
+        name = (limit, key)
+        while True:
+            held = self._allowances.get(name)
+            now = time.monotonic()
+            if held is not None and held.left > 0 and now < held.until:
+                held.left -= 1
+                return
+            taking = self._taking.get(name)
+            if taking is None:
+                break
+            # Another request of this caller is taking a batch: spend from it.
+            await taking.wait()
+        taking = self._taking[name] = asyncio.Event()
+        try:
+            await self._take(name, held, now, what)
+        finally:
+            del self._taking[name]
+            taking.set()
+
+    async def _take(
+        self,
+        name: tuple[str, tuple[str, ...]],
+        held: _Allowance | None,
+        now: float,
+        what: str,
+    ) -> None:
+        limit, key = name
         previous_key, current_key, amount, expiry = _sliding_keys(limit, key)
-        # Used up while still good: a busy caller, take more next time.
+        # Used up while still good: a busy caller, take more this time.
         busy = held is not None and now < held.until
         cap = max(1, min(MAX_BATCH, amount // 50))
         batch = min(cap, held.batch * 2) if held is not None and busy else 1
-        args = [amount, expiry, batch]
+        unspent = held.left if held is not None else 0
+        args = [amount, expiry, batch, unspent, held.mark if held is not None else 0]
         try:
             answer = await self._sliding_hit(keys=[previous_key, current_key], args=args)
         except RedisError as exc:
             self._unavailable(key, exc)
             return
+        if held is not None:
+            held.left = 0  # given back (or its window is gone)
         if answer[0]:
             taken = int(answer[1])
-            if taken > 1 or held is not None:
-                self._hold((limit, key), _Allowance(batch, taken - 1, now + ALLOWANCE_S))
-            elif cap > 1:
-                # A first hit: remembered so the next one within ALLOWANCE_S doubles.
-                self._hold((limit, key), _Allowance(1, 0, now + ALLOWANCE_S))
+            if cap > 1:
+                # Kept even for a single unit: the next hit within ALLOWANCE_S doubles.
+                self._hold(name, _Allowance(batch, taken - 1, now + ALLOWANCE_S, int(answer[2])))
             return
-        self._allowances.pop((limit, key), None)
+        self._allowances.pop(name, None)
         retry_after = sliding_retry_after(expiry, *(int(v) for v in answer[1:5]))
         raise RateLimited(
             f"too many {what}; try again in {retry_after} s", retry_after_s=retry_after

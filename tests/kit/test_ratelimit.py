@@ -149,9 +149,43 @@ async def test_held_units_lapse_and_a_slower_caller_takes_one_at_a_time(
     await limiter.hit(limit, "api", bucket)  # takes 2, holds 1
     assert await _counted(limiter, limit, "api", bucket) == 3
     await asyncio.sleep(ALLOWANCE_S + 0.2)
-    # The held unit lapsed (counted, never spent); a caller back after a pause takes one.
+    # The held unit lapsed: it goes back to the window with the next take, which is one
+    # unit (the caller slowed down).
     await limiter.hit(limit, "api", bucket)
-    assert await _counted(limiter, limit, "api", bucket) == 4
+    assert await _counted(limiter, limit, "api", bucket) == 3
+
+
+async def test_bursts_waste_nothing_of_the_budget(settings: Settings) -> None:
+    """A burst takes growing batches (1+2+4+8+16 units for 16 requests); what it did not
+    spend goes back with the next burst's first take, so bursts a while apart spend what
+    they use (they used to lose the rest: refused after ~half the limit)."""
+    limiter = RateLimiter(settings.redis_url)
+    bucket = _bucket()
+    limit = "1000 per minute"
+    for _ in range(16):
+        await limiter.hit(limit, "api", bucket)
+    assert await _counted(limiter, limit, "api", bucket) == 31
+    await asyncio.sleep(ALLOWANCE_S + 0.2)
+    await limiter.hit(limit, "api", bucket)
+    assert await _counted(limiter, limit, "api", bucket) == 17
+
+
+async def test_concurrent_requests_of_one_caller_take_one_batch_at_a_time(
+    settings: Settings,
+) -> None:
+    """Requests of one caller in flight together: one takes a batch, the others spend
+    from it (they do not each take one and throw the others' away)."""
+    limiter = RateLimiter(settings.redis_url)
+    bucket = _bucket()
+    limit = "1000 per minute"
+    for _ in range(16):  # a busy caller: batches of 16 from now on
+        await limiter.hit(limit, "api", bucket)
+    used = 16
+    for _ in range(3):
+        await asyncio.gather(*(limiter.hit(limit, "api", bucket) for _ in range(50)))
+        used += 50
+        # Counted: what was spent, plus at most one batch held.
+        assert used <= await _counted(limiter, limit, "api", bucket) <= used + 15
 
 
 async def test_batches_across_processes_never_admit_more_than_the_limit(
