@@ -123,15 +123,37 @@ return {0, previous_count, previous_ttl, current_count, current_ttl}
 # one was used up while it was still good, up to MAX_BATCH and one fiftieth of the
 # limit (so limits under 100 are counted one by one, exactly), and falls back to one
 # unit when the caller slows down. One request per key and process takes a batch at a
-# time (the others wait for it, then spend from it). Units taken are counted in Redis at
-# once and spent within ALLOWANCE_S; what is left then goes back to its window with the
-# caller's next take. So a caller may be refused up to (batch - 1) units early per
-# process (units another process holds), and may spend a unit up to ALLOWANCE_S after
-# the window it was counted in ended.
+# time (the others wait for it, then spend from it, or share its refusal or its finding
+# Redis silent). Units taken are counted in Redis at once and spent within ALLOWANCE_S;
+# what is left then goes back to its window with the caller's next take in this process
+# (if the caller never comes back to it, they stay counted until their window ends). So
+# a caller may be refused up to (batch - 1) units early per process (units another
+# process holds), and may spend a unit up to ALLOWANCE_S after the window it was counted
+# in ended.
 MAX_BATCH = 16
 ALLOWANCE_S = 1.0
 # A bound on memory: past it, lapsed allowances are dropped, then the oldest.
 MAX_ALLOWANCES = 20_000
+
+
+def _cap(amount: int) -> int:
+    """The largest batch for a limit of `amount` per window."""
+    return max(1, min(MAX_BATCH, amount // 50))
+
+
+# A batch's outcome for the requests that waited for it: Redis did not answer (fail open).
+_OPEN = object()
+
+
+class _Taking:
+    """A batch being taken for one caller: its waiters, and what came of it (None: taken,
+    spend from it; _OPEN; or the RateLimited it was refused with)."""
+
+    __slots__ = ("done", "outcome")
+
+    def __init__(self) -> None:
+        self.done = asyncio.Event()
+        self.outcome: object = None
 
 
 class _Allowance:
@@ -197,7 +219,7 @@ class RateLimiter:
         # (limit, key) -> the units this process holds for it, and the requests taking
         # a batch for it now.
         self._allowances: dict[tuple[str, tuple[str, ...]], _Allowance] = {}
-        self._taking: dict[tuple[str, tuple[str, ...]], asyncio.Event] = {}
+        self._taking: dict[tuple[str, tuple[str, ...]], _Taking] = {}
 
     def _strategy(
         self, key: tuple[str, ...]
@@ -219,6 +241,11 @@ class RateLimiter:
 
     async def _hit_counter(self, limit: str, key: tuple[str, ...], what: str) -> None:
         name = (limit, key)
+        amount = _sliding_keys(limit, key)[2]
+        if _cap(amount) == 1:
+            # Counted one by one: nothing is kept, so nothing to wait for.
+            await self._take(name, None, time.monotonic(), what)
+            return
         while True:
             held = self._allowances.get(name)
             now = time.monotonic()
@@ -228,14 +255,24 @@ class RateLimiter:
             taking = self._taking.get(name)
             if taking is None:
                 break
-            # Another request of this caller is taking a batch: spend from it.
-            await taking.wait()
-        taking = self._taking[name] = asyncio.Event()
+            # Another request of this caller is taking a batch: spend from it, or share
+            # its outcome (each waiter asking Redis in turn would queue them behind one
+            # another: N timeouts in a row with Redis silent).
+            await taking.done.wait()
+            if taking.outcome is _OPEN:
+                return
+            if isinstance(taking.outcome, RateLimited):
+                refused = taking.outcome
+                raise RateLimited(refused.detail, retry_after_s=refused.retry_after_s)
+        taking = self._taking[name] = _Taking()
         try:
-            await self._take(name, held, now, what)
+            taking.outcome = await self._take(name, held, now, what)
+        except RateLimited as exc:
+            taking.outcome = exc
+            raise
         finally:
             del self._taking[name]
-            taking.set()
+            taking.done.set()
 
     async def _take(
         self,
@@ -243,28 +280,33 @@ class RateLimiter:
         held: _Allowance | None,
         now: float,
         what: str,
-    ) -> None:
+    ) -> object:
+        """Take a batch from Redis (None), or find Redis silent and fail open (_OPEN);
+        RateLimited when not even one unit is left."""
         limit, key = name
         previous_key, current_key, amount, expiry = _sliding_keys(limit, key)
         # Used up while still good: a busy caller, take more this time.
         busy = held is not None and now < held.until
-        cap = max(1, min(MAX_BATCH, amount // 50))
+        cap = _cap(amount)
         batch = min(cap, held.batch * 2) if held is not None and busy else 1
-        unspent = held.left if held is not None else 0
-        args = [amount, expiry, batch, unspent, held.mark if held is not None else 0]
+        unspent, mark = 0, 0
+        if held is not None:
+            # Given back by this call. Taken off before it is sent: a call whose answer
+            # is lost (a timeout, a cancellation) may have given them back already, and
+            # giving them back twice would take units other processes counted.
+            unspent, mark, held.left = held.left, held.mark, 0
+        args = [amount, expiry, batch, unspent, mark]
         try:
             answer = await self._sliding_hit(keys=[previous_key, current_key], args=args)
         except RedisError as exc:
             self._unavailable(key, exc)
-            return
-        if held is not None:
-            held.left = 0  # given back (or its window is gone)
+            return _OPEN
         if answer[0]:
             taken = int(answer[1])
             if cap > 1:
                 # Kept even for a single unit: the next hit within ALLOWANCE_S doubles.
                 self._hold(name, _Allowance(batch, taken - 1, now + ALLOWANCE_S, int(answer[2])))
-            return
+            return None
         self._allowances.pop(name, None)
         retry_after = sliding_retry_after(expiry, *(int(v) for v in answer[1:5]))
         raise RateLimited(

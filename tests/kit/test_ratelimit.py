@@ -209,3 +209,86 @@ async def test_batches_across_processes_never_admit_more_than_the_limit(
                 refused[i] = True
     assert 200 - 2 * 3 <= admitted <= 200
     assert await _counted(processes[0], limit, "api", bucket) <= 200
+
+
+async def test_requests_waiting_on_a_silent_redis_share_its_timeout() -> None:
+    """Redis accepts connections and never answers: the requests of one caller in flight
+    together fail open together, after one timeout, not one timeout after another."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        limiter = RateLimiter(f"redis://127.0.0.1:{port}/0", timeout_s=0.3, connect_timeout_s=0.3)
+        for limit in ("1000 per minute", "10 per minute"):  # batched, and one by one
+            bucket = _bucket()
+            started = time.monotonic()
+            await asyncio.gather(*(limiter.hit(limit, "api", bucket) for _ in range(10)))
+            # One after another this was 10 x 0.3 s.
+            assert time.monotonic() - started < 2.0, limit
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_units_given_back_by_a_call_whose_answer_was_lost_are_not_given_back_again(
+    settings: Settings,
+) -> None:
+    """The script ran (it gave back a lapsed batch's 15 units and took one) but its answer
+    never came (a timeout): the next take must not give the 15 back a second time, which
+    would take units other processes counted."""
+    url = settings.redis_url
+    target = Redis.from_url(url)
+    host, port = (
+        target.connection_pool.connection_kwargs["host"],
+        target.connection_pool.connection_kwargs["port"],
+    )
+    swallow = asyncio.Event()
+
+    async def pipe(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answers: bool
+    ) -> None:
+        try:
+            while chunk := await reader.read(65536):
+                if not (answers and swallow.is_set()):
+                    writer.write(chunk)
+                    await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    pipes: list[asyncio.Task[None]] = []
+
+    async def forward(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection(host, port)
+        pipes.append(asyncio.create_task(pipe(client_r, server_w, answers=False)))
+        pipes.append(asyncio.create_task(pipe(server_r, client_w, answers=True)))
+
+    proxy = await asyncio.start_server(forward, "127.0.0.1", 0)
+    proxy_port = proxy.sockets[0].getsockname()[1]
+    db = target.connection_pool.connection_kwargs.get("db", 0)
+    limiter = RateLimiter(f"redis://127.0.0.1:{proxy_port}/{db}", timeout_s=0.3)
+    bucket = _bucket()
+    limit = "1000 per minute"
+    try:
+        for _ in range(16):
+            await limiter.hit(limit, "api", bucket)
+        assert await _counted(limiter, limit, "api", bucket) == 31  # 15 held
+        await asyncio.sleep(ALLOWANCE_S + 0.2)
+        swallow.set()
+        await limiter.hit(limit, "api", bucket)  # fails open after the timeout
+        swallow.clear()
+        assert await _counted(limiter, limit, "api", bucket) == 17  # it ran all the same
+        await limiter.hit(limit, "api", bucket)
+        assert await _counted(limiter, limit, "api", bucket) == 18
+    finally:
+        proxy.close()
+        for task in pipes:
+            task.cancel()
+        await target.aclose()
