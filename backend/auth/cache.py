@@ -164,13 +164,16 @@ def _note_identity_changes(session: Session, _: Any) -> None:
     sessions: set[uuid.UUID] = set()
     keys: set[uuid.UUID] = set()
     workspaces: set[uuid.UUID] = set()
-    for obj in (*session.dirty, *session.deleted):
+    deleted = session.deleted
+    for obj in (*session.dirty, *deleted):
         if isinstance(obj, User):
             users.add(obj.id)
         elif isinstance(obj, AuthSession):
-            sessions.add(obj.id)
+            if obj in deleted or not _only_stamped(obj, "last_activity_at"):
+                sessions.add(obj.id)
         elif isinstance(obj, ApiKey):
-            keys.add(obj.id)
+            if obj in deleted or not _only_stamped(obj, "last_used_at"):
+                keys.add(obj.id)
         elif isinstance(obj, WorkspaceMember):
             # A removed member's keys are revoked with a bulk UPDATE: evicting the
             # person evicts their keys' entries too.
@@ -181,6 +184,15 @@ def _note_identity_changes(session: Session, _: Any) -> None:
         cache.evict(users=users, sessions=sessions, keys=keys, workspaces=workspaces)
         pending = session.info.setdefault(_TOUCHED, [])
         pending.append((users, sessions, keys, workspaces))
+
+
+def _only_stamped(obj: Base, stamp: str) -> bool:
+    """Whether the flush changes nothing of `obj` but its activity stamp (written once a
+    minute by the request that finds it stale, right after it cached the credential:
+    evicting for it only made that caller's next request miss). In after_flush the
+    attributes still carry their history."""
+    changed = {attr.key for attr in inspect(obj).attrs if attr.history.has_changes()}
+    return changed <= {stamp}
 
 
 @event.listens_for(Session, "after_commit")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -236,3 +236,27 @@ async def test_the_bound_cannot_be_set_past_five_seconds(settings: Settings) -> 
         settings.auth.model_validate({**settings.auth.model_dump(), "principal_cache_ttl_s": 6})
     off = settings.auth.model_validate({**settings.auth.model_dump(), "principal_cache_ttl_s": 0})
     assert off.principal_cache_ttl_s == 0
+
+
+async def test_the_activity_stamp_does_not_evict_what_its_request_cached(
+    cached_client: httpx.AsyncClient,
+    session: AsyncSession,
+    cached_settings: Settings,
+    statements: list[str],
+) -> None:
+    """A request that finds its session's activity stamp a minute old writes it; that
+    write alone (nothing else of the session changed) leaves the entry the same request
+    just cached, so the next request is a hit. A revocation still evicts (the tests
+    above)."""
+    actor = await sign_in(session, cached_settings, await make_user(session))
+    stale = datetime.now(UTC) - timedelta(minutes=5)
+    await session.execute(
+        update(AuthSession).where(AuthSession.id == actor.session_id).values(last_activity_at=stale)
+    )
+    first = await cached_client.get("/api/v1/auth/me", headers=actor.headers)
+    assert first.status_code == 200, first.text
+    assert any("UPDATE sessions" in s for s in statements), "the stamp was written"
+    statements.clear()
+    second = await cached_client.get("/api/v1/auth/me", headers=actor.headers)
+    assert second.status_code == 200
+    assert not any("FROM sessions" in s for s in statements), "a miss after the stamp"
