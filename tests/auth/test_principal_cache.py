@@ -253,10 +253,28 @@ async def test_the_activity_stamp_does_not_evict_what_its_request_cached(
     await session.execute(
         update(AuthSession).where(AuthSession.id == actor.session_id).values(last_activity_at=stale)
     )
+    statements.clear()
     first = await cached_client.get("/api/v1/auth/me", headers=actor.headers)
     assert first.status_code == 200, first.text
-    assert any("UPDATE sessions" in s for s in statements), "the stamp was written"
+    assert any("UPDATE sessions SET last_activity_at" in s for s in statements), (
+        "the stamp was written"
+    )
     statements.clear()
     second = await cached_client.get("/api/v1/auth/me", headers=actor.headers)
     assert second.status_code == 200
     assert not any("FROM sessions" in s for s in statements), "a miss after the stamp"
+
+
+async def test_a_stamp_and_a_sign_out_in_one_flush_still_evict(
+    cached_client: httpx.AsyncClient, session: AsyncSession, cached_settings: Settings
+) -> None:
+    """Signing out as the first (uncached, stale-stamped) request writes the stamp and
+    the revocation together: the entry that request cached is evicted all the same."""
+    actor = await sign_in(session, cached_settings, await make_user(session))
+    stale = datetime.now(UTC) - timedelta(minutes=5)
+    await session.execute(
+        update(AuthSession).where(AuthSession.id == actor.session_id).values(last_activity_at=stale)
+    )
+    out = await cached_client.post("/api/v1/auth/logout", headers=actor.headers)
+    assert out.status_code == 204, out.text
+    assert (await cached_client.get("/api/v1/auth/me", headers=actor.headers)).status_code == 401
