@@ -104,13 +104,18 @@ def test_every_periodic_task_runs_in_a_real_worker_as_beat_sends_it(
         etas = [datetime.fromisoformat(t["eta"]) for tasks in scheduled.values() for t in tasks]
         return not any((eta if eta.tzinfo else eta.replace(tzinfo=UTC)) < soon for eta in etas)
 
-    # The check sees a task held back by a countdown once the worker holds it.
-    held = celery_app.send_task("system.ping", countdown=6)
+    # The check sees a task held back by a countdown once the worker holds it. From an
+    # idle worker (work other tests left queued, or a reply of its remote control that
+    # came late, kept this check from seeing the ping within 10 s once in CI).
+    wait_for(idle, timeout_s=120, what="an idle worker before the held-back ping")
+    # Due in 15 s: still held back when the check below looks, however slowly the worker
+    # came to hold it (up to 12 s).
+    held = celery_app.send_task("system.ping", countdown=15)
     wait_for(
-        lambda: any((inspect.scheduled() or {}).values()), timeout_s=10, what="the held-back ping"
+        lambda: any((inspect.scheduled() or {}).values()), timeout_s=12, what="the held-back ping"
     )  # fmt: skip
     assert not idle()
-    held.get(timeout=30)
+    held.get(timeout=60)
 
     sent = {}
     outcomes = {}
