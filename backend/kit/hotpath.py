@@ -249,7 +249,7 @@ class HotReads:
         try:
             credential = _credential(scope)
             settings: Settings = state.settings
-            caller = cached_caller(settings, credential) if credential else None
+            caller = cached_caller(settings, credential or "")
             if caller is None:
                 return None
             query = _query(scope)

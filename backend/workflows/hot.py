@@ -13,7 +13,13 @@ from backend.auth.permissions import Permission as P  # noqa: N817 - reads as a 
 from backend.kit.hotpath import FallThrough, HotRequest, choice, int_value, route, uuid_value
 from backend.kit.pagination import DEFAULT_LIMIT, MAX_DB_INT, MAX_LIMIT, Page
 from backend.workflows import service
-from backend.workflows.schemas import Sort, Status, WorkflowRead, WorkflowSummary
+from backend.workflows.schemas import (
+    TAG_MAX_LENGTH,
+    Sort,
+    Status,
+    WorkflowRead,
+    WorkflowSummary,
+)
 
 # As FastAPI serialises the routes' return values (by alias, to JSON bytes).
 _READ = TypeAdapter(WorkflowRead)
@@ -22,7 +28,6 @@ _PAGE = TypeAdapter(Page[WorkflowSummary])
 _LIST_PARAMETERS = frozenset({"limit", "offset", "status", "tag", "sort"})
 _STATUSES = frozenset(get_args(Status))
 _SORTS = frozenset(get_args(Sort))
-_TAG_MAX = 50  # the route's Query(max_length=50)
 
 
 async def read_workflow(request: HotRequest) -> bytes:
@@ -44,7 +49,7 @@ async def list_workflows(request: HotRequest) -> bytes:
     status = choice(query.get("status"), _STATUSES)
     sort: Any = choice(query.get("sort"), _SORTS) or "-updated_at"
     tag = query.get("tag")
-    if tag is not None and not 1 <= len(tag) <= _TAG_MAX:
+    if tag is not None and not 1 <= len(tag) <= TAG_MAX_LENGTH:
         raise FallThrough
     header = request.header(b"x-workspace-id")
     key = request.caller.principal.api_key

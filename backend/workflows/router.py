@@ -15,6 +15,7 @@ from backend.kit.pagination import MAX_DB_INT, Page, PageParamsDep
 from backend.models import Workflow
 from backend.workflows import service
 from backend.workflows.schemas import (
+    TAG_MAX_LENGTH,
     ExportDocument,
     ImportRequest,
     Sort,
@@ -51,7 +52,7 @@ async def list_workflows(
     uow: UnitOfWorkDep,
     page: PageParamsDep,
     status_: Annotated[Status | None, Query(alias="status")] = None,
-    tag: Annotated[str | None, Query(max_length=50)] = None,
+    tag: Annotated[str | None, Query(max_length=TAG_MAX_LENGTH)] = None,
     q: Annotated[str | None, Query(max_length=200)] = None,
     sort: Sort = "-updated_at",
     access: WorkspaceAccess = require(P.WORKFLOWS_READ, scope="header"),

@@ -11,7 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from backend.auth.schemas import Name, StrictInput
 
 Status = Literal["draft", "published", "archived"]
-Tag = Annotated[str, Field(min_length=1, max_length=50, pattern=r"^[^,\s][^,]*$")]
+# The longest tag: a stored one, and a list filter by tag (the route and its hot read).
+TAG_MAX_LENGTH = 50
+Tag = Annotated[str, Field(min_length=1, max_length=TAG_MAX_LENGTH, pattern=r"^[^,\s][^,]*$")]
 Sort = Literal["updated_at", "-updated_at", "created_at", "-created_at", "name", "-name"]
 
 
